@@ -1,0 +1,182 @@
+//! Wiring: bind every listener first (a bind error stops start-up), load and attach the
+//! datapath, then run until SIGINT/SIGTERM and detach everything on the way out.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use hyper::StatusCode;
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::info;
+
+use crate::{
+    admin,
+    datapath::{self, Datapath, Exclusions},
+    metrics::Metrics,
+    proxy::outbound::{self, ProxyInputs},
+    reconcile::Reconciler,
+    source::files::ManifestDir,
+    state::manifest::ManifestError,
+};
+
+/// Everything the agent is configured with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub node: String,
+    pub manifests: PathBuf,
+    /// The node's address; the listeners bind here.
+    pub node_address: Ipv4Addr,
+    /// Where the cgroup programs attach (the cgroup v2 root unless overridden).
+    pub cgroup: PathBuf,
+    pub outbound_port: u16,
+    pub metrics_port: u16,
+    pub health_port: u16,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<(Ipv4Addr, u8)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("initial manifests rejected: {0}")]
+    Manifests(#[from] ManifestError),
+    #[error("binding {what} on {addr}: {source} (is another agent running in this namespace?)")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddrV4,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Datapath(#[from] datapath::Error),
+    #[error("setting up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+async fn bind(what: &'static str, addr: SocketAddrV4) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
+}
+
+/// Runs the agent until a termination signal.
+pub async fn run(config: Config) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+
+    let metrics = Arc::new(Metrics::new()?);
+    let dir = ManifestDir::new(&config.manifests);
+    let initial = dir.initial(&metrics)?;
+
+    let addr = |port| SocketAddrV4::new(config.node_address, port);
+    let outbound_addr = addr(config.outbound_port);
+    let outbound_listener = bind("the outbound listener", outbound_addr).await?;
+    let metrics_listener = bind("the metrics listener", addr(config.metrics_port)).await?;
+    let health_listener = bind("the health listener", addr(config.health_port)).await?;
+
+    let node_addrs = local_ipv4_addresses();
+    let exclusions = Exclusions {
+        ports: config.exclude_ports.clone(),
+        nets: config.exclude_cidrs.clone(),
+    };
+    let (datapath, orig_dst) =
+        Datapath::start(&config.cgroup, outbound_addr, &node_addrs, &exclusions)?;
+    let orig_dst = Arc::new(orig_dst);
+    info!(
+        node = %config.node, cgroup = %config.cgroup.display(), outbound = %outbound_addr,
+        "eBPF programs attached"
+    );
+
+    let (state_tx, state_rx) = watch::channel(initial);
+    let ready = Arc::new(AtomicBool::new(false));
+    let reconciler = Reconciler::new(
+        config.node.clone(),
+        datapath,
+        metrics.clone(),
+        ready.clone(),
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(dir.watch(state_tx, metrics.clone()));
+    tasks.spawn(reconciler.run(state_rx.clone()));
+    tasks.spawn(outbound::serve(
+        outbound_listener,
+        Arc::new(ProxyInputs {
+            state: state_rx,
+            orig_dst: orig_dst.clone(),
+            metrics: metrics.clone(),
+            listen: outbound_addr,
+        }),
+    ));
+    let scrape = {
+        let metrics = metrics.clone();
+        let orig_dst = orig_dst.clone();
+        Arc::new(move |path: &str| match path {
+            "/metrics" => {
+                metrics.update_datapath(orig_dst.stats());
+                (StatusCode::OK, metrics.encode())
+            }
+            _ => (StatusCode::NOT_FOUND, "try /metrics\n".to_owned()),
+        })
+    };
+    tasks.spawn(admin::serve(metrics_listener, scrape));
+    let health = Arc::new(move |path: &str| match path {
+        "/live" => (StatusCode::OK, "live\n".to_owned()),
+        "/ready" if ready.load(Ordering::Acquire) => (StatusCode::OK, "ready\n".to_owned()),
+        "/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: pods still being enrolled\n".to_owned(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "try /ready or /live\n".to_owned()),
+    });
+    tasks.spawn(admin::serve(health_listener, health));
+    info!(
+        metrics = %addr(config.metrics_port), health = %addr(config.health_port),
+        "agent running"
+    );
+
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+        _ = sigint.recv() => info!("SIGINT: shutting down"),
+    }
+    // Dropping the tasks drops the reconciler and with it the datapath: every link detaches.
+    tasks.shutdown().await;
+    info!("eBPF programs detached; bye");
+    Ok(())
+}
+
+/// The IPv4 addresses of the agent's network namespace.
+pub fn local_ipv4_addresses() -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills ifap with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur walks the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: non-null sockaddr; family checked before the cast.
+            let family = unsafe { (*ifa.ifa_addr).sa_family };
+            if i32::from(family) == libc::AF_INET {
+                // SAFETY: AF_INET addresses are sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}

@@ -1,0 +1,305 @@
+//! Loads the eBPF programs, attaches them, and owns their maps.
+//!
+//! The cgroup programs attach to the cgroup v2 root through BPF links, which always coexist with
+//! other programs there (a CNI's): the kernel treats every cgroup link as multi-attach and
+//! refuses the explicit `BPF_F_ALLOW_MULTI` flag on links, hence `CgroupAttachMode::Single`
+//! below, which passes no flag. The links: the links belong to this process, so the kernel detaches
+//! everything when the agent exits, cleanly or not. A killed agent therefore leaves no program
+//! redirecting into a dead listener; pods fall back to direct connections (fail open).
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{
+        tc::SchedClassifierLinkId, CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps,
+        TcAttachType,
+    },
+    Ebpf,
+};
+use mesh_agent_common::{
+    counters, maps, programs, EnrolledPod, ProxyConfig, Redirect, SockAddrV4 as RawAddr,
+};
+
+use crate::metrics::DatapathStats;
+
+/// The eBPF object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-agent"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("this binary was built without its eBPF programs (MESH_AGENT_EBPF_STUB was set); rebuild without it")]
+    Stub,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no cgroup v2 mount in /proc/self/mountinfo; mesh-agent needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup)")]
+    NoCgroup2,
+}
+
+fn prog(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> Error {
+    move |source| Error::Program { name, source }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+/// Cgroup links are multi-attach by nature; see the module comment.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// Converts an address to the in-kernel representation (network byte order in memory).
+pub fn raw_addr(addr: SocketAddrV4) -> RawAddr {
+    RawAddr::new(raw_ip(*addr.ip()), addr.port().to_be())
+}
+
+fn raw_ip(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn from_raw(addr: RawAddr) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(addr.ip.to_ne_bytes()),
+        u16::from_be(addr.port),
+    )
+}
+
+/// What the programs must leave alone.
+#[derive(Debug, Clone, Default)]
+pub struct Exclusions {
+    pub ports: Vec<u16>,
+    /// (network, prefix length)
+    pub nets: Vec<(Ipv4Addr, u8)>,
+}
+
+/// The cgroup v2 mount point, from `/proc/self/mountinfo`.
+pub fn cgroup2_root() -> Result<PathBuf, Error> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::Cgroup {
+        path: "/proc/self/mountinfo".into(),
+        source,
+    })?;
+    info.lines()
+        .find_map(|line| {
+            // "... mount_point ... - fstype source options"
+            let (pre, post) = line.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .ok_or(Error::NoCgroup2)
+}
+
+/// Read side of the per-connection maps, shared with the proxy.
+pub struct OrigDstTable {
+    orig_dst: HashMap<MapData, RawAddr, RawAddr>,
+    redirects: HashMap<MapData, u64, Redirect>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl OrigDstTable {
+    /// Where the client at `client` wanted to go, if its connection was redirected.
+    pub fn lookup(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.orig_dst.get(&raw_addr(client), 0).ok().map(from_raw)
+    }
+
+    pub fn stats(&self) -> DatapathStats {
+        let sum = |i: u32| {
+            self.counters
+                .get(&i, 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0)
+        };
+        DatapathStats {
+            redirected: sum(counters::REDIRECTED),
+            spoofed_dropped: sum(counters::SPOOFED_DROPPED),
+            orig_dst_publish_failed: sum(counters::ORIG_DST_PUBLISH_FAILED),
+            redirects_tracked: self.redirects.keys().count() as u64,
+            orig_dst_tracked: self.orig_dst.keys().count() as u64,
+        }
+    }
+}
+
+/// A pod whose traffic the programs capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrollment {
+    pub netns_cookie: u64,
+    pub ip: Ipv4Addr,
+    /// The pod's veth on the node side.
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+}
+
+/// The loaded programs and the maps the reconciler writes.
+pub struct Datapath {
+    ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, EnrolledPod>,
+    spoof_guard: HashMap<MapData, u32, u32>,
+    tc_links: StdHashMap<u32, SchedClassifierLinkId>,
+}
+
+impl Datapath {
+    /// Loads and attaches everything. Returns the datapath and the read side for the proxy.
+    pub fn start(
+        cgroup: &Path,
+        outbound: SocketAddrV4,
+        node_addrs: &[Ipv4Addr],
+        exclusions: &Exclusions,
+    ) -> Result<(Self, OrigDstTable), Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::Stub);
+        }
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap(name));
+        let mut proxy: Array<MapData, ProxyConfig> =
+            Array::try_from(take(maps::PROXY)?).map_err(map_err(maps::PROXY))?;
+        let mut ports: HashMap<MapData, u16, u8> = HashMap::try_from(take(maps::EXCLUDED_PORTS)?)
+            .map_err(map_err(maps::EXCLUDED_PORTS))?;
+        let mut nets: LpmTrie<MapData, u32, u8> =
+            LpmTrie::try_from(take(maps::EXCLUDED_NETS)?).map_err(map_err(maps::EXCLUDED_NETS))?;
+        let table = OrigDstTable {
+            orig_dst: HashMap::try_from(take(maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?,
+            redirects: HashMap::try_from(take(maps::REDIRECTS)?)
+                .map_err(map_err(maps::REDIRECTS))?,
+            counters: PerCpuArray::try_from(take(maps::COUNTERS)?)
+                .map_err(map_err(maps::COUNTERS))?,
+        };
+        let enrolled = HashMap::try_from(take(maps::ENROLLED)?).map_err(map_err(maps::ENROLLED))?;
+        let spoof_guard =
+            HashMap::try_from(take(maps::SPOOF_GUARD)?).map_err(map_err(maps::SPOOF_GUARD))?;
+
+        for port in &exclusions.ports {
+            ports
+                .insert(port.to_be(), 1, 0)
+                .map_err(map_err(maps::EXCLUDED_PORTS))?;
+        }
+        let always = [(Ipv4Addr::new(127, 0, 0, 0), 8u8)];
+        let own = node_addrs.iter().map(|ip| (*ip, 32u8));
+        for (net, len) in always
+            .into_iter()
+            .chain(own)
+            .chain(exclusions.nets.iter().copied())
+        {
+            let key = aya::maps::lpm_trie::Key::new(u32::from(len), raw_ip(net));
+            nets.insert(&key, 1, 0)
+                .map_err(map_err(maps::EXCLUDED_NETS))?;
+        }
+        // Written last: until PROXY is set, connect4 redirects nothing.
+        proxy
+            .set(
+                0,
+                ProxyConfig {
+                    outbound: raw_addr(outbound),
+                },
+                0,
+            )
+            .map_err(map_err(maps::PROXY))?;
+
+        let cgroup_file = File::open(cgroup).map_err(|source| Error::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for name in [programs::CONNECT4, programs::GETPEERNAME4] {
+            let p: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(Error::MissingProgram(name))?
+                .try_into()
+                .map_err(prog(name))?;
+            p.load().map_err(prog(name))?;
+            p.attach(&cgroup_file, LINK_MODE).map_err(prog(name))?;
+        }
+        let sockops: &mut SockOps = ebpf
+            .program_mut(programs::SOCKOPS)
+            .ok_or(Error::MissingProgram(programs::SOCKOPS))?
+            .try_into()
+            .map_err(prog(programs::SOCKOPS))?;
+        sockops.load().map_err(prog(programs::SOCKOPS))?;
+        sockops
+            .attach(&cgroup_file, LINK_MODE)
+            .map_err(prog(programs::SOCKOPS))?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(programs::ANTI_SPOOF)
+            .ok_or(Error::MissingProgram(programs::ANTI_SPOOF))?
+            .try_into()
+            .map_err(prog(programs::ANTI_SPOOF))?;
+        tc.load().map_err(prog(programs::ANTI_SPOOF))?;
+
+        Ok((
+            Self {
+                ebpf,
+                enrolled,
+                spoof_guard,
+                tc_links: StdHashMap::new(),
+            },
+            table,
+        ))
+    }
+
+    fn classifier(&mut self) -> Result<&mut SchedClassifier, Error> {
+        self.ebpf
+            .program_mut(programs::ANTI_SPOOF)
+            .ok_or(Error::MissingProgram(programs::ANTI_SPOOF))?
+            .try_into()
+            .map_err(prog(programs::ANTI_SPOOF))
+    }
+
+    /// Starts capturing a pod: anti-spoofing on its veth first, then redirection.
+    pub fn enroll(&mut self, pod: &Enrollment) -> Result<(), Error> {
+        self.spoof_guard
+            .insert(pod.host_ifindex, raw_ip(pod.ip), 0)
+            .map_err(map_err(maps::SPOOF_GUARD))?;
+        if !self.tc_links.contains_key(&pod.host_ifindex) {
+            let link = self
+                .classifier()?
+                .attach(&pod.host_ifname, TcAttachType::Ingress)
+                .map_err(prog(programs::ANTI_SPOOF))?;
+            self.tc_links.insert(pod.host_ifindex, link);
+        }
+        self.enrolled
+            .insert(
+                pod.netns_cookie,
+                EnrolledPod {
+                    ip: raw_ip(pod.ip),
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_err(maps::ENROLLED))
+    }
+
+    /// Stops capturing a pod. Missing entries are not an error (the pod may be half gone).
+    pub fn unenroll(&mut self, pod: &Enrollment) -> Result<(), Error> {
+        let _ = self.enrolled.remove(&pod.netns_cookie);
+        let _ = self.spoof_guard.remove(&pod.host_ifindex);
+        if let Some(link) = self.tc_links.remove(&pod.host_ifindex) {
+            // The veth may already be gone, which detached the program with it.
+            let _ = self.classifier()?.detach(link);
+        }
+        Ok(())
+    }
+}

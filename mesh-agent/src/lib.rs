@@ -1,0 +1,12 @@
+//! mesh-agent: a node-level, eBPF-accelerated service mesh agent.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod datapath;
+pub mod metrics;
+pub mod podnet;
+pub mod proxy;
+pub mod reconcile;
+pub mod source;
+pub mod state;

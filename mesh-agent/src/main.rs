@@ -1,0 +1,55 @@
+//! The `mesh-agent` binary: parse the command line, set up logging, hand over to `app`.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use mesh_agent::{
+    app,
+    cli::{Cli, Command},
+    datapath,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log_level))
+        .context("--log-level")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => {
+            let node_address = match args.node_address {
+                Some(a) => a,
+                None => app::local_ipv4_addresses()
+                    .into_iter()
+                    .find(|a| !a.is_loopback())
+                    .context(
+                        "no non-loopback IPv4 address in this namespace; pass --node-address",
+                    )?,
+            };
+            let cgroup = match args.cgroup {
+                Some(c) => c,
+                None => datapath::cgroup2_root()?,
+            };
+            let config = app::Config {
+                node: args.node,
+                manifests: args.manifests,
+                node_address,
+                cgroup,
+                outbound_port: args.outbound_port,
+                metrics_port: args.metrics_port,
+                health_port: args.health_port,
+                exclude_ports: args.exclude_ports,
+                exclude_cidrs: args.exclude_cidrs,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(app::run(config))?;
+        }
+    }
+    Ok(())
+}

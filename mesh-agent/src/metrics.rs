@@ -1,0 +1,217 @@
+//! Prometheus metrics of the agent, served node-locally at `:15020/metrics`.
+//!
+//! Names follow Istio's TCP metrics with a `mesh_` prefix and Istio's label names, so existing
+//! dashboards and queries carry over with a rename.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// What a proxied connection is labelled with. Unknown values are `unknown`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLabels {
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub destination_service: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+}
+
+impl ConnectionLabels {
+    const NAMES: [&'static str; 5] = [
+        "source_workload",
+        "source_namespace",
+        "destination_service",
+        "destination_workload",
+        "destination_namespace",
+    ];
+
+    fn values(&self) -> [&str; 5] {
+        [
+            &self.source_workload,
+            &self.source_namespace,
+            &self.destination_service,
+            &self.destination_workload,
+            &self.destination_namespace,
+        ]
+    }
+}
+
+pub const UNKNOWN: &str = "unknown";
+
+/// Values read from the eBPF maps at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DatapathStats {
+    pub redirected: u64,
+    pub spoofed_dropped: u64,
+    pub orig_dst_publish_failed: u64,
+    pub redirects_tracked: u64,
+    pub orig_dst_tracked: u64,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    sent: IntCounterVec,
+    received: IntCounterVec,
+    connect_failures: IntCounterVec,
+    manifest_reloads: IntCounterVec,
+    pub enrolled_pods: IntGauge,
+    redirected: IntCounter,
+    spoofed_dropped: IntCounter,
+    publish_failed: IntCounter,
+    map_entries: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let conn = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), &ConnectionLabels::NAMES)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let opened = conn(
+            "mesh_tcp_connections_opened_total",
+            "Connections accepted from a pod and proxied.",
+        )?;
+        let closed = conn(
+            "mesh_tcp_connections_closed_total",
+            "Proxied connections that have ended.",
+        )?;
+        let sent = conn(
+            "mesh_tcp_sent_bytes_total",
+            "Bytes sent by the client towards the destination (counted when the connection ends).",
+        )?;
+        let received = conn(
+            "mesh_tcp_received_bytes_total",
+            "Bytes received by the client from the destination (counted when the connection ends).",
+        )?;
+        let connect_failures = conn(
+            "mesh_tcp_connect_failures_total",
+            "Captured connections the proxy could not connect onwards.",
+        )?;
+        let manifest_reloads = IntCounterVec::new(
+            Opts::new(
+                "mesh_manifest_reloads_total",
+                "Loads of the manifest directory, by result (ok, error).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(manifest_reloads.clone()))?;
+        let enrolled_pods = IntGauge::new(
+            "mesh_enrolled_pods",
+            "Pods on this node whose traffic is captured.",
+        )?;
+        registry.register(Box::new(enrolled_pods.clone()))?;
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let redirected = counter(
+            "mesh_ebpf_redirected_connections_total",
+            "Pod connections redirected to the node proxy by cgroup/connect4.",
+        )?;
+        let spoofed_dropped = counter(
+            "mesh_ebpf_spoofed_packets_dropped_total",
+            "Packets from pods with a source address not their own, dropped by TC.",
+        )?;
+        let publish_failed = counter(
+            "mesh_ebpf_orig_dst_publish_failures_total",
+            "Redirected connections whose original destination could not be published.",
+        )?;
+        let map_entries = IntGaugeVec::new(
+            Opts::new(
+                "mesh_ebpf_map_entries",
+                "Entries currently held in the per-connection eBPF maps.",
+            ),
+            &["map"],
+        )?;
+        registry.register(Box::new(map_entries.clone()))?;
+        Ok(Self {
+            registry,
+            opened,
+            closed,
+            sent,
+            received,
+            connect_failures,
+            manifest_reloads,
+            enrolled_pods,
+            redirected,
+            spoofed_dropped,
+            publish_failed,
+            map_entries,
+        })
+    }
+
+    pub fn manifest_reload(&self, ok: bool) {
+        self.manifest_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Records a connection as opened; the guard records its close and bytes when dropped.
+    pub fn open_connection(&self, labels: ConnectionLabels) -> ConnectionGuard<'_> {
+        self.opened.with_label_values(&labels.values()).inc();
+        ConnectionGuard {
+            metrics: self,
+            labels,
+            sent: 0,
+            received: 0,
+        }
+    }
+
+    pub fn connect_failed(&self, labels: &ConnectionLabels) {
+        self.connect_failures
+            .with_label_values(&labels.values())
+            .inc();
+    }
+
+    /// Brings the eBPF-sourced series up to date (called before each scrape).
+    pub fn update_datapath(&self, stats: DatapathStats) {
+        let catch_up = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
+        catch_up(&self.redirected, stats.redirected);
+        catch_up(&self.spoofed_dropped, stats.spoofed_dropped);
+        catch_up(&self.publish_failed, stats.orig_dst_publish_failed);
+        let set = |map: &str, v: u64| {
+            self.map_entries
+                .with_label_values(&[map])
+                .set(i64::try_from(v).unwrap_or(i64::MAX))
+        };
+        set("redirects", stats.redirects_tracked);
+        set("orig_dst", stats.orig_dst_tracked);
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) =
+            prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)
+        {
+            tracing::warn!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+pub struct ConnectionGuard<'a> {
+    metrics: &'a Metrics,
+    labels: ConnectionLabels,
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        let values = self.labels.values();
+        self.metrics.closed.with_label_values(&values).inc();
+        self.metrics
+            .sent
+            .with_label_values(&values)
+            .inc_by(self.sent);
+        self.metrics
+            .received
+            .with_label_values(&values)
+            .inc_by(self.received);
+    }
+}

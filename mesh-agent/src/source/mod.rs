@@ -1,0 +1,3 @@
+//! Where desired state comes from.
+
+pub mod files;

@@ -1,0 +1,382 @@
+//! The desired state of the cluster as one typed, immutable snapshot.
+//!
+//! Sources (a manifest directory today, the Kubernetes API later) build a [`Snapshot`] and
+//! publish it on a `watch` channel; the proxy and the reconcilers only read it. A connection
+//! keeps the snapshot it started with.
+
+pub mod manifest;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use manifest::{IntOrString, Located, ManifestError, Object, Problem};
+
+/// Annotation (on a Pod or its Namespace) that takes pods in or out of the mesh.
+pub const INJECT_ANNOTATION: &str = "mesh-agent.io/inject";
+/// Linkerd's equivalent, honoured so existing manifests keep their meaning.
+pub const LINKERD_INJECT_ANNOTATION: &str = "linkerd.io/inject";
+
+/// A pod as the mesh sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    /// The workload the pod belongs to (its `app.kubernetes.io/name` or `app` label, else
+    /// the pod name): what metrics are labelled with.
+    pub workload: String,
+    pub service_account: String,
+    pub node: Option<String>,
+    pub ip: Option<Ipv4Addr>,
+    /// Whether the pod's traffic is captured (see [`INJECT_ANNOTATION`]).
+    pub enrolled: bool,
+}
+
+/// A Service port with its ready endpoints.
+#[derive(Debug)]
+pub struct ServiceTarget {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    pub endpoints: Vec<SocketAddrV4>,
+    next: AtomicUsize,
+}
+
+impl ServiceTarget {
+    /// `name.namespace.svc.cluster.local`, as Istio labels metrics.
+    pub fn fqdn(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+
+    /// The next endpoint, round robin.
+    pub fn pick(&self) -> Option<SocketAddrV4> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        self.endpoints.get(i).copied()
+    }
+}
+
+/// Where a captured connection goes.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// The app dialled a Service address.
+    Service(Arc<ServiceTarget>),
+    /// The app dialled a pod known to the mesh.
+    Pod(Arc<Workload>),
+    /// Anything else: forwarded as dialled.
+    Passthrough,
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pods: Vec<Arc<Workload>>,
+    pods_by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
+    services: HashMap<SocketAddrV4, Arc<ServiceTarget>>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from parsed objects, checking what only shows across objects.
+    pub fn build(objects: Vec<Located>) -> Result<Self, ManifestError> {
+        let mut seen: HashMap<(&'static str, String, String), String> = HashMap::new();
+        let mut namespaces = HashMap::new();
+        let mut pods = Vec::new();
+        let mut services = Vec::new();
+        let mut slices: HashMap<(String, String), Vec<manifest::EndpointSlice>> = HashMap::new();
+        for Located { file, object } in objects {
+            let (kind, meta) = match &object {
+                Object::Namespace(o) => ("Namespace", &o.metadata),
+                Object::Pod(o) => ("Pod", &o.metadata),
+                Object::Service(o) => ("Service", &o.metadata),
+                Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
+            };
+            let ns = if kind == "Namespace" {
+                ""
+            } else {
+                meta.namespace()
+            };
+            let key = (kind, ns.to_owned(), meta.name.clone());
+            if let Some(first) = seen.get(&key) {
+                return Err(ManifestError {
+                    file,
+                    object: format!("{kind} {ns}/{}", meta.name),
+                    problem: Problem::Duplicate(first.clone()),
+                });
+            }
+            seen.insert(key, file);
+            match object {
+                Object::Namespace(o) => {
+                    namespaces.insert(o.metadata.name.clone(), o.metadata);
+                }
+                Object::Pod(o) => pods.push(o),
+                Object::Service(o) => services.push(o),
+                Object::EndpointSlice(o) => {
+                    let svc = o
+                        .metadata
+                        .labels
+                        .get("kubernetes.io/service-name")
+                        .cloned()
+                        .unwrap_or_default();
+                    slices
+                        .entry((o.metadata.namespace().to_owned(), svc))
+                        .or_default()
+                        .push(o);
+                }
+            }
+        }
+
+        let mut snapshot = Snapshot::default();
+        for pod in &pods {
+            let meta = &pod.metadata;
+            let ns_meta = namespaces.get(meta.namespace());
+            let enrolled = !pod.spec.host_network
+                && inject_setting(&meta.annotations)
+                    .or_else(|| ns_meta.and_then(|n| inject_setting(&n.annotations)))
+                    .unwrap_or(true);
+            let workload = Arc::new(Workload {
+                namespace: meta.namespace().to_owned(),
+                name: meta.name.clone(),
+                workload: workload_name(&meta.labels).unwrap_or(&meta.name).to_owned(),
+                service_account: pod
+                    .spec
+                    .service_account_name
+                    .clone()
+                    .unwrap_or_else(|| "default".to_owned()),
+                node: pod.spec.node_name.clone(),
+                ip: pod.status.pod_ip.filter(|_| !pod.spec.host_network),
+                enrolled,
+            });
+            if let Some(ip) = workload.ip {
+                snapshot.pods_by_ip.insert(ip, workload.clone());
+            }
+            snapshot.pods.push(workload);
+        }
+
+        for svc in &services {
+            let Some(cluster_ip) = svc
+                .spec
+                .cluster_ip
+                .as_deref()
+                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            let ns = svc.metadata.namespace();
+            let own_slices = slices.get(&(ns.to_owned(), svc.metadata.name.clone()));
+            for port in svc.spec.ports.iter().filter(|p| p.protocol == "TCP") {
+                let endpoints = match own_slices {
+                    Some(slices) => slice_endpoints(slices, port.name.as_deref()),
+                    None => selected_endpoints(&pods, ns, svc.spec.selector.as_ref(), port),
+                };
+                snapshot.services.insert(
+                    SocketAddrV4::new(cluster_ip, port.port),
+                    Arc::new(ServiceTarget {
+                        namespace: ns.to_owned(),
+                        name: svc.metadata.name.clone(),
+                        port: port.port,
+                        endpoints,
+                        next: AtomicUsize::new(0),
+                    }),
+                );
+            }
+        }
+        Ok(snapshot)
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.pods.iter()
+    }
+
+    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
+        self.pods_by_ip.get(&ip)
+    }
+
+    /// Enrolled pods with an address, scheduled on `node`.
+    pub fn local_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
+        self.pods
+            .iter()
+            .filter(move |p| p.enrolled && p.ip.is_some() && p.node.as_deref() == Some(node))
+    }
+
+    pub fn resolve(&self, dst: SocketAddrV4) -> Destination {
+        if let Some(svc) = self.services.get(&dst) {
+            return Destination::Service(svc.clone());
+        }
+        if let Some(pod) = self.pods_by_ip.get(dst.ip()) {
+            return Destination::Pod(pod.clone());
+        }
+        Destination::Passthrough
+    }
+}
+
+fn inject_setting(annotations: &BTreeMap<String, String>) -> Option<bool> {
+    [INJECT_ANNOTATION, LINKERD_INJECT_ANNOTATION]
+        .iter()
+        .find_map(|k| annotations.get(*k))
+        .map(|v| v != "disabled")
+}
+
+fn workload_name(labels: &BTreeMap<String, String>) -> Option<&str> {
+    labels
+        .get("app.kubernetes.io/name")
+        .or_else(|| labels.get("app"))
+        .map(String::as_str)
+}
+
+fn slice_endpoints(
+    slices: &[manifest::EndpointSlice],
+    port_name: Option<&str>,
+) -> Vec<SocketAddrV4> {
+    let mut out = Vec::new();
+    for slice in slices.iter().filter(|s| s.address_type == "IPv4") {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .find(|p| {
+                p.protocol == "TCP" && p.name.as_deref().unwrap_or("") == port_name.unwrap_or("")
+            })
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for ep in slice
+            .endpoints
+            .iter()
+            .filter(|e| e.conditions.ready != Some(false))
+        {
+            out.extend(
+                ep.addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+                    .map(|ip| SocketAddrV4::new(ip, port)),
+            );
+        }
+    }
+    out
+}
+
+/// Without an EndpointSlice, the pods the selector picks (a convenience for hand-written
+/// manifests; a real cluster always has slices).
+fn selected_endpoints(
+    pods: &[manifest::Pod],
+    namespace: &str,
+    selector: Option<&BTreeMap<String, String>>,
+    port: &manifest::ServicePort,
+) -> Vec<SocketAddrV4> {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return Vec::new();
+    };
+    let target = match &port.target_port {
+        None => port.port,
+        Some(IntOrString::Int(p)) => *p,
+        // Named ports need the container spec, which we do not read.
+        Some(IntOrString::String(_)) => return Vec::new(),
+    };
+    pods.iter()
+        .filter(|p| p.metadata.namespace() == namespace)
+        .filter(|p| {
+            selector
+                .iter()
+                .all(|(k, v)| p.metadata.labels.get(k) == Some(v))
+        })
+        .filter_map(|p| p.status.pod_ip)
+        .map(|ip| SocketAddrV4::new(ip, target))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use std::path::Path;
+
+    use super::*;
+
+    fn snapshot(yaml: &str) -> Result<Snapshot, ManifestError> {
+        Snapshot::build(manifest::parse_file(Path::new("t.yaml"), yaml)?)
+    }
+
+    const BASE: &str = r#"
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: n2, serviceAccountName: web}
+status: {podIP: 10.1.2.2}
+---
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {nodeName: n1}
+status: {podIP: 10.1.1.3}
+---
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#;
+
+    #[test]
+    fn service_by_selector_round_robin() {
+        let s = snapshot(BASE).unwrap();
+        let Destination::Service(svc) = s.resolve("10.96.0.10:80".parse().unwrap()) else {
+            panic!("not a service");
+        };
+        assert_eq!(svc.fqdn(), "web.shop.svc.cluster.local");
+        let picks: Vec<_> = (0..4).map(|_| svc.pick().unwrap().to_string()).collect();
+        assert_eq!(
+            picks,
+            [
+                "10.1.2.2:8080",
+                "10.1.1.3:8080",
+                "10.1.2.2:8080",
+                "10.1.1.3:8080"
+            ]
+        );
+        assert!(matches!(
+            s.resolve("10.96.0.10:81".parse().unwrap()),
+            Destination::Passthrough
+        ));
+    }
+
+    #[test]
+    fn endpoint_slices_win_and_unready_is_skipped() {
+        let yaml = format!(
+            "{BASE}---\nkind: EndpointSlice\nmetadata: {{name: web-x, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 9090}}]\nendpoints:\n- addresses: [10.1.2.2]\n- addresses: [10.1.1.3]\n  conditions: {{ready: false}}\n"
+        );
+        let s = snapshot(&yaml).unwrap();
+        let Destination::Service(svc) = s.resolve("10.96.0.10:80".parse().unwrap()) else {
+            panic!("not a service");
+        };
+        assert_eq!(svc.endpoints, vec!["10.1.2.2:9090".parse().unwrap()]);
+    }
+
+    #[test]
+    fn pods_workload_and_enrollment() {
+        let yaml = format!(
+            "{BASE}---\nkind: Namespace\nmetadata: {{name: quiet, annotations: {{linkerd.io/inject: disabled}}}}\n---\nkind: Pod\nmetadata: {{name: c, namespace: quiet}}\nspec: {{nodeName: n1}}\nstatus: {{podIP: 10.1.1.9}}\n"
+        );
+        let s = snapshot(&yaml).unwrap();
+        let web = s.pod_by_ip("10.1.2.2".parse().unwrap()).unwrap();
+        assert_eq!(
+            (web.workload.as_str(), web.service_account.as_str()),
+            ("web", "web")
+        );
+        let local: Vec<_> = s.local_pods("n1").map(|p| p.name.as_str()).collect();
+        assert_eq!(local, ["web-2"]);
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let yaml = format!("{BASE}---\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n");
+        let msg = snapshot(&yaml).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "t.yaml: Service shop/web: duplicate object: also defined in t.yaml"
+        );
+    }
+}

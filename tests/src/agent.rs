@@ -1,0 +1,161 @@
+//! Running a real `mesh-agent` process in a testbed node.
+
+use std::{
+    fs::OpenOptions,
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{http, netns, Testbed};
+
+/// A binary of this workspace: `$MESH_AGENT_BIN` for the agent if set, else `name` in the
+/// target directory the running executable was built into.
+pub fn workspace_binary(name: &str) -> io::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MESH_AGENT_BIN").filter(|_| name == "mesh-agent") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let found = exe
+        .ancestors()
+        .skip(1)
+        .take(3)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    found.ok_or_else(|| {
+        io::Error::other(format!(
+            "{name} binary not found next to {}; build it first (`cargo build -p mesh-agent -p \
+             mesh-agent-tests`, which `cargo xtask test` does)",
+            exe.display()
+        ))
+    })
+}
+
+pub struct Agent {
+    pub node: String,
+    netns: String,
+    pub node_ip: Ipv4Addr,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts the agent for `node` reading the testbed's manifests.
+    pub fn start(bed: &Testbed, node: &str, extra_args: &[&str]) -> io::Result<Agent> {
+        let n = bed.node(node);
+        let log = bed.dir.join(format!("agent-{node}.log"));
+        let log_file = OpenOptions::new().create(true).append(true).open(&log)?;
+        let mut cmd = Command::new(workspace_binary("mesh-agent")?);
+        cmd.args([
+            "--log-level",
+            "info,mesh_agent=debug",
+            "run",
+            "--node",
+            node,
+            "--manifests",
+        ])
+        .arg(bed.manifests_dir())
+        .args(["--node-address", &n.ip.to_string()])
+        .args(extra_args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+        netns::command_in(&mut cmd, &n.netns, None)?;
+        let child = cmd.spawn()?;
+        Ok(Agent {
+            node: node.to_owned(),
+            netns: n.netns.clone(),
+            node_ip: n.ip,
+            log,
+            child: Some(child),
+        })
+    }
+
+    fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.node_ip, port))
+    }
+
+    /// GET on one of the agent's ports, from inside the node's namespace.
+    pub fn get(&self, port: u16, path: &str) -> io::Result<http::Response> {
+        let addr = self.addr(port);
+        let path = path.to_owned();
+        netns::run_in(&self.netns, move || http::get(addr, &path))?
+    }
+
+    /// Waits until `/ready` answers 200 (every local pod enrolled).
+    pub fn wait_ready(&mut self, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    return Err(io::Error::other(format!(
+                        "agent {} exited with {status} before becoming ready; log:\n{}",
+                        self.node,
+                        self.log_text()
+                    )));
+                }
+            }
+            if self.get(15021, "/ready").is_ok_and(|r| r.status == 200) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "agent {} not ready after {timeout:?}; log:\n{}",
+                    self.node,
+                    self.log_text()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The Prometheus exposition at `:15020/metrics`.
+    pub fn metrics(&self) -> io::Result<String> {
+        let r = self.get(15020, "/metrics")?;
+        if r.status != 200 {
+            return Err(io::Error::other(format!("/metrics answered {}", r.status)));
+        }
+        Ok(r.body)
+    }
+
+    /// One sample from `/metrics` (0 when the series does not exist yet).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> io::Result<f64> {
+        Ok(http::metric_value(&self.metrics()?, name, labels).unwrap_or(0.0))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(&mut self) -> io::Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| io::Error::other("agent already stopped"))?;
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait()
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up.
+    pub fn kill9(&mut self) -> io::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+    }
+}

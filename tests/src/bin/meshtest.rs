@@ -1,0 +1,146 @@
+//! `meshtest`: the workload the testbed runs inside pods.
+//!
+//! ```text
+//! meshtest serve PORT NAME          HTTP server; the body names the pod and the peer it saw
+//! meshtest get ADDR [PATH]          one GET; prints status, getpeername() and the body
+//! meshtest churn ADDR COUNT         COUNT sequential short connections, each a full GET
+//! meshtest loop ADDR INTERVAL_MS    GET forever (demo clients); prints one line per request
+//! meshtest udp-listen PORT WAIT_MS  counts datagrams received until WAIT_MS of silence
+//! meshtest udp-send FROM TO COUNT   sends COUNT datagrams from address FROM to TO
+//! ```
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::Duration,
+};
+
+use mesh_agent_tests::http;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["serve", port, name] => serve(port, name),
+        ["get", addr] => get(addr, "/"),
+        ["get", addr, path] => get(addr, path),
+        ["churn", addr, count] => churn(addr, count),
+        ["loop", addr, interval] => run_loop(addr, interval),
+        ["udp-listen", port, wait] => udp_listen(port, wait),
+        ["udp-send", from, to, count] => udp_send(from, to, count),
+        _ => Err("usage: see `meshtest` source header".to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshtest: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse<T: std::str::FromStr>(what: &str, s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e| format!("{what} {s:?}: {e}"))
+}
+
+fn serve(port: &str, name: &str) -> Result<(), String> {
+    let port: u16 = parse("port", port)?;
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let _ = answer(stream, &name);
+        });
+    }
+    Ok(())
+}
+
+fn answer(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+    let peer = stream.peer_addr()?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let body = format!("hello from {name}\npath={path}\nclient={peer}\n");
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+fn get(addr: &str, path: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse("address", addr)?;
+    let r = http::get(addr, path).map_err(|e| format!("GET {addr}{path}: {e}"))?;
+    print!("status={}\npeer={}\n\n{}", r.status, r.peer, r.body);
+    Ok(())
+}
+
+fn churn(addr: &str, count: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse("address", addr)?;
+    let count: usize = parse("count", count)?;
+    for i in 0..count {
+        let r = http::get(addr, "/churn").map_err(|e| format!("connection {i}: {e}"))?;
+        if r.status != 200 {
+            return Err(format!("connection {i}: status {}", r.status));
+        }
+    }
+    println!("ok={count}");
+    Ok(())
+}
+
+fn run_loop(addr: &str, interval: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse("address", addr)?;
+    let interval = Duration::from_millis(parse("interval", interval)?);
+    loop {
+        match http::get(addr, "/") {
+            Ok(r) => println!("{} {}", r.status, r.body.lines().next().unwrap_or("")),
+            Err(e) => println!("error {e}"),
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+fn udp_listen(port: &str, wait: &str) -> Result<(), String> {
+    let port: u16 = parse("port", port)?;
+    let wait = Duration::from_millis(parse("wait", wait)?);
+    let sock = UdpSocket::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    sock.set_read_timeout(Some(wait))
+        .map_err(|e| e.to_string())?;
+    // Tell whoever started us that we are listening.
+    println!("listening");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1500];
+    let mut received = 0;
+    while sock.recv_from(&mut buf).is_ok() {
+        received += 1;
+    }
+    println!("received={received}");
+    Ok(())
+}
+
+fn udp_send(from: &str, to: &str, count: &str) -> Result<(), String> {
+    let from: SocketAddr = parse("from", &format!("{from}:0"))?;
+    let to: SocketAddr = parse("to", to)?;
+    let count: usize = parse("count", count)?;
+    let sock = UdpSocket::bind(from).map_err(|e| format!("bind {from}: {e}"))?;
+    for i in 0..count {
+        sock.send_to(format!("datagram {i}").as_bytes(), to)
+            .map_err(|e| format!("send to {to}: {e}"))?;
+    }
+    println!("sent={count}");
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! Running code and processes inside a network namespace (and a pod's cgroup).
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::Path,
+    process::Command,
+};
+
+/// Path of a named network namespace.
+pub fn path(name: &str) -> String {
+    format!("/run/netns/{name}")
+}
+
+fn enter(ns: &File) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; affects only the calling thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a fresh thread inside namespace `name` and returns its result.
+pub fn run_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let ns = File::open(path(name))?;
+    std::thread::spawn(move || {
+        enter(&ns)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| io::Error::other("thread inside the namespace panicked"))?
+}
+
+/// Makes `cmd` start inside namespace `name` and, if given, inside `cgroup` (a cgroup v2
+/// directory), the way a container runtime starts a pod's process.
+pub fn command_in(cmd: &mut Command, name: &str, cgroup: Option<&Path>) -> io::Result<()> {
+    let ns = File::open(path(name))?;
+    let procs = cgroup
+        .map(|c| OpenOptions::new().write(true).open(c.join("cgroup.procs")))
+        .transpose()?;
+    // SAFETY: only async-signal-safe calls (setns, write) run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                // "0" moves the writing process.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,540 @@
+//! A simulated cluster on one host: a fabric namespace with a bridge, one namespace per node
+//! (its host network), one namespace and one cgroup per pod, and the Kubernetes manifests that
+//! describe what was created.
+//!
+//! ```text
+//! mt-fabric: br0 ── fab-n1 ═ eth0 (mt-n1, 10.0.0.1/24) ── vth-n1-0 ═ eth0 (mt-n1-a, 10.1.1.2/32)
+//!                └─ fab-n2 ═ eth0 (mt-n2, 10.0.0.2/24) ── vth-n2-0 ═ eth0 (mt-n2-b, 10.1.2.2/32)
+//! ```
+//! Pods route everything to a link-local gateway (169.254.1.1) answered by the node side of
+//! their veth, which has a fixed MAC, as Calico does; nodes route pod CIDRs to each other.
+
+use std::{
+    fmt::Write as _,
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::Mutex,
+};
+
+use crate::netns;
+
+/// Every namespace the testbed creates starts with this.
+pub const PREFIX: &str = "mt-";
+const FABRIC: &str = "mt-fabric";
+const CGROUP_DIR: &str = "mesh-testbed";
+const GATEWAY: &str = "169.254.1.1";
+const GATEWAY_MAC: &str = "ee:ee:ee:ee:ee:ee";
+
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub name: String,
+    /// Index into the nodes (0-based).
+    pub node: usize,
+    pub namespace: String,
+    pub service_account: String,
+    pub app: String,
+    pub annotations: Vec<(String, String)>,
+}
+
+impl PodSpec {
+    pub fn new(name: &str, node: usize, app: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            node,
+            namespace: "default".to_owned(),
+            service_account: app.to_owned(),
+            app: app.to_owned(),
+            annotations: Vec::new(),
+        }
+    }
+
+    pub fn annotate(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    /// Pods with this `app` label back the service.
+    pub app: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TestbedSpec {
+    pub nodes: usize,
+    pub pods: Vec<PodSpec>,
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub spec: PodSpec,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub host_veth: String,
+    pub cgroup: PathBuf,
+}
+
+pub struct Testbed {
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<ServiceSpec>,
+    /// Scratch directory: manifests, logs.
+    pub dir: PathBuf,
+    children: Mutex<Vec<Child>>,
+    torn_down: bool,
+}
+
+fn run(cmd: &mut Command) -> io::Result<Output> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    run(Command::new("ip").args(args)).map(drop)
+}
+
+fn sysctl(ns: &str, settings: &[&str]) -> io::Result<()> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "sysctl", "-qw"])
+        .args(settings);
+    run(&mut cmd).map(drop)
+}
+
+/// The cgroup v2 mount point, from `/proc/self/mountinfo`.
+pub fn cgroup2_root() -> io::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .ok_or_else(|| io::Error::other("no cgroup2 mount in /proc/self/mountinfo"))
+}
+
+fn testbed_cgroup() -> io::Result<PathBuf> {
+    Ok(cgroup2_root()?.join(CGROUP_DIR))
+}
+
+/// Default scratch directory of the testbed.
+pub fn scratch_dir() -> PathBuf {
+    std::env::temp_dir().join("mesh-testbed")
+}
+
+/// Removes everything a testbed (even a crashed one) may have left: processes in its
+/// namespaces and cgroups, the namespaces, the cgroups. Safe to call at any time.
+pub fn clean() -> io::Result<()> {
+    let mut names: Vec<String> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(PREFIX))
+        .collect();
+    // Pods first, then nodes, then the fabric (longest names are the innermost).
+    names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    for name in &names {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: plain syscall.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+    let cg = testbed_cgroup()?;
+    if cg.is_dir() {
+        for entry in std::fs::read_dir(&cg)?.flatten() {
+            let dir = entry.path();
+            if dir.is_dir() {
+                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            }
+        }
+    }
+    for name in &names {
+        // Killed processes may take a moment to release the namespace; deletion only unmounts.
+        ip(&["netns", "del", name])?;
+    }
+    if cg.is_dir() {
+        for entry in std::fs::read_dir(&cg)?.flatten() {
+            let dir = entry.path();
+            if dir.is_dir() {
+                remove_cgroup(&dir)?;
+            }
+        }
+        remove_cgroup(&cg)?;
+    }
+    Ok(())
+}
+
+fn remove_cgroup(dir: &Path) -> io::Result<()> {
+    // A cgroup can be removed once its killed processes are gone; give them a moment.
+    for _ in 0..100 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(format!(
+        "cgroup {} stays busy",
+        dir.display()
+    )))
+}
+
+impl Testbed {
+    /// Cleans any leftovers, then builds the topology and writes its manifests.
+    pub fn up(spec: &TestbedSpec) -> io::Result<Testbed> {
+        clean()?;
+        let dir = scratch_dir();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("manifests"))?;
+        let mut bed = Testbed {
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            services: spec.services.clone(),
+            dir,
+            children: Mutex::new(Vec::new()),
+            torn_down: false,
+        };
+        // If anything below fails, Drop tears down what exists.
+        bed.build(spec)?;
+        bed.write_manifests()?;
+        Ok(bed)
+    }
+
+    fn build(&mut self, spec: &TestbedSpec) -> io::Result<()> {
+        ip(&["netns", "add", FABRIC])?;
+        ip(&["-n", FABRIC, "link", "set", "lo", "up"])?;
+        ip(&["-n", FABRIC, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", FABRIC, "link", "set", "br0", "up"])?;
+        for i in 0..spec.nodes {
+            let node = Node {
+                name: format!("n{}", i + 1),
+                netns: format!("{PREFIX}n{}", i + 1),
+                ip: Ipv4Addr::new(10, 0, 0, i as u8 + 1),
+            };
+            let ns = node.netns.as_str();
+            ip(&["netns", "add", ns])?;
+            sysctl(
+                ns,
+                &[
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )?;
+            let fab = format!("fab-{}", node.name);
+            ip(&[
+                "-n", FABRIC, "link", "add", &fab, "type", "veth", "peer", "name", "eth0", "netns",
+                ns,
+            ])?;
+            ip(&["-n", FABRIC, "link", "set", &fab, "master", "br0", "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", node.ip),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            self.nodes.push(node);
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            for (j, other) in self.nodes.iter().enumerate() {
+                if i != j {
+                    let cidr = format!("10.1.{}.0/24", j + 1);
+                    ip(&[
+                        "-n",
+                        &node.netns,
+                        "route",
+                        "add",
+                        &cidr,
+                        "via",
+                        &other.ip.to_string(),
+                    ])?;
+                }
+            }
+        }
+        let cgroup = testbed_cgroup()?;
+        std::fs::create_dir_all(&cgroup)?;
+        let mut per_node = vec![0u8; spec.nodes];
+        for pod_spec in &spec.pods {
+            let node = self
+                .nodes
+                .get(pod_spec.node)
+                .ok_or_else(|| {
+                    io::Error::other(format!("pod {} on a missing node", pod_spec.name))
+                })?
+                .clone();
+            let idx = per_node[pod_spec.node];
+            per_node[pod_spec.node] += 1;
+            let pod = Pod {
+                spec: pod_spec.clone(),
+                netns: format!("{}-{}", node.netns, pod_spec.name),
+                ip: Ipv4Addr::new(10, 1, pod_spec.node as u8 + 1, idx + 2),
+                host_veth: format!("vth-{}-{idx}", node.name),
+                cgroup: cgroup.join(format!("{}-{}", node.name, pod_spec.name)),
+            };
+            let ns = pod.netns.as_str();
+            ip(&["netns", "add", ns])?;
+            sysctl(
+                ns,
+                &[
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "add",
+                &pod.host_veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            ])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "set",
+                &pod.host_veth,
+                "address",
+                GATEWAY_MAC,
+                "up",
+            ])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/32", pod.ip),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n", ns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
+            ])?;
+            ip(&[
+                "-n", ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "add",
+                GATEWAY,
+                "lladdr",
+                GATEWAY_MAC,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "route",
+                "add",
+                &format!("{}/32", pod.ip),
+                "dev",
+                &pod.host_veth,
+            ])?;
+            std::fs::create_dir_all(&pod.cgroup)?;
+            self.pods.push(pod);
+        }
+        Ok(())
+    }
+
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name} in the testbed"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the testbed"))
+    }
+
+    /// Kubernetes YAML for everything in the testbed.
+    pub fn manifests(&self) -> Vec<(&'static str, String)> {
+        let mut namespaces: Vec<&str> = self
+            .pods
+            .iter()
+            .map(|p| p.spec.namespace.as_str())
+            .chain(self.services.iter().map(|s| s.namespace.as_str()))
+            .collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        let mut ns_yaml = String::new();
+        for ns in namespaces {
+            let _ = write!(
+                ns_yaml,
+                "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"
+            );
+        }
+        let mut pods = String::new();
+        for pod in &self.pods {
+            let s = &pod.spec;
+            let node = &self.nodes[s.node].name;
+            let mut annotations = String::new();
+            for (k, v) in &s.annotations {
+                let _ = write!(annotations, "\n    {k}: {v:?}");
+            }
+            let annotations = if annotations.is_empty() {
+                " {}".to_owned()
+            } else {
+                annotations
+            };
+            let _ = write!(
+                pods,
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    app: {}\n  annotations:{annotations}\nspec:\n  nodeName: {node}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: meshtest\nstatus:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n",
+                s.name, s.namespace, s.app, s.service_account, pod.ip, pod.ip
+            );
+        }
+        let mut services = String::new();
+        let mut slices = String::new();
+        for svc in &self.services {
+            let _ = write!(
+                services,
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  clusterIP: {}\n  selector:\n    app: {}\n  ports:\n  - name: http\n    port: {}\n    targetPort: {}\n    protocol: TCP\n",
+                svc.name, svc.namespace, svc.cluster_ip, svc.app, svc.port, svc.target_port
+            );
+            let _ = write!(
+                slices,
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-1\n  namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\naddressType: IPv4\nports:\n- name: http\n  port: {}\n  protocol: TCP\nendpoints:\n",
+                svc.name, svc.namespace, svc.name, svc.target_port
+            );
+            for pod in self
+                .pods
+                .iter()
+                .filter(|p| p.spec.app == svc.app && p.spec.namespace == svc.namespace)
+            {
+                let _ = write!(
+                    slices,
+                    "- addresses: [\"{}\"]\n  conditions:\n    ready: true\n  nodeName: {}\n  targetRef:\n    kind: Pod\n    name: {}\n",
+                    pod.ip, self.nodes[pod.spec.node].name, pod.spec.name
+                );
+            }
+        }
+        vec![
+            ("namespaces.yaml", ns_yaml),
+            ("pods.yaml", pods),
+            ("services.yaml", services),
+            ("endpointslices.yaml", slices),
+        ]
+    }
+
+    pub fn write_manifests(&self) -> io::Result<()> {
+        for (file, text) in self.manifests() {
+            std::fs::write(self.manifests_dir().join(file), text)?;
+        }
+        Ok(())
+    }
+
+    /// A command that will run inside pod `name` (its network namespace and cgroup).
+    pub fn pod_command(
+        &self,
+        name: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> io::Result<Command> {
+        let pod = self.pod(name);
+        let mut cmd = Command::new(program);
+        netns::command_in(&mut cmd, &pod.netns, Some(&pod.cgroup))?;
+        Ok(cmd)
+    }
+
+    /// A command that will run in node `name`'s host network.
+    pub fn node_command(
+        &self,
+        name: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> io::Result<Command> {
+        let mut cmd = Command::new(program);
+        netns::command_in(&mut cmd, &self.node(name).netns, None)?;
+        Ok(cmd)
+    }
+
+    /// Starts a long-running process; it is killed at teardown.
+    pub fn spawn(&self, mut cmd: Command) -> io::Result<u32> {
+        let child = cmd.stdin(Stdio::null()).spawn()?;
+        let pid = child.id();
+        self.children
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .push(child);
+        Ok(pid)
+    }
+
+    /// Tears everything down. Called by `Drop` too.
+    pub fn down(&mut self) -> io::Result<()> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        if let Ok(mut children) = self.children.lock() {
+            for child in children.iter_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            children.clear();
+        }
+        clean()
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if let Err(e) = self.down() {
+            eprintln!("testbed teardown: {e}");
+        }
+    }
+}

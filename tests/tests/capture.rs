@@ -1,0 +1,407 @@
+//! Transparent capture into the node proxy, end to end: real eBPF programs in the real kernel,
+//! real processes in simulated pods, real agents. Run as root, serially (`cargo xtask test`).
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests fail loudly by design"
+)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use mesh_agent_tests::{
+    agent::workspace_binary, serial, Agent, PodSpec, ServiceSpec, Testbed, TestbedSpec,
+};
+
+const WEB_SVC: &str = "10.96.0.10:80";
+const WEB_POD: &str = "10.1.2.2:8080";
+const READY: Duration = Duration::from_secs(20);
+
+/// n1: client (enrolled), outsider (opted out); n2: web behind Service web (10.96.0.10:80).
+fn bed() -> Testbed {
+    let spec = TestbedSpec {
+        nodes: 2,
+        pods: vec![
+            PodSpec::new("client", 0, "client"),
+            PodSpec::new("outsider", 0, "outsider").annotate("mesh-agent.io/inject", "disabled"),
+            PodSpec::new("web", 1, "web"),
+        ],
+        services: vec![ServiceSpec {
+            name: "web".into(),
+            namespace: "default".into(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            target_port: 8080,
+            app: "web".into(),
+        }],
+    };
+    let bed = Testbed::up(&spec).expect("testbed up");
+    assert_eq!(bed.pod("web").ip.to_string() + ":8080", WEB_POD);
+    let mut web = bed.pod_command("web", meshtest()).expect("web command");
+    web.args(["serve", "8080", "web"]);
+    bed.spawn(web).expect("start web server");
+    bed
+}
+
+fn meshtest() -> std::path::PathBuf {
+    workspace_binary("meshtest").expect("meshtest binary")
+}
+
+fn agents(bed: &Testbed) -> (Agent, Agent) {
+    let mut n1 = Agent::start(bed, "n1", &[]).expect("start agent n1");
+    let mut n2 = Agent::start(bed, "n2", &[]).expect("start agent n2");
+    n1.wait_ready(READY).expect("n1 ready");
+    n2.wait_ready(READY).expect("n2 ready");
+    (n1, n2)
+}
+
+fn output(mut cmd: Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("run command")
+}
+
+/// What `meshtest get` printed, parsed.
+struct Fetch {
+    status: u16,
+    /// getpeername() on the client socket.
+    peer: String,
+    body: String,
+}
+
+impl Fetch {
+    /// The address the server saw the connection come from (without the port).
+    fn server_saw(&self) -> &str {
+        let line = self
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("client="))
+            .unwrap_or_else(|| panic!("no client= line in {:?}", self.body));
+        line.rsplit_once(':').map_or(line, |(ip, _)| ip)
+    }
+}
+
+fn fetch(mut cmd: Command, addr: &str) -> Fetch {
+    cmd.args(["get", addr]);
+    let out = output(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "GET {addr} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (head, body) = stdout.split_once("\n\n").expect("meshtest output");
+    let field = |k: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {head:?}"))
+            .to_owned()
+    };
+    Fetch {
+        status: field("status=").parse().expect("status"),
+        peer: field("peer="),
+        body: body.to_owned(),
+    }
+}
+
+fn fetch_from_pod(bed: &Testbed, pod: &str, addr: &str) -> Fetch {
+    fetch(bed.pod_command(pod, meshtest()).expect("pod command"), addr)
+}
+
+/// Polls until `f` returns true, or panics with `what`.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
+    agent.metric(name, labels).expect("scrape metrics")
+}
+
+#[test]
+fn cross_node_by_service_and_pod_ip_through_the_proxy() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, n2) = agents(&bed);
+
+    let by_service = fetch_from_pod(&bed, "client", WEB_SVC);
+    assert_eq!(by_service.status, 200);
+    assert!(
+        by_service.body.starts_with("hello from web\n"),
+        "{}",
+        by_service.body
+    );
+    assert_eq!(
+        by_service.peer, WEB_SVC,
+        "getpeername() must return the dialled address"
+    );
+    // The proxy on n1 made the onward connection, so the server sees n1's address.
+    assert_eq!(by_service.server_saw(), "10.0.0.1");
+
+    let by_pod = fetch_from_pod(&bed, "client", WEB_POD);
+    assert_eq!(by_pod.status, 200);
+    assert!(by_pod.body.starts_with("hello from web\n"));
+    assert_eq!(by_pod.peer, WEB_POD);
+    assert_eq!(by_pod.server_saw(), "10.0.0.1");
+
+    let svc = [
+        ("source_workload", "client"),
+        ("source_namespace", "default"),
+        ("destination_service", "web.default.svc.cluster.local"),
+        ("destination_workload", "web"),
+        ("destination_namespace", "default"),
+    ];
+    let pod = [
+        ("source_workload", "client"),
+        ("destination_service", "unknown"),
+        ("destination_workload", "web"),
+    ];
+    eventually("both connections closed", || {
+        metric(&n1, "mesh_tcp_connections_closed_total", &[]) == 2.0
+    });
+    assert_eq!(metric(&n1, "mesh_tcp_connections_opened_total", &svc), 1.0);
+    assert_eq!(metric(&n1, "mesh_tcp_connections_opened_total", &pod), 1.0);
+    assert_eq!(metric(&n1, "mesh_tcp_connections_opened_total", &[]), 2.0);
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        2.0
+    );
+    // Bytes: exactly the request the client wrote; the response came back.
+    let request = format!("GET / HTTP/1.1\r\nHost: {WEB_SVC}\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        metric(&n1, "mesh_tcp_sent_bytes_total", &svc),
+        request.len() as f64
+    );
+    assert!(metric(&n1, "mesh_tcp_received_bytes_total", &svc) > 100.0);
+    // n2's pods made no connections; its proxy carried nothing.
+    assert_eq!(metric(&n2, "mesh_tcp_connections_opened_total", &[]), 0.0);
+    assert_eq!(metric(&n1, "mesh_enrolled_pods", &[]), 1.0);
+    assert_eq!(metric(&n2, "mesh_enrolled_pods", &[]), 1.0);
+}
+
+#[test]
+fn host_network_and_unenrolled_pods_are_not_captured() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, _n2) = agents(&bed);
+
+    // The node's own network namespace (hostNetwork) goes direct.
+    let host = fetch(
+        bed.node_command("n1", meshtest()).expect("node command"),
+        WEB_POD,
+    );
+    assert_eq!(host.status, 200);
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        0.0
+    );
+
+    // A pod opted out of the mesh goes direct: the server sees the pod's own address.
+    let outsider = fetch_from_pod(&bed, "outsider", WEB_POD);
+    assert_eq!(outsider.status, 200);
+    assert_eq!(outsider.server_saw(), bed.pod("outsider").ip.to_string());
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        0.0
+    );
+    assert_eq!(metric(&n1, "mesh_tcp_connections_opened_total", &[]), 0.0);
+
+    // Control: the enrolled pod on the same node is captured.
+    let client = fetch_from_pod(&bed, "client", WEB_POD);
+    assert_eq!(client.server_saw(), "10.0.0.1");
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        1.0
+    );
+}
+
+#[test]
+fn forged_source_addresses_are_dropped_and_counted() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, _n2) = agents(&bed);
+    let web_ip = bed.pod("web").ip;
+
+    let mut listen = bed.pod_command("web", meshtest()).expect("web command");
+    listen
+        .args(["udp-listen", "9000", "1500"])
+        .stdout(Stdio::piped());
+    let mut listener = listen.spawn().expect("udp listener");
+    let mut lines = BufReader::new(listener.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("line").expect("read"), "listening");
+
+    // The client pod's root user adds an address that is not its own and sends from it.
+    let forged = "10.99.0.1";
+    let client_ns = bed.pod("client").netns.clone();
+    let add = output({
+        let mut c = Command::new("ip");
+        c.args([
+            "-n",
+            &client_ns,
+            "addr",
+            "add",
+            &format!("{forged}/32"),
+            "dev",
+            "eth0",
+        ]);
+        c
+    });
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let to = format!("{web_ip}:9000");
+    let mut send = bed
+        .pod_command("client", meshtest())
+        .expect("client command");
+    send.args(["udp-send", forged, &to, "5"]);
+    assert!(output(send).status.success());
+    // Control: the same pod sending from its real address gets through.
+    let real = bed.pod("client").ip.to_string();
+    let mut send = bed
+        .pod_command("client", meshtest())
+        .expect("client command");
+    send.args(["udp-send", &real, &to, "3"]);
+    assert!(output(send).status.success());
+
+    let received = lines.next().expect("line").expect("read");
+    let _ = listener.wait();
+    assert_eq!(received, "received=3", "only the honest datagrams arrive");
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_spoofed_packets_dropped_total", &[]),
+        5.0
+    );
+}
+
+#[test]
+fn pods_reach_each_other_after_the_agent_stops_or_is_killed() {
+    let _serial = serial();
+    let bed = bed();
+    let client_ip = bed.pod("client").ip.to_string();
+    let (mut n1, _n2) = agents(&bed);
+    assert_eq!(
+        fetch_from_pod(&bed, "client", WEB_POD).server_saw(),
+        "10.0.0.1"
+    );
+
+    // Clean stop: everything detached, the next connection goes direct.
+    let status = n1.stop().expect("stop agent");
+    assert!(
+        status.success(),
+        "agent exit status {status}; log:\n{}",
+        n1.log_text()
+    );
+    assert_eq!(
+        fetch_from_pod(&bed, "client", WEB_POD).server_saw(),
+        client_ip
+    );
+
+    // Restart: captured again.
+    let mut n1 = Agent::start(&bed, "n1", &[]).expect("restart n1");
+    n1.wait_ready(READY).expect("n1 ready again");
+    assert_eq!(
+        fetch_from_pod(&bed, "client", WEB_POD).server_saw(),
+        "10.0.0.1"
+    );
+
+    // kill -9: no chance to clean up, yet nothing keeps redirecting into the dead listener.
+    n1.kill9().expect("kill -9");
+    let direct = fetch_from_pod(&bed, "client", WEB_POD);
+    assert_eq!(direct.status, 200);
+    assert_eq!(direct.server_saw(), client_ip);
+
+    // A restart after the crash takes over cleanly.
+    let mut n1 = Agent::start(&bed, "n1", &[]).expect("restart n1 after kill");
+    n1.wait_ready(READY).expect("n1 ready after kill");
+    assert_eq!(
+        fetch_from_pod(&bed, "client", WEB_SVC).server_saw(),
+        "10.0.0.1"
+    );
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        1.0
+    );
+}
+
+#[test]
+fn connection_churn_leaves_the_original_destination_maps_empty() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, _n2) = agents(&bed);
+
+    let mut churn = bed
+        .pod_command("client", meshtest())
+        .expect("client command");
+    churn.args(["churn", WEB_SVC, "1000"]);
+    let out = output(churn);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok=1000");
+
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        1000.0
+    );
+    assert_eq!(
+        metric(&n1, "mesh_tcp_connections_opened_total", &[]),
+        1000.0
+    );
+    eventually("the per-connection maps to drain", || {
+        metric(&n1, "mesh_ebpf_map_entries", &[("map", "orig_dst")]) == 0.0
+            && metric(&n1, "mesh_ebpf_map_entries", &[("map", "redirects")]) == 0.0
+    });
+}
+
+#[test]
+fn an_invalid_manifest_is_reported_and_the_last_good_state_stays() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, _n2) = agents(&bed);
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
+
+    // One change moves the Service to port 81, another file is invalid: all or nothing.
+    let dir = bed.manifests_dir();
+    let services = std::fs::read_to_string(dir.join("services.yaml")).expect("read");
+    std::fs::write(
+        dir.join("services.yaml"),
+        services.replace("port: 80\n", "port: 81\n"),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: broken\nspec:\n  clusterIP: not-an-ip\n",
+    )
+    .expect("write");
+    let expected = format!(
+        "{}: Service default/broken: field spec.clusterIP: \"not-an-ip\" is neither an IPv4 address nor \"None\"",
+        dir.join("broken.yaml").display()
+    );
+    eventually("the rejection to be logged", || {
+        n1.log_text().contains(&expected)
+    });
+    assert!(metric(&n1, "mesh_manifest_reloads_total", &[("result", "error")]) >= 1.0);
+
+    // Port 80 still routes: the previous snapshot is in force.
+    let still = fetch_from_pod(&bed, "client", WEB_SVC);
+    assert_eq!(still.status, 200);
+    assert!(still.body.starts_with("hello from web\n"));
+
+    // Fixing the directory applies the pending change.
+    std::fs::remove_file(dir.join("broken.yaml")).expect("remove");
+    eventually("the fixed manifests to load", || {
+        metric(&n1, "mesh_manifest_reloads_total", &[("result", "ok")]) >= 2.0
+    });
+    let moved = fetch_from_pod(&bed, "client", "10.96.0.10:81");
+    assert_eq!(moved.status, 200);
+    assert_eq!(moved.peer, "10.96.0.10:81");
+}

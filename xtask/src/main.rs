@@ -1,0 +1,147 @@
+//! `cargo xtask`: set-up, build, the testbed demo and the test suite.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install or verify what building and testing need (idempotent).
+    Setup,
+    /// Build the agent (with its eBPF programs) and the test workloads.
+    Build,
+    /// Bring up a simulated two-node cluster with demo workloads and agents; Ctrl-C ends it.
+    Run {
+        /// Stop by itself after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Format check, clippy, unit tests and the privileged integration tests (serially).
+    Test,
+    /// Manage the simulated cluster by hand.
+    Testbed {
+        #[command(subcommand)]
+        action: TestbedAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TestbedAction {
+    /// Create the demo topology and leave it running (no agents).
+    Up,
+    /// Remove the testbed.
+    Down,
+    /// Remove anything a crashed run left behind (namespaces, processes, cgroups).
+    Clean,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => {
+            setup::run()?;
+            build()
+        }
+        Cmd::Run { duration } => {
+            setup::run()?;
+            build()?;
+            demo::run(duration)
+        }
+        Cmd::Test => {
+            setup::run()?;
+            test()
+        }
+        Cmd::Testbed { action } => match action {
+            TestbedAction::Up => demo::testbed_up(),
+            TestbedAction::Down | TestbedAction::Clean => {
+                mesh_agent_tests::clean().context("cleaning the testbed")?;
+                println!("testbed: removed");
+                Ok(())
+            }
+        },
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn step(what: &str, mut cmd: Command) -> anyhow::Result<()> {
+    println!("==> {what}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-agent-tests",
+        "--bins",
+    ]);
+    step("build mesh-agent (with eBPF) and meshtest", cmd)
+}
+
+fn test() -> anyhow::Result<()> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    step("cargo fmt --check", fmt)?;
+    let mut clippy = cargo();
+    // The stub object keeps clippy independent of the nightly eBPF build.
+    clippy
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .env("MESH_AGENT_EBPF_STUB", "1");
+    step("cargo clippy -D warnings", clippy)?;
+    // The eBPF crate only builds for the BPF target, with nightly.
+    let mut clippy_ebpf = Command::new("rustup");
+    clippy_ebpf.args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "-p",
+        "mesh-agent-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    step("cargo clippy -D warnings (eBPF programs)", clippy_ebpf)?;
+    build()?;
+    let mut tests = cargo();
+    // Privileged tests share kernel state: one at a time.
+    tests.args(["test", "--", "--test-threads=1"]);
+    step("unit and integration tests", tests)?;
+    if std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("mt-"))
+    {
+        bail!("tests left testbed namespaces behind (see /run/netns); teardown is broken");
+    }
+    println!("==> all tests passed");
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! `cargo xtask setup`: installs or verifies everything a fresh Debian/Ubuntu machine needs,
+//! one line per step. Safe to run again; it only acts on what is missing.
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+
+/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the testbed, curl for poking at it.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "curl",
+];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn quiet(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn installed(pkg: &str) -> bool {
+    quiet(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn exec(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what}: {cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    // SAFETY: plain syscall.
+    let root = unsafe { libc::geteuid() } == 0;
+
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        println!("setup: Debian packages ({}) present", PACKAGES.join(" "));
+    } else {
+        if !root {
+            bail!("setup: missing packages {missing:?}; run as root so apt-get can install them");
+        }
+        println!("setup: installing {} with apt-get", missing.join(" "));
+        exec(
+            "apt-get update",
+            Command::new("apt-get").arg("update").arg("-q"),
+        )?;
+        exec(
+            "apt-get install",
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+
+    let toolchains = quiet(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if toolchains.lines().any(|l| l.starts_with("nightly")) {
+        println!("setup: rust nightly toolchain present");
+    } else {
+        println!("setup: installing the rust nightly toolchain");
+        exec(
+            "rustup toolchain install",
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]),
+        )?;
+    }
+    let components = quiet(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: nightly rust-src present");
+    } else {
+        println!("setup: adding rust-src to nightly (for -Z build-std=core)");
+        exec(
+            "rustup component add",
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        )?;
+    }
+
+    let linker = quiet(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if linker.contains(BPF_LINKER_VERSION) {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
+        exec(
+            "cargo install bpf-linker",
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                    "--force",
+                ])
+                .env("LLVM_PREFIX", LLVM_PREFIX),
+        )?;
+    }
+
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if mounts.lines().any(|l| l.contains(" - cgroup2 ")) {
+        println!("setup: cgroup v2 mounted");
+    } else {
+        bail!("setup: no cgroup v2 mount; mesh-agent attaches its programs to cgroup v2");
+    }
+    if !root {
+        println!("setup: note: not root; `run` and `test` need root (namespaces, eBPF)");
+    }
+    Ok(())
+}
