@@ -8,21 +8,32 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
 use hyper::StatusCode;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
+use tokio_rustls::TlsAcceptor;
 use tracing::info;
 
 use crate::{
     admin,
     datapath::{self, Datapath, Exclusions},
+    identity::{
+        ca::{self, CertificateAuthority, DevCa},
+        manager::IdentityManager,
+    },
     metrics::Metrics,
-    proxy::outbound::{self, ProxyInputs},
+    proxy::{
+        hbone::HboneConnector,
+        inbound::{self, InboundInputs},
+        outbound::{self, ProxyInputs},
+    },
     reconcile::Reconciler,
     source::files::ManifestDir,
     state::manifest::ManifestError,
+    tls::{self, AnchorSource, MeshTls, TrustBundle},
 };
 
 /// Everything the agent is configured with.
@@ -35,10 +46,31 @@ pub struct Config {
     /// Where the cgroup programs attach (the cgroup v2 root unless overridden).
     pub cgroup: PathBuf,
     pub outbound_port: u16,
+    pub inbound_port: u16,
     pub metrics_port: u16,
     pub health_port: u16,
+    /// The admin port, bound on 127.0.0.1 only.
+    pub admin_port: u16,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<(Ipv4Addr, u8)>,
+    pub trust_domain: String,
+    pub identity: IdentitySource,
+    /// Lifetime of the workload certificates the agent mints.
+    pub cert_lifetime: Duration,
+}
+
+/// Where the issuer comes from.
+#[derive(Debug, Clone, Serialize)]
+pub enum IdentitySource {
+    /// Linkerd's install model: trust anchors, issuer certificate and key from files.
+    Files {
+        trust_anchors: PathBuf,
+        issuer_cert: PathBuf,
+        issuer_key: PathBuf,
+    },
+    /// A throwaway anchor and issuer generated at start; the anchor (never a key) is written
+    /// to this directory, and every anchor found there is trusted.
+    DevCa { dir: PathBuf },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +90,47 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("identity: {0}")]
+    Ca(#[from] ca::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::Error),
+    #[error("writing the dev trust anchor to {path}: {source}")]
+    DevAnchor {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Sets up the issuer and the trust bundle.
+fn identity(config: &Config) -> Result<(CertificateAuthority, AnchorSource), Error> {
+    match &config.identity {
+        IdentitySource::Files {
+            trust_anchors,
+            issuer_cert,
+            issuer_key,
+        } => Ok((
+            CertificateAuthority::from_files(issuer_cert, issuer_key)?,
+            AnchorSource::File(trust_anchors.clone()),
+        )),
+        IdentitySource::DevCa { dir } => {
+            let dev = DevCa::generate(&config.trust_domain)?;
+            let path = dir.join(format!("anchor-{}.pem", config.node));
+            let tmp = dir.join(format!(".anchor-{}.pem.tmp", config.node));
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::write(&tmp, &dev.anchor_pem))
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|source| Error::DevAnchor {
+                    path: path.clone(),
+                    source,
+                })?;
+            info!(anchor = %path.display(), "--dev-ca: generated a throwaway trust anchor and issuer");
+            Ok((
+                CertificateAuthority::from_dev(&dev)?,
+                AnchorSource::Directory(dir.clone()),
+            ))
+        }
+    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddrV4) -> Result<TcpListener, Error> {
@@ -76,9 +149,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let dir = ManifestDir::new(&config.manifests);
     let initial = dir.initial(&metrics)?;
 
+    let provider = tls::provider();
+    let (ca, anchors) = identity(&config)?;
+    let bundle = Arc::new(TrustBundle::load(anchors, provider.clone())?);
+    let identities = Arc::new(IdentityManager::new(ca, config.cert_lifetime, provider));
+    let mesh_tls = Arc::new(MeshTls::new(bundle.clone(), config.trust_domain.clone()));
+    let server_config = mesh_tls.server_config(identities.clone())?;
+
     let addr = |port| SocketAddrV4::new(config.node_address, port);
     let outbound_addr = addr(config.outbound_port);
     let outbound_listener = bind("the outbound listener", outbound_addr).await?;
+    let inbound_listener = bind("the HBONE inbound listener", addr(config.inbound_port)).await?;
+    let admin_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, config.admin_port);
+    let admin_listener = bind("the admin listener", admin_addr).await?;
     let metrics_listener = bind("the metrics listener", addr(config.metrics_port)).await?;
     let health_listener = bind("the health listener", addr(config.health_port)).await?;
 
@@ -99,7 +182,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let ready = Arc::new(AtomicBool::new(false));
     let reconciler = Reconciler::new(
         config.node.clone(),
+        config.trust_domain.clone(),
         datapath,
+        identities.clone(),
         metrics.clone(),
         ready.clone(),
     );
@@ -107,15 +192,56 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(dir.watch(state_tx, metrics.clone()));
     tasks.spawn(reconciler.run(state_rx.clone()));
+    tasks.spawn(identities.clone().run_renewal());
+    {
+        let bundle = bundle.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                bundle.refresh();
+            }
+        });
+    }
+    tasks.spawn(inbound::serve(
+        inbound_listener,
+        Arc::new(InboundInputs {
+            node: config.node.clone(),
+            trust_domain: config.trust_domain.clone(),
+            state: state_rx.clone(),
+            metrics: metrics.clone(),
+            acceptor: TlsAcceptor::from(Arc::new(server_config)),
+        }),
+    ));
     tasks.spawn(outbound::serve(
         outbound_listener,
         Arc::new(ProxyInputs {
             state: state_rx,
             orig_dst: orig_dst.clone(),
             metrics: metrics.clone(),
+            hbone: Arc::new(HboneConnector::new(
+                mesh_tls,
+                identities.clone(),
+                config.inbound_port,
+            )),
+            node: config.node.clone(),
+            trust_domain: config.trust_domain.clone(),
             listen: outbound_addr,
         }),
     ));
+    let admin = {
+        let identities = identities.clone();
+        let config = config.clone();
+        Arc::new(move |path: &str| match path {
+            "/certs" => json(&identities.list()),
+            "/config_dump" => json(&config),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "try /certs or /config_dump\n".to_owned(),
+            ),
+        })
+    };
+    tasks.spawn(admin::serve(admin_listener, admin));
     let scrape = {
         let metrics = metrics.clone();
         let orig_dst = orig_dst.clone();
@@ -139,7 +265,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     });
     tasks.spawn(admin::serve(health_listener, health));
     info!(
-        metrics = %addr(config.metrics_port), health = %addr(config.health_port),
+        inbound = %addr(config.inbound_port), metrics = %addr(config.metrics_port),
+        health = %addr(config.health_port), admin = %admin_addr,
         "agent running"
     );
 
@@ -151,6 +278,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tasks.shutdown().await;
     info!("eBPF programs detached; bye");
     Ok(())
+}
+
+fn json(value: &impl Serialize) -> (StatusCode, String) {
+    match serde_json::to_string_pretty(value) {
+        Ok(body) => (StatusCode::OK, body + "\n"),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
 }
 
 /// The IPv4 addresses of the agent's network namespace.

@@ -18,7 +18,23 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent for one node.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Identity helpers.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Write a development trust anchor and issuer (ca.crt, issuer.crt, issuer.key) for
+    /// `run --trust-anchors/--issuer-cert/--issuer-key`, like Linkerd's install inputs.
+    DevCa {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,12 +60,54 @@ pub struct RunArgs {
     /// Readiness/liveness port.
     #[arg(long, default_value_t = 15021)]
     pub health_port: u16,
+    /// HBONE (mTLS) inbound port.
+    #[arg(long, default_value_t = 15008)]
+    pub inbound_port: u16,
+    /// Admin port (config dump, certificates), bound on 127.0.0.1.
+    #[arg(long, default_value_t = 15000)]
+    pub admin_port: u16,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// PEM bundle of trust anchors (with --issuer-cert and --issuer-key).
+    #[arg(long, requires_all = ["issuer_cert", "issuer_key"], conflicts_with = "dev_ca")]
+    pub trust_anchors: Option<PathBuf>,
+    /// Issuer certificate (PEM) that signs workload certificates.
+    #[arg(long, requires = "trust_anchors")]
+    pub issuer_cert: Option<PathBuf>,
+    /// Issuer private key (PEM).
+    #[arg(long, requires = "trust_anchors")]
+    pub issuer_key: Option<PathBuf>,
+    /// Generate a throwaway anchor and issuer; write the anchor (not the key) to DIR and trust
+    /// every anchor there, so the agents of one testbed trust each other.
+    #[arg(long, value_name = "DIR", required_unless_present = "trust_anchors")]
+    pub dev_ca: Option<PathBuf>,
+    /// Lifetime of workload certificates (renewed at half life): e.g. 24h, 30m, 20s.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub cert_lifetime: std::time::Duration,
     /// Destination port never captured (repeatable).
     #[arg(long = "exclude-port")]
     pub exclude_ports: Vec<u16>,
     /// Destination CIDR never captured, e.g. 10.0.0.0/8 (repeatable).
     #[arg(long = "exclude-cidr", value_parser = parse_cidr)]
     pub exclude_cidrs: Vec<(Ipv4Addr, u8)>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 24h, 30m, 20s"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unit must be s, m or h")),
+    };
+    if secs < 2 {
+        return Err(format!("{s:?}: lifetime must be at least 2s"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
@@ -76,5 +134,15 @@ mod tests {
         assert_eq!(parse_cidr("10.1.2.3"), Ok((Ipv4Addr::new(10, 1, 2, 3), 32)));
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("x/8").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("1s").is_err());
     }
 }

@@ -4,8 +4,9 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use mesh_agent::{
     app,
-    cli::{Cli, Command},
+    cli::{Cli, Command, IdentityCommand},
     datapath,
+    identity::ca::DevCa,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -20,6 +21,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => {
+            let args = *args;
             let node_address = match args.node_address {
                 Some(a) => a,
                 None => app::local_ipv4_addresses()
@@ -41,14 +43,45 @@ fn main() -> anyhow::Result<()> {
                 outbound_port: args.outbound_port,
                 metrics_port: args.metrics_port,
                 health_port: args.health_port,
+                inbound_port: args.inbound_port,
+                admin_port: args.admin_port,
                 exclude_ports: args.exclude_ports,
                 exclude_cidrs: args.exclude_cidrs,
+                trust_domain: args.trust_domain,
+                identity: match (args.trust_anchors, args.issuer_cert, args.issuer_key, args.dev_ca) {
+                    (Some(trust_anchors), Some(issuer_cert), Some(issuer_key), None) => {
+                        app::IdentitySource::Files {
+                            trust_anchors,
+                            issuer_cert,
+                            issuer_key,
+                        }
+                    }
+                    (None, None, None, Some(dir)) => app::IdentitySource::DevCa { dir },
+                    _ => anyhow::bail!(
+                        "give either --trust-anchors, --issuer-cert and --issuer-key, or --dev-ca DIR"
+                    ),
+                },
+                cert_lifetime: args.cert_lifetime,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
                 .block_on(app::run(config))?;
+        }
+        Command::Identity(IdentityCommand::DevCa { out, trust_domain }) => {
+            let ca = DevCa::generate(&trust_domain)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            for (file, pem) in [
+                ("ca.crt", &ca.anchor_pem),
+                ("issuer.crt", &ca.issuer_pem),
+                ("issuer.key", &ca.issuer_key_pem),
+            ] {
+                let path = out.join(file);
+                std::fs::write(&path, pem)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
         }
     }
     Ok(())

@@ -8,30 +8,62 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 /// What a proxied connection is labelled with. Unknown values are `unknown`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionLabels {
+    /// `source` (the client's node agent) or `destination` (the server's).
+    pub reporter: &'static str,
     pub source_workload: String,
     pub source_namespace: String,
+    /// The client's SPIFFE ID.
+    pub source_principal: String,
     pub destination_service: String,
     pub destination_workload: String,
     pub destination_namespace: String,
+    /// The server's SPIFFE ID.
+    pub destination_principal: String,
+    /// `mutual_tls` (HBONE between nodes), `node_local` (same node, identity known
+    /// in-process, no TLS) or `none` (outside the mesh).
+    pub connection_security_policy: &'static str,
 }
 
 impl ConnectionLabels {
-    const NAMES: [&'static str; 5] = [
+    const NAMES: [&'static str; 9] = [
+        "reporter",
         "source_workload",
         "source_namespace",
+        "source_principal",
         "destination_service",
         "destination_workload",
         "destination_namespace",
+        "destination_principal",
+        "connection_security_policy",
     ];
 
-    fn values(&self) -> [&str; 5] {
+    fn values(&self) -> [&str; 9] {
         [
+            self.reporter,
             &self.source_workload,
             &self.source_namespace,
+            &self.source_principal,
             &self.destination_service,
             &self.destination_workload,
             &self.destination_namespace,
+            &self.destination_principal,
+            self.connection_security_policy,
         ]
+    }
+
+    /// All `unknown`, for `reporter`.
+    pub fn unknown(reporter: &'static str) -> Self {
+        Self {
+            reporter,
+            source_workload: UNKNOWN.into(),
+            source_namespace: UNKNOWN.into(),
+            source_principal: UNKNOWN.into(),
+            destination_service: UNKNOWN.into(),
+            destination_workload: UNKNOWN.into(),
+            destination_namespace: UNKNOWN.into(),
+            destination_principal: UNKNOWN.into(),
+            connection_security_policy: "none",
+        }
     }
 }
 
@@ -55,6 +87,7 @@ pub struct Metrics {
     received: IntCounterVec,
     connect_failures: IntCounterVec,
     manifest_reloads: IntCounterVec,
+    pub inbound_refused: IntCounterVec,
     pub enrolled_pods: IntGauge,
     redirected: IntCounter,
     spoofed_dropped: IntCounter,
@@ -98,6 +131,14 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(manifest_reloads.clone()))?;
+        let inbound_refused = IntCounterVec::new(
+            Opts::new(
+                "mesh_inbound_refused_total",
+                "Connections or CONNECT requests refused at the HBONE port, by reason.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(inbound_refused.clone()))?;
         let enrolled_pods = IntGauge::new(
             "mesh_enrolled_pods",
             "Pods on this node whose traffic is captured.",
@@ -136,6 +177,7 @@ impl Metrics {
             received,
             connect_failures,
             manifest_reloads,
+            inbound_refused,
             enrolled_pods,
             redirected,
             spoofed_dropped,

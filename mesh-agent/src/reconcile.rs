@@ -1,7 +1,7 @@
 //! Turns each snapshot into datapath state: enrolls this node's pods, releases those gone.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::Ipv4Addr,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     datapath::{Datapath, Enrollment},
+    identity::{manager::IdentityManager, Identity},
     metrics::Metrics,
     podnet,
     state::Snapshot,
@@ -25,7 +26,9 @@ const RETRY: Duration = Duration::from_millis(500);
 
 pub struct Reconciler {
     pub node: String,
+    pub trust_domain: String,
     pub datapath: Datapath,
+    pub identities: Arc<IdentityManager>,
     pub metrics: Arc<Metrics>,
     /// Set while every local pod of the current snapshot is enrolled.
     pub ready: Arc<AtomicBool>,
@@ -35,13 +38,17 @@ pub struct Reconciler {
 impl Reconciler {
     pub fn new(
         node: String,
+        trust_domain: String,
         datapath: Datapath,
+        identities: Arc<IdentityManager>,
         metrics: Arc<Metrics>,
         ready: Arc<AtomicBool>,
     ) -> Self {
         Self {
             node,
+            trust_domain,
             datapath,
+            identities,
             metrics,
             ready,
             enrolled: HashMap::new(),
@@ -66,6 +73,12 @@ impl Reconciler {
             .local_pods(&self.node)
             .filter_map(|p| Some((p.ip?, p.clone())))
             .collect();
+        // Certificates first, so a pod's first captured connection finds its identity.
+        let identities: HashSet<Identity> = wanted
+            .values()
+            .map(|p| p.identity(&self.trust_domain))
+            .collect();
+        self.identities.sync(&identities);
         let gone: Vec<Ipv4Addr> = self
             .enrolled
             .keys()

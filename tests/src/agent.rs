@@ -47,7 +47,8 @@ impl Agent {
         let n = bed.node(node);
         let log = bed.dir.join(format!("agent-{node}.log"));
         let log_file = OpenOptions::new().create(true).append(true).open(&log)?;
-        let mut cmd = Command::new(workspace_binary("mesh-agent")?);
+        let agent = workspace_binary("mesh-agent")?;
+        let mut cmd = Command::new(&agent);
         cmd.args([
             "--log-level",
             "info,mesh_agent=debug",
@@ -62,6 +63,18 @@ impl Agent {
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
+        if !extra_args
+            .iter()
+            .any(|a| *a == "--dev-ca" || *a == "--trust-anchors")
+        {
+            let ca = Self::ensure_ca(bed, &agent)?;
+            cmd.arg("--trust-anchors")
+                .arg(ca.join("ca.crt"))
+                .arg("--issuer-cert")
+                .arg(ca.join("issuer.crt"))
+                .arg("--issuer-key")
+                .arg(ca.join("issuer.key"));
+        }
         netns::command_in(&mut cmd, &n.netns, None)?;
         let child = cmd.spawn()?;
         Ok(Agent {
@@ -71,6 +84,25 @@ impl Agent {
             log,
             child: Some(child),
         })
+    }
+
+    /// The testbed's mesh CA (Linkerd's install model: anchor, issuer certificate and key in
+    /// files), created on first use with `mesh-agent identity dev-ca`.
+    pub fn ensure_ca(bed: &Testbed, agent: &std::path::Path) -> io::Result<PathBuf> {
+        let dir = bed.dir.join("ca");
+        if !dir.join("issuer.key").is_file() {
+            let out = Command::new(agent)
+                .args(["identity", "dev-ca", "--out"])
+                .arg(&dir)
+                .output()?;
+            if !out.status.success() {
+                return Err(io::Error::other(format!(
+                    "mesh-agent identity dev-ca: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+        }
+        Ok(dir)
     }
 
     fn addr(&self, port: u16) -> SocketAddr {

@@ -436,8 +436,8 @@ impl Testbed {
             };
             let _ = write!(
                 pods,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    app: {}\n  annotations:{annotations}\nspec:\n  nodeName: {node}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: meshtest\nstatus:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n",
-                s.name, s.namespace, s.app, s.service_account, pod.ip, pod.ip
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    app: {}\n  annotations:{annotations}\nspec:\n  nodeName: {node}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: meshtest\nstatus:\n  phase: Running\n  hostIP: {}\n  podIP: {}\n  podIPs:\n  - ip: {}\n",
+                s.name, s.namespace, s.app, s.service_account, self.nodes[s.node].ip, pod.ip, pod.ip
             );
         }
         let mut services = String::new();

@@ -120,6 +120,10 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+fn source_side() -> [(&'static str, &'static str); 1] {
+    [("reporter", "source")]
+}
+
 fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
     agent.metric(name, labels).expect("scrape metrics")
 }
@@ -141,14 +145,14 @@ fn cross_node_by_service_and_pod_ip_through_the_proxy() {
         by_service.peer, WEB_SVC,
         "getpeername() must return the dialled address"
     );
-    // The proxy on n1 made the onward connection, so the server sees n1's address.
-    assert_eq!(by_service.server_saw(), "10.0.0.1");
+    // n2's agent made the last hop out of the HBONE tunnel, so the server sees n2's address.
+    assert_eq!(by_service.server_saw(), "10.0.0.2");
 
     let by_pod = fetch_from_pod(&bed, "client", WEB_POD);
     assert_eq!(by_pod.status, 200);
     assert!(by_pod.body.starts_with("hello from web\n"));
     assert_eq!(by_pod.peer, WEB_POD);
-    assert_eq!(by_pod.server_saw(), "10.0.0.1");
+    assert_eq!(by_pod.server_saw(), "10.0.0.2");
 
     let svc = [
         ("source_workload", "client"),
@@ -163,11 +167,14 @@ fn cross_node_by_service_and_pod_ip_through_the_proxy() {
         ("destination_workload", "web"),
     ];
     eventually("both connections closed", || {
-        metric(&n1, "mesh_tcp_connections_closed_total", &[]) == 2.0
+        metric(&n1, "mesh_tcp_connections_closed_total", &source_side()) == 2.0
     });
     assert_eq!(metric(&n1, "mesh_tcp_connections_opened_total", &svc), 1.0);
     assert_eq!(metric(&n1, "mesh_tcp_connections_opened_total", &pod), 1.0);
-    assert_eq!(metric(&n1, "mesh_tcp_connections_opened_total", &[]), 2.0);
+    assert_eq!(
+        metric(&n1, "mesh_tcp_connections_opened_total", &source_side()),
+        2.0
+    );
     assert_eq!(
         metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
         2.0
@@ -179,8 +186,16 @@ fn cross_node_by_service_and_pod_ip_through_the_proxy() {
         request.len() as f64
     );
     assert!(metric(&n1, "mesh_tcp_received_bytes_total", &svc) > 100.0);
-    // n2's pods made no connections; its proxy carried nothing.
-    assert_eq!(metric(&n2, "mesh_tcp_connections_opened_total", &[]), 0.0);
+    // n2's pods made no connections of their own; n2 received both through HBONE.
+    let source = [("reporter", "source")];
+    let destination = [("reporter", "destination")];
+    assert_eq!(
+        metric(&n2, "mesh_tcp_connections_opened_total", &source),
+        0.0
+    );
+    eventually("n2 to record both inbound connections closed", || {
+        metric(&n2, "mesh_tcp_connections_closed_total", &destination) == 2.0
+    });
     assert_eq!(metric(&n1, "mesh_enrolled_pods", &[]), 1.0);
     assert_eq!(metric(&n2, "mesh_enrolled_pods", &[]), 1.0);
 }
@@ -214,7 +229,7 @@ fn host_network_and_unenrolled_pods_are_not_captured() {
 
     // Control: the enrolled pod on the same node is captured.
     let client = fetch_from_pod(&bed, "client", WEB_POD);
-    assert_eq!(client.server_saw(), "10.0.0.1");
+    assert_eq!(client.server_saw(), "10.0.0.2");
     assert_eq!(
         metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
         1.0
@@ -288,7 +303,7 @@ fn pods_reach_each_other_after_the_agent_stops_or_is_killed() {
     let (mut n1, _n2) = agents(&bed);
     assert_eq!(
         fetch_from_pod(&bed, "client", WEB_POD).server_saw(),
-        "10.0.0.1"
+        "10.0.0.2"
     );
 
     // Clean stop: everything detached, the next connection goes direct.
@@ -308,7 +323,7 @@ fn pods_reach_each_other_after_the_agent_stops_or_is_killed() {
     n1.wait_ready(READY).expect("n1 ready again");
     assert_eq!(
         fetch_from_pod(&bed, "client", WEB_POD).server_saw(),
-        "10.0.0.1"
+        "10.0.0.2"
     );
 
     // kill -9: no chance to clean up, yet nothing keeps redirecting into the dead listener.
@@ -322,7 +337,7 @@ fn pods_reach_each_other_after_the_agent_stops_or_is_killed() {
     n1.wait_ready(READY).expect("n1 ready after kill");
     assert_eq!(
         fetch_from_pod(&bed, "client", WEB_SVC).server_saw(),
-        "10.0.0.1"
+        "10.0.0.2"
     );
     assert_eq!(
         metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),

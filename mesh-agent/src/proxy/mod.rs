@@ -1,5 +1,7 @@
 //! The node proxy: where captured pod connections land.
 
+pub mod hbone;
+pub mod inbound;
 pub mod outbound;
 
 use std::{fmt, net::SocketAddrV4};

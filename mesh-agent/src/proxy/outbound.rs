@@ -8,15 +8,17 @@ use std::{
 };
 
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
 use tracing::{debug, info, warn};
 
-use super::{ClientAddr, OrigDstAddr};
+use super::{hbone::HboneConnector, inbound::Baggage, ClientAddr, OrigDstAddr};
 use crate::{
     datapath::OrigDstTable,
-    metrics::{ConnectionLabels, Metrics, UNKNOWN},
+    identity::Identity,
+    metrics::{ConnectionLabels, Metrics},
     state::{Destination, Snapshot},
 };
 
@@ -47,6 +49,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("HBONE to {endpoint} for {client} (dialled {orig}): {source}")]
+    Hbone {
+        endpoint: SocketAddrV4,
+        orig: OrigDstAddr,
+        client: ClientAddr,
+        #[source]
+        source: super::hbone::Error,
+    },
     #[error("connecting to {endpoint} for {client} (dialled {orig}) timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout {
         endpoint: SocketAddrV4,
@@ -60,6 +70,10 @@ pub struct ProxyInputs {
     pub state: watch::Receiver<Arc<Snapshot>>,
     pub orig_dst: Arc<OrigDstTable>,
     pub metrics: Arc<Metrics>,
+    pub hbone: Arc<HboneConnector>,
+    /// This node's name: endpoints elsewhere go through HBONE.
+    pub node: String,
+    pub trust_domain: String,
     /// The listener's own address (a connection dialling it would loop).
     pub listen: SocketAddrV4,
 }
@@ -87,7 +101,7 @@ pub async fn serve(listener: TcpListener, inputs: Arc<ProxyInputs>) {
 
 async fn proxy_connection(
     inputs: &ProxyInputs,
-    mut client_stream: TcpStream,
+    client_stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), Error> {
     let SocketAddr::V4(peer) = peer else {
@@ -105,14 +119,13 @@ async fn proxy_connection(
     }
     // The connection keeps this snapshot for its whole life.
     let snapshot = inputs.state.borrow().clone();
-    let source = snapshot.pod_by_ip(*client.0.ip());
-    let mut labels = ConnectionLabels {
-        source_workload: source.map_or(UNKNOWN.into(), |p| p.workload.clone()),
-        source_namespace: source.map_or(UNKNOWN.into(), |p| p.namespace.clone()),
-        destination_service: UNKNOWN.into(),
-        destination_workload: UNKNOWN.into(),
-        destination_namespace: UNKNOWN.into(),
-    };
+    let source = snapshot.pod_by_ip(*client.0.ip()).cloned();
+    let mut labels = ConnectionLabels::unknown("source");
+    if let Some(src) = &source {
+        labels.source_workload = src.workload.clone();
+        labels.source_namespace = src.namespace.clone();
+        labels.source_principal = src.identity(&inputs.trust_domain).to_string();
+    }
     let endpoint = match snapshot.resolve(orig.0) {
         Destination::Service(svc) => {
             labels.destination_service = svc.fqdn();
@@ -125,49 +138,120 @@ async fn proxy_connection(
         }
         Destination::Pod(_) | Destination::Passthrough => orig.0,
     };
-    if let Some(pod) = snapshot.pod_by_ip(*endpoint.ip()) {
-        labels.destination_workload = pod.workload.clone();
-        labels.destination_namespace = pod.namespace.clone();
+    let destination = snapshot.pod_by_ip(*endpoint.ip()).cloned();
+    if let Some(dst) = &destination {
+        labels.destination_workload = dst.workload.clone();
+        labels.destination_namespace = dst.namespace.clone();
     }
+    let route = match (&source, &destination) {
+        (Some(src), Some(dst)) if dst.enrolled => {
+            let dst_id = dst.identity(&inputs.trust_domain);
+            labels.destination_principal = dst_id.to_string();
+            match dst.node_ip {
+                Some(node_ip) if dst.node.as_deref() != Some(inputs.node.as_str()) => {
+                    labels.connection_security_policy = "mutual_tls";
+                    Route::Hbone {
+                        source: src.identity(&inputs.trust_domain),
+                        destination: dst_id,
+                        node_ip,
+                    }
+                }
+                _ => {
+                    labels.connection_security_policy = "node_local";
+                    Route::Direct
+                }
+            }
+        }
+        _ => Route::Direct,
+    };
     debug!(
         %client, %orig, %endpoint,
-        source = %labels.source_workload, destination = %labels.destination_workload,
+        source = %labels.source_principal, destination = %labels.destination_principal,
+        security = labels.connection_security_policy,
         "outbound connection"
     );
-
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await;
-    let mut upstream = match connect {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => {
-            inputs.metrics.connect_failed(&labels);
-            return Err(Error::Connect {
-                endpoint,
-                orig,
-                client,
-                source,
-            });
-        }
-        Err(_) => {
-            inputs.metrics.connect_failed(&labels);
-            return Err(Error::ConnectTimeout {
-                endpoint,
-                orig,
-                client,
-            });
-        }
-    };
     let _ = client_stream.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
 
+    match route {
+        Route::Hbone {
+            source,
+            destination,
+            node_ip,
+        } => {
+            let baggage = Baggage::header(&labels.source_workload, &labels.source_namespace);
+            let tunnel = match inputs
+                .hbone
+                .connect(&source, &destination, node_ip, endpoint, &baggage)
+                .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    inputs.metrics.connect_failed(&labels);
+                    return Err(Error::Hbone {
+                        endpoint,
+                        orig,
+                        client,
+                        source: e,
+                    });
+                }
+            };
+            relay(inputs, labels, client_stream, tunnel).await;
+        }
+        Route::Direct => {
+            let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await;
+            let upstream = match connect {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => {
+                    inputs.metrics.connect_failed(&labels);
+                    return Err(Error::Connect {
+                        endpoint,
+                        orig,
+                        client,
+                        source,
+                    });
+                }
+                Err(_) => {
+                    inputs.metrics.connect_failed(&labels);
+                    return Err(Error::ConnectTimeout {
+                        endpoint,
+                        orig,
+                        client,
+                    });
+                }
+            };
+            let _ = upstream.set_nodelay(true);
+            relay(inputs, labels, client_stream, upstream).await;
+        }
+    }
+    Ok(())
+}
+
+/// How a captured connection leaves the node.
+enum Route {
+    /// mTLS tunnel to the destination node's agent.
+    Hbone {
+        source: Identity,
+        destination: Identity,
+        node_ip: std::net::Ipv4Addr,
+    },
+    /// Plain TCP: a pod on this node (identity known in-process), or outside the mesh.
+    Direct,
+}
+
+/// Copies both ways until both sides are done; `copy_bidirectional` shuts down each write side
+/// when the other side's read ends, so half-closed connections keep flowing the other way.
+async fn relay(
+    inputs: &ProxyInputs,
+    labels: ConnectionLabels,
+    mut client: TcpStream,
+    mut upstream: impl AsyncRead + AsyncWrite + Unpin,
+) {
     let mut guard = inputs.metrics.open_connection(labels);
-    // copy_bidirectional shuts down each write side when the other side's read ends, so
-    // half-closed connections keep flowing in the other direction.
-    match tokio::io::copy_bidirectional(&mut client_stream, &mut upstream).await {
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((sent, received)) => {
             guard.sent = sent;
             guard.received = received;
         }
-        Err(e) => debug!(%client, %endpoint, "relay ended with an error: {e}"),
+        Err(e) => debug!("relay ended with an error: {e}"),
     }
-    Ok(())
 }

@@ -78,6 +78,9 @@ pub struct PodSpec {
 pub struct PodStatus {
     #[serde(default, rename = "podIP")]
     pub pod_ip: Option<Ipv4Addr>,
+    /// The node's address: where its agent's HBONE port is.
+    #[serde(default, rename = "hostIP")]
+    pub host_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

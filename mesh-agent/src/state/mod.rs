@@ -33,6 +33,8 @@ pub struct Workload {
     pub service_account: String,
     pub node: Option<String>,
     pub ip: Option<Ipv4Addr>,
+    /// The address of the pod's node (`status.hostIP`).
+    pub node_ip: Option<Ipv4Addr>,
     /// Whether the pod's traffic is captured (see [`INJECT_ANNOTATION`]).
     pub enrolled: bool,
 }
@@ -45,6 +47,12 @@ pub struct ServiceTarget {
     pub port: u16,
     pub endpoints: Vec<SocketAddrV4>,
     next: AtomicUsize,
+}
+
+impl Workload {
+    pub fn identity(&self, trust_domain: &str) -> crate::identity::Identity {
+        crate::identity::Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
 }
 
 impl ServiceTarget {
@@ -150,6 +158,7 @@ impl Snapshot {
                     .unwrap_or_else(|| "default".to_owned()),
                 node: pod.spec.node_name.clone(),
                 ip: pod.status.pod_ip.filter(|_| !pod.spec.host_network),
+                node_ip: pod.status.host_ip,
                 enrolled,
             });
             if let Some(ip) = workload.ip {

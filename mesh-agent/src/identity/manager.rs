@@ -1,0 +1,215 @@
+//! Holds the certificates of the workloads on this node: mints them for the service accounts
+//! of local pods, renews them at half life, drops them when no pod needs them.
+//!
+//! Credentials are built off the data path and published as `Arc`s; a handshake reads the
+//! latest one, and connections already established keep the one they were made with.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use rustls::{crypto::CryptoProvider, pki_types::CertificateDer, sign::CertifiedKey};
+use tracing::{info, warn};
+
+use super::{
+    ca::{self, CertificateAuthority},
+    Identity,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Mint(#[from] ca::Error),
+    #[error("loading the minted key for {identity}: {source}")]
+    Key {
+        identity: Identity,
+        #[source]
+        source: Box<rustls::Error>,
+    },
+}
+
+/// One workload certificate and its key, ready for rustls.
+#[derive(Debug)]
+pub struct Credential {
+    pub identity: Identity,
+    pub certified_key: Arc<CertifiedKey>,
+    pub serial: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Credential {
+    /// Renewal is due at half of the lifetime.
+    fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life / 2
+    }
+
+    pub fn leaf(&self) -> Option<&CertificateDer<'static>> {
+        self.certified_key.cert.first()
+    }
+}
+
+/// What the admin endpoint shows of a credential.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertificateInfo {
+    pub identity: String,
+    pub serial: String,
+    pub not_before_unix: u64,
+    pub not_after_unix: u64,
+    pub seconds_to_expiry: i64,
+}
+
+pub struct IdentityManager {
+    ca: CertificateAuthority,
+    lifetime: Duration,
+    provider: Arc<CryptoProvider>,
+    credentials: RwLock<HashMap<Identity, Arc<Credential>>>,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+impl IdentityManager {
+    pub fn new(
+        ca: CertificateAuthority,
+        lifetime: Duration,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
+        Self {
+            ca,
+            lifetime,
+            provider,
+            credentials: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The current credential of `identity`, if this node holds it.
+    pub fn get(&self, identity: &Identity) -> Option<Arc<Credential>> {
+        self.credentials
+            .read()
+            .ok()
+            .and_then(|c| c.get(identity).cloned())
+    }
+
+    fn mint(&self, identity: &Identity) -> Result<Arc<Credential>, Error> {
+        let leaf = self.ca.mint(identity, self.lifetime)?;
+        let serial = crate::tls::serial(&leaf.chain[0]).unwrap_or_default();
+        let certified_key =
+            CertifiedKey::from_der(leaf.chain, leaf.key, &self.provider).map_err(|source| {
+                Error::Key {
+                    identity: identity.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+        Ok(Arc::new(Credential {
+            identity: identity.clone(),
+            certified_key: Arc::new(certified_key),
+            serial,
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+        }))
+    }
+
+    fn publish(&self, credential: Arc<Credential>) {
+        if let Ok(mut map) = self.credentials.write() {
+            map.insert(credential.identity.clone(), credential);
+        }
+    }
+
+    /// Makes the held identities exactly `wanted`: mints what is missing, drops the rest.
+    pub fn sync(&self, wanted: &HashSet<Identity>) {
+        let held: HashSet<Identity> = self
+            .credentials
+            .read()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
+        for identity in wanted.difference(&held) {
+            match self.mint(identity) {
+                Ok(c) => {
+                    info!(%identity, serial = %c.serial, "certificate issued");
+                    self.publish(c);
+                }
+                Err(e) => warn!("{e}"),
+            }
+        }
+        let gone: Vec<&Identity> = held.difference(wanted).collect();
+        if !gone.is_empty() {
+            if let Ok(mut map) = self.credentials.write() {
+                for identity in gone {
+                    map.remove(identity);
+                    info!(%identity, "identity dropped: no pod on this node needs it");
+                }
+            }
+        }
+    }
+
+    /// Renews every credential past half its life.
+    pub fn renew_due(&self) {
+        let now = SystemTime::now();
+        let due: Vec<Identity> = self
+            .credentials
+            .read()
+            .map(|c| {
+                c.values()
+                    .filter(|c| c.renew_at() <= now)
+                    .map(|c| c.identity.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for identity in due {
+            match self.mint(&identity) {
+                Ok(c) => {
+                    info!(%identity, serial = %c.serial, "certificate renewed");
+                    // Only if still wanted: sync may have dropped it meanwhile.
+                    if let Ok(mut map) = self.credentials.write() {
+                        if let Some(slot) = map.get_mut(&identity) {
+                            *slot = c;
+                        }
+                    }
+                }
+                Err(e) => warn!("renewing: {e}"),
+            }
+        }
+    }
+
+    /// Renews credentials in the background, checking often enough for short lifetimes.
+    pub async fn run_renewal(self: Arc<Self>) {
+        let period =
+            (self.lifetime / 20).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            self.renew_due();
+        }
+    }
+
+    pub fn list(&self) -> Vec<CertificateInfo> {
+        let now = unix(SystemTime::now()) as i64;
+        let mut out: Vec<CertificateInfo> = self
+            .credentials
+            .read()
+            .map(|c| {
+                c.values()
+                    .map(|c| CertificateInfo {
+                        identity: c.identity.to_string(),
+                        serial: c.serial.clone(),
+                        not_before_unix: unix(c.not_before),
+                        not_after_unix: unix(c.not_after),
+                        seconds_to_expiry: unix(c.not_after) as i64 - now,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+}

@@ -1,0 +1,200 @@
+//! HBONE client: mTLS (TLS 1.3, ALPN h2) to a peer node's :15008 as the source workload, then
+//! one HTTP/2 CONNECT stream per proxied connection.
+//!
+//! Connections are pooled per (source identity and certificate, destination node, destination
+//! identity): the server certificate proves the destination workload, so streams to a
+//! different workload on the same node get their own connection, and a renewed source
+//! certificate starts a new connection while existing streams finish on the old one.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http_body_util::Empty;
+use hyper::{body::Bytes, client::conn::http2, Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use crate::{
+    identity::{manager::IdentityManager, Identity},
+    tls::MeshTls,
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no certificate for {0} on this node yet")]
+    NoCredential(Identity),
+    #[error("TCP connection to {peer} timed out; is a NetworkPolicy blocking the HBONE port?")]
+    Timeout { peer: SocketAddrV4 },
+    #[error("TCP connection to {peer}: {source}")]
+    Tcp {
+        peer: SocketAddrV4,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mTLS handshake with {peer} as {source_id} expecting {destination}: {source}")]
+    Handshake {
+        peer: SocketAddrV4,
+        source_id: Identity,
+        destination: Identity,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {peer}: {source}")]
+    Http2 {
+        peer: SocketAddrV4,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{peer} refused CONNECT {target} with {status}")]
+    Refused {
+        peer: SocketAddrV4,
+        target: SocketAddrV4,
+        status: StatusCode,
+    },
+    #[error("{0:?} is not a valid SNI name")]
+    Sni(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: Identity,
+    serial: String,
+    node: SocketAddrV4,
+    destination: Identity,
+}
+
+pub struct HboneConnector {
+    tls: Arc<MeshTls>,
+    identities: Arc<IdentityManager>,
+    port: u16,
+    pool: Mutex<HashMap<PoolKey, http2::SendRequest<Empty<Bytes>>>>,
+}
+
+/// The tunnel for one proxied connection.
+pub type Tunnel = TokioIo<hyper::upgrade::Upgraded>;
+
+impl HboneConnector {
+    pub fn new(tls: Arc<MeshTls>, identities: Arc<IdentityManager>, port: u16) -> Self {
+        Self {
+            tls,
+            identities,
+            port,
+            pool: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens a CONNECT stream to `target` (a pod on `node`) as `source`, expecting the node
+    /// agent to present `destination`.
+    pub async fn connect(
+        &self,
+        source: &Identity,
+        destination: &Identity,
+        node: Ipv4Addr,
+        target: SocketAddrV4,
+        baggage: &str,
+    ) -> Result<Tunnel, Error> {
+        let peer = SocketAddrV4::new(node, self.port);
+        let credential = self
+            .identities
+            .get(source)
+            .ok_or_else(|| Error::NoCredential(source.clone()))?;
+        let key = PoolKey {
+            source: source.clone(),
+            serial: credential.serial.clone(),
+            node: peer,
+            destination: destination.clone(),
+        };
+        let mut sender = match self.pooled(&key) {
+            Some(s) => s,
+            None => self.dial(&key, &credential).await?,
+        };
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header(super::inbound::BAGGAGE, baggage)
+            .body(Empty::new())
+            .map_err(|e| Error::Sni(e.to_string()))?;
+        sender
+            .ready()
+            .await
+            .map_err(|source| Error::Http2 { peer, source })?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| Error::Http2 { peer, source })?;
+        if response.status() != StatusCode::OK {
+            return Err(Error::Refused {
+                peer,
+                target,
+                status: response.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|source| Error::Http2 { peer, source })?;
+        Ok(TokioIo::new(upgraded))
+    }
+
+    fn pooled(&self, key: &PoolKey) -> Option<http2::SendRequest<Empty<Bytes>>> {
+        let mut pool = self.pool.lock().ok()?;
+        // Forget connections made with an older certificate; their streams carry on.
+        pool.retain(|k, s| {
+            let superseded = k.source == key.source
+                && k.node == key.node
+                && k.destination == key.destination
+                && k.serial != key.serial;
+            !s.is_closed() && !superseded
+        });
+        pool.get(key).cloned()
+    }
+
+    async fn dial(
+        &self,
+        key: &PoolKey,
+        credential: &crate::identity::manager::Credential,
+    ) -> Result<http2::SendRequest<Empty<Bytes>>, Error> {
+        let peer = key.node;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
+            .await
+            .map_err(|_| Error::Timeout { peer })?
+            .map_err(|source| Error::Tcp { peer, source })?;
+        let _ = tcp.set_nodelay(true);
+        let config = self.tls.client_config(credential, &key.destination)?;
+        let sni = key.destination.to_linkerd();
+        let server_name = ServerName::try_from(sni.clone()).map_err(|_| Error::Sni(sni))?;
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(server_name, tcp)
+            .await
+            .map_err(|source| Error::Handshake {
+                peer,
+                source_id: key.source.clone(),
+                destination: key.destination.clone(),
+                source,
+            })?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| Error::Http2 { peer, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%peer, "HBONE connection ended: {e}");
+            }
+        });
+        debug!(%peer, source = %key.source, destination = %key.destination, serial = %key.serial, "HBONE connection established");
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.insert(key.clone(), sender.clone());
+        }
+        Ok(sender)
+    }
+}

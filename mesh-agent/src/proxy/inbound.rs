@@ -1,0 +1,290 @@
+//! The HBONE inbound listener (:15008): terminates mTLS with the destination workload's
+//! certificate (chosen by SNI), accepts HTTP/2 CONNECT to this node's enrolled pods only, and
+//! relays each stream to its pod.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use http_body_util::Empty;
+use hyper::{
+    body::{Bytes, Incoming},
+    server::conn::http2,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info};
+
+use crate::{
+    identity::Identity,
+    metrics::{ConnectionLabels, Metrics},
+    state::Snapshot,
+    tls,
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The W3C `baggage` header Istio's HBONE uses to tell the destination about the source.
+pub const BAGGAGE: &str = "baggage";
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Baggage {
+    pub workload: Option<String>,
+    pub namespace: Option<String>,
+}
+
+impl Baggage {
+    pub fn header(workload: &str, namespace: &str) -> String {
+        format!("k8s.workload.name={workload},k8s.namespace.name={namespace}")
+    }
+
+    fn parse(headers: &hyper::HeaderMap) -> Self {
+        let mut out = Baggage::default();
+        let Some(value) = headers.get(BAGGAGE).and_then(|v| v.to_str().ok()) else {
+            return out;
+        };
+        for item in value.split(',') {
+            match item.trim().split_once('=') {
+                Some(("k8s.workload.name", v)) => out.workload = Some(v.to_owned()),
+                Some(("k8s.namespace.name", v)) => out.namespace = Some(v.to_owned()),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+pub struct InboundInputs {
+    pub node: String,
+    pub trust_domain: String,
+    pub state: watch::Receiver<Arc<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    pub acceptor: TlsAcceptor,
+}
+
+/// Who is on the other end of one inbound mTLS connection.
+#[derive(Clone)]
+struct Peer {
+    addr: SocketAddr,
+    identity: Identity,
+    /// The workload the client asked for (SNI).
+    requested: Option<Identity>,
+}
+
+pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
+    loop {
+        let Ok((tcp, addr)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let inputs = inputs.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = match inputs.acceptor.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    info!(client = %addr, "inbound mTLS handshake refused: {e}");
+                    inputs
+                        .metrics
+                        .inbound_refused
+                        .with_label_values(&["handshake"])
+                        .inc();
+                    return;
+                }
+            };
+            let (_, session) = tls.get_ref();
+            let requested = session
+                .server_name()
+                .and_then(|n| Identity::from_linkerd(n).ok());
+            let identity = match session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(tls::peer_identity)
+            {
+                Some(Ok(id)) => id,
+                _ => {
+                    // The verifier already insists on a SPIFFE ID; this is belt and braces.
+                    inputs
+                        .metrics
+                        .inbound_refused
+                        .with_label_values(&["identity"])
+                        .inc();
+                    return;
+                }
+            };
+            let serial = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| tls::serial(c).ok())
+                .unwrap_or_default();
+            debug!(client = %addr, client_identity = %identity, client_cert_serial = %serial, "inbound HBONE connection");
+            let peer = Peer {
+                addr,
+                identity,
+                requested,
+            };
+            let service = service_fn(move |req| {
+                let inputs = inputs.clone();
+                let peer = peer.clone();
+                async move { Ok::<_, std::convert::Infallible>(connect(&inputs, &peer, req).await) }
+            });
+            if let Err(e) = http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                debug!(client = %addr, "inbound HBONE connection ended: {e}");
+            }
+        });
+    }
+}
+
+fn refuse(
+    inputs: &InboundInputs,
+    peer: &Peer,
+    status: StatusCode,
+    reason: &str,
+    why: String,
+) -> Response<Empty<Bytes>> {
+    info!(client = %peer.addr, "inbound CONNECT refused ({status}): {why}");
+    inputs
+        .metrics
+        .inbound_refused
+        .with_label_values(&[reason])
+        .inc();
+    let mut resp = Response::new(Empty::new());
+    *resp.status_mut() = status;
+    resp
+}
+
+async fn connect(
+    inputs: &InboundInputs,
+    peer: &Peer,
+    mut req: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return refuse(
+            inputs,
+            peer,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+            format!("{} from {} is not CONNECT", req.method(), peer.identity),
+        );
+    }
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
+    else {
+        return refuse(
+            inputs,
+            peer,
+            StatusCode::BAD_REQUEST,
+            "target",
+            format!(
+                "{} asked for {:?}, not an IPv4 pod address and port",
+                peer.identity,
+                req.uri().to_string()
+            ),
+        );
+    };
+    let snapshot = inputs.state.borrow().clone();
+    let Some(pod) = snapshot
+        .local_pods(&inputs.node)
+        .find(|p| p.ip == Some(*target.ip()))
+        .cloned()
+    else {
+        return refuse(
+            inputs,
+            peer,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_local",
+            format!(
+                "{} asked for {target}, which is not an enrolled pod of node {}",
+                peer.identity, inputs.node
+            ),
+        );
+    };
+    let pod_identity = pod.identity(&inputs.trust_domain);
+    if peer.requested.as_ref() != Some(&pod_identity) {
+        return refuse(
+            inputs,
+            peer,
+            StatusCode::BAD_REQUEST,
+            "identity_mismatch",
+            format!(
+                "{} connected for {:?} but asked for {target}, which is {pod_identity}",
+                peer.identity,
+                peer.requested.as_ref().map(ToString::to_string)
+            ),
+        );
+    }
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return refuse(
+                inputs,
+                peer,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream",
+                format!("connecting to pod {target}: {e}"),
+            )
+        }
+        Err(_) => {
+            return refuse(
+                inputs,
+                peer,
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream",
+                format!("connecting to pod {target} timed out"),
+            )
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    // The peer address is the client's node; who the client is comes from its certificate,
+    // and its workload name from the baggage its agent sent (a label, never an authority).
+    let baggage = Baggage::parse(req.headers());
+    let labels = ConnectionLabels {
+        reporter: "destination",
+        source_workload: baggage
+            .workload
+            .unwrap_or_else(|| crate::metrics::UNKNOWN.into()),
+        source_namespace: match &peer.identity {
+            Identity::Spiffe { namespace, .. } => namespace.clone(),
+        },
+        source_principal: peer.identity.to_string(),
+        destination_service: crate::metrics::UNKNOWN.into(),
+        destination_workload: pod.workload.clone(),
+        destination_namespace: pod.namespace.clone(),
+        destination_principal: pod_identity.to_string(),
+        connection_security_policy: "mutual_tls",
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let metrics = inputs.metrics.clone();
+    tokio::spawn(async move {
+        let mut upstream = upstream;
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(%target, "CONNECT upgrade failed: {e}");
+                return;
+            }
+        };
+        let mut tunnel = TokioIo::new(upgraded);
+        let mut guard = metrics.open_connection(labels);
+        if let Ok((sent, received)) =
+            tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await
+        {
+            guard.sent = sent;
+            guard.received = received;
+        }
+    });
+    Response::new(Empty::new())
+}
