@@ -1,5 +1,7 @@
 //! The `mesh-agent` binary: parse the command line, set up logging, hand over to `app`.
 
+use std::io::IsTerminal as _;
+
 use anyhow::Context as _;
 use clap::Parser as _;
 use mesh_agent::{
@@ -18,6 +20,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         Command::Run(args) => {

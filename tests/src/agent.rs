@@ -116,6 +116,13 @@ impl Agent {
         netns::run_in(&self.netns, move || http::get(addr, &path))?
     }
 
+    /// GET on the admin port (127.0.0.1:15000 inside the node's namespace).
+    pub fn admin(&self, path: &str) -> io::Result<http::Response> {
+        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15000));
+        let path = path.to_owned();
+        netns::run_in(&self.netns, move || http::get(addr, &path))?
+    }
+
     /// Waits until `/ready` answers 200 (every local pod enrolled).
     pub fn wait_ready(&mut self, timeout: Duration) -> io::Result<()> {
         let deadline = Instant::now() + timeout;

@@ -5,6 +5,8 @@
 //! subtree (`<cgroup2>/mesh-testbed`); nothing is added to the host's own network namespace.
 
 pub mod agent;
+pub mod capture;
+pub mod harness;
 pub mod http;
 pub mod netns;
 pub mod testbed;

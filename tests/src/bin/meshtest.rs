@@ -1,7 +1,11 @@
 //! `meshtest`: the workload the testbed runs inside pods.
 //!
 //! ```text
-//! meshtest serve PORT NAME          HTTP server; the body names the pod and the peer it saw
+//! meshtest serve PORT NAME          HTTP server; the body names the pod and the peer it saw;
+//!                                   GET /stats answers `requests=N` (requests served before)
+//! meshtest echo PORT                echoes every byte back on each connection
+//! meshtest stream ADDR SECS         one long-lived connection to an echo server: a line every
+//!                                   100 ms, each echo checked; prints `echoed=N`
 //! meshtest get ADDR [PATH]          one GET; prints status, getpeername() and the body
 //! meshtest churn ADDR COUNT         COUNT sequential short connections, each a full GET
 //! meshtest loop ADDR INTERVAL_MS    GET forever (demo clients); prints one line per request
@@ -13,6 +17,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -23,6 +28,8 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["serve", port, name] => serve(port, name),
+        ["echo", port] => echo(port),
+        ["stream", addr, secs] => stream(addr, secs),
         ["get", addr] => get(addr, "/"),
         ["get", addr, path] => get(addr, path),
         ["churn", addr, count] => churn(addr, count),
@@ -61,6 +68,51 @@ fn serve(port: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+static SERVED: AtomicU64 = AtomicU64::new(0);
+
+fn echo(port: &str) -> Result<(), String> {
+    let port: u16 = parse("port", port)?;
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        std::thread::spawn(move || {
+            let Ok(mut reader) = stream.try_clone() else {
+                return;
+            };
+            let _ = std::io::copy(&mut reader, &mut stream);
+        });
+    }
+    Ok(())
+}
+
+fn stream(addr: &str, secs: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse("address", addr)?;
+    let secs: u64 = parse("seconds", secs)?;
+    let mut conn = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut n = 0u64;
+    while std::time::Instant::now() < end {
+        let line = format!("line {n}\n");
+        conn.write_all(line.as_bytes())
+            .map_err(|e| format!("write {n}: {e}"))?;
+        let mut back = String::new();
+        reader
+            .read_line(&mut back)
+            .map_err(|e| format!("read {n}: {e}"))?;
+        if back != line {
+            return Err(format!("echo {n}: sent {line:?}, got {back:?}"));
+        }
+        n += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("echoed={n}");
+    Ok(())
+}
+
 fn answer(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
     let peer = stream.peer_addr()?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -73,7 +125,12 @@ fn answer(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
         }
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("/");
-    let body = format!("hello from {name}\npath={path}\nclient={peer}\n");
+    let body = if path == "/stats" {
+        format!("requests={}\n", SERVED.load(Ordering::SeqCst))
+    } else {
+        SERVED.fetch_add(1, Ordering::SeqCst);
+        format!("hello from {name}\npath={path}\nclient={peer}\n")
+    };
     write!(
         stream,
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

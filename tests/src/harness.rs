@@ -1,0 +1,153 @@
+//! What the privileged integration tests share: the standard scenario, fetching from pods,
+//! scraping agents, waiting for conditions. Failures panic with a message: these run inside
+//! tests only.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test harness: a failure is a test failure, reported by panicking"
+)]
+
+use std::{
+    net::Ipv4Addr,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{agent::workspace_binary, Agent, PodSpec, ServiceSpec, Testbed, TestbedSpec};
+
+pub const WEB_SVC: &str = "10.96.0.10:80";
+pub const WEB_POD: &str = "10.1.2.2:8080";
+pub const READY: Duration = Duration::from_secs(20);
+
+/// n1: client (enrolled), outsider (opted out), then `extra` pods; n2: web behind Service
+/// web (10.96.0.10:80), serving HTTP on 8080 and echo on 9090.
+pub fn bed_with(extra: Vec<PodSpec>) -> Testbed {
+    let mut pods = vec![
+        PodSpec::new("client", 0, "client"),
+        PodSpec::new("outsider", 0, "outsider").annotate("mesh-agent.io/inject", "disabled"),
+        PodSpec::new("web", 1, "web"),
+    ];
+    pods.extend(extra);
+    let spec = TestbedSpec {
+        nodes: 2,
+        pods,
+        services: vec![ServiceSpec {
+            name: "web".into(),
+            namespace: "default".into(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            target_port: 8080,
+            app: "web".into(),
+        }],
+    };
+    let bed = Testbed::up(&spec).expect("testbed up");
+    assert_eq!(bed.pod("web").ip.to_string() + ":8080", WEB_POD);
+    let mut web = bed.pod_command("web", meshtest()).expect("web command");
+    web.args(["serve", "8080", "web"]);
+    bed.spawn(web).expect("start web server");
+    let mut echo = bed.pod_command("web", meshtest()).expect("echo command");
+    echo.args(["echo", "9090"]);
+    bed.spawn(echo).expect("start echo server");
+    bed
+}
+
+/// The standard scenario.
+pub fn bed() -> Testbed {
+    bed_with(Vec::new())
+}
+
+pub fn meshtest() -> std::path::PathBuf {
+    workspace_binary("meshtest").expect("meshtest binary")
+}
+
+/// One agent per node, ready.
+pub fn agents(bed: &Testbed) -> (Agent, Agent) {
+    agents_with(bed, &[])
+}
+
+/// One agent per node with extra arguments, ready.
+pub fn agents_with(bed: &Testbed, args: &[&str]) -> (Agent, Agent) {
+    let mut n1 = Agent::start(bed, "n1", args).expect("start agent n1");
+    let mut n2 = Agent::start(bed, "n2", args).expect("start agent n2");
+    n1.wait_ready(READY).expect("n1 ready");
+    n2.wait_ready(READY).expect("n2 ready");
+    (n1, n2)
+}
+
+pub fn output(mut cmd: Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("run command")
+}
+
+/// What `meshtest get` printed, parsed.
+pub struct Fetch {
+    pub status: u16,
+    /// getpeername() on the client socket.
+    pub peer: String,
+    pub body: String,
+}
+
+impl Fetch {
+    /// The address the server saw the connection come from (without the port).
+    pub fn server_saw(&self) -> &str {
+        let line = self
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("client="))
+            .unwrap_or_else(|| panic!("no client= line in {:?}", self.body));
+        line.rsplit_once(':').map_or(line, |(ip, _)| ip)
+    }
+}
+
+pub fn fetch(cmd: Command, addr: &str) -> Fetch {
+    fetch_path(cmd, addr, "/")
+}
+
+/// `meshtest get ADDR PATH` run by `cmd`.
+pub fn fetch_path(mut cmd: Command, addr: &str, path: &str) -> Fetch {
+    cmd.args(["get", addr, path]);
+    let out = output(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "GET {addr} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (head, body) = stdout.split_once("\n\n").expect("meshtest output");
+    let field = |k: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {head:?}"))
+            .to_owned()
+    };
+    Fetch {
+        status: field("status=").parse().expect("status"),
+        peer: field("peer="),
+        body: body.to_owned(),
+    }
+}
+
+pub fn fetch_from_pod(bed: &Testbed, pod: &str, addr: &str) -> Fetch {
+    fetch(bed.pod_command(pod, meshtest()).expect("pod command"), addr)
+}
+
+/// Polls until `f` returns true, or panics with `what`.
+pub fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_for(what, Duration::from_secs(10), f)
+}
+
+/// Polls until `f` returns true, or panics with `what` after `limit`.
+pub fn eventually_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn source_side() -> [(&'static str, &'static str); 1] {
+    [("reporter", "source")]
+}
+
+pub fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
+    agent.metric(name, labels).expect("scrape metrics")
+}
