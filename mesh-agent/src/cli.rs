@@ -35,6 +35,24 @@ pub enum IdentityCommand {
         #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Issue a workload certificate from issuer files, for tools outside the mesh (a sidecar
+    /// baseline, a test client): writes the chain (leaf, issuer) and the key as PEM.
+    Issue {
+        /// Directory holding issuer.crt and issuer.key (as written by `dev-ca`).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The identity, SPIFFE or Linkerd form.
+        #[arg(long)]
+        identity: crate::identity::Identity,
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        lifetime: std::time::Duration,
+        /// Where to write the certificate chain.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Where to write the private key.
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]

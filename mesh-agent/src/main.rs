@@ -8,7 +8,7 @@ use mesh_agent::{
     app,
     cli::{Cli, Command, IdentityCommand},
     datapath,
-    identity::ca::DevCa,
+    identity::ca::{CertificateAuthority, DevCa},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -22,6 +22,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    raise_fd_limit();
     match cli.command {
         Command::Run(args) => {
             let args = *args;
@@ -86,6 +87,45 @@ fn main() -> anyhow::Result<()> {
                 println!("wrote {}", path.display());
             }
         }
+        Command::Identity(IdentityCommand::Issue {
+            ca,
+            identity,
+            lifetime,
+            cert,
+            key,
+        }) => {
+            let issuer =
+                CertificateAuthority::from_files(&ca.join("issuer.crt"), &ca.join("issuer.key"))?;
+            let leaf = issuer.mint(&identity, lifetime)?;
+            let pem = |label: &str, der: &[u8]| pem::encode(&pem::Pem::new(label, der));
+            let chain: String = leaf.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+            std::fs::write(&cert, chain).with_context(|| format!("writing {}", cert.display()))?;
+            std::fs::write(&key, pem("PRIVATE KEY", leaf.key.secret_der()))
+                .with_context(|| format!("writing {}", key.display()))?;
+            println!(
+                "issued {identity}: {} and {}",
+                cert.display(),
+                key.display()
+            );
+        }
     }
     Ok(())
+}
+
+/// A node proxy holds two sockets per proxied connection: lift the soft descriptor limit to
+/// the hard one, as Envoy and Linkerd do.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open-file limit to {}", lim.rlim_max);
+            }
+        }
+    }
 }

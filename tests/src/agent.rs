@@ -44,25 +44,31 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent for `node` reading the testbed's manifests.
     pub fn start(bed: &Testbed, node: &str, extra_args: &[&str]) -> io::Result<Agent> {
+        Self::start_on(bed, node, extra_args, None)
+    }
+
+    /// Like [`Agent::start`], pinned to one CPU if `cpu` is given (benchmarks).
+    pub fn start_on(
+        bed: &Testbed,
+        node: &str,
+        extra_args: &[&str],
+        cpu: Option<usize>,
+    ) -> io::Result<Agent> {
         let n = bed.node(node);
         let log = bed.dir.join(format!("agent-{node}.log"));
         let log_file = OpenOptions::new().create(true).append(true).open(&log)?;
         let agent = workspace_binary("mesh-agent")?;
         let mut cmd = Command::new(&agent);
-        cmd.args([
-            "--log-level",
-            "info,mesh_agent=debug",
-            "run",
-            "--node",
-            node,
-            "--manifests",
-        ])
-        .arg(bed.manifests_dir())
-        .args(["--node-address", &n.ip.to_string()])
-        .args(extra_args)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
+        if !extra_args.contains(&"--log-level") {
+            cmd.args(["--log-level", "info,mesh_agent=debug"]);
+        }
+        cmd.args(["run", "--node", node, "--manifests"])
+            .arg(bed.manifests_dir())
+            .args(["--node-address", &n.ip.to_string()])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
         if !extra_args
             .iter()
             .any(|a| *a == "--dev-ca" || *a == "--trust-anchors")
@@ -76,6 +82,9 @@ impl Agent {
                 .arg(ca.join("issuer.key"));
         }
         netns::command_in(&mut cmd, &n.netns, None)?;
+        if let Some(cpu) = cpu {
+            netns::pin(&mut cmd, cpu);
+        }
         let child = cmd.spawn()?;
         Ok(Agent {
             node: node.to_owned(),

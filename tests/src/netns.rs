@@ -59,3 +59,20 @@ pub fn command_in(cmd: &mut Command, name: &str, cgroup: Option<&Path>) -> io::R
     }
     Ok(())
 }
+
+/// Makes `cmd` run on CPU `cpu` only (what `taskset -c` does).
+pub fn pin(cmd: &mut Command, cpu: usize) {
+    // SAFETY: sched_setaffinity is async-signal-safe; the set is built before fork.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: writing a bit into a zeroed cpu_set_t we own.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: only sched_setaffinity runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -1,5 +1,6 @@
 //! `cargo xtask`: set-up, build, the testbed demo and the test suite.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -29,6 +30,12 @@ enum Cmd {
     },
     /// Format check, clippy, unit tests and the privileged integration tests (serially).
     Test,
+    /// Measure what the mesh costs against no mesh and a sidecar pair (release build).
+    Bench {
+        /// A short run (one repetition, one rate) for local iteration: under two minutes.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Manage the simulated cluster by hand.
     Testbed {
         #[command(subcommand)]
@@ -63,6 +70,22 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test()
         }
+        Cmd::Bench { quick } => {
+            setup::run()?;
+            setup::bench_tools()?;
+            let mut cmd = cargo();
+            cmd.args([
+                "build",
+                "--release",
+                "-p",
+                "mesh-agent",
+                "-p",
+                "mesh-agent-tests",
+                "--bins",
+            ]);
+            step("build release binaries", cmd)?;
+            bench::run(quick, &workspace_root())
+        }
         Cmd::Testbed { action } => match action {
             TestbedAction::Up => demo::testbed_up(),
             TestbedAction::Down | TestbedAction::Clean => {
@@ -72,6 +95,13 @@ fn main() -> anyhow::Result<()> {
             }
         },
     }
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn cargo() -> Command {

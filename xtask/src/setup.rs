@@ -39,13 +39,19 @@ fn exec(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// What `bench` runs besides our binaries: the server, the load tools, bpftool for eBPF stats.
+const BENCH_PACKAGES: &[&str] = &["nginx", "wrk", "iperf3", "bpftool"];
+
+pub fn bench_tools() -> anyhow::Result<()> {
+    packages(BENCH_PACKAGES)
+}
+
+fn packages(wanted: &[&str]) -> anyhow::Result<()> {
     // SAFETY: plain syscall.
     let root = unsafe { libc::geteuid() } == 0;
-
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = wanted.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
-        println!("setup: Debian packages ({}) present", PACKAGES.join(" "));
+        println!("setup: Debian packages ({}) present", wanted.join(" "));
     } else {
         if !root {
             bail!("setup: missing packages {missing:?}; run as root so apt-get can install them");
@@ -63,6 +69,13 @@ pub fn run() -> anyhow::Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
+    Ok(())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    // SAFETY: plain syscall.
+    let root = unsafe { libc::geteuid() } == 0;
+    packages(PACKAGES)?;
 
     let toolchains = quiet(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if toolchains.lines().any(|l| l.starts_with("nightly")) {

@@ -9,6 +9,11 @@
 //! meshtest get ADDR [PATH]          one GET; prints status, getpeername() and the body
 //! meshtest churn ADDR COUNT         COUNT sequential short connections, each a full GET
 //! meshtest loop ADDR INTERVAL_MS    GET forever (demo clients); prints one line per request
+//! meshtest load ADDR RATE CONNS SECS open-loop HTTP/1.1 keep-alive load at RATE req/s over
+//!                                   CONNS connections; latency measured from each request's
+//!                                   scheduled time (no coordinated omission); prints one line
+//!                                   `count= errors= p50_us= p90_us= p99_us= max_us= rate=`
+//! meshtest hold ADDR N SECS         opens N idle connections and holds them for SECS
 //! meshtest udp-listen PORT WAIT_MS  counts datagrams received until WAIT_MS of silence
 //! meshtest udp-send FROM TO COUNT   sends COUNT datagrams from address FROM to TO
 //! ```
@@ -34,6 +39,8 @@ fn main() -> ExitCode {
         ["get", addr, path] => get(addr, path),
         ["churn", addr, count] => churn(addr, count),
         ["loop", addr, interval] => run_loop(addr, interval),
+        ["load", addr, rate, conns, secs] => load(addr, rate, conns, secs),
+        ["hold", addr, n, secs] => hold(addr, n, secs),
         ["udp-listen", port, wait] => udp_listen(port, wait),
         ["udp-send", from, to, count] => udp_send(from, to, count),
         _ => Err("usage: see `meshtest` source header".to_owned()),
@@ -199,5 +206,117 @@ fn udp_send(from: &str, to: &str, count: &str) -> Result<(), String> {
             .map_err(|e| format!("send to {to}: {e}"))?;
     }
     println!("sent={count}");
+    Ok(())
+}
+
+/// One keep-alive request/response on `conn`; reads exactly the response (Content-Length).
+fn keepalive_get(conn: &mut BufReader<TcpStream>, request: &[u8]) -> std::io::Result<()> {
+    conn.get_mut().write_all(request)?;
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        if conn.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse::<usize>().ok();
+            }
+        }
+    }
+    let mut body = vec![0u8; length.ok_or(std::io::ErrorKind::InvalidData)?];
+    std::io::Read::read_exact(conn, &mut body)
+}
+
+fn load(addr: &str, rate: &str, conns: &str, secs: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse("address", addr)?;
+    let rate: f64 = parse("rate", rate)?;
+    let conns: usize = parse("connections", conns)?;
+    let secs: f64 = parse("seconds", secs)?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes();
+    let start = std::time::Instant::now() + Duration::from_millis(100);
+    let total = (rate * secs) as u64;
+    let interval = Duration::from_secs_f64(conns as f64 / rate);
+    let mut threads = Vec::new();
+    for c in 0..conns {
+        let request = request.clone();
+        threads.push(std::thread::spawn(
+            move || -> Result<(Vec<u32>, u64), String> {
+                let stream =
+                    TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+                let _ = stream.set_nodelay(true);
+                let mut conn = BufReader::new(stream);
+                let mut latencies = Vec::new();
+                let mut errors = 0;
+                // This connection's share of the schedule: requests c, c+conns, c+2*conns, ...
+                let offset = Duration::from_secs_f64(c as f64 / rate);
+                let mut k = 0u64;
+                while k * conns as u64 + (c as u64) < total {
+                    let due = start + offset + interval * k as u32;
+                    let now = std::time::Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    match keepalive_get(&mut conn, &request) {
+                        Ok(()) => {
+                            latencies.push(due.elapsed().as_micros().min(u32::MAX as u128) as u32)
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            let stream =
+                                TcpStream::connect(addr).map_err(|e| format!("reconnect: {e}"))?;
+                            let _ = stream.set_nodelay(true);
+                            conn = BufReader::new(stream);
+                        }
+                    }
+                    k += 1;
+                }
+                Ok((latencies, errors))
+            },
+        ));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in threads {
+        let (l, e) = t.join().map_err(|_| "load thread panicked".to_owned())??;
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| -> u32 {
+        if all.is_empty() {
+            return 0;
+        }
+        let i = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
+        all[i]
+    };
+    println!(
+        "count={} errors={errors} p50_us={} p90_us={} p99_us={} max_us={} rate={:.1}",
+        all.len(),
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        all.last().copied().unwrap_or(0),
+        all.len() as f64 / elapsed
+    );
+    Ok(())
+}
+
+fn hold(addr: &str, n: &str, secs: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse("address", addr)?;
+    let n: usize = parse("count", n)?;
+    let secs: u64 = parse("seconds", secs)?;
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        held.push(TcpStream::connect(addr).map_err(|e| format!("connection {i}: {e}"))?);
+    }
+    println!("holding={n}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_secs(secs));
+    drop(held);
     Ok(())
 }

@@ -1,0 +1,624 @@
+//! `cargo xtask bench`: what the mesh costs, measured the way `BENCHMARK-METHOD.md` describes,
+//! side by side with no mesh and with a sidecar pair, in one run, as ratios.
+//!
+//! Topology: pod a (client) and pod c (server) on n1, pod b (server) on n2. Everything of n1
+//! runs on CPU0, everything of n2 on CPU1. Servers: nginx (1 worker, 1 KiB body, keep-alive)
+//! and iperf3. Scenarios alternate within each repetition.
+
+mod report;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use mesh_agent_tests::{netns, Agent, PodSpec, Testbed, TestbedSpec};
+use serde_json::{json, Value};
+
+/// How long and how hard each figure is measured.
+struct Plan {
+    rates: Vec<u32>,
+    connections: u32,
+    latency_secs: u32,
+    warmup_secs: u32,
+    reps: usize,
+    wrk_secs: u32,
+    iperf_secs: u32,
+    churn: u32,
+    idle_connections: u32,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                rates: vec![1000],
+                connections: 4,
+                latency_secs: 4,
+                warmup_secs: 1,
+                reps: 1,
+                wrk_secs: 4,
+                iperf_secs: 3,
+                churn: 300,
+                idle_connections: 1000,
+            }
+        } else {
+            Plan {
+                rates: vec![500, 1000, 2000],
+                connections: 4,
+                latency_secs: 8,
+                warmup_secs: 1,
+                reps: 3,
+                wrk_secs: 10,
+                iperf_secs: 5,
+                churn: 1000,
+                idle_connections: 1000,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    DirectCross,
+    MeshCross,
+    SidecarCross,
+    DirectSame,
+    MeshSame,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 5] = [
+        Scenario::DirectCross,
+        Scenario::MeshCross,
+        Scenario::SidecarCross,
+        Scenario::DirectSame,
+        Scenario::MeshSame,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::DirectCross => "direct cross-node",
+            Scenario::MeshCross => "mesh cross-node",
+            Scenario::SidecarCross => "sidecar cross-node",
+            Scenario::DirectSame => "direct same-node",
+            Scenario::MeshSame => "mesh same-node",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Scenario::DirectCross => "direct_cross",
+            Scenario::MeshCross => "mesh_cross",
+            Scenario::SidecarCross => "sidecar_cross",
+            Scenario::DirectSame => "direct_same",
+            Scenario::MeshSame => "mesh_same",
+        }
+    }
+
+    fn mesh(self) -> bool {
+        matches!(self, Scenario::MeshCross | Scenario::MeshSame)
+    }
+}
+
+const NODE_CPU: [usize; 2] = [0, 1];
+const BODY_BYTES: usize = 1024;
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Turns kernel BPF run-time statistics on for the run and restores the setting after.
+struct BpfStats(Option<String>);
+
+impl BpfStats {
+    fn enable() -> Self {
+        let before = std::fs::read_to_string(BPF_STATS).ok();
+        let _ = std::fs::write(BPF_STATS, "1");
+        BpfStats(before)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(v) = &self.0 {
+            let _ = std::fs::write(BPF_STATS, v.trim());
+        }
+    }
+}
+
+struct Bench {
+    bed: Testbed,
+    plan: Plan,
+    meshtest: PathBuf,
+    b: String,
+    c: String,
+}
+
+fn check_tools() -> anyhow::Result<()> {
+    for tool in ["nginx", "wrk", "iperf3", "bpftool"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            bail!("{tool} is missing (cargo xtask setup --bench installs it)");
+        }
+    }
+    Ok(())
+}
+
+pub fn run(quick: bool, root: &Path) -> anyhow::Result<()> {
+    check_tools()?;
+    let release = root.join("target/release");
+    let agent_bin = release.join("mesh-agent");
+    // SAFETY (edition 2021: safe): set before any thread of ours starts.
+    std::env::set_var("MESH_AGENT_BIN", &agent_bin);
+    let plan = Plan::new(quick);
+    let spec = TestbedSpec {
+        nodes: 2,
+        pods: vec![
+            PodSpec::new("a", 0, "loadgen"),
+            PodSpec::new("c", 0, "local-server"),
+            PodSpec::new("b", 1, "server"),
+        ],
+        services: Vec::new(),
+    };
+    let bed = Testbed::up(&spec).context("bringing the testbed up")?;
+    let b = bed.pod("b").ip.to_string();
+    let c = bed.pod("c").ip.to_string();
+    let mut bench = Bench {
+        bed,
+        plan,
+        meshtest: release.join("meshtest"),
+        b,
+        c,
+    };
+    let started = Instant::now();
+    let _stats = BpfStats::enable();
+    bench.start_servers(&agent_bin)?;
+    let sidecar_verified = bench.verify_sidecar_mtls()?;
+
+    let mut runs: Vec<(Scenario, usize, Value)> = Vec::new();
+    let mut idle = Value::Null;
+    for rep in 0..bench.plan.reps {
+        for scenario in Scenario::ALL {
+            println!(
+                "==> rep {}/{}: {}",
+                rep + 1,
+                bench.plan.reps,
+                scenario.name()
+            );
+            let run = bench.scenario(scenario, rep == 0, &mut idle)?;
+            println!("    {}", report::one_line(&run));
+            runs.push((scenario, rep, run));
+        }
+    }
+    let ebpf = total_ebpf(&runs);
+    let report = report::build(
+        &bench.plan_json(),
+        &runs,
+        idle,
+        ebpf,
+        sidecar_verified,
+        started.elapsed(),
+    );
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let markdown = report::markdown(&report);
+    std::fs::write(dir.join("report.md"), &markdown)?;
+    std::fs::write(dir.join("latency.svg"), report::latency_svg(&report))?;
+    println!("\n{markdown}");
+    println!(
+        "wrote {0}/report.json, {0}/report.md, {0}/latency.svg",
+        dir.display()
+    );
+    drop(bench);
+    Ok(())
+}
+
+fn output_text(mut cmd: Command) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// utime + stime of a process, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: plain sysconf call.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    ticks * 1_000_000 / hz
+}
+
+/// (VmRSS, VmHWM) in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("VmRSS:"), get("VmHWM:"))
+}
+
+/// Sums the per-scenario eBPF figures of all mesh runs.
+fn total_ebpf(runs: &[(Scenario, usize, Value)]) -> Value {
+    let mut total = serde_json::Map::new();
+    for (_, _, run) in runs {
+        for (name, v) in run["ebpf"].as_object().into_iter().flatten() {
+            let e = total
+                .entry(name.clone())
+                .or_insert_with(|| json!({"run_time_ns": 0, "run_cnt": 0}));
+            for k in ["run_time_ns", "run_cnt"] {
+                e[k] = json!(e[k].as_u64().unwrap_or(0) + v[k].as_u64().unwrap_or(0));
+            }
+        }
+    }
+    for v in total.values_mut() {
+        let (ns, cnt) = (
+            v["run_time_ns"].as_u64().unwrap_or(0),
+            v["run_cnt"].as_u64().unwrap_or(0),
+        );
+        v["avg_ns"] = json!(if cnt > 0 { ns as f64 / cnt as f64 } else { 0.0 });
+    }
+    Value::Object(total)
+}
+
+fn ebpf_run_times() -> Value {
+    let Ok(out) = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+    else {
+        return Value::Null;
+    };
+    let Ok(progs) = serde_json::from_slice::<Vec<Value>>(&out.stdout) else {
+        return Value::Null;
+    };
+    let mut result = serde_json::Map::new();
+    for prog in progs {
+        let name = prog["name"].as_str().unwrap_or_default();
+        if !name.starts_with("mesh_") {
+            continue;
+        }
+        let (ns, cnt) = (
+            prog["run_time_ns"].as_u64().unwrap_or(0),
+            prog["run_cnt"].as_u64().unwrap_or(0),
+        );
+        let entry = result
+            .entry(name.to_owned())
+            .or_insert_with(|| json!({"run_time_ns": 0, "run_cnt": 0}));
+        entry["run_time_ns"] = json!(entry["run_time_ns"].as_u64().unwrap_or(0) + ns);
+        entry["run_cnt"] = json!(entry["run_cnt"].as_u64().unwrap_or(0) + cnt);
+    }
+    Value::Object(result)
+}
+
+impl Bench {
+    fn plan_json(&self) -> Value {
+        let p = &self.plan;
+        json!({
+            "rates": p.rates, "connections": p.connections, "latency_secs": p.latency_secs,
+            "repetitions": p.reps, "wrk": format!("-t2 -c16 -d{}s", p.wrk_secs),
+            "iperf_secs": p.iperf_secs, "churn_connections": p.churn,
+            "idle_connections": p.idle_connections,
+        })
+    }
+
+    fn pod_cmd(&self, pod: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        let mut cmd = self.bed.pod_command(pod, program)?;
+        let node = self.bed.pod(pod).spec.node;
+        netns::pin(&mut cmd, NODE_CPU[node]);
+        Ok(cmd)
+    }
+
+    fn nginx_conf(&self, pod: &str, server: &str) -> anyhow::Result<PathBuf> {
+        let prefix = self.bed.dir.join(format!("nginx-{pod}"));
+        std::fs::create_dir_all(prefix.join("tmp"))?;
+        let p = prefix.display();
+        let conf = format!(
+            "user root;\nworker_processes 1;\ndaemon off;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\nworker_rlimit_nofile 16384;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p}/tmp; proxy_temp_path {p}/tmp; fastcgi_temp_path {p}/tmp; uwsgi_temp_path {p}/tmp; scgi_temp_path {p}/tmp;\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n{server}}}\n"
+        );
+        let path = prefix.join("nginx.conf");
+        std::fs::write(&path, conf)?;
+        Ok(path)
+    }
+
+    fn spawn_nginx(&self, pod: &str, server: &str) -> anyhow::Result<()> {
+        let conf = self.nginx_conf(pod, server)?;
+        let mut cmd = self.pod_cmd(pod, "nginx")?;
+        cmd.arg("-c").arg(&conf).stderr(Stdio::null());
+        self.bed.spawn(cmd)?;
+        Ok(())
+    }
+
+    fn start_servers(&mut self, agent_bin: &Path) -> anyhow::Result<()> {
+        let body = "x".repeat(BODY_BYTES);
+        let app = format!(
+            "  server {{ listen 8080 reuseport; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n"
+        );
+        // Sidecar certificates, from the same kind of CA the mesh uses.
+        let ca = Agent::ensure_ca(&self.bed, agent_bin)?;
+        for (pod, sa) in [("a", "loadgen"), ("b", "server")] {
+            let mut issue = Command::new(agent_bin);
+            issue
+                .args(["identity", "issue", "--ca"])
+                .arg(&ca)
+                .args([
+                    "--identity",
+                    &format!("spiffe://cluster.local/ns/default/sa/{sa}"),
+                ])
+                .arg("--cert")
+                .arg(self.bed.dir.join(format!("sidecar-{pod}.crt")))
+                .arg("--key")
+                .arg(self.bed.dir.join(format!("sidecar-{pod}.key")));
+            output_text(issue)?;
+        }
+        let d = self.bed.dir.display();
+        let b_sidecar = format!(
+            "  upstream app {{ server 127.0.0.1:8080; keepalive 64; }}\n  server {{\n    listen 8443 ssl;\n    ssl_protocols TLSv1.3;\n    ssl_certificate {d}/sidecar-b.crt; ssl_certificate_key {d}/sidecar-b.key;\n    ssl_client_certificate {d}/ca/ca.crt; ssl_verify_client on; ssl_verify_depth 3;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n"
+        );
+        let a_sidecar = format!(
+            "  upstream remote {{ server {b}:8443; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:15001;\n    location / {{\n      proxy_pass https://remote; proxy_http_version 1.1; proxy_set_header Connection \"\";\n      proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on;\n      proxy_ssl_certificate {d}/sidecar-a.crt; proxy_ssl_certificate_key {d}/sidecar-a.key;\n      proxy_ssl_trusted_certificate {d}/ca/ca.crt; proxy_ssl_verify on; proxy_ssl_verify_depth 3;\n      proxy_ssl_name server.default.serviceaccount.identity.linkerd.cluster.local;\n    }}\n  }}\n",
+            b = self.b
+        );
+        self.spawn_nginx("b", &format!("{app}{b_sidecar}"))?;
+        self.spawn_nginx("c", &app)?;
+        self.spawn_nginx("a", &a_sidecar)?;
+        for pod in ["b", "c"] {
+            let mut iperf = self.pod_cmd(pod, "iperf3")?;
+            iperf.args(["-s", "-p", "5201"]).stdout(Stdio::null());
+            self.bed.spawn(iperf)?;
+        }
+        // Wait until every server answers.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for target in [
+            format!("{}:8080", self.b),
+            format!("{}:8080", self.c),
+            "127.0.0.1:15001".to_owned(),
+        ] {
+            loop {
+                let mut get = self.pod_cmd("a", &self.meshtest)?;
+                get.args(["get", &target]);
+                if output_text(get).is_ok_and(|o| o.starts_with("status=200")) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "server {target} did not come up (see {}/nginx-*/error.log)",
+                        self.bed.dir.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// The sidecar pair really carries mTLS: plaintext to the server sidecar is refused.
+    fn verify_sidecar_mtls(&self) -> anyhow::Result<bool> {
+        let mut plain = self.pod_cmd("a", &self.meshtest)?;
+        plain.args(["get", &format!("{}:8443", self.b)]);
+        let out = output_text(plain)?;
+        let refused = out.starts_with("status=400");
+        println!(
+            "sidecar baseline: plaintext to {}:8443 answered {:?} (refused: {refused})",
+            self.b,
+            out.lines().next().unwrap_or("")
+        );
+        Ok(refused)
+    }
+
+    fn scenario(
+        &self,
+        scenario: Scenario,
+        first_rep: bool,
+        idle: &mut Value,
+    ) -> anyhow::Result<Value> {
+        let mut agents = Vec::new();
+        if scenario.mesh() {
+            for (i, node) in ["n1", "n2"].into_iter().enumerate() {
+                let mut agent =
+                    Agent::start_on(&self.bed, node, &["--log-level", "warn"], Some(NODE_CPU[i]))?;
+                agent.wait_ready(Duration::from_secs(30))?;
+                agents.push(agent);
+            }
+        }
+        let (http, iperf) = match scenario {
+            Scenario::DirectCross | Scenario::MeshCross => {
+                (format!("{}:8080", self.b), Some(self.b.clone()))
+            }
+            Scenario::DirectSame | Scenario::MeshSame => {
+                (format!("{}:8080", self.c), Some(self.c.clone()))
+            }
+            Scenario::SidecarCross => ("127.0.0.1:15001".to_owned(), None),
+        };
+        let idle_rss: Vec<u64> = agents
+            .iter()
+            .filter_map(Agent::pid)
+            .map(|p| rss_kib(p).0)
+            .collect();
+        let mut result = json!({"scenario": scenario.key()});
+        let mut expected_redirects = 0u64;
+
+        let mut latency = serde_json::Map::new();
+        for rate in &self.plan.rates {
+            for (secs, record) in [
+                (self.plan.warmup_secs, false),
+                (self.plan.latency_secs, true),
+            ] {
+                let mut load = self.pod_cmd("a", &self.meshtest)?;
+                load.args([
+                    "load",
+                    &http,
+                    &rate.to_string(),
+                    &self.plan.connections.to_string(),
+                    &secs.to_string(),
+                ]);
+                let line = output_text(load)?;
+                expected_redirects += u64::from(self.plan.connections);
+                if record {
+                    latency.insert(
+                        rate.to_string(),
+                        json!({
+                            "p50_us": field(&line, "p50_us"), "p90_us": field(&line, "p90_us"),
+                            "p99_us": field(&line, "p99_us"), "max_us": field(&line, "max_us"),
+                            "errors": field(&line, "errors"), "achieved_rate": field(&line, "rate"),
+                        }),
+                    );
+                }
+            }
+        }
+        result["latency"] = Value::Object(latency);
+
+        // Throughput, with the agents' CPU per request.
+        let cpu_before: Vec<u64> = agents.iter().filter_map(Agent::pid).map(cpu_us).collect();
+        let mut wrk = self.pod_cmd("a", "wrk")?;
+        wrk.args([
+            "-t2",
+            "-c16",
+            &format!("-d{}s", self.plan.wrk_secs),
+            &format!("http://{http}/"),
+        ]);
+        let out = output_text(wrk)?;
+        expected_redirects += 16;
+        let rps = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let requests = out
+            .lines()
+            .find_map(|l| l.trim().split_once(" requests in"))
+            .and_then(|(n, _)| n.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        result["rps"] = json!(rps);
+        let cpu_after: Vec<u64> = agents.iter().filter_map(Agent::pid).map(cpu_us).collect();
+        if !agents.is_empty() && requests > 0.0 {
+            let per_req: Vec<f64> = cpu_before
+                .iter()
+                .zip(&cpu_after)
+                .map(|(b, a)| (a - b) as f64 / requests)
+                .collect();
+            result["agent_cpu_us_per_request"] =
+                json!({"n1": per_req.first(), "n2": per_req.get(1)});
+        }
+
+        if let Some(ip) = iperf {
+            let mut cmd = self.pod_cmd("a", "iperf3")?;
+            cmd.args([
+                "-c",
+                &ip,
+                "-p",
+                "5201",
+                "-t",
+                &self.plan.iperf_secs.to_string(),
+                "-J",
+            ]);
+            let out = output_text(cmd)?;
+            expected_redirects += 2;
+            let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+            result["bulk_gbps"] = json!(
+                v["end"]["sum_received"]["bits_per_second"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    / 1e9
+            );
+        }
+
+        let started = Instant::now();
+        let mut churn = self.pod_cmd("a", &self.meshtest)?;
+        churn.args(["churn", &http, &self.plan.churn.to_string()]);
+        output_text(churn)?;
+        expected_redirects += u64::from(self.plan.churn);
+        result["connections_per_sec"] =
+            json!(f64::from(self.plan.churn) / started.elapsed().as_secs_f64());
+
+        if !agents.is_empty() {
+            let rss: Vec<Value> = agents
+                .iter()
+                .filter_map(Agent::pid)
+                .zip(&idle_rss)
+                .map(|(p, idle)| {
+                    let (rss, hwm) = rss_kib(p);
+                    json!({"idle_kib": idle, "rss_kib": rss, "peak_kib": hwm})
+                })
+                .collect();
+            result["agent_memory"] = json!({"n1": rss.first(), "n2": rss.get(1)});
+            // The mesh really carried it: n1 redirected every client connection we made.
+            let redirected = agents[0]
+                .metric("mesh_ebpf_redirected_connections_total", &[])
+                .unwrap_or(0.0) as u64;
+            result["redirected_connections"] = json!(redirected);
+            result["expected_connections"] = json!(expected_redirects);
+            if redirected < expected_redirects {
+                bail!("{}: the mesh redirected {redirected} connections, expected at least {expected_redirects}", scenario.name());
+            }
+            if first_rep && scenario == Scenario::MeshCross {
+                *idle = self.idle_connections(&agents)?;
+            }
+            // Cumulative kernel run time of our programs while these agents were attached.
+            result["ebpf"] = ebpf_run_times();
+        }
+        for mut agent in agents {
+            agent.stop()?;
+        }
+        Ok(result)
+    }
+
+    /// Agent memory with many idle proxied connections open.
+    fn idle_connections(&self, agents: &[Agent]) -> anyhow::Result<Value> {
+        let n = self.plan.idle_connections;
+        let mut hold = self.pod_cmd("a", &self.meshtest)?;
+        hold.args(["hold", &format!("{}:8080", self.b), &n.to_string(), "30"])
+            .stdout(Stdio::piped());
+        let mut child = hold.spawn()?;
+        let stdout = child.stdout.take().context("hold stdout")?;
+        let line = BufReader::new(stdout)
+            .lines()
+            .next()
+            .transpose()?
+            .unwrap_or_default();
+        if line != format!("holding={n}") {
+            let _ = child.kill();
+            bail!("holding {n} connections failed: {line:?}");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let rss: Vec<u64> = agents
+            .iter()
+            .filter_map(Agent::pid)
+            .map(|p| rss_kib(p).0)
+            .collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(json!({"connections": n, "n1_rss_kib": rss.first(), "n2_rss_kib": rss.get(1)}))
+    }
+}

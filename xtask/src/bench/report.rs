@@ -1,0 +1,443 @@
+//! Turns benchmark runs into the report: medians and ranges per scenario, ratios to direct
+//! computed within each repetition, targets met or not, a markdown table and an SVG plot.
+
+use std::{fmt::Write as _, time::Duration};
+
+use serde_json::{json, Value};
+
+use super::Scenario;
+
+fn num(v: &Value, pointer: &str) -> Option<f64> {
+    v.pointer(pointer).and_then(Value::as_f64)
+}
+
+fn stats(values: &[f64]) -> Value {
+    if values.is_empty() {
+        return Value::Null;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    json!({"median": median, "min": v[0], "max": v[v.len() - 1], "n": v.len()})
+}
+
+/// A short line for the console while the benchmark runs.
+pub fn one_line(run: &Value) -> String {
+    let mut s = String::new();
+    if let Some(lat) = run["latency"].as_object() {
+        for (rate, l) in lat {
+            let _ = write!(
+                s,
+                "@{rate}/s p50 {:.0}µs p99 {:.0}µs; ",
+                l["p50_us"].as_f64().unwrap_or(0.0),
+                l["p99_us"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    let _ = write!(
+        s,
+        "{:.0} req/s; bulk {:.2} Gbit/s; {:.0} conn/s",
+        run["rps"].as_f64().unwrap_or(0.0),
+        run["bulk_gbps"].as_f64().unwrap_or(0.0),
+        run["connections_per_sec"].as_f64().unwrap_or(0.0)
+    );
+    s
+}
+
+fn figures(plan: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for rate in plan["rates"].as_array().into_iter().flatten() {
+        for p in ["p50", "p90", "p99"] {
+            out.push((
+                format!("{p} at {rate} req/s (µs)"),
+                format!("/latency/{rate}/{p}_us"),
+            ));
+        }
+    }
+    for (name, ptr) in [
+        ("max req/s (wrk -t2 -c16)", "/rps"),
+        ("one TCP stream (Gbit/s)", "/bulk_gbps"),
+        ("new connections/s", "/connections_per_sec"),
+        ("agent CPU µs/request, n1", "/agent_cpu_us_per_request/n1"),
+        ("agent CPU µs/request, n2", "/agent_cpu_us_per_request/n2"),
+        ("agent RSS idle KiB, n1", "/agent_memory/n1/idle_kib"),
+        ("agent RSS peak KiB, n1", "/agent_memory/n1/peak_kib"),
+        ("agent RSS peak KiB, n2", "/agent_memory/n2/peak_kib"),
+    ] {
+        out.push((name.to_owned(), ptr.to_owned()));
+    }
+    out
+}
+
+/// Which baseline a scenario is compared with.
+fn baseline(s: Scenario) -> Option<Scenario> {
+    match s {
+        Scenario::MeshCross | Scenario::SidecarCross => Some(Scenario::DirectCross),
+        Scenario::MeshSame => Some(Scenario::DirectSame),
+        _ => None,
+    }
+}
+
+pub fn build(
+    plan: &Value,
+    runs: &[(Scenario, usize, Value)],
+    idle: Value,
+    ebpf: Value,
+    sidecar_verified: bool,
+    took: Duration,
+) -> Value {
+    let figs = figures(plan);
+    let mut summary = serde_json::Map::new();
+    let mut ratios = serde_json::Map::new();
+    for s in Scenario::ALL {
+        let mine: Vec<&(Scenario, usize, Value)> = runs.iter().filter(|r| r.0 == s).collect();
+        let mut per = serde_json::Map::new();
+        for (name, ptr) in &figs {
+            let vals: Vec<f64> = mine.iter().filter_map(|r| num(&r.2, ptr)).collect();
+            if !vals.is_empty() {
+                per.insert(name.clone(), stats(&vals));
+            }
+        }
+        summary.insert(s.key().to_owned(), Value::Object(per));
+        let Some(base) = baseline(s) else { continue };
+        let mut rel = serde_json::Map::new();
+        for (name, ptr) in &figs {
+            let latency = ptr.starts_with("/latency");
+            let relative = matches!(ptr.as_str(), "/rps" | "/bulk_gbps" | "/connections_per_sec");
+            if !latency && !relative {
+                continue;
+            }
+            let mut vals = Vec::new();
+            for (_, rep, run) in &mine {
+                let Some(b) = runs.iter().find(|r| r.0 == base && r.1 == *rep) else {
+                    continue;
+                };
+                if let (Some(x), Some(d)) = (num(run, ptr), num(&b.2, ptr)) {
+                    vals.push(if latency {
+                        x - d
+                    } else if d > 0.0 {
+                        x / d
+                    } else {
+                        0.0
+                    });
+                }
+            }
+            let label = if latency {
+                format!("added {name}")
+            } else {
+                format!("{name} ratio")
+            };
+            rel.insert(label, stats(&vals));
+        }
+        ratios.insert(format!("{}_vs_{}", s.key(), base.key()), Value::Object(rel));
+    }
+    let machine = json!({
+        "cpu": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))),
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned()),
+    });
+    let mut report = json!({
+        "machine": machine,
+        "plan": plan,
+        "took_secs": took.as_secs(),
+        "sidecar_mtls_verified_by_refused_plaintext": sidecar_verified,
+        "summary": summary,
+        "ratios": ratios,
+        "idle_connections": idle,
+        "ebpf_programs": ebpf,
+        "runs": runs.iter().map(|(s, rep, v)| json!({"scenario": s.key(), "rep": rep, "result": v})).collect::<Vec<_>>(),
+    });
+    report["targets"] = targets(&report);
+    report
+}
+
+fn median(report: &Value, pointer: &str) -> Option<f64> {
+    report.pointer(pointer)?.get("median")?.as_f64()
+}
+
+/// The targets of the benchmark method and of the benchmark issue, each met or not.
+fn targets(r: &Value) -> Value {
+    let esc = |s: &str| s.replace('/', "~1");
+    let added = |fig: &str| {
+        median(
+            r,
+            &format!(
+                "/ratios/mesh_cross_vs_direct_cross/{}",
+                esc(&format!("added {fig}"))
+            ),
+        )
+    };
+    let ratio = |key: &str, fig: &str| {
+        median(
+            r,
+            &format!("/ratios/{key}/{}", esc(&format!("{fig} ratio"))),
+        )
+    };
+    let sidecar_added = median(
+        r,
+        &format!(
+            "/ratios/sidecar_cross_vs_direct_cross/{}",
+            esc("added p50 at 1000 req/s (µs)")
+        ),
+    );
+    let fig = |scenario: &str, name: &str| median(r, &format!("/summary/{scenario}/{}", esc(name)));
+    let p50 = added("p50 at 1000 req/s (µs)");
+    let p99 = added("p99 at 1000 req/s (µs)");
+    let idle_rss = r["idle_connections"]["n1_rss_kib"]
+        .as_f64()
+        .into_iter()
+        .chain(r["idle_connections"]["n2_rss_kib"].as_f64())
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let peak = [
+        fig("mesh_cross", "agent RSS peak KiB, n1"),
+        fig("mesh_cross", "agent RSS peak KiB, n2"),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let cpu = [
+        fig("mesh_cross", "agent CPU µs/request, n1"),
+        fig("mesh_cross", "agent CPU µs/request, n2"),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let check = |name: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool| json!({"target": name, "value": value, "met": value.map(ok)});
+    json!([
+        check("cross-node added p50 at 1000 req/s < 150 µs", p50, &|v| v
+            < 150.0),
+        check(
+            "cross-node added p50 at 1000 req/s below the sidecar baseline's",
+            p50,
+            &|v| sidecar_added.is_some_and(|s| v < s)
+        ),
+        check(
+            "cross-node added p50 at 1000 req/s ≤ 100 µs (method)",
+            p50,
+            &|v| v <= 100.0
+        ),
+        check(
+            "cross-node added p99 at 1000 req/s ≤ 170 µs (method)",
+            p99,
+            &|v| v <= 170.0
+        ),
+        check(
+            "max req/s ≥ 0.70× direct",
+            ratio("mesh_cross_vs_direct_cross", "max req/s (wrk -t2 -c16)"),
+            &|v| v >= 0.70
+        ),
+        check(
+            "one stream ≥ 0.50× direct (issue) / 0.40× (method)",
+            ratio("mesh_cross_vs_direct_cross", "one TCP stream (Gbit/s)"),
+            &|v| v >= 0.50
+        ),
+        check(
+            "same-node stream ≥ 0.90× direct",
+            ratio("mesh_same_vs_direct_same", "one TCP stream (Gbit/s)"),
+            &|v| v >= 0.90
+        ),
+        check(
+            "agent RSS with 1000 idle connections < 40 MiB (KiB)",
+            idle_rss,
+            &|v| v < 40.0 * 1024.0
+        ),
+        check("agent RSS peak ≤ 20 MB (KiB)", peak, &|v| v <= 20_000.0),
+        check("agent CPU per request ≤ 25 µs per side", cpu, &|v| v
+            <= 25.0),
+    ])
+}
+
+fn cell(v: &Value) -> String {
+    match (
+        v["median"].as_f64(),
+        v["min"].as_f64(),
+        v["max"].as_f64(),
+        v["n"].as_u64(),
+    ) {
+        (Some(m), Some(lo), Some(hi), Some(n)) if n > 1 => {
+            format!("{} ({}–{})", fmt(m), fmt(lo), fmt(hi))
+        }
+        (Some(m), ..) => fmt(m),
+        _ => "–".to_owned(),
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+pub fn markdown(r: &Value) -> String {
+    let mut s = String::new();
+    let m = &r["machine"];
+    let _ = writeln!(
+        s,
+        "Machine: {} ({} cores), kernel {}; {} repetition(s), scenarios alternating; took {} s.\n",
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        m["kernel"].as_str().unwrap_or("?"),
+        r["plan"]["repetitions"],
+        r["took_secs"]
+    );
+    let _ = writeln!(s, "Median (min–max) over repetitions; ratios and added latency computed within each repetition.\n");
+    let cols = [
+        ("direct_cross", None),
+        ("mesh_cross", Some("mesh_cross_vs_direct_cross")),
+        ("sidecar_cross", Some("sidecar_cross_vs_direct_cross")),
+        ("direct_same", None),
+        ("mesh_same", Some("mesh_same_vs_direct_same")),
+    ];
+    let _ = writeln!(s, "| figure | direct cross-node | mesh cross-node | mesh vs direct | sidecar (nginx mTLS) | sidecar vs direct | direct same-node | mesh same-node | mesh vs direct |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    for (name, _) in figures(&r["plan"]) {
+        let mut row = format!("| {name} ");
+        let mut any = false;
+        for (key, rel) in cols {
+            let v = &r["summary"][key][&name];
+            any |= !v.is_null();
+            let _ = write!(row, "| {} ", cell(v));
+            if let Some(rel) = rel {
+                let lat = name.starts_with('p');
+                let label = if lat {
+                    format!("added {name}")
+                } else {
+                    format!("{name} ratio")
+                };
+                let rv = &r["ratios"][rel][&label];
+                let text = if rv.is_null() {
+                    "".to_owned()
+                } else if lat {
+                    let c = cell(rv);
+                    if c.starts_with('-') {
+                        c
+                    } else {
+                        format!("+{c}")
+                    }
+                } else {
+                    format!("{}×", cell(rv))
+                };
+                let _ = write!(row, "| {text} ");
+            }
+        }
+        if any {
+            let _ = writeln!(s, "{row}|");
+        }
+    }
+    if let Some(idle) = r["idle_connections"].as_object() {
+        let _ = writeln!(
+            s,
+            "\nAgent RSS with {} idle proxied connections: n1 {} KiB, n2 {} KiB.",
+            idle.get("connections").cloned().unwrap_or_default(),
+            idle.get("n1_rss_kib").cloned().unwrap_or_default(),
+            idle.get("n2_rss_kib").cloned().unwrap_or_default()
+        );
+    }
+    if let Some(progs) = r["ebpf_programs"].as_object() {
+        let list: Vec<String> = progs
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k} {:.0} ns × {}",
+                    v["avg_ns"].as_f64().unwrap_or(0.0),
+                    v["run_cnt"]
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "eBPF programs (average run time × runs, whole benchmark): {}.",
+            list.join(", ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "Sidecar baseline carries mTLS (plaintext to its port refused): {}.\n",
+        r["sidecar_mtls_verified_by_refused_plaintext"]
+    );
+    let _ = writeln!(s, "| target | value | met |\n|---|---|---|");
+    for t in r["targets"].as_array().into_iter().flatten() {
+        let value = t["value"].as_f64().map_or("–".to_owned(), fmt);
+        let met = match t["met"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "–",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {value} | {met} |",
+            t["target"].as_str().unwrap_or("?")
+        );
+    }
+    s
+}
+
+/// Grouped bars: p50, p90, p99 at the middle rate for each scenario.
+pub fn latency_svg(r: &Value) -> String {
+    let rates: Vec<String> = r["plan"]["rates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v.to_string())
+        .collect();
+    let rate = rates.get(rates.len() / 2).cloned().unwrap_or_default();
+    let scenarios = [
+        "direct_cross",
+        "mesh_cross",
+        "sidecar_cross",
+        "direct_same",
+        "mesh_same",
+    ];
+    let pcts = [("p50", "#4e79a7"), ("p90", "#f28e2b"), ("p99", "#e15759")];
+    let value = |sc: &str, p: &str| {
+        r["summary"][sc][format!("{p} at {rate} req/s (µs)")]["median"]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    let max = scenarios
+        .iter()
+        .flat_map(|sc| pcts.iter().map(move |(p, _)| value(sc, p)))
+        .fold(1.0f64, f64::max);
+    let (w, h, left, bottom, top) = (760.0, 360.0, 60.0, 50.0, 40.0);
+    let plot_h = h - bottom - top;
+    let group_w = (w - left - 20.0) / scenarios.len() as f64;
+    let bar_w = group_w / 4.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"22\" font-size=\"14\">Latency at {rate} req/s (µs, median of repetitions)</text>\n"
+    );
+    for i in 0..=4 {
+        let v = max * f64::from(i) / 4.0;
+        let y = top + plot_h - plot_h * f64::from(i) / 4.0;
+        let _ = writeln!(s, "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0}</text>", w - 20.0, left - 6.0, y + 4.0);
+    }
+    for (g, sc) in scenarios.iter().enumerate() {
+        let x0 = left + g as f64 * group_w + bar_w / 2.0;
+        for (k, (p, color)) in pcts.iter().enumerate() {
+            let v = value(sc, p);
+            let bh = plot_h * v / max;
+            let x = x0 + k as f64 * bar_w;
+            let _ = writeln!(s, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{color}\"><title>{sc} {p}: {v:.0} µs</title></rect>", top + plot_h - bh, bar_w - 2.0);
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            x0 + 1.5 * bar_w,
+            h - bottom + 18.0,
+            sc.replace('_', " ")
+        );
+    }
+    for (k, (p, color)) in pcts.iter().enumerate() {
+        let x = w - 200.0 + k as f64 * 60.0;
+        let _ = writeln!(s, "<rect x=\"{x}\" y=\"10\" width=\"12\" height=\"12\" fill=\"{color}\"/><text x=\"{}\" y=\"21\">{p}</text>", x + 16.0);
+    }
+    s.push_str("</svg>\n");
+    s
+}
