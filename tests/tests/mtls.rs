@@ -411,6 +411,7 @@ fn hbone_refuses_connect_to_anything_but_its_own_enrolled_pods() {
 fn certificates_rotate_under_a_long_lived_connection() {
     let _serial = serial();
     let bed = bed();
+    let started = std::time::Instant::now();
     let (n1, n2) = agents_with(&bed, &["--cert-lifetime", "20s"]);
     let first = fetch_from_pod(&bed, "client", WEB_POD);
     assert_eq!(first.status, 200);
@@ -435,6 +436,12 @@ fn certificates_rotate_under_a_long_lived_connection() {
         || serial_now() != before,
     );
     let after = serial_now();
+    // Renewal comes at half life (10 s), not at once and not late.
+    let renewed = started.elapsed();
+    assert!(
+        renewed >= Duration::from_secs(9) && renewed <= Duration::from_secs(15),
+        "renewed after {renewed:?}"
+    );
     // A new connection after the renewal presents the new certificate to n2.
     assert_eq!(fetch_from_pod(&bed, "client", WEB_POD).status, 200);
 

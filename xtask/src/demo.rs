@@ -106,9 +106,12 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         bed.spawn(cmd)?;
     }
     println!();
-    println!("clients on both nodes call http://10.96.0.10:80 (Service web) every 200 ms.");
+    println!("clients on both nodes call http://10.96.0.10:80 (Service web) every 200 ms;");
+    println!("calls to the other node travel as mTLS (HBONE) between the agents, each pod with");
+    println!("its own SPIFFE identity; same-node calls stay on the node (node_local).");
     println!("scrape an agent yourself:  ip netns exec mt-n1 curl -s 10.0.0.1:15020/metrics");
     println!("try a pod yourself:        ip netns exec mt-n1-client-1 curl -s 10.96.0.10");
+    println!("certificates an agent holds: ip netns exec mt-n1 curl -s 127.0.0.1:15000/certs");
     println!("Ctrl-C stops everything and removes the testbed.");
 
     let started = Instant::now();
@@ -139,34 +142,36 @@ fn label<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or("?")
 }
 
-/// Where traffic went, from each agent's metrics.
+/// Where traffic went, from each agent's metrics (what the client side reported).
 fn report(agents: &[Agent]) {
     println!(
-        "\n{:<5} {:<12} {:<12} {:<26} {:>6} {:>9} {:>9}",
-        "node", "source", "destination", "service", "conns", "sent B", "recv B"
+        "\n{:<5} {:<8} {:<9} {:<14} {:<11} {:>6} {:>8} {:>8}",
+        "node", "source", "dest", "service", "security", "conns", "sent B", "recv B"
     );
     for agent in agents {
         let Ok(text) = agent.metrics() else {
             println!("{:<5} (metrics unavailable)", agent.node);
             continue;
         };
-        for line in text
-            .lines()
-            .filter(|l| l.starts_with("mesh_tcp_connections_opened_total{"))
-        {
+        for line in text.lines().filter(|l| {
+            l.starts_with("mesh_tcp_connections_opened_total{") && l.contains("reporter=\"source\"")
+        }) {
             let keys = [
+                "reporter",
                 "source_workload",
                 "destination_workload",
                 "destination_service",
+                "connection_security_policy",
             ];
             let labels: Vec<(&str, &str)> = keys.iter().map(|k| (*k, label(line, k))).collect();
             let value = |name| metric_value(&text, name, &labels).unwrap_or(0.0);
             println!(
-                "{:<5} {:<12} {:<12} {:<26} {:>6} {:>9} {:>9}",
+                "{:<5} {:<8} {:<9} {:<14} {:<11} {:>6} {:>8} {:>8}",
                 agent.node,
-                labels[0].1,
                 labels[1].1,
                 labels[2].1,
+                labels[3].1.split('.').next().unwrap_or("?"),
+                labels[4].1,
                 value("mesh_tcp_connections_opened_total"),
                 value("mesh_tcp_sent_bytes_total"),
                 value("mesh_tcp_received_bytes_total"),
@@ -174,8 +179,14 @@ fn report(agents: &[Agent]) {
         }
         let redirected =
             metric_value(&text, "mesh_ebpf_redirected_connections_total", &[]).unwrap_or(0.0);
+        let inbound = metric_value(
+            &text,
+            "mesh_tcp_connections_opened_total",
+            &[("reporter", "destination")],
+        )
+        .unwrap_or(0.0);
         println!(
-            "{:<5} eBPF: {redirected} connections redirected",
+            "{:<5} eBPF redirected {redirected} connections; {inbound} arrived over mTLS (HBONE)",
             agent.node
         );
     }

@@ -46,6 +46,8 @@ pub struct Leaf {
     /// Leaf first, then the issuer.
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    /// When it was minted (`not_before` is backdated for clock skew).
+    pub issued: SystemTime,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
 }
@@ -196,6 +198,7 @@ impl CertificateAuthority {
         Ok(Leaf {
             chain: vec![cert.der().clone(), self.issuer_der.clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            issued: now,
             not_before,
             not_after,
         })

@@ -36,18 +36,20 @@ pub struct Credential {
     pub identity: Identity,
     pub certified_key: Arc<CertifiedKey>,
     pub serial: String,
+    pub issued: SystemTime,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
 }
 
 impl Credential {
-    /// Renewal is due at half of the lifetime.
+    /// Renewal is due at half of the lifetime, counted from issuance (not from the
+    /// backdated `not_before`, which would make short lifetimes renew at once).
     fn renew_at(&self) -> SystemTime {
         let life = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(self.issued)
             .unwrap_or_default();
-        self.not_before + life / 2
+        self.issued + life / 2
     }
 
     pub fn leaf(&self) -> Option<&CertificateDer<'static>> {
@@ -114,6 +116,7 @@ impl IdentityManager {
             identity: identity.clone(),
             certified_key: Arc::new(certified_key),
             serial,
+            issued: leaf.issued,
             not_before: leaf.not_before,
             not_after: leaf.not_after,
         }))
@@ -154,7 +157,11 @@ impl IdentityManager {
 
     /// Renews every credential past half its life.
     pub fn renew_due(&self) {
-        let now = SystemTime::now();
+        self.renew_due_at(SystemTime::now());
+    }
+
+    /// [`IdentityManager::renew_due`] as if the time were `now`.
+    pub fn renew_due_at(&self, now: SystemTime) {
         let due: Vec<Identity> = self
             .credentials
             .read()
@@ -211,5 +218,61 @@ impl IdentityManager {
             .unwrap_or_default();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use crate::identity::ca::DevCa;
+
+    fn manager(lifetime: Duration) -> IdentityManager {
+        let ca =
+            CertificateAuthority::from_dev(&DevCa::generate("cluster.local").unwrap()).unwrap();
+        IdentityManager::new(ca, lifetime, crate::tls::provider())
+    }
+
+    #[test]
+    fn holds_exactly_the_wanted_identities() {
+        let m = manager(Duration::from_secs(3600));
+        let web = Identity::new("cluster.local", "shop", "web");
+        let db = Identity::new("cluster.local", "shop", "db");
+        m.sync(&[web.clone(), db.clone()].into_iter().collect());
+        let first = m.get(&web).unwrap();
+        assert!(m.get(&db).is_some());
+        // The pod with db's service account left the node: its identity goes, web's stays.
+        m.sync(&[web.clone()].into_iter().collect());
+        assert!(m.get(&db).is_none());
+        assert_eq!(
+            m.get(&web).unwrap().serial,
+            first.serial,
+            "no needless re-issue"
+        );
+        assert_eq!(
+            crate::tls::peer_identity(first.leaf().unwrap()).unwrap(),
+            web
+        );
+    }
+
+    #[test]
+    fn renews_after_half_life_only() {
+        let m = manager(Duration::from_secs(3600));
+        let web = Identity::new("cluster.local", "shop", "web");
+        m.sync(&[web.clone()].into_iter().collect());
+        let old = m.get(&web).unwrap();
+        let minute = Duration::from_secs(60);
+        m.renew_due_at(old.issued + 29 * minute);
+        assert_eq!(
+            m.get(&web).unwrap().serial,
+            old.serial,
+            "renewed before half life"
+        );
+        m.renew_due_at(old.issued + 31 * minute);
+        let new = m.get(&web).unwrap();
+        assert_ne!(new.serial, old.serial, "not renewed after half life");
+        assert!(new.not_after > old.not_after);
+        // Whoever still holds the old credential keeps it intact.
+        assert_eq!(crate::tls::peer_identity(old.leaf().unwrap()).unwrap(), web);
     }
 }
