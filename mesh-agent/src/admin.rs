@@ -14,6 +14,8 @@ pub type Handler = Arc<dyn Fn(&str) -> (StatusCode, String) + Send + Sync>;
 pub async fn serve(listener: TcpListener, handler: Handler) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors and the like: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let handler = handler.clone();

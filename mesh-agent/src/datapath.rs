@@ -3,9 +3,10 @@
 //! The cgroup programs attach to the cgroup v2 root through BPF links, which always coexist with
 //! other programs there (a CNI's): the kernel treats every cgroup link as multi-attach and
 //! refuses the explicit `BPF_F_ALLOW_MULTI` flag on links, hence `CgroupAttachMode::Single`
-//! below, which passes no flag. The links: the links belong to this process, so the kernel detaches
-//! everything when the agent exits, cleanly or not. A killed agent therefore leaves no program
-//! redirecting into a dead listener; pods fall back to direct connections (fail open).
+//! below, which passes no flag. These links, and the TC links (TCX, Linux 6.6+), belong to this
+//! process, so the kernel detaches everything when the agent exits, cleanly or not. A killed
+//! agent therefore leaves no program redirecting into a dead listener; pods fall back to
+//! direct connections (fail open).
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -153,6 +154,9 @@ pub struct Enrollment {
     /// The pod's veth on the node side.
     pub host_ifname: String,
     pub host_ifindex: u32,
+    /// Whether the TC anti-spoofing check guards the pod's interface (only on a veth of its
+    /// own; see `podnet::is_veth`).
+    pub anti_spoof: bool,
 }
 
 /// The loaded programs and the maps the reconciler writes.
@@ -268,17 +272,36 @@ impl Datapath {
             .map_err(prog(programs::ANTI_SPOOF))
     }
 
-    /// Starts capturing a pod: anti-spoofing on its veth first, then redirection.
+    /// Starts capturing a pod: anti-spoofing on its veth first, then redirection. On failure
+    /// nothing of the pod stays behind.
     pub fn enroll(&mut self, pod: &Enrollment) -> Result<(), Error> {
-        self.spoof_guard
-            .insert(pod.host_ifindex, raw_ip(pod.ip), 0)
-            .map_err(map_err(maps::SPOOF_GUARD))?;
-        if !self.tc_links.contains_key(&pod.host_ifindex) {
-            let link = self
-                .classifier()?
-                .attach(&pod.host_ifname, TcAttachType::Ingress)
-                .map_err(prog(programs::ANTI_SPOOF))?;
-            self.tc_links.insert(pod.host_ifindex, link);
+        let result = self.try_enroll(pod);
+        if result.is_err() {
+            let _ = self.unenroll(pod);
+        }
+        result
+    }
+
+    fn try_enroll(&mut self, pod: &Enrollment) -> Result<(), Error> {
+        if pod.anti_spoof {
+            self.spoof_guard
+                .insert(pod.host_ifindex, raw_ip(pod.ip), 0)
+                .map_err(map_err(maps::SPOOF_GUARD))?;
+            if !self.tc_links.contains_key(&pod.host_ifindex) {
+                let ifname = pod.host_ifname.clone();
+                let tc = self.classifier()?;
+                let link = match tc.attach(&ifname, TcAttachType::Ingress) {
+                    Ok(link) => link,
+                    // Before Linux 6.6 (no TCX) aya attaches through netlink, which needs a
+                    // clsact qdisc on the interface.
+                    Err(_) => {
+                        let _ = aya::programs::tc::qdisc_add_clsact(&ifname);
+                        tc.attach(&ifname, TcAttachType::Ingress)
+                            .map_err(prog(programs::ANTI_SPOOF))?
+                    }
+                };
+                self.tc_links.insert(pod.host_ifindex, link);
+            }
         }
         self.enrolled
             .insert(
@@ -295,6 +318,9 @@ impl Datapath {
     /// Stops capturing a pod. Missing entries are not an error (the pod may be half gone).
     pub fn unenroll(&mut self, pod: &Enrollment) -> Result<(), Error> {
         let _ = self.enrolled.remove(&pod.netns_cookie);
+        if !pod.anti_spoof {
+            return Ok(());
+        }
         let _ = self.spoof_guard.remove(&pod.host_ifindex);
         if let Some(link) = self.tc_links.remove(&pod.host_ifindex) {
             // The veth may already be gone, which detached the program with it.

@@ -182,6 +182,52 @@ pub fn route_interface(ip: Ipv4Addr) -> Result<(u32, String), Error> {
     Ok((oif, name.to_string_lossy().into_owned()))
 }
 
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GDRVINFO: u32 = 0x3;
+
+/// `struct ethtool_drvinfo`: we only read the driver name.
+#[repr(C)]
+struct DrvInfo {
+    cmd: u32,
+    driver: [u8; 32],
+    rest: [u8; 160],
+}
+
+/// Whether `ifname` (in the current namespace) is a veth: the only kind of interface where a
+/// per-pod anti-spoofing check is sound (one pod behind it). A bridge such as `cni0` carries
+/// many pods.
+pub fn is_veth(ifname: &str) -> io::Result<bool> {
+    let sock = udp_socket()?;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: zeroed ifreq, name copied with a terminating NUL, data pointing at `info`,
+    // which outlives the call.
+    let rc = unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req
+            .ifr_name
+            .iter_mut()
+            .zip(ifname.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+        libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut req)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = info
+        .driver
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(info.driver.len());
+    Ok(info.driver.get(..end) == Some(b"veth".as_slice()))
+}
+
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
 const NLMSG_ERROR: u16 = 2;
@@ -277,6 +323,11 @@ fn parse_route_reply(msg: &[u8]) -> io::Result<Option<u32>> {
 mod tests {
     #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn loopback_is_not_a_veth() {
+        assert!(!is_veth("lo").unwrap_or(false));
+    }
 
     #[test]
     fn loopback_routes_through_lo() {

@@ -125,11 +125,24 @@ impl Reconciler {
                         continue;
                     }
                 };
+                // Anti-spoofing needs an interface of the pod's own: a veth nobody else uses.
+                let shared = self
+                    .enrolled
+                    .values()
+                    .any(|e| e.host_ifindex == host_ifindex);
+                let anti_spoof = !shared && podnet::is_veth(&host_ifname).unwrap_or(false);
+                if !anti_spoof {
+                    warn!(
+                        pod = %pod.name, interface = %host_ifname,
+                        "not a veth of the pod's own: no anti-spoofing for this pod"
+                    );
+                }
                 let enrollment = Enrollment {
                     netns_cookie,
                     ip,
                     host_ifname,
                     host_ifindex,
+                    anti_spoof,
                 };
                 match self.datapath.enroll(&enrollment) {
                     Ok(()) => {

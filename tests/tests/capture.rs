@@ -131,7 +131,7 @@ fn forged_source_addresses_are_dropped_and_counted() {
 
     let mut listen = bed.pod_command("web", meshtest()).expect("web command");
     listen
-        .args(["udp-listen", "9000", "1500"])
+        .args(["udp-listen", "9000", "3000"])
         .stdout(Stdio::piped());
     let mut listener = listen.spawn().expect("udp listener");
     let mut lines = BufReader::new(listener.stdout.take().expect("stdout")).lines();
@@ -270,17 +270,18 @@ fn an_invalid_manifest_is_reported_and_the_last_good_state_stays() {
     let (n1, _n2) = agents(&bed);
     assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
 
-    // One change moves the Service to port 81, another file is invalid: all or nothing.
+    // One change moves the Service to port 81, another file is invalid: all or nothing. The
+    // invalid file lands first, so no poll can see the port change alone.
     let dir = bed.manifests_dir();
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: broken\nspec:\n  clusterIP: not-an-ip\n",
+    )
+    .expect("write");
     let services = std::fs::read_to_string(dir.join("services.yaml")).expect("read");
     std::fs::write(
         dir.join("services.yaml"),
         services.replace("port: 80\n", "port: 81\n"),
-    )
-    .expect("write");
-    std::fs::write(
-        dir.join("broken.yaml"),
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: broken\nspec:\n  clusterIP: not-an-ip\n",
     )
     .expect("write");
     let expected = format!(

@@ -15,7 +15,7 @@ use std::{
 
 use http_body_util::Empty;
 use hyper::{body::Bytes, client::conn::http2, Method, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -27,6 +27,11 @@ use crate::{
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// TLS and HTTP/2 set-up, and each CONNECT exchange, must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 PINGs on idle pooled connections find dead peers.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,6 +67,11 @@ pub enum Error {
     },
     #[error("{0:?} is not a valid SNI name")]
     Sni(String),
+    #[error("{what} with {peer} timed out after {HANDSHAKE_TIMEOUT:?}; is the peer agent overloaded or gone?")]
+    Stalled {
+        peer: SocketAddrV4,
+        what: &'static str,
+    },
     #[error(transparent)]
     Tls(#[from] crate::tls::Error),
 }
@@ -117,8 +127,30 @@ impl HboneConnector {
         };
         let mut sender = match self.pooled(&key) {
             Some(s) => s,
-            None => self.dial(&key, &credential).await?,
+            None => tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial(&key, &credential))
+                .await
+                .map_err(|_| Error::Stalled {
+                    peer,
+                    what: "mTLS and HTTP/2 set-up",
+                })??,
         };
+        tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            Self::open_stream(&mut sender, peer, target, baggage),
+        )
+        .await
+        .map_err(|_| Error::Stalled {
+            peer,
+            what: "CONNECT",
+        })?
+    }
+
+    async fn open_stream(
+        sender: &mut http2::SendRequest<Empty<Bytes>>,
+        peer: SocketAddrV4,
+        target: SocketAddrV4,
+        baggage: &str,
+    ) -> Result<Tunnel, Error> {
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -183,6 +215,10 @@ impl HboneConnector {
                 source,
             })?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .adaptive_window(true)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|source| Error::Http2 { peer, source })?;

@@ -15,7 +15,7 @@ use hyper::{
     service::service_fn,
     Method, Request, Response, StatusCode,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -31,6 +31,10 @@ use crate::{
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent tunnels on one HBONE connection (hyper's default of 200 would queue the rest).
+const MAX_STREAMS: u32 = 100_000;
 
 /// The W3C `baggage` header Istio's HBONE uses to tell the destination about the source.
 pub const BAGGAGE: &str = "baggage";
@@ -52,9 +56,17 @@ impl Baggage {
             return out;
         };
         for item in value.split(',') {
+            // Label values come from the peer: only DNS-label-like values, as Kubernetes
+            // names are, so a client cannot blow up metric cardinality with arbitrary text.
+            let valid = |v: &str| {
+                !v.is_empty()
+                    && v.len() <= 63
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            };
             match item.trim().split_once('=') {
-                Some(("k8s.workload.name", v)) => out.workload = Some(v.to_owned()),
-                Some(("k8s.namespace.name", v)) => out.namespace = Some(v.to_owned()),
+                Some(("k8s.workload.name", v)) if valid(v) => out.workload = Some(v.to_owned()),
+                Some(("k8s.namespace.name", v)) if valid(v) => out.namespace = Some(v.to_owned()),
                 _ => {}
             }
         }
@@ -88,9 +100,20 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
         let inputs = inputs.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            let tls = match inputs.acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(e) => {
+            let accepted =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, inputs.acceptor.accept(tcp)).await;
+            let tls = match accepted {
+                Ok(Ok(tls)) => tls,
+                Err(_) => {
+                    info!(client = %addr, "inbound mTLS handshake timed out");
+                    inputs
+                        .metrics
+                        .inbound_refused
+                        .with_label_values(&["handshake"])
+                        .inc();
+                    return;
+                }
+                Ok(Err(e)) => {
                     info!(client = %addr, "inbound mTLS handshake refused: {e}");
                     inputs
                         .metrics
@@ -137,6 +160,10 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
                 async move { Ok::<_, std::convert::Infallible>(connect(&inputs, &peer, req).await) }
             });
             if let Err(e) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .max_concurrent_streams(MAX_STREAMS)
+                .adaptive_window(true)
                 .serve_connection(TokioIo::new(tls), service)
                 .await
             {

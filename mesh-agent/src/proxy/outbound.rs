@@ -147,14 +147,22 @@ async fn proxy_connection(
         (Some(src), Some(dst)) if dst.enrolled => {
             let dst_id = dst.identity(&inputs.trust_domain);
             labels.destination_principal = dst_id.to_string();
+            let remote = dst.node.as_deref() != Some(inputs.node.as_str());
             match dst.node_ip {
-                Some(node_ip) if dst.node.as_deref() != Some(inputs.node.as_str()) => {
+                Some(node_ip) if remote => {
                     labels.connection_security_policy = "mutual_tls";
                     Route::Hbone {
                         source: src.identity(&inputs.trust_domain),
                         destination: dst_id,
                         node_ip,
                     }
+                }
+                None if remote => {
+                    // Without the node's address there is no peer agent to tunnel to. Going
+                    // direct keeps the pod reachable; the label and the log say it is plaintext.
+                    warn!(pod = %dst.name, "destination pod on another node has no status.hostIP; connecting in plaintext");
+                    labels.destination_principal = crate::metrics::UNKNOWN.into();
+                    Route::Direct
                 }
                 _ => {
                     labels.connection_security_policy = "node_local";

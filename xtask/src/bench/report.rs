@@ -323,7 +323,11 @@ pub fn markdown(r: &Value) -> String {
                         format!("+{c}")
                     }
                 } else {
-                    format!("{}×", cell(rv))
+                    let c = cell(rv);
+                    match c.split_once(' ') {
+                        Some((median, range)) => format!("{median}× {range}"),
+                        None => format!("{c}×"),
+                    }
                 };
                 let _ = write!(row, "| {text} ");
             }
