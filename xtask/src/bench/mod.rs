@@ -461,11 +461,21 @@ impl Bench {
             }
             Scenario::SidecarCross => ("127.0.0.1:15001".to_owned(), None),
         };
+        let startup_peak: Vec<u64> = agents
+            .iter()
+            .filter_map(Agent::pid)
+            .map(|p| rss_kib(p).1)
+            .collect();
         let idle_rss: Vec<u64> = agents
             .iter()
             .filter_map(Agent::pid)
             .map(|p| rss_kib(p).0)
             .collect();
+        // From here VmHWM is the peak under load, not the start-up transient (aya parses the
+        // kernel's BTF while loading): writing 5 to clear_refs resets it.
+        for pid in agents.iter().filter_map(Agent::pid) {
+            let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        }
         let mut result = json!({"scenario": scenario.key()});
         let mut expected_redirects = 0u64;
 
@@ -566,10 +576,10 @@ impl Bench {
             let rss: Vec<Value> = agents
                 .iter()
                 .filter_map(Agent::pid)
-                .zip(&idle_rss)
-                .map(|(p, idle)| {
+                .zip(idle_rss.iter().zip(&startup_peak))
+                .map(|(p, (idle, startup))| {
                     let (rss, hwm) = rss_kib(p);
-                    json!({"idle_kib": idle, "rss_kib": rss, "peak_kib": hwm})
+                    json!({"idle_kib": idle, "startup_peak_kib": startup, "rss_kib": rss, "peak_kib": hwm})
                 })
                 .collect();
             result["agent_memory"] = json!({"n1": rss.first(), "n2": rss.get(1)});
