@@ -32,6 +32,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 PINGs on idle pooled connections find dead peers.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow-control windows: credit, not buffers. The 64 KiB default caps one tunnel at
+/// a window per round trip; node-to-node links deserve more.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest DATA frame (the default is 16 KiB).
+pub const MAX_FRAME: u32 = 256 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -218,7 +224,9 @@ impl HboneConnector {
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .adaptive_window(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|source| Error::Http2 { peer, source })?;

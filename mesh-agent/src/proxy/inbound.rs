@@ -23,6 +23,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
+use super::hbone;
 use crate::{
     identity::Identity,
     metrics::{ConnectionLabels, Metrics},
@@ -163,7 +164,9 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
                 .max_concurrent_streams(MAX_STREAMS)
-                .adaptive_window(true)
+                .initial_stream_window_size(hbone::STREAM_WINDOW)
+                .initial_connection_window_size(hbone::CONNECTION_WINDOW)
+                .max_frame_size(hbone::MAX_FRAME)
                 .serve_connection(TokioIo::new(tls), service)
                 .await
             {
@@ -306,9 +309,7 @@ async fn connect(
         };
         let mut tunnel = TokioIo::new(upgraded);
         let mut guard = metrics.open_connection(labels);
-        if let Ok((sent, received)) =
-            tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await
-        {
+        if let Ok((sent, received)) = super::relay::relay(&mut tunnel, &mut upstream).await {
             guard.sent = sent;
             guard.received = received;
         }

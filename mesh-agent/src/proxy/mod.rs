@@ -3,6 +3,7 @@
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+pub mod relay;
 
 use std::{fmt, net::SocketAddrV4};
 

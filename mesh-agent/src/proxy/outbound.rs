@@ -246,8 +246,7 @@ enum Route {
     Direct,
 }
 
-/// Copies both ways until both sides are done; `copy_bidirectional` shuts down each write side
-/// when the other side's read ends, so half-closed connections keep flowing the other way.
+/// Copies both ways until both sides are done (see `relay`), recording the connection.
 async fn relay(
     inputs: &ProxyInputs,
     labels: ConnectionLabels,
@@ -255,7 +254,7 @@ async fn relay(
     mut upstream: impl AsyncRead + AsyncWrite + Unpin,
 ) {
     let mut guard = inputs.metrics.open_connection(labels);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    match super::relay::relay(&mut client, &mut upstream).await {
         Ok((sent, received)) => {
             guard.sent = sent;
             guard.received = received;

@@ -203,8 +203,8 @@ fn targets(r: &Value) -> Value {
         .chain(r["idle_connections"]["n2_rss_kib"].as_f64())
         .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
     let peak = [
-        fig("mesh_cross", "agent RSS peak KiB, n1"),
-        fig("mesh_cross", "agent RSS peak KiB, n2"),
+        fig("mesh_cross", "agent RSS peak under load KiB, n1"),
+        fig("mesh_cross", "agent RSS peak under load KiB, n2"),
     ]
     .into_iter()
     .flatten()
