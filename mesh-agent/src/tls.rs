@@ -242,6 +242,32 @@ impl TrustBundle {
     }
 }
 
+fn no_tls12() -> rustls::Error {
+    rustls::Error::General("TLS 1.2 is not allowed in the mesh".into())
+}
+
+impl TrustBundle {
+    fn verify_tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 fn identity_error(e: Error) -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
         Arc::new(e),
@@ -297,9 +323,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General(
-            "TLS 1.2 is not allowed in the mesh".into(),
-        ))
+        Err(no_tls12())
     }
 
     fn verify_tls13_signature(
@@ -308,19 +332,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.bundle.provider.signature_verification_algorithms,
-        )
+        self.bundle.verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.bundle
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.bundle.schemes()
     }
 }
 
@@ -358,9 +374,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General(
-            "TLS 1.2 is not allowed in the mesh".into(),
-        ))
+        Err(no_tls12())
     }
 
     fn verify_tls13_signature(
@@ -369,19 +383,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.bundle.provider.signature_verification_algorithms,
-        )
+        self.bundle.verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.bundle
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.bundle.schemes()
     }
 }
 

@@ -8,7 +8,6 @@
 )]
 
 use std::{
-    net::Ipv4Addr,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -31,14 +30,7 @@ pub fn bed_with(extra: Vec<PodSpec>) -> Testbed {
     let spec = TestbedSpec {
         nodes: 2,
         pods,
-        services: vec![ServiceSpec {
-            name: "web".into(),
-            namespace: "default".into(),
-            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 80,
-            target_port: 8080,
-            app: "web".into(),
-        }],
+        services: vec![ServiceSpec::web()],
     };
     let bed = Testbed::up(&spec).expect("testbed up");
     assert_eq!(bed.pod("web").ip.to_string() + ":8080", WEB_POD);

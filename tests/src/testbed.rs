@@ -67,6 +67,21 @@ pub struct ServiceSpec {
     pub app: String,
 }
 
+impl ServiceSpec {
+    /// Service `web` (10.96.0.10:80 → 8080) in `default`, backed by pods labelled `app: web`:
+    /// the demo's and the tests' standard service.
+    pub fn web() -> Self {
+        Self {
+            name: "web".into(),
+            namespace: "default".into(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            target_port: 8080,
+            app: "web".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TestbedSpec {
     pub nodes: usize,

@@ -1,7 +1,6 @@
 //! `cargo xtask run`: the simulated two-node cluster with demo workloads and agents.
 
 use std::{
-    net::Ipv4Addr,
     process::Stdio,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -28,14 +27,7 @@ fn demo_spec() -> TestbedSpec {
             PodSpec::new("web-2", 1, "web"),
             PodSpec::new("client-2", 1, "client"),
         ],
-        services: vec![ServiceSpec {
-            name: "web".into(),
-            namespace: "default".into(),
-            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 80,
-            target_port: 8080,
-            app: "web".into(),
-        }],
+        services: vec![ServiceSpec::web()],
     }
 }
 

@@ -105,17 +105,11 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, inputs.acceptor.accept(tcp)).await;
             let tls = match accepted {
                 Ok(Ok(tls)) => tls,
-                Err(_) => {
-                    info!(client = %addr, "inbound mTLS handshake timed out");
-                    inputs
-                        .metrics
-                        .inbound_refused
-                        .with_label_values(&["handshake"])
-                        .inc();
-                    return;
-                }
-                Ok(Err(e)) => {
-                    info!(client = %addr, "inbound mTLS handshake refused: {e}");
+                failed => {
+                    match failed {
+                        Ok(Err(e)) => info!(client = %addr, "inbound mTLS handshake refused: {e}"),
+                        _ => info!(client = %addr, "inbound mTLS handshake timed out"),
+                    }
                     inputs
                         .metrics
                         .inbound_refused

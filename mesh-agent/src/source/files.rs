@@ -5,7 +5,7 @@
 //! stays in force.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -118,9 +118,5 @@ impl ManifestDir {
                 }
             }
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }

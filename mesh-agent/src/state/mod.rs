@@ -198,10 +198,6 @@ impl Snapshot {
         Ok(snapshot)
     }
 
-    pub fn pods(&self) -> impl Iterator<Item = &Arc<Workload>> {
-        self.pods.iter()
-    }
-
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
         self.pods_by_ip.get(&ip)
     }
