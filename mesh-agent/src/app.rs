@@ -152,6 +152,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let provider = tls::provider();
     let (ca, anchors) = identity(&config)?;
     let bundle = Arc::new(TrustBundle::load(anchors, provider.clone())?);
+    bundle.check_issuer(&ca, &config.trust_domain)?;
     let identities = Arc::new(IdentityManager::new(ca, config.cert_lifetime, provider));
     let mesh_tls = Arc::new(MeshTls::new(bundle.clone(), config.trust_domain.clone()));
     let server_config = mesh_tls.server_config(identities.clone())?;

@@ -85,7 +85,12 @@ pub fn find_namespaces(ips: &[Ipv4Addr]) -> Result<HashMap<Ipv4Addr, u64>, Error
         let hits = probe
             .join()
             .map_err(|_| Error::Probe(io::Error::other("probe thread panicked")))?;
-        found.extend(hits.map_err(Error::Probe)?);
+        match hits {
+            Ok(hits) => found.extend(hits),
+            // A namespace we cannot enter (gone meanwhile, or not ours to enter) holds no pod
+            // of ours; one bad entry must not stop the scan.
+            Err(e) => tracing::debug!(namespace = %ns.display(), "skipping: {e}"),
+        }
     }
     Ok(found)
 }

@@ -47,6 +47,8 @@ pub enum Error {
     Roots(String),
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("certificates from this issuer would not be trusted by the mesh's trust anchors ({0}); is --trust-anchors the bundle that signed --issuer-cert?")]
+    IssuerNotTrusted(rustls::Error),
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -207,6 +209,19 @@ impl TrustBundle {
                 false
             }
         }
+    }
+
+    /// Start-up check: a certificate minted by `ca` verifies against these anchors.
+    pub fn check_issuer(
+        &self,
+        ca: &ca::CertificateAuthority,
+        trust_domain: &str,
+    ) -> Result<(), Error> {
+        let probe = Identity::new(trust_domain, "mesh-agent", "issuer-check");
+        let leaf = ca.mint(&probe, std::time::Duration::from_secs(60))?;
+        let (end_entity, intermediates) = leaf.chain.split_first().ok_or(Error::NoSpiffeId)?;
+        self.verify_chain(end_entity, intermediates, UnixTime::now())
+            .map_err(Error::IssuerNotTrusted)
     }
 
     fn verify_chain(

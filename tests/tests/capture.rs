@@ -12,7 +12,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use mesh_agent_tests::{harness::*, serial, Agent};
+use mesh_agent_tests::{harness::*, serial, Agent, PodSpec};
 
 #[test]
 fn cross_node_by_service_and_pod_ip_through_the_proxy() {
@@ -306,4 +306,46 @@ fn an_invalid_manifest_is_reported_and_the_last_good_state_stays() {
     let moved = fetch_from_pod(&bed, "client", "10.96.0.10:81");
     assert_eq!(moved.status, 200);
     assert_eq!(moved.peer, "10.96.0.10:81");
+}
+
+#[test]
+fn same_node_traffic_is_captured_and_stays_on_the_node() {
+    let _serial = serial();
+    let bed = bed_with(vec![PodSpec::new("near", 0, "near")]);
+    let mut near = bed.pod_command("near", meshtest()).expect("near command");
+    near.args(["serve", "8080", "near"]);
+    bed.spawn(near).expect("start near");
+    let (n1, n2) = agents(&bed);
+
+    let addr = format!("{}:8080", bed.pod("near").ip);
+    let got = fetch_from_pod(&bed, "client", &addr);
+    assert_eq!(got.status, 200);
+    assert!(got.body.starts_with("hello from near\n"), "{}", got.body);
+    assert_eq!(got.peer, addr);
+    // n1's proxy connected onwards itself: no tunnel, no TLS, identities known in-process.
+    assert_eq!(got.server_saw(), "10.0.0.1");
+    eventually("the connection to close", || {
+        metric(&n1, "mesh_tcp_connections_closed_total", &source_side()) == 1.0
+    });
+    assert_eq!(
+        metric(
+            &n1,
+            "mesh_tcp_connections_opened_total",
+            &[
+                ("reporter", "source"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/default/sa/client"
+                ),
+                (
+                    "destination_principal",
+                    "spiffe://cluster.local/ns/default/sa/near"
+                ),
+                ("destination_workload", "near"),
+                ("connection_security_policy", "node_local"),
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(metric(&n2, "mesh_tcp_connections_opened_total", &[]), 0.0);
 }

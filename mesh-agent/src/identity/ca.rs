@@ -39,6 +39,10 @@ pub enum Error {
     },
     #[error("generating the development CA: {0}")]
     Generate(#[source] rcgen::Error),
+    #[error(
+        "the issuer expired; mint a new one (Linkerd: rotate the identity issuer certificate)"
+    )]
+    IssuerExpired,
 }
 
 /// A freshly minted workload certificate. The key lives only in memory.
@@ -56,6 +60,8 @@ pub struct Leaf {
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     issuer_der: CertificateDer<'static>,
+    /// Leaves never outlive their issuer.
+    issuer_not_after: SystemTime,
 }
 
 fn read(path: &Path) -> Result<String, Error> {
@@ -165,7 +171,20 @@ impl CertificateAuthority {
             what: "certificate",
             source,
         })?;
-        Ok(Self { issuer, issuer_der })
+        let issuer_not_after = x509_parser::parse_x509_certificate(issuer_der.as_ref())
+            .ok()
+            .and_then(|(_, c)| {
+                let secs = u64::try_from(c.validity().not_after.timestamp()).ok()?;
+                Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            })
+            .ok_or_else(|| Error::NoCertificate {
+                path: cert_path.to_owned(),
+            })?;
+        Ok(Self {
+            issuer,
+            issuer_der,
+            issuer_not_after,
+        })
     }
 
     /// A new ECDSA P-256 leaf for `identity`, valid for `lifetime` (backdated a minute for
@@ -175,6 +194,9 @@ impl CertificateAuthority {
             identity: identity.clone(),
             source,
         };
+        if SystemTime::now() >= self.issuer_not_after {
+            return Err(Error::IssuerExpired);
+        }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(fail)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -191,7 +213,7 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         let now = SystemTime::now();
         let not_before = now - Duration::from_secs(60);
-        let not_after = now + lifetime;
+        let not_after = (now + lifetime).min(self.issuer_not_after);
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         let cert = params.signed_by(&key, &self.issuer).map_err(fail)?;
@@ -209,6 +231,28 @@ impl CertificateAuthority {
 mod tests {
     #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn issuer_must_chain_to_the_anchors() {
+        let mine = DevCa::generate("cluster.local").unwrap();
+        let other = DevCa::generate("cluster.local").unwrap();
+        let dir = std::env::temp_dir().join(format!("mesh-ca-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let anchors = dir.join("anchors.pem");
+        std::fs::write(&anchors, &other.anchor_pem).unwrap();
+        let bundle = crate::tls::TrustBundle::load(
+            crate::tls::AnchorSource::File(anchors.clone()),
+            crate::tls::provider(),
+        )
+        .unwrap();
+        let ca = CertificateAuthority::from_dev(&mine).unwrap();
+        let err = bundle.check_issuer(&ca, "cluster.local").unwrap_err();
+        assert!(err.to_string().contains("would not be trusted"), "{err}");
+        std::fs::write(&anchors, &mine.anchor_pem).unwrap();
+        assert!(bundle.refresh());
+        bundle.check_issuer(&ca, "cluster.local").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn minted_leaf_carries_the_spiffe_id() {
