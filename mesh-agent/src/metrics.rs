@@ -113,11 +113,11 @@ impl Metrics {
         )?;
         let sent = conn(
             "mesh_tcp_sent_bytes_total",
-            "Bytes sent by the client towards the destination (counted when the connection ends).",
+            "Bytes sent by the client towards the destination.",
         )?;
         let received = conn(
             "mesh_tcp_received_bytes_total",
-            "Bytes received by the client from the destination (counted when the connection ends).",
+            "Bytes received by the client from the destination.",
         )?;
         let connect_failures = conn(
             "mesh_tcp_connect_failures_total",
@@ -192,14 +192,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Records a connection as opened; the guard records its close and bytes when dropped.
-    pub fn open_connection(&self, labels: ConnectionLabels) -> ConnectionGuard<'_> {
-        self.opened.with_label_values(&labels.values()).inc();
+    /// Records a connection as opened; the guard counts its bytes and records its close.
+    pub fn open_connection(&self, labels: &ConnectionLabels) -> ConnectionGuard {
+        let values = labels.values();
+        self.opened.with_label_values(&values).inc();
         ConnectionGuard {
-            metrics: self,
-            labels,
-            sent: 0,
-            received: 0,
+            closed: self.closed.with_label_values(&values),
+            sent: self.sent.with_label_values(&values),
+            received: self.received.with_label_values(&values),
         }
     }
 
@@ -236,24 +236,16 @@ impl Metrics {
     }
 }
 
-pub struct ConnectionGuard<'a> {
-    metrics: &'a Metrics,
-    labels: ConnectionLabels,
-    pub sent: u64,
-    pub received: u64,
+/// An open connection's series. Bytes are counted as they flow (live, like Istio's); the
+/// close is recorded when the guard drops.
+pub struct ConnectionGuard {
+    closed: IntCounter,
+    pub sent: IntCounter,
+    pub received: IntCounter,
 }
 
-impl Drop for ConnectionGuard<'_> {
+impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let values = self.labels.values();
-        self.metrics.closed.with_label_values(&values).inc();
-        self.metrics
-            .sent
-            .with_label_values(&values)
-            .inc_by(self.sent);
-        self.metrics
-            .received
-            .with_label_values(&values)
-            .inc_by(self.received);
+        self.closed.inc();
     }
 }

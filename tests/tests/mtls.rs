@@ -430,6 +430,8 @@ fn certificates_rotate_under_a_long_lived_connection() {
     let first = fetch_from_pod(&bed, "client", WEB_POD);
     assert_eq!(first.status, 200);
 
+    let source = [("reporter", "source")];
+    let sent_before = metric(&n1, "mesh_tcp_sent_bytes_total", &source);
     // One connection streams through the tunnel for 25 s: across at least two renewals.
     let mut stream = bed.pod_command("client", meshtest()).unwrap();
     stream
@@ -455,6 +457,17 @@ fn certificates_rotate_under_a_long_lived_connection() {
     assert!(
         renewed >= Duration::from_secs(8) && renewed <= Duration::from_secs(14),
         "renewed {renewed:?} after the agents became ready"
+    );
+    // Byte counters are live: the open stream's bytes show before it ends.
+    let live = metric(&n1, "mesh_tcp_sent_bytes_total", &source) - sent_before;
+    assert!(
+        live >= 500.0,
+        "only {live} bytes counted while the stream is open"
+    );
+    assert_eq!(
+        metric(&n1, "mesh_tcp_connections_closed_total", &source),
+        1.0,
+        "the stream must still be open"
     );
     // A new connection after the renewal presents the new certificate to n2.
     assert_eq!(fetch_from_pod(&bed, "client", WEB_POD).status, 200);

@@ -302,10 +302,17 @@ async fn connect(
             }
         };
         let mut tunnel = TokioIo::new(upgraded);
-        let mut guard = metrics.open_connection(labels);
-        if let Ok((sent, received)) = super::relay::relay(&mut tunnel, &mut upstream).await {
-            guard.sent = sent;
-            guard.received = received;
+        let guard = metrics.open_connection(&labels);
+        // The tunnel carries what the client sent; the pod's answers are what it receives.
+        let result = super::relay::relay(
+            &mut tunnel,
+            &mut upstream,
+            |n| guard.sent.inc_by(n),
+            |n| guard.received.inc_by(n),
+        )
+        .await;
+        if let Err(e) = result {
+            debug!(%target, "relay ended with an error: {e}");
         }
     });
     Response::new(Empty::new())

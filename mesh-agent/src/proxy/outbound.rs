@@ -253,12 +253,15 @@ async fn relay(
     mut client: TcpStream,
     mut upstream: impl AsyncRead + AsyncWrite + Unpin,
 ) {
-    let mut guard = inputs.metrics.open_connection(labels);
-    match super::relay::relay(&mut client, &mut upstream).await {
-        Ok((sent, received)) => {
-            guard.sent = sent;
-            guard.received = received;
-        }
-        Err(e) => debug!("relay ended with an error: {e}"),
+    let guard = inputs.metrics.open_connection(&labels);
+    let result = super::relay::relay(
+        &mut client,
+        &mut upstream,
+        |n| guard.sent.inc_by(n),
+        |n| guard.received.inc_by(n),
+    )
+    .await;
+    if let Err(e) = result {
+        debug!("relay ended with an error: {e}");
     }
 }

@@ -10,18 +10,24 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 const SMALL: usize = 2 << 10;
 const LARGE: usize = 64 << 10;
 
-/// Returns (bytes a→b, bytes b→a) once both directions have ended.
-pub async fn relay<A, B>(a: A, b: B) -> io::Result<(u64, u64)>
+/// Returns (bytes a→b, bytes b→a) once both directions have ended. `a_to_b` and `b_to_a`
+/// hear about every chunk as it is written (live byte counters).
+pub async fn relay<A, B>(
+    a: A,
+    b: B,
+    a_to_b: impl Fn(u64),
+    b_to_a: impl Fn(u64),
+) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    tokio::try_join!(pump(ar, bw), pump(br, aw))
+    tokio::try_join!(pump(ar, bw, a_to_b), pump(br, aw, b_to_a))
 }
 
-async fn pump<R, W>(mut from: R, mut to: W) -> io::Result<u64>
+async fn pump<R, W>(mut from: R, mut to: W, count: impl Fn(u64)) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -43,6 +49,7 @@ where
         let filled = n == buf.len();
         to.write_all(&buf[..n]).await?;
         total += n as u64;
+        count(n as u64);
         if filled && large.is_empty() {
             large = vec![0; LARGE];
         }
@@ -58,7 +65,16 @@ mod tests {
     async fn copies_both_ways_and_propagates_half_close() {
         let (client, proxy_a) = tokio::io::duplex(1 << 20);
         let (proxy_b, server) = tokio::io::duplex(1 << 20);
-        let relay = tokio::spawn(relay(proxy_a, proxy_b));
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = up.clone();
+        let relay = tokio::spawn(relay(
+            proxy_a,
+            proxy_b,
+            move |n| {
+                counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            },
+            |_| {},
+        ));
 
         let (mut client_r, mut client_w) = tokio::io::split(client);
         let (mut server_r, mut server_w) = tokio::io::split(server);
@@ -76,5 +92,6 @@ mod tests {
         client_r.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"thanks");
         assert_eq!(relay.await.unwrap().unwrap(), (300_000, 6));
+        assert_eq!(up.load(std::sync::atomic::Ordering::Relaxed), 300_000);
     }
 }
