@@ -137,7 +137,9 @@ fn sysctl(ns: &str, settings: &[&str]) -> io::Result<()> {
     run(&mut cmd).map(drop)
 }
 
-/// The cgroup v2 mount point, from `/proc/self/mountinfo`.
+/// The cgroup v2 mount point, from `/proc/self/mountinfo`. The agent has its own copy
+/// (`mesh_agent::datapath::cgroup2_root`): this crate must not depend on `mesh-agent`, because
+/// `xtask` (which runs `setup` before bpf-linker exists) depends on it.
 pub fn cgroup2_root() -> io::Result<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     info.lines()
