@@ -146,7 +146,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
 
     let metrics = Arc::new(Metrics::new()?);
-    let dir = ManifestDir::new(&config.manifests);
+    let mut dir = ManifestDir::new(&config.manifests);
     let initial = dir.initial(&metrics)?;
 
     let provider = tls::provider();

@@ -26,6 +26,9 @@ const POLL: Duration = Duration::from_millis(250);
 
 pub struct ManifestDir {
     path: PathBuf,
+    /// The version of the directory the last load saw (taken before reading it, so a change
+    /// made while reading is noticed on the next poll).
+    seen: Fingerprint,
 }
 
 /// What identifies one version of the directory without reading every file.
@@ -33,7 +36,10 @@ type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
 impl ManifestDir {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self {
+            path: path.into(),
+            seen: Fingerprint::new(),
+        }
     }
 
     fn files(&self) -> Result<Vec<PathBuf>, ManifestError> {
@@ -86,15 +92,15 @@ impl ManifestDir {
     }
 
     /// Loads the directory once; a failure here stops start-up.
-    pub fn initial(&self, metrics: &Metrics) -> Result<Arc<Snapshot>, ManifestError> {
+    pub fn initial(&mut self, metrics: &Metrics) -> Result<Arc<Snapshot>, ManifestError> {
+        self.seen = self.fingerprint();
         let result = self.load();
         metrics.manifest_reload(result.is_ok());
         Ok(Arc::new(result?))
     }
 
     /// Polls the directory and publishes each new valid snapshot until `tx` has no receivers.
-    pub async fn watch(self, tx: watch::Sender<Arc<Snapshot>>, metrics: Arc<Metrics>) {
-        let mut last = self.fingerprint();
+    pub async fn watch(mut self, tx: watch::Sender<Arc<Snapshot>>, metrics: Arc<Metrics>) {
         let mut interval = tokio::time::interval(POLL);
         loop {
             interval.tick().await;
@@ -102,10 +108,10 @@ impl ManifestDir {
                 return;
             }
             let now = self.fingerprint();
-            if now == last {
+            if now == self.seen {
                 continue;
             }
-            last = now;
+            self.seen = now;
             match self.load() {
                 Ok(snapshot) => {
                     info!(dir = %self.path.display(), "manifests changed; new state in force");
