@@ -6,7 +6,7 @@
 //! in network byte order.
 #![no_std]
 
-/// Pinned-free map names, as they appear in the object file.
+/// Map names, as they appear in the object file.
 pub mod maps {
     pub const ENROLLED: &str = "ENROLLED";
     pub const PROXY: &str = "PROXY";
@@ -75,9 +75,6 @@ pub struct Redirect {
     /// The client's own address once established (zero before).
     pub client: SockAddrV4,
 }
-
-/// Key of `EXCLUDED_NETS`, an LPM trie: prefix length then the address.
-pub type NetKey = u32;
 
 /// Indexes into the `COUNTERS` per-CPU array.
 pub mod counters {

@@ -232,36 +232,33 @@ impl TrustBundle {
     ) -> Result<(), rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
         let algs = self.provider.signature_verification_algorithms.all;
-        let first = verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.anchors().roots,
-            intermediates,
-            now,
-            algs,
-        );
-        match first {
-            // An anchor may have appeared since (another agent's --dev-ca): look once more.
+        self.verify_with_refresh(|anchors| {
+            verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                &anchors.roots,
+                intermediates,
+                now,
+                algs,
+            )
+        })
+    }
+
+    /// Runs `verify` against the current anchors; if the issuer is unknown and the anchors
+    /// changed on disk (another agent's `--dev-ca` anchor appeared), once more with the new.
+    fn verify_with_refresh<T>(
+        &self,
+        verify: impl Fn(&Anchors) -> Result<T, rustls::Error>,
+    ) -> Result<T, rustls::Error> {
+        match verify(&self.anchors()) {
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
                 if self.refresh() =>
             {
-                verify_server_cert_signed_by_trust_anchor(
-                    &parsed,
-                    &self.anchors().roots,
-                    intermediates,
-                    now,
-                    algs,
-                )
+                verify(&self.anchors())
             }
             other => other,
         }
     }
-}
 
-fn no_tls12() -> rustls::Error {
-    rustls::Error::General("TLS 1.2 is not allowed in the mesh".into())
-}
-
-impl TrustBundle {
     fn verify_tls13(
         &self,
         message: &[u8],
@@ -281,6 +278,10 @@ impl TrustBundle {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+fn no_tls12() -> rustls::Error {
+    rustls::Error::General("TLS 1.2 is not allowed in the mesh".into())
 }
 
 fn identity_error(e: Error) -> rustls::Error {
@@ -308,20 +309,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verify = || {
-            self.bundle
-                .anchors()
+        self.bundle.verify_with_refresh(|anchors| {
+            anchors
                 .client_verifier
                 .verify_client_cert(end_entity, intermediates, now)
-        };
-        match verify() {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
-                if self.bundle.refresh() =>
-            {
-                verify()?
-            }
-            other => other?,
-        };
+        })?;
         let id = peer_identity(end_entity).map_err(identity_error)?;
         if id.trust_domain() != self.trust_domain {
             return Err(rustls::Error::General(format!(

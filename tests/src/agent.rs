@@ -120,14 +120,18 @@ impl Agent {
 
     /// GET on one of the agent's ports, from inside the node's namespace.
     pub fn get(&self, port: u16, path: &str) -> io::Result<http::Response> {
-        let addr = self.addr(port);
-        let path = path.to_owned();
-        netns::run_in(&self.netns, move || http::get(addr, &path))?
+        self.get_at(self.addr(port), path)
     }
 
     /// GET on the admin port (127.0.0.1:15000 inside the node's namespace).
     pub fn admin(&self, path: &str) -> io::Result<http::Response> {
-        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15000));
+        self.get_at(
+            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15000)),
+            path,
+        )
+    }
+
+    fn get_at(&self, addr: SocketAddr, path: &str) -> io::Result<http::Response> {
         let path = path.to_owned();
         netns::run_in(&self.netns, move || http::get(addr, &path))?
     }

@@ -143,3 +143,16 @@ pub fn source_side() -> [(&'static str, &'static str); 1] {
 pub fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
     agent.metric(name, labels).expect("scrape metrics")
 }
+
+/// The serial of the certificate `agent` currently holds for `identity` (from `/certs`).
+pub fn cert_serial(agent: &Agent, identity: &str) -> String {
+    let certs = agent.admin("/certs").expect("admin /certs").body;
+    let at = certs
+        .find(&format!("\"{identity}\""))
+        .unwrap_or_else(|| panic!("{identity} not in {certs}"));
+    let rest = certs[at..]
+        .split("\"serial\": \"")
+        .nth(1)
+        .expect("a serial after the identity");
+    rest[..rest.find('"').expect("closing quote")].to_owned()
+}

@@ -126,16 +126,8 @@ fn each_service_account_arrives_with_its_own_identity() {
     );
 
     // n1 holds one certificate per service account; n2 saw exactly those on the wire.
-    let certs = n1.admin("/certs").expect("admin /certs").body;
-    let serial_of = |sa: &str| {
-        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
-        let at = certs
-            .find(&id)
-            .unwrap_or_else(|| panic!("{id} not in {certs}"));
-        let rest = &certs[at..];
-        let s = rest.split("\"serial\": \"").nth(1).expect("serial");
-        s[..s.find('"').expect("quote")].to_owned()
-    };
+    let serial_of =
+        |sa: &str| cert_serial(&n1, &format!("spiffe://cluster.local/ns/default/sa/{sa}"));
     let (client_serial, robot_serial) = (serial_of("client"), serial_of("robot"));
     assert_ne!(client_serial, robot_serial);
     let log = n2.log_text();
@@ -439,12 +431,7 @@ fn certificates_rotate_under_a_long_lived_connection() {
         .stdout(std::process::Stdio::piped());
     let streamer = stream.spawn().expect("start stream");
 
-    let serial_now = || {
-        let certs = n1.admin("/certs").expect("/certs").body;
-        let at = certs.find(CLIENT_ID).expect("client identity held");
-        let s = certs[at..].split("\"serial\": \"").nth(1).expect("serial");
-        s[..s.find('"').expect("quote")].to_owned()
-    };
+    let serial_now = || cert_serial(&n1, CLIENT_ID);
     let before = serial_now();
     eventually_for(
         "the client certificate to renew",

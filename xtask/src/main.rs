@@ -168,7 +168,11 @@ fn test() -> anyhow::Result<()> {
         .into_iter()
         .flatten()
         .flatten()
-        .any(|e| e.file_name().to_string_lossy().starts_with("mt-"))
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(mesh_agent_tests::testbed::PREFIX)
+        })
     {
         bail!("tests left testbed namespaces behind (see /run/netns); teardown is broken");
     }

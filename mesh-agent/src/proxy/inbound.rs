@@ -221,8 +221,8 @@ async fn connect(
     };
     let snapshot = inputs.state.borrow().clone();
     let Some(pod) = snapshot
-        .local_pods(&inputs.node)
-        .find(|p| p.ip == Some(*target.ip()))
+        .pod_by_ip(*target.ip())
+        .filter(|p| p.is_enrolled_on(&inputs.node))
         .cloned()
     else {
         return refuse(
@@ -293,7 +293,6 @@ async fn connect(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let metrics = inputs.metrics.clone();
     tokio::spawn(async move {
-        let mut upstream = upstream;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -301,19 +300,8 @@ async fn connect(
                 return;
             }
         };
-        let mut tunnel = TokioIo::new(upgraded);
-        let guard = metrics.open_connection(&labels);
         // The tunnel carries what the client sent; the pod's answers are what it receives.
-        let result = super::relay::relay(
-            &mut tunnel,
-            &mut upstream,
-            |n| guard.sent.inc_by(n),
-            |n| guard.received.inc_by(n),
-        )
-        .await;
-        if let Err(e) = result {
-            debug!(%target, "relay ended with an error: {e}");
-        }
+        super::relay::relay_recorded(&metrics, &labels, TokioIo::new(upgraded), upstream).await;
     });
     Response::new(Empty::new())
 }

@@ -8,13 +8,14 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
 use tracing::{debug, info, warn};
 
-use super::{hbone::HboneConnector, inbound::Baggage, ClientAddr, OrigDstAddr};
+use super::{
+    hbone::HboneConnector, inbound::Baggage, relay::relay_recorded, ClientAddr, OrigDstAddr,
+};
 use crate::{
     datapath::OrigDstTable,
     identity::Identity,
@@ -180,58 +181,67 @@ async fn proxy_connection(
     );
     let _ = client_stream.set_nodelay(true);
 
-    match route {
+    let result = match route {
         Route::Hbone {
             source,
             destination,
             node_ip,
         } => {
             let baggage = Baggage::header(&labels.source_workload, &labels.source_namespace);
-            let tunnel = match inputs
+            match inputs
                 .hbone
                 .connect(&source, &destination, node_ip, endpoint, &baggage)
                 .await
             {
-                Ok(t) => t,
-                Err(e) => {
-                    inputs.metrics.connect_failed(&labels);
-                    return Err(Error::Hbone {
-                        endpoint,
-                        orig,
-                        client,
-                        source: e,
-                    });
+                Ok(tunnel) => {
+                    relay_recorded(&inputs.metrics, &labels, client_stream, tunnel).await;
+                    Ok(())
                 }
-            };
-            relay(inputs, labels, client_stream, tunnel).await;
+                Err(e) => Err(Error::Hbone {
+                    endpoint,
+                    orig,
+                    client,
+                    source: e,
+                }),
+            }
         }
-        Route::Direct => {
-            let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await;
-            let upstream = match connect {
-                Ok(Ok(s)) => s,
-                Ok(Err(source)) => {
-                    inputs.metrics.connect_failed(&labels);
-                    return Err(Error::Connect {
-                        endpoint,
-                        orig,
-                        client,
-                        source,
-                    });
-                }
-                Err(_) => {
-                    inputs.metrics.connect_failed(&labels);
-                    return Err(Error::ConnectTimeout {
-                        endpoint,
-                        orig,
-                        client,
-                    });
-                }
-            };
-            let _ = upstream.set_nodelay(true);
-            relay(inputs, labels, client_stream, upstream).await;
-        }
+        Route::Direct => match connect_direct(endpoint, orig, client).await {
+            Ok(upstream) => {
+                relay_recorded(&inputs.metrics, &labels, client_stream, upstream).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+    };
+    if result.is_err() {
+        inputs.metrics.connect_failed(&labels);
     }
-    Ok(())
+    result
+}
+
+/// A plain TCP connection to `endpoint`, within [`CONNECT_TIMEOUT`].
+async fn connect_direct(
+    endpoint: SocketAddrV4,
+    orig: OrigDstAddr,
+    client: ClientAddr,
+) -> Result<TcpStream, Error> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(source)) => Err(Error::Connect {
+            endpoint,
+            orig,
+            client,
+            source,
+        }),
+        Err(_) => Err(Error::ConnectTimeout {
+            endpoint,
+            orig,
+            client,
+        }),
+    }
 }
 
 /// How a captured connection leaves the node.
@@ -244,24 +254,4 @@ enum Route {
     },
     /// Plain TCP: a pod on this node (identity known in-process), or outside the mesh.
     Direct,
-}
-
-/// Copies both ways until both sides are done (see `relay`), recording the connection.
-async fn relay(
-    inputs: &ProxyInputs,
-    labels: ConnectionLabels,
-    mut client: TcpStream,
-    mut upstream: impl AsyncRead + AsyncWrite + Unpin,
-) {
-    let guard = inputs.metrics.open_connection(&labels);
-    let result = super::relay::relay(
-        &mut client,
-        &mut upstream,
-        |n| guard.sent.inc_by(n),
-        |n| guard.received.inc_by(n),
-    )
-    .await;
-    if let Err(e) = result {
-        debug!("relay ended with an error: {e}");
-    }
 }

@@ -6,6 +6,9 @@
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::debug;
+
+use crate::metrics::{ConnectionLabels, Metrics};
 
 const SMALL: usize = 2 << 10;
 const LARGE: usize = 64 << 10;
@@ -25,6 +28,20 @@ where
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
     tokio::try_join!(pump(ar, bw, a_to_b), pump(br, aw, b_to_a))
+}
+
+/// [`relay`] recorded as one connection: opened now, bytes counted live (`a` is the client
+/// side: what it sends is `sent`), closed when both directions end.
+pub async fn relay_recorded<A, B>(metrics: &Metrics, labels: &ConnectionLabels, a: A, b: B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let guard = metrics.open_connection(labels);
+    let result = relay(a, b, |n| guard.sent.inc_by(n), |n| guard.received.inc_by(n)).await;
+    if let Err(e) = result {
+        debug!("relay ended with an error: {e}");
+    }
 }
 
 async fn pump<R, W>(mut from: R, mut to: W, count: impl Fn(u64)) -> io::Result<u64>

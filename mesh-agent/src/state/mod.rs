@@ -50,6 +50,11 @@ pub struct ServiceTarget {
 }
 
 impl Workload {
+    /// Whether this pod's traffic is captured on `node` (and it has an address).
+    pub fn is_enrolled_on(&self, node: &str) -> bool {
+        self.enrolled && self.ip.is_some() && self.node.as_deref() == Some(node)
+    }
+
     pub fn identity(&self, trust_domain: &str) -> crate::identity::Identity {
         crate::identity::Identity::new(trust_domain, &self.namespace, &self.service_account)
     }
@@ -204,9 +209,7 @@ impl Snapshot {
 
     /// Enrolled pods with an address, scheduled on `node`.
     pub fn local_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
-        self.pods
-            .iter()
-            .filter(move |p| p.enrolled && p.ip.is_some() && p.node.as_deref() == Some(node))
+        self.pods.iter().filter(move |p| p.is_enrolled_on(node))
     }
 
     pub fn resolve(&self, dst: SocketAddrV4) -> Destination {
