@@ -21,9 +21,27 @@ pub mod maps {
 /// Program names, as they appear in the object file.
 pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
     pub const GETPEERNAME4: &str = "mesh_getpeername4";
+    pub const GETPEERNAME6: &str = "mesh_getpeername6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const ANTI_SPOOF: &str = "mesh_anti_spoof";
+}
+
+/// Socket marks the agent puts on the sockets it opens inside a pod's network namespace. The
+/// capture programs leave marked sockets alone (the agent dialling on a pod's behalf must not be
+/// captured again). Marks never leave the pod's namespace: the kernel clears them when a packet
+/// crosses the veth.
+pub mod marks {
+    /// An outbound connection the proxy opens from the client pod's namespace.
+    pub const OUTBOUND: u32 = 0x5a0;
+    /// A connection the proxy delivers to a pod with the remote client's address as its source
+    /// (transparent). Inside the pod, packets so marked route to the local stack, which is how
+    /// the pod's replies to a remote address come back to the proxy's socket.
+    pub const INBOUND: u32 = 0x5a1;
+    /// The bits the two marks differ in are outside this mask; the policy-routing rule matches
+    /// `INBOUND` exactly under it.
+    pub const MASK: u32 = 0xfff;
 }
 
 /// Capacity of the per-connection maps. They are LRU maps, so a burst beyond this evicts the
@@ -74,17 +92,49 @@ pub struct Redirect {
     pub orig_dst: SockAddrV4,
     /// The client's own address once established (zero before).
     pub client: SockAddrV4,
+    /// The network namespace the connecting socket lives in, as the kernel saw it at
+    /// `connect()`: who the client is.
+    pub netns_cookie: u64,
+}
+
+/// What the proxy learns about an accepted connection (value of `ORIG_DST`, keyed by the
+/// client's address as the proxy sees it). The proxy deletes the entry once read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub dst: SockAddrV4,
+    pub netns_cookie: u64,
+}
+
+/// The addresses a pod may send from (value of `SPOOF_GUARD`, keyed by the ifindex of its
+/// host-side veth). An all-zero `ip6` means the pod has no IPv6 address: only link-local and
+/// unspecified IPv6 sources pass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodAddrs {
+    pub ip4: u32,
+    pub _pad: u32,
+    /// Network byte order, as in the IPv6 header.
+    pub ip6: [u8; 16],
 }
 
 /// Indexes into the `COUNTERS` per-CPU array.
 pub mod counters {
-    /// Connections rewritten to the node proxy by `connect4`.
+    /// Connections rewritten to the node proxy by `connect4`/`connect6` (entries added to
+    /// `REDIRECTS`).
     pub const REDIRECTED: u32 = 0;
     /// Packets from a pod whose source address is not the pod's own, dropped by TC.
     pub const SPOOFED_DROPPED: u32 = 1;
     /// Established redirected connections whose original destination could not be published.
     pub const ORIG_DST_PUBLISH_FAILED: u32 = 2;
-    pub const LEN: u32 = 3;
+    /// Redirected sockets that closed (entries removed from `REDIRECTS`).
+    pub const REDIRECT_CLOSED: u32 = 3;
+    /// Original destinations published to `ORIG_DST`.
+    pub const ORIG_DST_PUBLISHED: u32 = 4;
+    /// Frames from a pod of a kind a pod has no business sending (neither IPv4, IPv6 nor ARP),
+    /// dropped by TC.
+    pub const FOREIGN_DROPPED: u32 = 5;
+    pub const LEN: u32 = 6;
 }
 
 #[cfg(feature = "user")]
@@ -95,4 +145,6 @@ mod user {
     unsafe impl aya::Pod for EnrolledPod {}
     unsafe impl aya::Pod for ProxyConfig {}
     unsafe impl aya::Pod for Redirect {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for PodAddrs {}
 }

@@ -20,11 +20,13 @@ use tracing::info;
 use crate::{
     admin,
     datapath::{self, Datapath, Exclusions},
+    enrolled::EnrolledPods,
     identity::{
         ca::{self, CertificateAuthority, DevCa},
         manager::IdentityManager,
     },
     metrics::Metrics,
+    podnet,
     proxy::{
         hbone::HboneConnector,
         inbound::{self, InboundInputs},
@@ -53,6 +55,7 @@ pub struct Config {
     pub admin_port: u16,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<(Ipv4Addr, u8)>,
+    pub max_connections_per_pod: usize,
     pub trust_domain: String,
     pub identity: IdentitySource,
     /// Lifetime of the workload certificates the agent mints.
@@ -94,6 +97,8 @@ pub enum Error {
     Ca(#[from] ca::Error),
     #[error("TLS: {0}")]
     Tls(#[from] tls::Error),
+    #[error("{0}")]
+    AgentNetns(#[source] std::io::Error),
     #[error("writing the dev trust anchor to {path}: {source}")]
     DevAnchor {
         path: PathBuf,
@@ -144,6 +149,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    podnet::remember_agent_netns().map_err(Error::AgentNetns)?;
 
     let metrics = Arc::new(Metrics::new()?);
     let mut dir = ManifestDir::new(&config.manifests);
@@ -180,6 +186,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     );
 
     let (state_tx, state_rx) = watch::channel(initial);
+    let (enrolled_tx, enrolled_rx) = watch::channel(Arc::new(EnrolledPods::default()));
     let ready = Arc::new(AtomicBool::new(false));
     let reconciler = Reconciler::new(
         config.node.clone(),
@@ -188,6 +195,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         identities.clone(),
         metrics.clone(),
         ready.clone(),
+        enrolled_tx,
     );
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -210,6 +218,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             node: config.node.clone(),
             trust_domain: config.trust_domain.clone(),
             state: state_rx.clone(),
+            enrolled: enrolled_rx.clone(),
             metrics: metrics.clone(),
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
         }),
@@ -218,6 +227,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         outbound_listener,
         Arc::new(ProxyInputs {
             state: state_rx,
+            enrolled: enrolled_rx,
             orig_dst: orig_dst.clone(),
             metrics: metrics.clone(),
             hbone: Arc::new(HboneConnector::new(
@@ -227,7 +237,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
             )),
             node: config.node.clone(),
             trust_domain: config.trust_domain.clone(),
-            listen: outbound_addr,
+            node_addrs: node_addrs.clone(),
+            max_connections_per_pod: config.max_connections_per_pod,
         }),
     ));
     let admin = {

@@ -109,6 +109,10 @@ pub struct RunArgs {
     /// Destination CIDR never captured, e.g. 10.0.0.0/8 (repeatable).
     #[arg(long = "exclude-cidr", value_parser = parse_cidr)]
     pub exclude_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// Connections one pod may hold through the node proxy at once; more are refused and
+    /// counted in `mesh_outbound_refused_total{reason="connection_limit"}`.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_pod: u32,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

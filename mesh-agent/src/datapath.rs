@@ -12,11 +12,13 @@ use std::{
     collections::HashMap as StdHashMap,
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray},
     programs::{
         tc::SchedClassifierLinkId, CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps,
         TcAttachType,
@@ -24,7 +26,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_agent_common::{
-    counters, maps, programs, EnrolledPod, ProxyConfig, Redirect, SockAddrV4 as RawAddr,
+    counters, maps, programs, EnrolledPod, OrigDst, PodAddrs, ProxyConfig, SockAddrV4 as RawAddr,
 };
 
 use crate::metrics::DatapathStats;
@@ -116,19 +118,71 @@ pub fn cgroup2_root() -> Result<PathBuf, Error> {
         .ok_or(Error::NoCgroup2)
 }
 
+/// What the kernel recorded about a captured connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Captured {
+    /// Where the application wanted to go.
+    pub orig_dst: SocketAddrV4,
+    /// The network namespace the application connected from: who the client is.
+    pub netns_cookie: u64,
+}
+
 /// Read side of the per-connection maps, shared with the proxy.
 pub struct OrigDstTable {
-    orig_dst: HashMap<MapData, RawAddr, RawAddr>,
-    redirects: HashMap<MapData, u64, Redirect>,
+    orig_dst: HashMap<MapData, RawAddr, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
+    /// Entries the proxy has read and deleted.
+    consumed: AtomicU64,
+}
+
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The `bpf_attr` of the element commands.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
 }
 
 impl OrigDstTable {
-    /// Where the client at `client` wanted to go, if its connection was redirected.
-    pub fn lookup(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
-        self.orig_dst.get(&raw_addr(client), 0).ok().map(from_raw)
+    /// What was recorded for the connection from `client`, removed from the map as it is read
+    /// (one syscall): the entry outlives the client socket, so a client that sent and closed
+    /// before we accepted is still served.
+    pub fn take(&self, client: SocketAddrV4) -> Option<Captured> {
+        let key = raw_addr(client);
+        let mut value = OrigDst::default();
+        let attr = ElemAttr {
+            map_fd: self.orig_dst.map().fd().as_fd().as_raw_fd() as u32,
+            _pad: 0,
+            key: (&key as *const RawAddr) as u64,
+            value: (&mut value as *mut OrigDst) as u64,
+            flags: 0,
+        };
+        // SAFETY: the attr points at a key and a value of the map's sizes, both alive for the
+        // call; aya 0.13 has no lookup-and-delete of its own.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                &attr as *const ElemAttr,
+                std::mem::size_of::<ElemAttr>(),
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        self.consumed.fetch_add(1, Ordering::Relaxed);
+        Some(Captured {
+            orig_dst: from_raw(value.dst),
+            netns_cookie: value.netns_cookie,
+        })
     }
 
+    /// The datapath's counters. Costs one read per counter, whatever the maps hold: entry
+    /// counts are kept as entries come and go, never by walking a map.
     pub fn stats(&self) -> DatapathStats {
         let sum = |i: u32| {
             self.counters
@@ -136,12 +190,15 @@ impl OrigDstTable {
                 .map(|v| v.iter().sum::<u64>())
                 .unwrap_or(0)
         };
+        let redirected = sum(counters::REDIRECTED);
         DatapathStats {
-            redirected: sum(counters::REDIRECTED),
+            redirected,
             spoofed_dropped: sum(counters::SPOOFED_DROPPED),
+            foreign_dropped: sum(counters::FOREIGN_DROPPED),
             orig_dst_publish_failed: sum(counters::ORIG_DST_PUBLISH_FAILED),
-            redirects_tracked: self.redirects.keys().count() as u64,
-            orig_dst_tracked: self.orig_dst.keys().count() as u64,
+            redirects_tracked: redirected.saturating_sub(sum(counters::REDIRECT_CLOSED)),
+            orig_dst_tracked: sum(counters::ORIG_DST_PUBLISHED)
+                .saturating_sub(self.consumed.load(Ordering::Relaxed)),
         }
     }
 }
@@ -163,7 +220,7 @@ pub struct Enrollment {
 pub struct Datapath {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
-    spoof_guard: HashMap<MapData, u32, u32>,
+    spoof_guard: HashMap<MapData, u32, PodAddrs>,
     tc_links: StdHashMap<u32, SchedClassifierLinkId>,
 }
 
@@ -190,10 +247,9 @@ impl Datapath {
             LpmTrie::try_from(take(maps::EXCLUDED_NETS)?).map_err(map_err(maps::EXCLUDED_NETS))?;
         let table = OrigDstTable {
             orig_dst: HashMap::try_from(take(maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?,
-            redirects: HashMap::try_from(take(maps::REDIRECTS)?)
-                .map_err(map_err(maps::REDIRECTS))?,
             counters: PerCpuArray::try_from(take(maps::COUNTERS)?)
                 .map_err(map_err(maps::COUNTERS))?,
+            consumed: AtomicU64::new(0),
         };
         let enrolled = HashMap::try_from(take(maps::ENROLLED)?).map_err(map_err(maps::ENROLLED))?;
         let spoof_guard =
@@ -204,7 +260,13 @@ impl Datapath {
                 .insert(port.to_be(), 1, 0)
                 .map_err(map_err(maps::EXCLUDED_PORTS))?;
         }
-        let always = [(Ipv4Addr::new(127, 0, 0, 0), 8u8)];
+        // Never captured, so never dialled by the proxy on a pod's behalf: what a pod means by
+        // these is inside its own namespace (0.0.0.0 and loopback) or its own link.
+        let always = [
+            (Ipv4Addr::UNSPECIFIED, 32u8),
+            (Ipv4Addr::new(127, 0, 0, 0), 8),
+            (Ipv4Addr::new(169, 254, 0, 0), 16),
+        ];
         let own = node_addrs.iter().map(|ip| (*ip, 32u8));
         for (net, len) in always
             .into_iter()
@@ -230,7 +292,12 @@ impl Datapath {
             path: cgroup.to_owned(),
             source,
         })?;
-        for name in [programs::CONNECT4, programs::GETPEERNAME4] {
+        for name in [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::GETPEERNAME4,
+            programs::GETPEERNAME6,
+        ] {
             let p: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(Error::MissingProgram(name))?
@@ -287,7 +354,14 @@ impl Datapath {
     fn try_enroll(&mut self, pod: &Enrollment) -> Result<(), Error> {
         if pod.anti_spoof {
             self.spoof_guard
-                .insert(pod.host_ifindex, raw_ip(pod.ip), 0)
+                .insert(
+                    pod.host_ifindex,
+                    PodAddrs {
+                        ip4: raw_ip(pod.ip),
+                        ..PodAddrs::default()
+                    },
+                    0,
+                )
                 .map_err(map_err(maps::SPOOF_GUARD))?;
             if !self.tc_links.contains_key(&pod.host_ifindex) {
                 let ifname = pod.host_ifname.clone();

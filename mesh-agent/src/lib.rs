@@ -4,6 +4,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod datapath;
+pub mod enrolled;
 pub mod identity;
 pub mod metrics;
 pub mod podnet;

@@ -74,6 +74,7 @@ pub const UNKNOWN: &str = "unknown";
 pub struct DatapathStats {
     pub redirected: u64,
     pub spoofed_dropped: u64,
+    pub foreign_dropped: u64,
     pub orig_dst_publish_failed: u64,
     pub redirects_tracked: u64,
     pub orig_dst_tracked: u64,
@@ -88,9 +89,12 @@ pub struct Metrics {
     connect_failures: IntCounterVec,
     manifest_reloads: IntCounterVec,
     pub inbound_refused: IntCounterVec,
+    pub outbound_refused: IntCounterVec,
     pub enrolled_pods: IntGauge,
+    pub pods_awaiting_enrollment: IntGauge,
     redirected: IntCounter,
     spoofed_dropped: IntCounter,
+    foreign_dropped: IntCounter,
     publish_failed: IntCounter,
     map_entries: IntGaugeVec,
 }
@@ -139,11 +143,25 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(inbound_refused.clone()))?;
+        let outbound_refused = IntCounterVec::new(
+            Opts::new(
+                "mesh_outbound_refused_total",
+                "Captured connections the outbound proxy refused, by reason.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(outbound_refused.clone()))?;
         let enrolled_pods = IntGauge::new(
             "mesh_enrolled_pods",
             "Pods on this node whose traffic is captured.",
         )?;
         registry.register(Box::new(enrolled_pods.clone()))?;
+        let pods_awaiting_enrollment = IntGauge::new(
+            "mesh_pods_awaiting_enrollment",
+            "Pods of this node that should be captured but are not (yet): their sandbox is not \
+             found, or was replaced and is being re-discovered.",
+        )?;
+        registry.register(Box::new(pods_awaiting_enrollment.clone()))?;
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
@@ -156,6 +174,10 @@ impl Metrics {
         let spoofed_dropped = counter(
             "mesh_ebpf_spoofed_packets_dropped_total",
             "Packets from pods with a source address not their own, dropped by TC.",
+        )?;
+        let foreign_dropped = counter(
+            "mesh_ebpf_foreign_frames_dropped_total",
+            "Frames from pods that are neither IPv4, IPv6 nor ARP, dropped by TC.",
         )?;
         let publish_failed = counter(
             "mesh_ebpf_orig_dst_publish_failures_total",
@@ -178,9 +200,12 @@ impl Metrics {
             connect_failures,
             manifest_reloads,
             inbound_refused,
+            outbound_refused,
             enrolled_pods,
+            pods_awaiting_enrollment,
             redirected,
             spoofed_dropped,
+            foreign_dropped,
             publish_failed,
             map_entries,
         })
@@ -214,6 +239,7 @@ impl Metrics {
         let catch_up = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
         catch_up(&self.redirected, stats.redirected);
         catch_up(&self.spoofed_dropped, stats.spoofed_dropped);
+        catch_up(&self.foreign_dropped, stats.foreign_dropped);
         catch_up(&self.publish_failed, stats.orig_dst_publish_failed);
         let set = |map: &str, v: u64| {
             self.map_entries

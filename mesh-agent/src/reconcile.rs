@@ -1,4 +1,6 @@
-//! Turns each snapshot into datapath state: enrolls this node's pods, releases those gone.
+//! Turns each snapshot into datapath state: enrolls this node's pods, releases those gone, and
+//! notices a pod whose sandbox was replaced (new network namespace and veth, same IP), which
+//! must be found and guarded again.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,14 +17,22 @@ use tracing::{debug, info, warn};
 
 use crate::{
     datapath::{Datapath, Enrollment},
+    enrolled::{EnrolledPod, EnrolledPods},
     identity::{manager::IdentityManager, Identity},
     metrics::Metrics,
-    podnet,
-    state::Snapshot,
+    podnet::{self, PodNetns},
+    state::{Snapshot, Workload},
 };
 
-/// How often pods whose namespace was not found yet are looked for again.
-const RETRY: Duration = Duration::from_millis(500);
+/// How often enrolled pods are checked for a replaced sandbox, and pods not found yet are
+/// looked for again: a replaced sandbox is guarded again within about twice this.
+const CHECK: Duration = Duration::from_millis(500);
+
+/// One enrolled pod: what the datapath holds for it and the namespace handle.
+struct Held {
+    enrollment: Enrollment,
+    pod: Arc<EnrolledPod>,
+}
 
 pub struct Reconciler {
     pub node: String,
@@ -32,7 +42,8 @@ pub struct Reconciler {
     pub metrics: Arc<Metrics>,
     /// Set while every local pod of the current snapshot is enrolled.
     pub ready: Arc<AtomicBool>,
-    enrolled: HashMap<Ipv4Addr, Enrollment>,
+    published: watch::Sender<Arc<EnrolledPods>>,
+    enrolled: HashMap<Ipv4Addr, Held>,
 }
 
 impl Reconciler {
@@ -43,6 +54,7 @@ impl Reconciler {
         identities: Arc<IdentityManager>,
         metrics: Arc<Metrics>,
         ready: Arc<AtomicBool>,
+        published: watch::Sender<Arc<EnrolledPods>>,
     ) -> Self {
         Self {
             node,
@@ -51,6 +63,7 @@ impl Reconciler {
             identities,
             metrics,
             ready,
+            published,
             enrolled: HashMap::new(),
         }
     }
@@ -62,14 +75,38 @@ impl Reconciler {
             self.ready.store(complete, Ordering::Release);
             tokio::select! {
                 changed = state.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(RETRY), if !complete => {}
+                _ = tokio::time::sleep(CHECK) => {}
             }
         }
     }
 
+    fn publish(&self) {
+        let pods = self.enrolled.values().map(|h| h.pod.clone());
+        self.published
+            .send_replace(Arc::new(EnrolledPods::new(pods)));
+    }
+
+    fn release(&mut self, ip: Ipv4Addr, why: &str) -> Option<u64> {
+        let held = self.enrolled.remove(&ip)?;
+        match self.datapath.unenroll(&held.enrollment) {
+            Ok(()) => info!(pod_ip = %ip, reason = why, "pod released"),
+            Err(err) => warn!(pod_ip = %ip, reason = why, "releasing pod: {err}"),
+        }
+        Some(held.enrollment.netns_cookie)
+    }
+
+    /// Whether the pod's sandbox is still the one we enrolled: the node still routes its IP
+    /// through the same interface, and the namespace we hold still owns the IP.
+    fn still_in_place(held: &Held) -> bool {
+        let ip = held.enrollment.ip;
+        let same_route =
+            podnet::route_interface(ip).is_ok_and(|(i, _)| i == held.enrollment.host_ifindex);
+        same_route && held.pod.netns.owns(ip)
+    }
+
     /// Returns whether every local pod is enrolled.
     async fn reconcile(&mut self, snapshot: &Snapshot) -> bool {
-        let wanted: HashMap<Ipv4Addr, _> = snapshot
+        let wanted: HashMap<Ipv4Addr, Arc<Workload>> = snapshot
             .local_pods(&self.node)
             .filter_map(|p| Some((p.ip?, p.clone())))
             .collect();
@@ -79,20 +116,44 @@ impl Reconciler {
             .map(|p| p.identity(&self.trust_domain))
             .collect();
         self.identities.sync(&identities);
-        let gone: Vec<Ipv4Addr> = self
-            .enrolled
-            .keys()
-            .filter(|ip| !wanted.contains_key(ip))
-            .copied()
-            .collect();
-        for ip in gone {
-            if let Some(e) = self.enrolled.remove(&ip) {
-                match self.datapath.unenroll(&e) {
-                    Ok(()) => info!(pod_ip = %ip, "pod left the mesh"),
-                    Err(err) => warn!(pod_ip = %ip, "releasing pod: {err}"),
+
+        let mut stale = HashSet::new();
+        let mut changed = false;
+        let held: Vec<Ipv4Addr> = self.enrolled.keys().copied().collect();
+        for ip in held {
+            let Some(h) = self.enrolled.get_mut(&ip) else {
+                continue;
+            };
+            let why = match wanted.get(&ip) {
+                None => "left the mesh",
+                Some(w) if !w.same_pod(&h.pod.workload) => "another pod now has this address",
+                Some(_) if !Self::still_in_place(h) => {
+                    "sandbox replaced (new network namespace or interface)"
                 }
+                Some(w) => {
+                    if !Arc::ptr_eq(w, &h.pod.workload) {
+                        // The same pod in a newer snapshot: keep its newest description.
+                        h.pod = Arc::new(EnrolledPod {
+                            workload: w.clone(),
+                            ip,
+                            netns: h.pod.netns.clone(),
+                            transparent: h.pod.transparent,
+                            open: h.pod.open.clone(),
+                        });
+                        changed = true;
+                    }
+                    continue;
+                }
+            };
+            changed = true;
+            if let Some(cookie) = self.release(ip, why) {
+                stale.insert(cookie);
             }
         }
+        if changed {
+            self.publish();
+        }
+
         let pending: Vec<Ipv4Addr> = wanted
             .keys()
             .filter(|ip| !self.enrolled.contains_key(ip))
@@ -100,8 +161,9 @@ impl Reconciler {
             .collect();
         if !pending.is_empty() {
             let lookup = pending.clone();
-            let found = tokio::task::spawn_blocking(move || podnet::find_namespaces(&lookup)).await;
-            let found = match found {
+            let found =
+                tokio::task::spawn_blocking(move || podnet::find_namespaces(&lookup, &stale)).await;
+            let mut found = match found {
                 Ok(Ok(found)) => found,
                 Ok(Err(e)) => {
                     warn!("{e}");
@@ -113,53 +175,91 @@ impl Reconciler {
                 }
             };
             for ip in pending {
-                let Some(pod) = wanted.get(&ip) else { continue };
-                let Some(&netns_cookie) = found.get(&ip) else {
-                    debug!(pod = %pod.name, %ip, "network namespace not found yet");
+                let Some(workload) = wanted.get(&ip) else {
                     continue;
                 };
-                let (host_ifindex, host_ifname) = match podnet::route_interface(ip) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        warn!(pod = %pod.name, "{e}");
-                        continue;
-                    }
+                let Some(netns) = found.remove(&ip) else {
+                    debug!(pod = %workload.name, %ip, "network namespace not found yet");
+                    continue;
                 };
-                // Anti-spoofing needs an interface of the pod's own: a veth nobody else uses.
-                let shared = self
-                    .enrolled
-                    .values()
-                    .any(|e| e.host_ifindex == host_ifindex);
-                let anti_spoof = !shared && podnet::is_veth(&host_ifname).unwrap_or(false);
-                if !anti_spoof {
-                    warn!(
-                        pod = %pod.name, interface = %host_ifname,
-                        "not a veth of the pod's own: no anti-spoofing for this pod"
-                    );
-                }
-                let enrollment = Enrollment {
-                    netns_cookie,
-                    ip,
-                    host_ifname,
-                    host_ifindex,
-                    anti_spoof,
-                };
-                match self.datapath.enroll(&enrollment) {
-                    Ok(()) => {
-                        info!(
-                            pod = %format!("{}/{}", pod.namespace, pod.name), %ip,
-                            veth = %enrollment.host_ifname, netns_cookie,
-                            "pod enrolled"
-                        );
-                        self.enrolled.insert(ip, enrollment);
-                    }
-                    Err(e) => warn!(pod = %pod.name, "enrolling: {e}"),
-                }
+                self.enroll(ip, workload.clone(), netns);
             }
         }
+        let enrolled = self.enrolled.len();
         self.metrics
             .enrolled_pods
-            .set(i64::try_from(self.enrolled.len()).unwrap_or(i64::MAX));
-        self.enrolled.len() == wanted.len()
+            .set(i64::try_from(enrolled).unwrap_or(i64::MAX));
+        self.metrics
+            .pods_awaiting_enrollment
+            .set(i64::try_from(wanted.len().saturating_sub(enrolled)).unwrap_or(i64::MAX));
+        enrolled == wanted.len()
+    }
+
+    fn enroll(&mut self, ip: Ipv4Addr, workload: Arc<Workload>, netns: PodNetns) {
+        let (host_ifindex, host_ifname) = match podnet::route_interface(ip) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(pod = %workload.name, "{e}");
+                return;
+            }
+        };
+        // Anti-spoofing needs an interface of the pod's own: a veth nobody else uses.
+        let shared = self
+            .enrolled
+            .values()
+            .any(|h| h.enrollment.host_ifindex == host_ifindex);
+        let anti_spoof = !shared && podnet::is_veth(&host_ifname).unwrap_or(false);
+        if !anti_spoof {
+            warn!(
+                pod = %workload.name, interface = %host_ifname,
+                "not a veth of the pod's own: no anti-spoofing for this pod"
+            );
+        }
+        let transparent = match netns.route_inbound_to_agent() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(
+                    pod = %workload.name,
+                    "cannot set up transparent delivery in the pod's namespace ({e}); \
+                     connections to it will come from the node's address"
+                );
+                false
+            }
+        };
+        let enrollment = Enrollment {
+            netns_cookie: netns.cookie,
+            ip,
+            host_ifname,
+            host_ifindex,
+            anti_spoof,
+        };
+        let pod = Arc::new(EnrolledPod {
+            workload: workload.clone(),
+            ip,
+            netns: Arc::new(netns),
+            transparent,
+            open: Arc::default(),
+        });
+        // Published before capture starts, so the proxy knows the pod of its first connection.
+        self.enrolled.insert(
+            ip,
+            Held {
+                enrollment: enrollment.clone(),
+                pod,
+            },
+        );
+        self.publish();
+        match self.datapath.enroll(&enrollment) {
+            Ok(()) => info!(
+                pod = %format!("{}/{}", workload.namespace, workload.name), %ip,
+                veth = %enrollment.host_ifname, netns_cookie = enrollment.netns_cookie,
+                "pod enrolled"
+            ),
+            Err(e) => {
+                warn!(pod = %workload.name, "enrolling: {e}");
+                self.enrolled.remove(&ip);
+                self.publish();
+            }
+        }
     }
 }

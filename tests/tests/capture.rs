@@ -31,14 +31,19 @@ fn cross_node_by_service_and_pod_ip_through_the_proxy() {
         by_service.peer, WEB_SVC,
         "getpeername() must return the dialled address"
     );
-    // n2's agent made the last hop out of the HBONE tunnel, so the server sees n2's address.
-    assert_eq!(by_service.server_saw(), "10.0.0.2");
+    // n2's agent made the last hop out of the HBONE tunnel, from inside the server pod with the
+    // client pod's address: the server sees the client, as it would with a sidecar.
+    let client_ip = bed.pod("client").ip.to_string();
+    assert_eq!(by_service.server_saw(), client_ip);
 
     let by_pod = fetch_from_pod(&bed, "client", WEB_POD);
     assert_eq!(by_pod.status, 200);
     assert!(by_pod.body.starts_with("hello from web\n"));
     assert_eq!(by_pod.peer, WEB_POD);
-    assert_eq!(by_pod.server_saw(), "10.0.0.2");
+    assert_eq!(by_pod.server_saw(), client_ip);
+    eventually("n2 to record both tunnels", || {
+        arrived_as(&n2, "client") == 2.0
+    });
 
     let svc = [
         ("source_workload", "client"),
@@ -113,9 +118,9 @@ fn host_network_and_unenrolled_pods_are_not_captured() {
     );
     assert_eq!(metric(&n1, "mesh_tcp_connections_opened_total", &[]), 0.0);
 
-    // Control: the enrolled pod on the same node is captured.
+    // Control: the enrolled pod on the same node is captured, and still seen as itself.
     let client = fetch_from_pod(&bed, "client", WEB_POD);
-    assert_eq!(client.server_saw(), "10.0.0.2");
+    assert_eq!(client.server_saw(), bed.pod("client").ip.to_string());
     assert_eq!(
         metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
         1.0
@@ -186,11 +191,13 @@ fn pods_reach_each_other_after_the_agent_stops_or_is_killed() {
     let _serial = serial();
     let bed = bed();
     let client_ip = bed.pod("client").ip.to_string();
-    let (mut n1, _n2) = agents(&bed);
+    let (mut n1, n2) = agents(&bed);
+    // Captured: the connection arrives at n2 over mTLS as the client's identity.
     assert_eq!(
         fetch_from_pod(&bed, "client", WEB_POD).server_saw(),
-        "10.0.0.2"
+        client_ip
     );
+    eventually("n2 to see the tunnel", || arrived_as(&n2, "client") == 1.0);
 
     // Clean stop: everything detached, the next connection goes direct.
     let status = n1.stop().expect("stop agent");
@@ -199,32 +206,41 @@ fn pods_reach_each_other_after_the_agent_stops_or_is_killed() {
         "agent exit status {status}; log:\n{}",
         n1.log_text()
     );
+    let direct = fetch_from_pod(&bed, "client", WEB_POD);
+    assert_eq!(direct.status, 200);
+    assert_eq!(direct.server_saw(), client_ip);
     assert_eq!(
-        fetch_from_pod(&bed, "client", WEB_POD).server_saw(),
-        client_ip
+        arrived_as(&n2, "client"),
+        1.0,
+        "went direct, not through n2"
     );
 
     // Restart: captured again.
     let mut n1 = Agent::start(&bed, "n1", &[]).expect("restart n1");
     n1.wait_ready(READY).expect("n1 ready again");
-    assert_eq!(
-        fetch_from_pod(&bed, "client", WEB_POD).server_saw(),
-        "10.0.0.2"
-    );
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_POD).status, 200);
+    eventually("n2 to see the second tunnel", || {
+        arrived_as(&n2, "client") == 2.0
+    });
 
     // kill -9: no chance to clean up, yet nothing keeps redirecting into the dead listener.
     n1.kill9().expect("kill -9");
     let direct = fetch_from_pod(&bed, "client", WEB_POD);
     assert_eq!(direct.status, 200);
     assert_eq!(direct.server_saw(), client_ip);
+    assert_eq!(
+        arrived_as(&n2, "client"),
+        2.0,
+        "went direct, not through n2"
+    );
 
     // A restart after the crash takes over cleanly.
     let mut n1 = Agent::start(&bed, "n1", &[]).expect("restart n1 after kill");
     n1.wait_ready(READY).expect("n1 ready after kill");
-    assert_eq!(
-        fetch_from_pod(&bed, "client", WEB_SVC).server_saw(),
-        "10.0.0.2"
-    );
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
+    eventually("n2 to see the third tunnel", || {
+        arrived_as(&n2, "client") == 3.0
+    });
     assert_eq!(
         metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
         1.0
@@ -322,8 +338,9 @@ fn same_node_traffic_is_captured_and_stays_on_the_node() {
     assert_eq!(got.status, 200);
     assert!(got.body.starts_with("hello from near\n"), "{}", got.body);
     assert_eq!(got.peer, addr);
-    // n1's proxy connected onwards itself: no tunnel, no TLS, identities known in-process.
-    assert_eq!(got.server_saw(), "10.0.0.1");
+    // n1's proxy connected onwards itself, from inside the client pod's namespace: no tunnel,
+    // no TLS, identities known in-process, and the server sees the client pod.
+    assert_eq!(got.server_saw(), bed.pod("client").ip.to_string());
     eventually("the connection to close", || {
         metric(&n1, "mesh_tcp_connections_closed_total", &source_side()) == 1.0
     });

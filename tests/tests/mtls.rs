@@ -36,9 +36,10 @@ fn cross_node_bytes_are_encrypted_on_the_fabric() {
     let (_n1, n2) = agents(&bed);
     let marker = "/very-secret-marker-4f1c";
 
-    // Everything n1 sends to or receives from the fabric, and everything on web's own veth.
+    // Everything n1 sends to or receives from the fabric, and the last hop: n2's agent delivers
+    // inside web's own namespace (with the client's address), over web's loopback.
     let fabric = Capture::start("mt-fabric", "fab-n1").expect("capture fabric");
-    let pod_link = Capture::start("mt-n2", &bed.pod("web").host_veth).expect("capture veth");
+    let pod_link = Capture::start(&bed.pod("web").netns, "lo").expect("capture web's lo");
     let got = fetch_path(
         bed.pod_command("client", meshtest()).unwrap(),
         WEB_SVC,
@@ -52,7 +53,7 @@ fn cross_node_bytes_are_encrypted_on_the_fabric() {
     // The hop n2 agent -> web pod is plaintext, so the capture method does see bodies...
     assert!(
         contains(&pod_link, marker.as_bytes()),
-        "capture saw no plaintext on the pod veth"
+        "capture saw no plaintext on web's loopback"
     );
     assert!(contains(&pod_link, b"hello from web"));
     // ...and across the fabric there is traffic, but not one readable byte of it.

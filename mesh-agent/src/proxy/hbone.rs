@@ -100,6 +100,33 @@ pub struct HboneConnector {
 /// The tunnel for one proxied connection.
 pub type Tunnel = TokioIo<hyper::upgrade::Upgraded>;
 
+/// The `forwarded` header (RFC 7239) Istio's HBONE uses to carry the client's address.
+pub const FORWARDED: &str = "forwarded";
+
+/// What one CONNECT tells the destination agent about the client.
+#[derive(Debug, Clone)]
+pub struct TunnelRequest {
+    /// The W3C baggage naming the client's workload (metric labels only).
+    pub baggage: String,
+    /// The client pod's address, so the destination pod sees it.
+    pub forwarded_for: Ipv4Addr,
+}
+
+impl TunnelRequest {
+    /// The client address in a `forwarded` header: `for=a.b.c.d` (RFC 7239). `None` when the
+    /// header is absent or says something else.
+    pub fn parse_forwarded_for(headers: &hyper::HeaderMap) -> Option<Ipv4Addr> {
+        let value = headers.get(FORWARDED)?.to_str().ok()?;
+        value.split(';').find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            if !k.eq_ignore_ascii_case("for") {
+                return None;
+            }
+            v.trim_matches('"').parse().ok()
+        })
+    }
+}
+
 impl HboneConnector {
     pub fn new(tls: Arc<MeshTls>, identities: Arc<IdentityManager>, port: u16) -> Self {
         Self {
@@ -118,7 +145,7 @@ impl HboneConnector {
         destination: &Identity,
         node: Ipv4Addr,
         target: SocketAddrV4,
-        baggage: &str,
+        request: &TunnelRequest,
     ) -> Result<Tunnel, Error> {
         let peer = SocketAddrV4::new(node, self.port);
         let credential = self
@@ -142,7 +169,7 @@ impl HboneConnector {
         };
         tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            Self::open_stream(&mut sender, peer, target, baggage),
+            Self::open_stream(&mut sender, peer, target, request),
         )
         .await
         .map_err(|_| Error::Stalled {
@@ -155,12 +182,13 @@ impl HboneConnector {
         sender: &mut http2::SendRequest<Empty<Bytes>>,
         peer: SocketAddrV4,
         target: SocketAddrV4,
-        baggage: &str,
+        tunnel: &TunnelRequest,
     ) -> Result<Tunnel, Error> {
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .header(super::inbound::BAGGAGE, baggage)
+            .header(super::inbound::BAGGAGE, &tunnel.baggage)
+            .header(FORWARDED, format!("for={}", tunnel.forwarded_for))
             .body(Empty::new())
             .map_err(|e| Error::Sni(e.to_string()))?;
         sender
@@ -240,5 +268,33 @@ impl HboneConnector {
             pool.insert(key.clone(), sender.clone());
         }
         Ok(sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded(value: &str) -> Option<Ipv4Addr> {
+        let mut headers = hyper::HeaderMap::new();
+        if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
+            headers.insert(FORWARDED, v);
+        }
+        TunnelRequest::parse_forwarded_for(&headers)
+    }
+
+    #[test]
+    fn forwarded_for() {
+        assert_eq!(forwarded("for=10.1.1.2"), Some(Ipv4Addr::new(10, 1, 1, 2)));
+        assert_eq!(
+            forwarded("proto=http; For=\"10.1.1.2\""),
+            Some(Ipv4Addr::new(10, 1, 1, 2))
+        );
+        assert_eq!(forwarded("for=unknown"), None);
+        assert_eq!(forwarded("by=10.1.1.2"), None);
+        assert_eq!(
+            TunnelRequest::parse_forwarded_for(&hyper::HeaderMap::new()),
+            None
+        );
     }
 }

@@ -1,9 +1,9 @@
 //! The HBONE inbound listener (:15008): terminates mTLS with the destination workload's
 //! certificate (chosen by SNI), accepts HTTP/2 CONNECT to this node's enrolled pods only, and
-//! relays each stream to its pod.
+//! relays each stream to its pod, from the client pod's address when its agent vouches for it.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::Duration,
 };
@@ -16,15 +16,17 @@ use hyper::{
     Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_agent_common::marks;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
-use super::hbone;
+use super::hbone::{self, TunnelRequest};
 use crate::{
+    enrolled::{EnrolledPod, EnrolledPods},
     identity::Identity,
     metrics::{ConnectionLabels, Metrics},
     state::Snapshot,
@@ -79,6 +81,7 @@ pub struct InboundInputs {
     pub node: String,
     pub trust_domain: String,
     pub state: watch::Receiver<Arc<Snapshot>>,
+    pub enrolled: watch::Receiver<Arc<EnrolledPods>>,
     pub metrics: Arc<Metrics>,
     pub acceptor: TlsAcceptor,
 }
@@ -219,12 +222,7 @@ async fn connect(
             ),
         );
     };
-    let snapshot = inputs.state.borrow().clone();
-    let Some(pod) = snapshot
-        .pod_by_ip(*target.ip())
-        .filter(|p| p.is_enrolled_on(&inputs.node))
-        .cloned()
-    else {
+    let Some(pod) = inputs.enrolled.borrow().by_ip(*target.ip()).cloned() else {
         return refuse(
             inputs,
             peer,
@@ -236,7 +234,7 @@ async fn connect(
             ),
         );
     };
-    let pod_identity = pod.identity(&inputs.trust_domain);
+    let pod_identity = pod.workload.identity(&inputs.trust_domain);
     if peer.requested.as_ref() != Some(&pod_identity) {
         return refuse(
             inputs,
@@ -250,7 +248,33 @@ async fn connect(
             ),
         );
     }
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+    // The client's address, so the pod sees it as it would with a sidecar. The claim is only
+    // taken from a peer whose certificate is that pod's identity.
+    let snapshot = inputs.state.borrow().clone();
+    let source = match TunnelRequest::parse_forwarded_for(req.headers()) {
+        Some(ip) => match snapshot.pod_by_ip(ip) {
+            Some(client) if client.identity(&inputs.trust_domain) == peer.identity => Some(ip),
+            Some(client) => {
+                return refuse(
+                    inputs,
+                    peer,
+                    StatusCode::FORBIDDEN,
+                    "forwarded_mismatch",
+                    format!(
+                        "{} claims to connect for {ip}, which is pod {}/{} of another identity",
+                        peer.identity, client.namespace, client.name
+                    ),
+                )
+            }
+            None => {
+                debug!(client = %peer.addr, claimed = %ip, "forwarded address is no pod we know; delivering from the node's address");
+                None
+            }
+        },
+        None => None,
+    };
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, deliver(&pod, source, target)).await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             return refuse(
@@ -285,8 +309,8 @@ async fn connect(
         },
         source_principal: peer.identity.to_string(),
         destination_service: crate::metrics::UNKNOWN.into(),
-        destination_workload: pod.workload.clone(),
-        destination_namespace: pod.namespace.clone(),
+        destination_workload: pod.workload.workload.clone(),
+        destination_namespace: pod.workload.namespace.clone(),
         destination_principal: pod_identity.to_string(),
         connection_security_policy: "mutual_tls",
     };
@@ -304,4 +328,23 @@ async fn connect(
         super::relay::relay_recorded(&metrics, &labels, TokioIo::new(upgraded), upstream).await;
     });
     Response::new(Empty::new())
+}
+
+/// Connects to `target` in `pod`. With a verified client address (and the pod prepared for
+/// it), the connection is opened inside the pod's namespace with that address as its source,
+/// so the pod sees the real client; otherwise it comes from the node.
+async fn deliver(
+    pod: &EnrolledPod,
+    source: Option<Ipv4Addr>,
+    target: SocketAddrV4,
+) -> std::io::Result<TcpStream> {
+    match source.filter(|_| pod.transparent) {
+        Some(ip) => {
+            let socket = pod.netns.tcp_socket(marks::INBOUND, Some(ip))?;
+            TcpSocket::from_std_stream(socket)
+                .connect(target.into())
+                .await
+        }
+        None => TcpStream::connect(target).await,
+    }
 }

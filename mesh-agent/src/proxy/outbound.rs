@@ -1,25 +1,32 @@
 //! The outbound listener (:15001): accepts redirected pod connections, finds where they were
-//! going, picks an endpoint and relays bytes both ways (half-close included).
+//! going and which pod made them, picks an endpoint and relays bytes both ways (half-close
+//! included). What it dials directly, it dials from the client pod's own network namespace.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::Duration,
 };
 
+use mesh_agent_common::marks;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
 };
 use tracing::{debug, info, warn};
 
 use super::{
-    hbone::HboneConnector, inbound::Baggage, relay::relay_recorded, ClientAddr, OrigDstAddr,
+    hbone::{HboneConnector, TunnelRequest},
+    inbound::Baggage,
+    relay::relay_recorded,
+    ClientAddr, OrigDstAddr,
 };
 use crate::{
     datapath::OrigDstTable,
+    enrolled::EnrolledPods,
     identity::Identity,
     metrics::{ConnectionLabels, Metrics},
+    podnet::PodNetns,
     state::{Destination, Snapshot},
 };
 
@@ -31,8 +38,20 @@ pub enum Error {
     NotRedirected(ClientAddr),
     #[error("connection from {0} is not IPv4; only IPv4 is captured")]
     NotIpv4(SocketAddr),
-    #[error("{client} dialled the proxy's own listener {orig}; refusing to loop")]
-    Loop {
+    #[error("connection from {client} (dialled {orig}) came from a network namespace that is no longer enrolled; refusing it")]
+    UnknownSource {
+        client: ClientAddr,
+        orig: OrigDstAddr,
+    },
+    #[error("{client} dialled {orig}, an address of the node itself or a local range; the proxy never dials those for a pod")]
+    NodeAddress {
+        client: ClientAddr,
+        orig: OrigDstAddr,
+    },
+    #[error("pod {pod} already holds {limit} proxied connections (--max-connections-per-pod); refusing {client} -> {orig}")]
+    ConnectionLimit {
+        pod: String,
+        limit: usize,
         client: ClientAddr,
         orig: OrigDstAddr,
     },
@@ -66,17 +85,46 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The `reason` label of `mesh_outbound_refused_total`, for refusals by policy of the proxy
+    /// (as opposed to failures to connect onwards).
+    fn refusal(&self) -> Option<&'static str> {
+        match self {
+            Error::NotRedirected(_) | Error::NotIpv4(_) => Some("not_redirected"),
+            Error::UnknownSource { .. } => Some("unknown_source"),
+            Error::NodeAddress { .. } => Some("node_address"),
+            Error::ConnectionLimit { .. } => Some("connection_limit"),
+            _ => None,
+        }
+    }
+}
+
 /// Everything the outbound proxy reads.
 pub struct ProxyInputs {
     pub state: watch::Receiver<Arc<Snapshot>>,
+    pub enrolled: watch::Receiver<Arc<EnrolledPods>>,
     pub orig_dst: Arc<OrigDstTable>,
     pub metrics: Arc<Metrics>,
     pub hbone: Arc<HboneConnector>,
     /// This node's name: endpoints elsewhere go through HBONE.
     pub node: String,
     pub trust_domain: String,
-    /// The listener's own address (a connection dialling it would loop).
-    pub listen: SocketAddrV4,
+    /// The node's own addresses: never dialled on a pod's behalf.
+    pub node_addrs: Vec<Ipv4Addr>,
+    /// Connections one pod may hold through the proxy at once.
+    pub max_connections_per_pod: usize,
+}
+
+/// Whether `ip` is the node itself or a range that only means something on the node (or in
+/// the pod): the proxy runs in the node's namespace, so dialling these for a pod would hand
+/// the pod the node's loopback services.
+pub fn is_node_local(ip: Ipv4Addr, node_addrs: &[Ipv4Addr]) -> bool {
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || node_addrs.contains(&ip)
 }
 
 /// Accepts until the task is dropped.
@@ -94,6 +142,13 @@ pub async fn serve(listener: TcpListener, inputs: Arc<ProxyInputs>) {
         let inputs = inputs.clone();
         tokio::spawn(async move {
             if let Err(e) = proxy_connection(&inputs, stream, peer).await {
+                if let Some(reason) = e.refusal() {
+                    inputs
+                        .metrics
+                        .outbound_refused
+                        .with_label_values(&[reason])
+                        .inc();
+                }
                 info!("outbound: {e}");
             }
         });
@@ -109,24 +164,37 @@ async fn proxy_connection(
         return Err(Error::NotIpv4(peer));
     };
     let client = ClientAddr(peer);
-    let orig = OrigDstAddr(
-        inputs
-            .orig_dst
-            .lookup(client.0)
-            .ok_or(Error::NotRedirected(client))?,
-    );
-    if orig.0 == inputs.listen {
-        return Err(Error::Loop { client, orig });
+    let captured = inputs
+        .orig_dst
+        .take(client.0)
+        .ok_or(Error::NotRedirected(client))?;
+    let orig = OrigDstAddr(captured.orig_dst);
+    // Who the client is comes from the network namespace it connected from, as the kernel saw
+    // it: never from its address.
+    let source = inputs
+        .enrolled
+        .borrow()
+        .by_netns(captured.netns_cookie)
+        .cloned()
+        .ok_or(Error::UnknownSource { client, orig })?;
+    if is_node_local(*orig.0.ip(), &inputs.node_addrs) {
+        return Err(Error::NodeAddress { client, orig });
     }
+    let _slot = source
+        .try_open(inputs.max_connections_per_pod)
+        .ok_or_else(|| Error::ConnectionLimit {
+            pod: format!("{}/{}", source.workload.namespace, source.workload.name),
+            limit: inputs.max_connections_per_pod,
+            client,
+            orig,
+        })?;
     // The connection keeps this snapshot for its whole life.
     let snapshot = inputs.state.borrow().clone();
-    let source = snapshot.pod_by_ip(*client.0.ip()).cloned();
+    let src = &source.workload;
     let mut labels = ConnectionLabels::unknown("source");
-    if let Some(src) = &source {
-        labels.source_workload = src.workload.clone();
-        labels.source_namespace = src.namespace.clone();
-        labels.source_principal = src.identity(&inputs.trust_domain).to_string();
-    }
+    labels.source_workload = src.workload.clone();
+    labels.source_namespace = src.namespace.clone();
+    labels.source_principal = src.identity(&inputs.trust_domain).to_string();
     let endpoint = match snapshot.resolve(orig.0) {
         Destination::Service(svc) => {
             labels.destination_service = svc.fqdn();
@@ -139,13 +207,16 @@ async fn proxy_connection(
         }
         Destination::Pod(_) | Destination::Passthrough => orig.0,
     };
+    if is_node_local(*endpoint.ip(), &inputs.node_addrs) {
+        return Err(Error::NodeAddress { client, orig });
+    }
     let destination = snapshot.pod_by_ip(*endpoint.ip()).cloned();
     if let Some(dst) = &destination {
         labels.destination_workload = dst.workload.clone();
         labels.destination_namespace = dst.namespace.clone();
     }
-    let route = match (&source, &destination) {
-        (Some(src), Some(dst)) if dst.enrolled => {
+    let route = match &destination {
+        Some(dst) if dst.enrolled => {
             let dst_id = dst.identity(&inputs.trust_domain);
             labels.destination_principal = dst_id.to_string();
             let remote = dst.node.as_deref() != Some(inputs.node.as_str());
@@ -183,14 +254,17 @@ async fn proxy_connection(
 
     let result = match route {
         Route::Hbone {
-            source,
+            source: source_id,
             destination,
             node_ip,
         } => {
-            let baggage = Baggage::header(&labels.source_workload, &labels.source_namespace);
+            let tunnel = TunnelRequest {
+                baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
+                forwarded_for: source.ip,
+            };
             match inputs
                 .hbone
-                .connect(&source, &destination, node_ip, endpoint, &baggage)
+                .connect(&source_id, &destination, node_ip, endpoint, &tunnel)
                 .await
             {
                 Ok(tunnel) => {
@@ -205,7 +279,7 @@ async fn proxy_connection(
                 }),
             }
         }
-        Route::Direct => match connect_direct(endpoint, orig, client).await {
+        Route::Direct => match connect_from_pod(&source.netns, endpoint, orig, client).await {
             Ok(upstream) => {
                 relay_recorded(&inputs.metrics, &labels, client_stream, upstream).await;
                 Ok(())
@@ -219,23 +293,31 @@ async fn proxy_connection(
     result
 }
 
-/// A plain TCP connection to `endpoint`, within [`CONNECT_TIMEOUT`].
-async fn connect_direct(
+/// A plain TCP connection to `endpoint` opened from inside the client pod's own network
+/// namespace, within [`CONNECT_TIMEOUT`]: the destination sees the pod's address, and the pod's
+/// network position (routes, NetworkPolicy) applies, never the node's.
+async fn connect_from_pod(
+    netns: &PodNetns,
     endpoint: SocketAddrV4,
     orig: OrigDstAddr,
     client: ClientAddr,
 ) -> Result<TcpStream, Error> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await {
+    let fail = |source| Error::Connect {
+        endpoint,
+        orig,
+        client,
+        source,
+    };
+    let socket = netns
+        .tcp_socket(marks::OUTBOUND, None)
+        .map(TcpSocket::from_std_stream)
+        .map_err(fail)?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(endpoint.into())).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
         }
-        Ok(Err(source)) => Err(Error::Connect {
-            endpoint,
-            orig,
-            client,
-            source,
-        }),
+        Ok(Err(source)) => Err(fail(source)),
         Err(_) => Err(Error::ConnectTimeout {
             endpoint,
             orig,
@@ -252,6 +334,7 @@ enum Route {
         destination: Identity,
         node_ip: std::net::Ipv4Addr,
     },
-    /// Plain TCP: a pod on this node (identity known in-process), or outside the mesh.
+    /// Plain TCP from the client pod's namespace: a pod on this node (identity known
+    /// in-process), or outside the mesh.
     Direct,
 }

@@ -55,6 +55,13 @@ impl Workload {
         self.enrolled && self.ip.is_some() && self.node.as_deref() == Some(node)
     }
 
+    /// Whether `other` describes the same pod with the same identity (labels may differ).
+    pub fn same_pod(&self, other: &Workload) -> bool {
+        self.namespace == other.namespace
+            && self.name == other.name
+            && self.service_account == other.service_account
+    }
+
     pub fn identity(&self, trust_domain: &str) -> crate::identity::Identity {
         crate::identity::Identity::new(trust_domain, &self.namespace, &self.service_account)
     }

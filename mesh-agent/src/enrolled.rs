@@ -1,0 +1,83 @@
+//! The pods this node's agent captures, as the proxy needs them: by the network namespace a
+//! connection came from (who the client is, as the kernel saw it at `connect()`) and by
+//! address (where to deliver). The reconciler publishes a new table on every change.
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use crate::{podnet::PodNetns, state::Workload};
+
+#[derive(Debug)]
+pub struct EnrolledPod {
+    pub workload: Arc<Workload>,
+    pub ip: Ipv4Addr,
+    pub netns: Arc<PodNetns>,
+    /// Whether the pod's namespace routes replies to a remote client back to the agent, so
+    /// deliveries can keep the client's address (see `PodNetns::route_inbound_to_agent`).
+    pub transparent: bool,
+    /// Connections the proxy currently holds for this pod as a client (kept across updates
+    /// of the pod's description).
+    pub open: Arc<AtomicUsize>,
+}
+
+/// One open connection counted against its pod's cap; released on drop.
+pub struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl EnrolledPod {
+    /// Takes a connection slot, unless the pod already holds `limit`.
+    pub fn try_open(&self, limit: usize) -> Option<ConnectionSlot> {
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok();
+        taken.then(|| ConnectionSlot(self.open.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct EnrolledPods {
+    by_netns: HashMap<u64, Arc<EnrolledPod>>,
+    by_ip: HashMap<Ipv4Addr, Arc<EnrolledPod>>,
+}
+
+impl EnrolledPods {
+    pub fn new(pods: impl IntoIterator<Item = Arc<EnrolledPod>>) -> Self {
+        let mut out = Self::default();
+        for pod in pods {
+            out.by_netns.insert(pod.netns.cookie, pod.clone());
+            out.by_ip.insert(pod.ip, pod);
+        }
+        out
+    }
+
+    /// The pod whose network namespace has this cookie.
+    pub fn by_netns(&self, cookie: u64) -> Option<&Arc<EnrolledPod>> {
+        self.by_netns.get(&cookie)
+    }
+
+    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<EnrolledPod>> {
+        self.by_ip.get(&ip)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_ip.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_ip.is_empty()
+    }
+}
