@@ -8,6 +8,7 @@
 )]
 
 use std::{
+    io::{BufRead, BufReader},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -175,4 +176,67 @@ pub fn cert_serial(agent: &Agent, identity: &str) -> String {
         .nth(1)
         .expect("a serial after the identity");
     rest[..rest.find('"').expect("closing quote")].to_owned()
+}
+
+/// Sends `forged` datagrams from pod `from` with a source address that is not its own
+/// (`forged_ip`, added to its interface as its root user could), then `honest` ones from its
+/// real address, all to the `web` pod on port 9000. Returns how many arrived.
+pub fn udp_from_forged_source(
+    bed: &Testbed,
+    from: &str,
+    forged_ip: &str,
+    forged: usize,
+    honest: usize,
+) -> usize {
+    let web_ip = bed.pod("web").ip;
+    let mut listen = bed.pod_command("web", meshtest()).expect("web command");
+    listen
+        .args(["udp-listen", "9000", "3000"])
+        .stdout(Stdio::piped());
+    let mut listener = listen.spawn().expect("udp listener");
+    let mut lines = BufReader::new(listener.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("line").expect("read"), "listening");
+
+    let ns = bed.pod(from).netns.clone();
+    let add = output({
+        let mut c = Command::new("ip");
+        c.args([
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{forged_ip}/32"),
+            "dev",
+            "eth0",
+        ]);
+        c
+    });
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let to = format!("{web_ip}:9000");
+    let real = bed.pod(from).ip.to_string();
+    for (source, count) in [(forged_ip, forged), (real.as_str(), honest)] {
+        let mut send = bed.pod_command(from, meshtest()).expect("pod command");
+        send.args(["udp-send", source, &to, &count.to_string()]);
+        assert!(output(send).status.success());
+    }
+    let received = lines.next().expect("line").expect("read");
+    let _ = listener.wait();
+    received
+        .strip_prefix("received=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected listener output {received:?}"))
+}
+
+/// Runs `cmd` (a `meshtest` command) and expects it to fail: what a connection that must not
+/// get through looks like. Returns its stdout, for checks on what leaked.
+pub fn must_fail(mut cmd: Command, what: &str) -> String {
+    cmd.stdin(Stdio::null());
+    let out = cmd.output().expect("run command");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{what} succeeded: {stdout}");
+    stdout
 }

@@ -226,6 +226,83 @@ fn remove_cgroup(dir: &Path) -> io::Result<()> {
     )))
 }
 
+/// The pod's namespace, its veth pair to the node, addresses and routes (as a CNI would).
+fn create_pod_network(pod: &Pod, node: &Node) -> io::Result<()> {
+    let ns = pod.netns.as_str();
+    ip(&["netns", "add", ns])?;
+    sysctl(
+        ns,
+        &[
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ],
+    )?;
+    ip(&[
+        "-n",
+        &node.netns,
+        "link",
+        "add",
+        &pod.host_veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns,
+    ])?;
+    ip(&[
+        "-n",
+        &node.netns,
+        "link",
+        "set",
+        &pod.host_veth,
+        "address",
+        GATEWAY_MAC,
+        "up",
+    ])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{}/32", pod.ip),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n", ns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
+    ])?;
+    ip(&[
+        "-n", ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "neigh",
+        "add",
+        GATEWAY,
+        "lladdr",
+        GATEWAY_MAC,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    ip(&[
+        "-n",
+        &node.netns,
+        "route",
+        "add",
+        &format!("{}/32", pod.ip),
+        "dev",
+        &pod.host_veth,
+    ])?;
+    Ok(())
+}
+
 impl Testbed {
     /// Cleans any leftovers, then builds the topology and writes its manifests.
     pub fn up(spec: &TestbedSpec) -> io::Result<Testbed> {
@@ -325,78 +402,7 @@ impl Testbed {
                 host_veth: format!("vth-{}-{idx}", node.name),
                 cgroup: cgroup.join(format!("{}-{}", node.name, pod_spec.name)),
             };
-            let ns = pod.netns.as_str();
-            ip(&["netns", "add", ns])?;
-            sysctl(
-                ns,
-                &[
-                    "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1",
-                ],
-            )?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "link",
-                "add",
-                &pod.host_veth,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns,
-            ])?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "link",
-                "set",
-                &pod.host_veth,
-                "address",
-                GATEWAY_MAC,
-                "up",
-            ])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{}/32", pod.ip),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n", ns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
-            ])?;
-            ip(&[
-                "-n", ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
-            ])?;
-            ip(&[
-                "-n",
-                ns,
-                "neigh",
-                "add",
-                GATEWAY,
-                "lladdr",
-                GATEWAY_MAC,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ])?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "route",
-                "add",
-                &format!("{}/32", pod.ip),
-                "dev",
-                &pod.host_veth,
-            ])?;
+            create_pod_network(&pod, &node)?;
             std::fs::create_dir_all(&pod.cgroup)?;
             self.pods.push(pod);
         }
@@ -495,6 +501,41 @@ impl Testbed {
             std::fs::write(self.manifests_dir().join(file), text)?;
         }
         Ok(())
+    }
+
+    /// Replaces pod `name`'s sandbox as a container runtime does when it restarts one: its
+    /// processes are killed, its veth and network namespace deleted, and a new namespace and
+    /// veth (same names, same IP) created. The Pod object, and so the manifests, stay as they
+    /// were.
+    pub fn recreate_pod(&self, name: &str) -> io::Result<()> {
+        self.remove_pod_network(name)?;
+        self.restore_pod_network(name)
+    }
+
+    /// The first half of [`Testbed::recreate_pod`]: the old sandbox is gone, no new one yet.
+    pub fn remove_pod_network(&self, name: &str) -> io::Result<()> {
+        let pod = self.pod(name);
+        let node = &self.nodes[pod.spec.node];
+        let _ = std::fs::write(pod.cgroup.join("cgroup.kill"), "1");
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &pod.netns])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: plain syscall.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        ip(&["-n", &node.netns, "link", "del", &pod.host_veth])?;
+        ip(&["netns", "del", &pod.netns])
+    }
+
+    /// The second half of [`Testbed::recreate_pod`]: a new sandbox with the same address.
+    pub fn restore_pod_network(&self, name: &str) -> io::Result<()> {
+        let pod = self.pod(name);
+        create_pod_network(pod, &self.nodes[pod.spec.node])
     }
 
     /// A command that will run inside pod `name` (its network namespace and cgroup).

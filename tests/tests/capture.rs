@@ -7,11 +7,6 @@
     reason = "tests fail loudly by design"
 )]
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-};
-
 use mesh_agent_tests::{harness::*, serial, Agent, PodSpec};
 
 #[test]
@@ -132,54 +127,10 @@ fn forged_source_addresses_are_dropped_and_counted() {
     let _serial = serial();
     let bed = bed();
     let (n1, _n2) = agents(&bed);
-    let web_ip = bed.pod("web").ip;
-
-    let mut listen = bed.pod_command("web", meshtest()).expect("web command");
-    listen
-        .args(["udp-listen", "9000", "3000"])
-        .stdout(Stdio::piped());
-    let mut listener = listen.spawn().expect("udp listener");
-    let mut lines = BufReader::new(listener.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("line").expect("read"), "listening");
-
-    // The client pod's root user adds an address that is not its own and sends from it.
-    let forged = "10.99.0.1";
-    let client_ns = bed.pod("client").netns.clone();
-    let add = output({
-        let mut c = Command::new("ip");
-        c.args([
-            "-n",
-            &client_ns,
-            "addr",
-            "add",
-            &format!("{forged}/32"),
-            "dev",
-            "eth0",
-        ]);
-        c
-    });
-    assert!(
-        add.status.success(),
-        "{}",
-        String::from_utf8_lossy(&add.stderr)
-    );
-    let to = format!("{web_ip}:9000");
-    let mut send = bed
-        .pod_command("client", meshtest())
-        .expect("client command");
-    send.args(["udp-send", forged, &to, "5"]);
-    assert!(output(send).status.success());
-    // Control: the same pod sending from its real address gets through.
-    let real = bed.pod("client").ip.to_string();
-    let mut send = bed
-        .pod_command("client", meshtest())
-        .expect("client command");
-    send.args(["udp-send", &real, &to, "3"]);
-    assert!(output(send).status.success());
-
-    let received = lines.next().expect("line").expect("read");
-    let _ = listener.wait();
-    assert_eq!(received, "received=3", "only the honest datagrams arrive");
+    // The client pod's root user adds an address that is not its own and sends from it; the
+    // same pod sending from its real address is the control.
+    let received = udp_from_forged_source(&bed, "client", "10.99.0.1", 5, 3);
+    assert_eq!(received, 3, "only the honest datagrams arrive");
     assert_eq!(
         metric(&n1, "mesh_ebpf_spoofed_packets_dropped_total", &[]),
         5.0

@@ -115,16 +115,22 @@ pub struct ProxyInputs {
     pub max_connections_per_pod: usize,
 }
 
-/// Whether `ip` is the node itself or a range that only means something on the node (or in
-/// the pod): the proxy runs in the node's namespace, so dialling these for a pod would hand
-/// the pod the node's loopback services.
+/// Whether a pod's original destination is the node itself or a range that only means
+/// something on its own host: the capture programs never redirect these, and the proxy, which
+/// runs in the node's namespace, refuses them should one arrive anyway.
 pub fn is_node_local(ip: Ipv4Addr, node_addrs: &[Ipv4Addr]) -> bool {
+    is_host_scoped(ip) || node_addrs.contains(&ip)
+}
+
+/// Addresses no Service endpoint may have. (A node address may: hostNetwork pods back
+/// Services, and the proxy dials from the client pod's namespace, where the node's address is
+/// only as reachable as it is to the pod itself.)
+fn is_host_scoped(ip: Ipv4Addr) -> bool {
     ip.is_unspecified()
         || ip.is_loopback()
         || ip.is_link_local()
         || ip.is_broadcast()
         || ip.is_multicast()
-        || node_addrs.contains(&ip)
 }
 
 /// Accepts until the task is dropped.
@@ -207,7 +213,7 @@ async fn proxy_connection(
         }
         Destination::Pod(_) | Destination::Passthrough => orig.0,
     };
-    if is_node_local(*endpoint.ip(), &inputs.node_addrs) {
+    if is_host_scoped(*endpoint.ip()) {
         return Err(Error::NodeAddress { client, orig });
     }
     let destination = snapshot.pod_by_ip(*endpoint.ip()).cloned();
@@ -337,4 +343,32 @@ enum Route {
     /// Plain TCP from the client pod's namespace: a pod on this node (identity known
     /// in-process), or outside the mesh.
     Direct,
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn node_local_destinations() {
+        let node = [Ipv4Addr::new(10, 0, 0, 1)];
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "127.8.9.10",
+            "169.254.169.254",
+            "10.0.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(is_node_local(ip.parse().unwrap(), &node), "{ip}");
+        }
+        for ip in ["10.0.0.2", "10.1.1.2", "10.96.0.10", "8.8.8.8"] {
+            assert!(!is_node_local(ip.parse().unwrap(), &node), "{ip}");
+        }
+        // A Service endpoint may be a node (hostNetwork pods), never loopback.
+        assert!(!is_host_scoped(Ipv4Addr::new(10, 0, 0, 1)));
+        assert!(is_host_scoped(Ipv4Addr::LOCALHOST));
+    }
 }

@@ -28,6 +28,12 @@ pub enum Problem {
     Field { field: String, message: String },
     #[error("duplicate object: also defined in {0}")]
     Duplicate(String),
+    #[error("pod IP {ip} is also claimed by Pod {other} (in {other_file}); two live pods cannot share an address, so neither is trusted with it")]
+    DuplicatePodIp {
+        ip: Ipv4Addr,
+        other: String,
+        other_file: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -81,6 +87,18 @@ pub struct PodStatus {
     /// The node's address: where its agent's HBONE port is.
     #[serde(default, rename = "hostIP")]
     pub host_ip: Option<Ipv4Addr>,
+    /// `Pending`, `Running`, `Succeeded`, `Failed` or `Unknown` (absent in hand-written
+    /// manifests).
+    #[serde(default)]
+    pub phase: Option<String>,
+}
+
+impl PodStatus {
+    /// Whether the pod has finished for good (`Succeeded` or `Failed`): its address is free
+    /// for another pod, and nothing of it is captured.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -107,6 +107,7 @@ impl Snapshot {
         let mut seen: HashMap<(&'static str, String, String), String> = HashMap::new();
         let mut namespaces = HashMap::new();
         let mut pods = Vec::new();
+        let mut pod_ips: HashMap<Ipv4Addr, (String, String)> = HashMap::new();
         let mut services = Vec::new();
         let mut slices: HashMap<(String, String), Vec<manifest::EndpointSlice>> = HashMap::new();
         for Located { file, object } in objects {
@@ -129,12 +130,34 @@ impl Snapshot {
                     problem: Problem::Duplicate(first.clone()),
                 });
             }
-            seen.insert(key, file);
+            seen.insert(key, file.clone());
             match object {
                 Object::Namespace(o) => {
                     namespaces.insert(o.metadata.name.clone(), o.metadata);
                 }
-                Object::Pod(o) => pods.push(o),
+                Object::Pod(o) => {
+                    // Only live pods hold an address; a finished pod's IP may be reused.
+                    let live_ip = o
+                        .status
+                        .pod_ip
+                        .filter(|_| !o.spec.host_network && !o.status.is_terminal());
+                    if let Some(ip) = live_ip {
+                        let this = format!("{}/{}", o.metadata.namespace(), o.metadata.name);
+                        if let Some((other, other_file)) = pod_ips.get(&ip) {
+                            return Err(ManifestError {
+                                file,
+                                object: format!("Pod {this}"),
+                                problem: Problem::DuplicatePodIp {
+                                    ip,
+                                    other: other.clone(),
+                                    other_file: other_file.clone(),
+                                },
+                            });
+                        }
+                        pod_ips.insert(ip, (this, file.clone()));
+                    }
+                    pods.push(o)
+                }
                 Object::Service(o) => services.push(o),
                 Object::EndpointSlice(o) => {
                     let svc = o
@@ -152,7 +175,7 @@ impl Snapshot {
         }
 
         let mut snapshot = Snapshot::default();
-        for pod in &pods {
+        for pod in pods.iter().filter(|p| !p.status.is_terminal()) {
             let meta = &pod.metadata;
             let ns_meta = namespaces.get(meta.namespace());
             let enrolled = !pod.spec.host_network
@@ -294,7 +317,7 @@ fn selected_endpoints(
         Some(IntOrString::String(_)) => return Vec::new(),
     };
     pods.iter()
-        .filter(|p| p.metadata.namespace() == namespace)
+        .filter(|p| p.metadata.namespace() == namespace && !p.status.is_terminal())
         .filter(|p| {
             selector
                 .iter()
@@ -383,6 +406,24 @@ spec:
         );
         let local: Vec<_> = s.local_pods("n1").map(|p| p.name.as_str()).collect();
         assert_eq!(local, ["web-2"]);
+    }
+
+    #[test]
+    fn two_live_pods_cannot_share_an_ip() {
+        let twin = "---\nkind: Pod\nmetadata: {name: twin, namespace: other}\nspec: {nodeName: n1}\nstatus: {podIP: 10.1.2.2, phase: Running}\n";
+        let msg = snapshot(&format!("{BASE}{twin}")).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "t.yaml: Pod other/twin: pod IP 10.1.2.2 is also claimed by Pod shop/web-1 (in t.yaml); two live pods cannot share an address, so neither is trusted with it"
+        );
+        // A finished pod gave its address back: no conflict, and it is not in the mesh.
+        let done = twin.replace("Running", "Succeeded");
+        let s = snapshot(&format!("{BASE}{done}")).unwrap();
+        assert_eq!(
+            s.pod_by_ip("10.1.2.2".parse().unwrap()).unwrap().name,
+            "web-1"
+        );
+        assert!(s.local_pods("n1").all(|p| p.name != "twin"));
     }
 
     #[test]

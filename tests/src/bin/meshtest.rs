@@ -1,8 +1,12 @@
 //! `meshtest`: the workload the testbed runs inside pods.
 //!
 //! ```text
-//! meshtest serve PORT NAME          HTTP server; the body names the pod and the peer it saw;
+//! meshtest serve [IP:]PORT NAME     HTTP server; the body names the pod and the peer it saw;
 //!                                   GET /stats answers `requests=N` (requests served before)
+//! meshtest sink PORT                reads each connection to its end and counts; a connection
+//!                                   that sends just `?` gets `conns=N bytes=M` back (the
+//!                                   connections and bytes received before it)
+//! meshtest blast ADDR BYTES COUNT   COUNT connections that each write BYTES and close at once
 //! meshtest echo PORT                echoes every byte back on each connection
 //! meshtest stream ADDR SECS         one long-lived connection to an echo server: a line every
 //!                                   100 ms, each echo checked; prints `echoed=N`
@@ -33,6 +37,8 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["serve", port, name] => serve(port, name),
+        ["sink", port] => sink(port),
+        ["blast", addr, bytes, count] => blast(addr, bytes, count),
         ["echo", port] => echo(port),
         ["stream", addr, secs] => stream(addr, secs),
         ["get", addr] => get(addr, "/"),
@@ -62,9 +68,11 @@ where
 }
 
 fn serve(port: &str, name: &str) -> Result<(), String> {
-    let port: u16 = parse("port", port)?;
-    let listener =
-        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    let addr: SocketAddr = match port.parse::<u16>() {
+        Ok(port) => SocketAddr::from(([0, 0, 0, 0], port)),
+        Err(_) => parse("address", port)?,
+    };
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let name = name.to_owned();
@@ -76,6 +84,51 @@ fn serve(port: &str, name: &str) -> Result<(), String> {
 }
 
 static SERVED: AtomicU64 = AtomicU64::new(0);
+
+fn sink(port: &str) -> Result<(), String> {
+    static CONNS: AtomicU64 = AtomicU64::new(0);
+    static BYTES: AtomicU64 = AtomicU64::new(0);
+    let port: u16 = parse("port", port)?;
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            if std::io::Read::read_to_end(&mut stream, &mut got).is_err() {
+                return;
+            }
+            if got == b"?" {
+                let _ = write!(
+                    stream,
+                    "conns={} bytes={}",
+                    CONNS.load(Ordering::SeqCst),
+                    BYTES.load(Ordering::SeqCst)
+                );
+            } else {
+                BYTES.fetch_add(got.len() as u64, Ordering::SeqCst);
+                CONNS.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    Ok(())
+}
+
+fn blast(addr: &str, bytes: &str, count: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse("address", addr)?;
+    let bytes: usize = parse("bytes", bytes)?;
+    let count: usize = parse("count", count)?;
+    let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    for i in 0..count {
+        let mut conn =
+            TcpStream::connect(addr).map_err(|e| format!("connection {i}: connect {addr}: {e}"))?;
+        conn.write_all(&payload)
+            .map_err(|e| format!("connection {i}: write: {e}"))?;
+        // Dropped here: closed at once, before anyone has necessarily accepted it.
+    }
+    println!("sent={count}");
+    Ok(())
+}
 
 fn echo(port: &str) -> Result<(), String> {
     let port: u16 = parse("port", port)?;
@@ -197,7 +250,7 @@ fn udp_listen(port: &str, wait: &str) -> Result<(), String> {
 }
 
 fn udp_send(from: &str, to: &str, count: &str) -> Result<(), String> {
-    let from: SocketAddr = parse("from", &format!("{from}:0"))?;
+    let from = SocketAddr::new(parse::<std::net::IpAddr>("from", from)?, 0);
     let to: SocketAddr = parse("to", to)?;
     let count: usize = parse("count", count)?;
     let sock = UdpSocket::bind(from).map_err(|e| format!("bind {from}: {e}"))?;

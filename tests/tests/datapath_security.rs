@@ -1,0 +1,352 @@
+//! What a pod must not get from the agent, and what it must keep: no reach into the node, its
+//! own address as the source everywhere, identity bound to its network namespace (also across
+//! a sandbox restart), IPv6 sockets captured and IPv6 spoofing dropped, bounded connections,
+//! and every byte of a connection that closes before the proxy accepts it.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests fail loudly by design"
+)]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use mesh_agent_tests::{harness::*, netns, serial, PodSpec};
+
+#[test]
+fn a_pod_cannot_reach_the_node_or_its_loopback_through_the_proxy() {
+    let _serial = serial();
+    let bed = bed();
+    // A service of the node bound to its loopback only, as kubelet's and etcd's are.
+    let mut secret = bed.node_command("n1", meshtest()).unwrap();
+    secret.args(["serve", "127.0.0.1:7070", "node-secret"]);
+    bed.spawn(secret).unwrap();
+    let (n1, _n2) = agents(&bed);
+    let on_node = || bed.node_command("n1", meshtest()).unwrap();
+    eventually("the node's loopback service to listen", || {
+        let mut c = on_node();
+        c.args(["get", "127.0.0.1:7070", "/stats"]);
+        output(c).status.success()
+    });
+
+    let node_ip = bed.node("n1").ip;
+    for addr in [
+        "0.0.0.0:15000".to_owned(),
+        "127.0.0.1:15000".to_owned(),
+        format!("{node_ip}:15000"),
+        "127.0.0.1:7070".to_owned(),
+        "0.0.0.0:7070".to_owned(),
+        format!("{node_ip}:7070"),
+    ] {
+        let mut get = bed.pod_command("client", meshtest()).unwrap();
+        get.args(["get", &addr, "/certs"]);
+        let leaked = must_fail(get, &format!("GET {addr} from the client pod"));
+        assert!(!leaked.contains("serial"), "{addr} leaked {leaked}");
+        assert!(!leaked.contains("node-secret"), "{addr} leaked {leaked}");
+    }
+    // Nothing reached the node's service, nothing was redirected, nothing dialled.
+    let stats = fetch_path(on_node(), "127.0.0.1:7070", "/stats");
+    assert_eq!(stats.body.trim(), "requests=0");
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        0.0
+    );
+    assert_eq!(metric(&n1, "mesh_tcp_connections_opened_total", &[]), 0.0);
+    assert_eq!(metric(&n1, "mesh_tcp_connect_failures_total", &[]), 0.0);
+    // The admin port is there for the node itself (so the refusals above were not luck).
+    assert_eq!(n1.admin("/certs").unwrap().status, 200);
+    // Control: the same pod's mesh traffic is captured.
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        1.0
+    );
+}
+
+#[test]
+fn a_destination_outside_the_mesh_sees_the_pod_not_the_node() {
+    let _serial = serial();
+    let bed = bed();
+    // A host-network server on the other node: not a pod, not in the mesh.
+    let mut outside = bed.node_command("n2", meshtest()).unwrap();
+    outside.args(["serve", "10.0.0.2:7071", "outside"]);
+    bed.spawn(outside).unwrap();
+    let (n1, _n2) = agents(&bed);
+    eventually("the outside server to listen", || {
+        let mut c = bed.node_command("n2", meshtest()).unwrap();
+        c.args(["get", "10.0.0.2:7071", "/stats"]);
+        output(c).status.success()
+    });
+
+    let got = fetch_from_pod(&bed, "client", "10.0.0.2:7071");
+    assert_eq!(got.status, 200);
+    assert!(got.body.starts_with("hello from outside\n"), "{}", got.body);
+    assert_eq!(got.server_saw(), bed.pod("client").ip.to_string());
+    // It was captured (and passed through from the pod's own namespace), not missed.
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        1.0
+    );
+    eventually("the passthrough to be recorded", || {
+        metric(
+            &n1,
+            "mesh_tcp_connections_closed_total",
+            &[
+                ("source_workload", "client"),
+                ("destination_workload", "unknown"),
+                ("connection_security_policy", "none"),
+            ],
+        ) == 1.0
+    });
+}
+
+#[test]
+fn a_recreated_sandbox_is_captured_and_guarded_again() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, n2) = agents(&bed);
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
+    eventually("n2 to see the client's identity", || {
+        arrived_as(&n2, "client") == 1.0
+    });
+
+    // The runtime restarts the pod's sandbox: same Pod object, same IP, new namespace and veth.
+    bed.remove_pod_network("client").unwrap();
+    eventually_for("n1 to report the gap", Duration::from_secs(2), || {
+        n1.get(15021, "/ready").is_ok_and(|r| r.status == 503)
+            && metric(&n1, "mesh_pods_awaiting_enrollment", &[]) == 1.0
+    });
+    bed.restore_pod_network("client").unwrap();
+    eventually_for(
+        "the new sandbox to be enrolled",
+        Duration::from_secs(2),
+        || {
+            metric(&n1, "mesh_pods_awaiting_enrollment", &[]) == 0.0
+                && n1.get(15021, "/ready").is_ok_and(|r| r.status == 200)
+        },
+    );
+    // Captured again: the server sees the client pod, and n2 saw its identity over mTLS.
+    let again = fetch_from_pod(&bed, "client", WEB_SVC);
+    assert_eq!(again.status, 200);
+    assert_eq!(again.server_saw(), bed.pod("client").ip.to_string());
+    eventually("n2 to see the client's identity again", || {
+        arrived_as(&n2, "client") == 2.0
+    });
+    // And the new veth is guarded.
+    let received = udp_from_forged_source(&bed, "client", "10.99.0.1", 5, 3);
+    assert_eq!(received, 3, "only the honest datagrams arrive");
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_spoofed_packets_dropped_total", &[]),
+        5.0
+    );
+}
+
+#[test]
+fn ipv6_sockets_to_ipv4_mapped_addresses_are_captured_with_identity() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, n2) = agents(&bed);
+    let client_ip = bed.pod("client").ip.to_string();
+    for (n, addr) in [
+        (1.0, "[::ffff:10.96.0.10]:80"),
+        (2.0, "[::ffff:10.1.2.2]:8080"),
+    ] {
+        let got = fetch_from_pod(&bed, "client", addr);
+        assert_eq!(got.status, 200);
+        assert!(got.body.starts_with("hello from web\n"), "{}", got.body);
+        assert_eq!(got.peer, addr, "getpeername() on the IPv6 socket");
+        assert_eq!(got.server_saw(), client_ip);
+        eventually("n2 to see the client's identity", || {
+            arrived_as(&n2, "client") == n
+        });
+    }
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        2.0
+    );
+}
+
+#[test]
+fn ipv6_packets_with_a_forged_source_are_dropped() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, _n2) = agents(&bed);
+    // The client pod's root user turns IPv6 on, adds an address that is not its own, and
+    // sends from it through its gateway.
+    let ns = bed.pod("client").netns.clone();
+    let run = |args: &[&str]| {
+        let out = output({
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns]).args(args);
+            c
+        });
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=0",
+        "net.ipv6.conf.eth0.disable_ipv6=0",
+    ]);
+    run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:99::1/128",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    run(&[
+        "ip",
+        "-6",
+        "neigh",
+        "add",
+        "fe80::1",
+        "lladdr",
+        "ee:ee:ee:ee:ee:ee",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    run(&[
+        "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+    ]);
+    let mut send = bed.pod_command("client", meshtest()).unwrap();
+    send.args(["udp-send", "fd00:99::1", "[fd00:2::2]:9000", "5"]);
+    let out = output(send);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("the forged IPv6 packets to be dropped", || {
+        metric(&n1, "mesh_ebpf_spoofed_packets_dropped_total", &[]) == 5.0
+    });
+    // Control: IPv4 from the pod's own address still flows.
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
+}
+
+#[test]
+fn two_pods_claiming_one_ip_are_rejected_and_the_last_good_state_stays() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, n2) = agents(&bed);
+    let client_ip = bed.pod("client").ip;
+    let dir = bed.manifests_dir();
+    std::fs::write(
+        dir.join("twin.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: twin\n  namespace: default\nspec:\n  nodeName: n1\n  serviceAccountName: twin\nstatus:\n  phase: Running\n  podIP: {client_ip}\n"
+        ),
+    )
+    .unwrap();
+    let expected = format!(
+        "{}: Pod default/twin: pod IP {client_ip} is also claimed by Pod default/client (in {})",
+        dir.join("twin.yaml").display(),
+        dir.join("pods.yaml").display()
+    );
+    eventually("the rejection to be logged", || {
+        n1.log_text().contains(&expected)
+    });
+    // The client keeps its own identity; the twin got nothing.
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
+    eventually("n2 to see the client's identity", || {
+        arrived_as(&n2, "client") == 1.0
+    });
+    assert_eq!(arrived_as(&n2, "twin"), 0.0);
+    assert!(!n1.admin("/certs").unwrap().body.contains("sa/twin"));
+}
+
+#[test]
+fn a_pod_over_its_connection_cap_is_refused_while_others_are_served() {
+    let _serial = serial();
+    let bed = bed_with(vec![PodSpec::new("client2", 0, "client2")]);
+    let (n1, _n2) = agents_with(&bed, &["--max-connections-per-pod", "5"]);
+    let mut hold = bed.pod_command("client", meshtest()).unwrap();
+    hold.args(["hold", WEB_SVC, "5", "60"])
+        .stdout(Stdio::null());
+    bed.spawn(hold).unwrap();
+    let held = [("source_workload", "client")];
+    eventually("the five connections to be proxied", || {
+        metric(&n1, "mesh_tcp_connections_opened_total", &held) == 5.0
+    });
+
+    let mut sixth = bed.pod_command("client", meshtest()).unwrap();
+    sixth.args(["get", WEB_SVC]);
+    must_fail(sixth, "a sixth connection from the client pod");
+    eventually("the refusal to be counted", || {
+        metric(
+            &n1,
+            "mesh_outbound_refused_total",
+            &[("reason", "connection_limit")],
+        ) == 1.0
+    });
+    assert_eq!(metric(&n1, "mesh_tcp_connections_opened_total", &held), 5.0);
+    // Another pod of the node is not affected.
+    let other = fetch_from_pod(&bed, "client2", WEB_SVC);
+    assert_eq!(other.status, 200);
+    assert!(other.body.starts_with("hello from web\n"));
+}
+
+#[test]
+fn a_client_that_sends_and_closes_at_once_delivers_every_byte() {
+    let _serial = serial();
+    let bed = bed();
+    let mut sink = bed.pod_command("web", meshtest()).unwrap();
+    sink.args(["sink", "9191"]);
+    bed.spawn(sink).unwrap();
+    let (n1, _n2) = agents(&bed);
+    const SIZE: u64 = 64 << 10;
+    const COUNT: u64 = 1000;
+    let target = format!("{}:9191", bed.pod("web").ip);
+
+    let mut blast = bed.pod_command("client", meshtest()).unwrap();
+    blast.args(["blast", &target, &SIZE.to_string(), &COUNT.to_string()]);
+    let out = output(blast);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Ask the sink (directly, from web's node) what it received.
+    let addr: SocketAddr = target.parse().unwrap();
+    let ask = || {
+        netns::run_in(&bed.node("n2").netns, move || -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.write_all(b"?")?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            Ok(answer)
+        })
+        .unwrap()
+        .unwrap()
+    };
+    let mut last = String::new();
+    eventually_for(
+        "every connection to arrive",
+        Duration::from_secs(60),
+        || {
+            last = ask();
+            last.starts_with(&format!("conns={COUNT} "))
+        },
+    );
+    assert_eq!(last, format!("conns={COUNT} bytes={}", COUNT * SIZE));
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        COUNT as f64
+    );
+}
