@@ -56,6 +56,11 @@ pub struct Config {
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<(Ipv4Addr, u8)>,
     pub max_connections_per_pod: usize,
+    /// Tunnels one HBONE connection carries at once (both directions agree on it).
+    pub max_streams_per_connection: usize,
+    /// Every HTTP listener of the agent drops a client whose request head is not complete by
+    /// then.
+    pub head_timeout: Duration,
     pub trust_domain: String,
     pub identity: IdentitySource,
     /// Lifetime of the workload certificates the agent mints.
@@ -221,6 +226,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
             enrolled: enrolled_rx.clone(),
             metrics: metrics.clone(),
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
+            handshake_timeout: config.head_timeout,
+            max_streams: config.max_streams_per_connection,
         }),
     ));
     tasks.spawn(outbound::serve(
@@ -234,6 +241,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 mesh_tls,
                 identities.clone(),
                 config.inbound_port,
+                config.max_streams_per_connection,
             )),
             node: config.node.clone(),
             trust_domain: config.trust_domain.clone(),
@@ -253,7 +261,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
             ),
         })
     };
-    tasks.spawn(admin::serve(admin_listener, admin));
+    let limits = |listener: &'static str| admin::Limits {
+        head_timeout: config.head_timeout,
+        over_capacity: metrics
+            .endpoint_over_capacity
+            .with_label_values(&[listener]),
+    };
+    tasks.spawn(admin::serve(admin_listener, admin, limits("admin")));
     let scrape = {
         let metrics = metrics.clone();
         let orig_dst = orig_dst.clone();
@@ -265,7 +279,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             _ => (StatusCode::NOT_FOUND, "try /metrics\n".to_owned()),
         })
     };
-    tasks.spawn(admin::serve(metrics_listener, scrape));
+    tasks.spawn(admin::serve(metrics_listener, scrape, limits("metrics")));
     let health = Arc::new(move |path: &str| match path {
         "/live" => (StatusCode::OK, "live\n".to_owned()),
         "/ready" if ready.load(Ordering::Acquire) => (StatusCode::OK, "ready\n".to_owned()),
@@ -275,7 +289,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         ),
         _ => (StatusCode::NOT_FOUND, "try /ready or /live\n".to_owned()),
     });
-    tasks.spawn(admin::serve(health_listener, health));
+    tasks.spawn(admin::serve(health_listener, health, limits("health")));
     info!(
         inbound = %addr(config.inbound_port), metrics = %addr(config.metrics_port),
         health = %addr(config.health_port), admin = %admin_addr,

@@ -113,6 +113,16 @@ pub struct RunArgs {
     /// counted in `mesh_outbound_refused_total{reason="connection_limit"}`.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_pod: u32,
+    /// Tunnels one HBONE connection carries at once: this agent opens another connection to a
+    /// peer beyond it, and refuses more from a peer (`mesh_inbound_refused_total{reason=
+    /// "stream_limit"}`). Every agent of a mesh should use the same value.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+    /// The metrics, health and admin listeners drop a client whose request head has not fully
+    /// arrived by then, and the HBONE port one whose TLS handshake has not (slowloris): e.g.
+    /// 10s, 2s.
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    pub head_timeout: std::time::Duration,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -128,6 +138,18 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     };
     if secs < 2 {
         return Err(format!("{s:?}: lifetime must be at least 2s"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let secs = s
+        .strip_suffix('s')
+        .unwrap_or(s)
+        .parse::<u64>()
+        .map_err(|_| format!("{s:?}: expected whole seconds, e.g. 10s"))?;
+    if secs == 0 {
+        return Err(format!("{s:?}: must be at least 1s"));
     }
     Ok(std::time::Duration::from_secs(secs))
 }

@@ -2,16 +2,9 @@
 //! connection came from (who the client is, as the kernel saw it at `connect()`) and by
 //! address (where to deliver). The reconciler publishes a new table on every change.
 
-use std::{
-    collections::HashMap,
-    net::Ipv4Addr,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-};
+use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
 
-use crate::{podnet::PodNetns, state::Workload};
+use crate::{limits::Gauge, podnet::PodNetns, state::Workload};
 
 #[derive(Debug)]
 pub struct EnrolledPod {
@@ -23,29 +16,7 @@ pub struct EnrolledPod {
     pub transparent: bool,
     /// Connections the proxy currently holds for this pod as a client (kept across updates
     /// of the pod's description).
-    pub open: Arc<AtomicUsize>,
-}
-
-/// One open connection counted against its pod's cap; released on drop.
-pub struct ConnectionSlot(Arc<AtomicUsize>);
-
-impl EnrolledPod {
-    /// Takes a connection slot, unless the pod already holds `limit`.
-    pub fn try_open(&self, limit: usize) -> Option<ConnectionSlot> {
-        let taken = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .is_ok();
-        taken.then(|| ConnectionSlot(self.open.clone()))
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+    pub open: Gauge,
 }
 
 #[derive(Debug, Default)]

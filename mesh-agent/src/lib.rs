@@ -6,6 +6,7 @@ pub mod cli;
 pub mod datapath;
 pub mod enrolled;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod podnet;
 pub mod proxy;

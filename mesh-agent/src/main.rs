@@ -52,6 +52,8 @@ fn main() -> anyhow::Result<()> {
                 exclude_ports: args.exclude_ports,
                 exclude_cidrs: args.exclude_cidrs,
                 max_connections_per_pod: args.max_connections_per_pod as usize,
+                head_timeout: args.head_timeout,
+                max_streams_per_connection: args.max_streams_per_connection as usize,
                 trust_domain: args.trust_domain,
                 identity: match (args.trust_anchors, args.issuer_cert, args.issuer_key, args.dev_ca) {
                     (Some(trust_anchors), Some(issuer_cert), Some(issuer_key), None) => {

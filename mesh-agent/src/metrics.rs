@@ -90,6 +90,7 @@ pub struct Metrics {
     manifest_reloads: IntCounterVec,
     pub inbound_refused: IntCounterVec,
     pub outbound_refused: IntCounterVec,
+    pub endpoint_over_capacity: IntCounterVec,
     pub enrolled_pods: IntGauge,
     pub pods_awaiting_enrollment: IntGauge,
     redirected: IntCounter,
@@ -151,6 +152,15 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(outbound_refused.clone()))?;
+        let endpoint_over_capacity = IntCounterVec::new(
+            Opts::new(
+                "mesh_endpoint_connections_refused_total",
+                "Connections to the agent's own HTTP endpoints closed at accept because too many \
+                 were open, by listener.",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(endpoint_over_capacity.clone()))?;
         let enrolled_pods = IntGauge::new(
             "mesh_enrolled_pods",
             "Pods on this node whose traffic is captured.",
@@ -201,6 +211,7 @@ impl Metrics {
             manifest_reloads,
             inbound_refused,
             outbound_refused,
+            endpoint_over_capacity,
             enrolled_pods,
             pods_awaiting_enrollment,
             redirected,

@@ -19,6 +19,7 @@ use crate::{
     datapath::{Datapath, Enrollment},
     enrolled::{EnrolledPod, EnrolledPods},
     identity::{manager::IdentityManager, Identity},
+    limits::Gauge,
     metrics::Metrics,
     podnet::{self, PodNetns},
     state::{Snapshot, Workload},
@@ -238,7 +239,7 @@ impl Reconciler {
             ip,
             netns: Arc::new(netns),
             transparent,
-            open: Arc::default(),
+            open: Gauge::default(),
         });
         // Published before capture starts, so the proxy knows the pod of its first connection.
         self.enrolled.insert(

@@ -350,3 +350,51 @@ fn a_client_that_sends_and_closes_at_once_delivers_every_byte() {
         COUNT as f64
     );
 }
+
+#[test]
+fn a_slow_request_head_is_cut_while_scrapes_keep_working() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, _n2) = agents_with(&bed, &["--head-timeout", "2s"]);
+    let metrics_addr: SocketAddr = format!("{}:15020", bed.node("n1").ip).parse().unwrap();
+    let pod_ns = bed.pod("client").netns.clone();
+    // From a pod (pods reach the node's address): a request head at one byte per second.
+    let slow = std::thread::spawn(move || {
+        netns::run_in(
+            &pod_ns,
+            move || -> std::io::Result<(usize, &'static str)> {
+                let mut s = TcpStream::connect_timeout(&metrics_addr, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                let head = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+                for (i, b) in head.iter().enumerate() {
+                    if s.write_all(&[*b]).is_err() {
+                        return Ok((i, "cut"));
+                    }
+                    let mut buf = [0u8; 4096];
+                    match s.read(&mut buf) {
+                        Ok(0) => return Ok((i, "cut")),
+                        Ok(n) if buf[..n].starts_with(b"HTTP/1.1 408") => return Ok((i, "cut")),
+                        Ok(_) => return Ok((i, "answered")),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                        Err(_) => return Ok((i, "cut")),
+                    }
+                }
+                Ok((head.len(), "completed"))
+            },
+        )
+        .unwrap()
+    });
+    // Scrapes meanwhile are served at once.
+    for _ in 0..3 {
+        assert!(n1.metrics().unwrap().contains("mesh_enrolled_pods 1"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (sent, outcome) = slow.join().unwrap().unwrap();
+    assert_eq!(outcome, "cut", "after {sent} bytes");
+    assert!(
+        sent < 6,
+        "the head timeout (2s) let {sent} bytes through at 1 byte/s"
+    );
+    assert!(n1.metrics().unwrap().contains("mesh_enrolled_pods 1"));
+}

@@ -340,7 +340,16 @@ fn hbone_refuses_foreign_expired_and_missing_client_certificates() {
 
 /// Sends CONNECT `target` over a valid mTLS connection to n2 and returns the status.
 fn connect_status(bed: &Testbed, target: &str) -> u16 {
-    let target = target.to_owned();
+    connect_all(bed, &[(target, None)])[0]
+}
+
+/// Sends each CONNECT (target, `forwarded` header) in turn on one mTLS connection to n2 as
+/// CLIENT_ID, keeping every accepted tunnel open, and returns the statuses.
+fn connect_all(bed: &Testbed, requests: &[(&str, Option<&str>)]) -> Vec<u16> {
+    let requests: Vec<(String, Option<String>)> = requests
+        .iter()
+        .map(|(t, f)| (t.to_string(), f.map(str::to_owned)))
+        .collect();
     let (issuer, issuer_der) = testbed_issuer(bed);
     let now = SystemTime::now();
     let cert = leaf(
@@ -367,15 +376,103 @@ fn connect_status(bed: &Testbed, target: &str) -> u16 {
                     .await
                     .unwrap();
             tokio::spawn(conn);
-            let req = hyper::Request::builder()
-                .method(hyper::Method::CONNECT)
-                .uri(target)
-                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-                .unwrap();
-            send.send_request(req).await.unwrap().status().as_u16()
+            let mut statuses = Vec::new();
+            let mut tunnels = Vec::new();
+            for (target, forwarded) in requests {
+                let mut req = hyper::Request::builder()
+                    .method(hyper::Method::CONNECT)
+                    .uri(target);
+                if let Some(f) = forwarded {
+                    req = req.header("forwarded", f);
+                }
+                let req = req
+                    .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                    .unwrap();
+                send.ready().await.unwrap();
+                let resp = send.send_request(req).await.unwrap();
+                statuses.push(resp.status().as_u16());
+                if resp.status() == hyper::StatusCode::OK {
+                    tunnels.push(hyper::upgrade::on(resp).await.unwrap());
+                }
+            }
+            statuses
         })
     })
     .unwrap()
+}
+
+#[test]
+fn hbone_caps_tunnels_per_connection_and_checks_the_forwarded_client() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, n2) = agents_with(&bed, &["--max-streams-per-connection", "3"]);
+    let client_ip = bed.pod("client").ip.to_string();
+    let web_ip = bed.pod("web").ip.to_string();
+    let own = format!("for={client_ip}");
+    let other = format!("for={web_ip}");
+    // Three tunnels fit; the fourth on the same connection is refused, not queued.
+    let statuses = connect_all(
+        &bed,
+        &[
+            (WEB_POD, Some(&own)),
+            (WEB_POD, Some(&own)),
+            (WEB_POD, None),
+            (WEB_POD, Some(&own)),
+        ],
+    );
+    assert_eq!(statuses, [200, 200, 200, 503]);
+    assert_eq!(
+        metric(
+            &n2,
+            "mesh_inbound_refused_total",
+            &[("reason", "stream_limit")]
+        ),
+        1.0
+    );
+    // A peer claiming to speak for a pod of another identity is refused.
+    assert_eq!(connect_all(&bed, &[(WEB_POD, Some(&other))]), [403]);
+    assert_eq!(
+        metric(
+            &n2,
+            "mesh_inbound_refused_total",
+            &[("reason", "forwarded_mismatch")]
+        ),
+        1.0
+    );
+
+    // The agents' own pool opens a sibling connection instead of hitting the cap: five long
+    // connections from one pod all get through, over two HBONE connections.
+    let before = arrived_as(&n2, "client");
+    let mut hold = bed.pod_command("client", meshtest()).unwrap();
+    hold.args(["hold", WEB_SVC, "5", "60"])
+        .stdout(std::process::Stdio::null());
+    bed.spawn(hold).unwrap();
+    eventually("five more tunnels to arrive", || {
+        arrived_as(&n2, "client") == before + 5.0
+    });
+    assert_eq!(
+        metric(
+            &n2,
+            "mesh_inbound_refused_total",
+            &[("reason", "stream_limit")]
+        ),
+        1.0
+    );
+    let ss = output({
+        let mut c = bed.node_command("n1", "ss").unwrap();
+        c.args(["-Htn", "state", "established", "dst", HBONE_N2]);
+        c
+    });
+    let hbone_conns = String::from_utf8_lossy(&ss.stdout).lines().count();
+    assert_eq!(hbone_conns, 2, "HBONE connections from n1 to n2");
+    assert_eq!(
+        metric(
+            &n1,
+            "mesh_tcp_connections_opened_total",
+            &[("source_workload", "client")]
+        ),
+        5.0
+    );
 }
 
 #[test]

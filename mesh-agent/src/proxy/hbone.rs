@@ -4,12 +4,16 @@
 //! Connections are pooled per (source identity and certificate, destination node, destination
 //! identity): the server certificate proves the destination workload, so streams to a
 //! different workload on the same node get their own connection, and a renewed source
-//! certificate starts a new connection while existing streams finish on the old one.
+//! certificate starts a new connection while existing streams finish on the old one. A
+//! connection carries at most `--max-streams-per-connection` tunnels (the peer refuses more);
+//! beyond that a sibling connection is opened.
 
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -17,12 +21,16 @@ use http_body_util::Empty;
 use hyper::{body::Bytes, client::conn::http2, Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::{
     identity::{manager::IdentityManager, Identity},
+    limits::{Gauge, Slot},
     tls::MeshTls,
 };
 
@@ -90,15 +98,58 @@ struct PoolKey {
     destination: Identity,
 }
 
+/// One pooled HBONE connection and the tunnels open on it.
+struct Pooled {
+    sender: http2::SendRequest<Empty<Bytes>>,
+    streams: Gauge,
+}
+
 pub struct HboneConnector {
     tls: Arc<MeshTls>,
     identities: Arc<IdentityManager>,
     port: u16,
-    pool: Mutex<HashMap<PoolKey, http2::SendRequest<Empty<Bytes>>>>,
+    /// Tunnels per connection: the peer refuses more, so a full connection gets a sibling.
+    max_streams: usize,
+    pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// One dial at a time per key: connections opened together share the first dial instead
+    /// of each opening an HBONE connection of its own.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// The tunnel for one proxied connection.
-pub type Tunnel = TokioIo<hyper::upgrade::Upgraded>;
+/// The tunnel for one proxied connection. It holds its place on the pooled connection until
+/// dropped.
+pub struct Tunnel {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    _slot: Slot,
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// The `forwarded` header (RFC 7239) Istio's HBONE uses to carry the client's address.
 pub const FORWARDED: &str = "forwarded";
@@ -128,12 +179,19 @@ impl TunnelRequest {
 }
 
 impl HboneConnector {
-    pub fn new(tls: Arc<MeshTls>, identities: Arc<IdentityManager>, port: u16) -> Self {
+    pub fn new(
+        tls: Arc<MeshTls>,
+        identities: Arc<IdentityManager>,
+        port: u16,
+        max_streams: usize,
+    ) -> Self {
         Self {
             tls,
             identities,
             port,
+            max_streams,
             pool: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -158,16 +216,16 @@ impl HboneConnector {
             node: peer,
             destination: destination.clone(),
         };
-        let mut sender = match self.pooled(&key) {
+        let (mut sender, slot) = match self.pooled(&key) {
             Some(s) => s,
-            None => tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial(&key, &credential))
+            None => tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial_once(&key, &credential))
                 .await
                 .map_err(|_| Error::Stalled {
                     peer,
                     what: "mTLS and HTTP/2 set-up",
                 })??,
         };
-        tokio::time::timeout(
+        let io = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             Self::open_stream(&mut sender, peer, target, request),
         )
@@ -175,7 +233,8 @@ impl HboneConnector {
         .map_err(|_| Error::Stalled {
             peer,
             what: "CONNECT",
-        })?
+        })??;
+        Ok(Tunnel { io, _slot: slot })
     }
 
     async fn open_stream(
@@ -183,7 +242,7 @@ impl HboneConnector {
         peer: SocketAddrV4,
         target: SocketAddrV4,
         tunnel: &TunnelRequest,
-    ) -> Result<Tunnel, Error> {
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, Error> {
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -212,24 +271,49 @@ impl HboneConnector {
         Ok(TokioIo::new(upgraded))
     }
 
-    fn pooled(&self, key: &PoolKey) -> Option<http2::SendRequest<Empty<Bytes>>> {
+    /// A pooled connection for `key` with room for one more tunnel, and that room.
+    fn pooled(&self, key: &PoolKey) -> Option<(http2::SendRequest<Empty<Bytes>>, Slot)> {
         let mut pool = self.pool.lock().ok()?;
         // Forget connections made with an older certificate; their streams carry on.
-        pool.retain(|k, s| {
-            let superseded = k.source == key.source
+        pool.retain(|k, _| {
+            !(k.source == key.source
                 && k.node == key.node
                 && k.destination == key.destination
-                && k.serial != key.serial;
-            !s.is_closed() && !superseded
+                && k.serial != key.serial)
         });
-        pool.get(key).cloned()
+        let conns = pool.get_mut(key)?;
+        conns.retain(|c| !c.sender.is_closed());
+        conns.iter().find_map(|c| {
+            let slot = c.streams.try_take(self.max_streams)?;
+            Some((c.sender.clone(), slot))
+        })
+    }
+
+    /// Dials for `key` unless a dial that was already under way left room on a connection.
+    async fn dial_once(
+        &self,
+        key: &PoolKey,
+        credential: &crate::identity::manager::Credential,
+    ) -> Result<(http2::SendRequest<Empty<Bytes>>, Slot), Error> {
+        let lock = match self.dialing.lock() {
+            Ok(mut d) => {
+                d.retain(|_, l| Arc::strong_count(l) > 1);
+                d.entry(key.clone()).or_default().clone()
+            }
+            Err(_) => Arc::default(),
+        };
+        let _turn = lock.lock().await;
+        match self.pooled(key) {
+            Some(found) => Ok(found),
+            None => self.dial(key, credential).await,
+        }
     }
 
     async fn dial(
         &self,
         key: &PoolKey,
         credential: &crate::identity::manager::Credential,
-    ) -> Result<http2::SendRequest<Empty<Bytes>>, Error> {
+    ) -> Result<(http2::SendRequest<Empty<Bytes>>, Slot), Error> {
         let peer = key.node;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
             .await
@@ -264,10 +348,16 @@ impl HboneConnector {
             }
         });
         debug!(%peer, source = %key.source, destination = %key.destination, serial = %key.serial, "HBONE connection established");
+        let streams = Gauge::default();
+        // A fresh connection always has room for the tunnel it was dialled for.
+        let slot = streams.take();
         if let Ok(mut pool) = self.pool.lock() {
-            pool.insert(key.clone(), sender.clone());
+            pool.entry(key.clone()).or_default().push(Pooled {
+                sender: sender.clone(),
+                streams,
+            });
         }
-        Ok(sender)
+        Ok((sender, slot))
     }
 }
 

@@ -28,16 +28,13 @@ use super::hbone::{self, TunnelRequest};
 use crate::{
     enrolled::{EnrolledPod, EnrolledPods},
     identity::Identity,
+    limits::Gauge,
     metrics::{ConnectionLabels, Metrics},
     state::Snapshot,
     tls,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Concurrent tunnels on one HBONE connection (hyper's default of 200 would queue the rest).
-const MAX_STREAMS: u32 = 100_000;
 
 /// The W3C `baggage` header Istio's HBONE uses to tell the destination about the source.
 pub const BAGGAGE: &str = "baggage";
@@ -84,6 +81,10 @@ pub struct InboundInputs {
     pub enrolled: watch::Receiver<Arc<EnrolledPods>>,
     pub metrics: Arc<Metrics>,
     pub acceptor: TlsAcceptor,
+    /// A client that has not finished its TLS handshake by then is dropped.
+    pub handshake_timeout: Duration,
+    /// Tunnels one HBONE connection may hold open at once.
+    pub max_streams: usize,
 }
 
 /// Who is on the other end of one inbound mTLS connection.
@@ -93,6 +94,8 @@ struct Peer {
     identity: Identity,
     /// The workload the client asked for (SNI).
     requested: Option<Identity>,
+    /// Tunnels open on this connection.
+    streams: Gauge,
 }
 
 pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
@@ -105,7 +108,7 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let accepted =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, inputs.acceptor.accept(tcp)).await;
+                tokio::time::timeout(inputs.handshake_timeout, inputs.acceptor.accept(tcp)).await;
             let tls = match accepted {
                 Ok(Ok(tls)) => tls,
                 failed => {
@@ -151,7 +154,10 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
                 addr,
                 identity,
                 requested,
+                streams: Gauge::default(),
             };
+            let max_streams =
+                u32::try_from(inputs.max_streams.saturating_add(1)).unwrap_or(u32::MAX);
             let service = service_fn(move |req| {
                 let inputs = inputs.clone();
                 let peer = peer.clone();
@@ -160,7 +166,9 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
             if let Err(e) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
-                .max_concurrent_streams(MAX_STREAMS)
+                // One above our own cap: a stream beyond it is answered (503, counted) rather
+                // than queued unseen by HTTP/2 flow control.
+                .max_concurrent_streams(max_streams)
                 .initial_stream_window_size(hbone::STREAM_WINDOW)
                 .initial_connection_window_size(hbone::CONNECTION_WINDOW)
                 .max_frame_size(hbone::MAX_FRAME)
@@ -248,6 +256,18 @@ async fn connect(
             ),
         );
     }
+    let Some(slot) = peer.streams.try_take(inputs.max_streams) else {
+        return refuse(
+            inputs,
+            peer,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stream_limit",
+            format!(
+                "{} already holds {} tunnels on this connection (--max-streams-per-connection)",
+                peer.identity, inputs.max_streams
+            ),
+        );
+    };
     // The client's address, so the pod sees it as it would with a sidecar. The claim is only
     // taken from a peer whose certificate is that pod's identity.
     let snapshot = inputs.state.borrow().clone();
@@ -317,6 +337,7 @@ async fn connect(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let metrics = inputs.metrics.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

@@ -187,7 +187,8 @@ async fn proxy_connection(
         return Err(Error::NodeAddress { client, orig });
     }
     let _slot = source
-        .try_open(inputs.max_connections_per_pod)
+        .open
+        .try_take(inputs.max_connections_per_pod)
         .ok_or_else(|| Error::ConnectionLimit {
             pod: format!("{}/{}", source.workload.namespace, source.workload.name),
             limit: inputs.max_connections_per_pod,
