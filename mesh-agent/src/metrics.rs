@@ -3,10 +3,12 @@
 //! Names follow Istio's TCP metrics with a `mesh_` prefix and Istio's label names, so existing
 //! dashboards and queries carry over with a rename.
 
+use std::{collections::HashSet, sync::Mutex};
+
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// What a proxied connection is labelled with. Unknown values are `unknown`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConnectionLabels {
     /// `source` (the client's node agent) or `destination` (the server's).
     pub reporter: &'static str,
@@ -87,6 +89,9 @@ pub struct Metrics {
     sent: IntCounterVec,
     received: IntCounterVec,
     connect_failures: IntCounterVec,
+    /// Every label set the connection series exist for, so those of workloads gone from the
+    /// cluster can be removed.
+    series: Mutex<HashSet<ConnectionLabels>>,
     manifest_reloads: IntCounterVec,
     pub inbound_refused: IntCounterVec,
     pub outbound_refused: IntCounterVec,
@@ -208,6 +213,7 @@ impl Metrics {
             sent,
             received,
             connect_failures,
+            series: Mutex::default(),
             manifest_reloads,
             inbound_refused,
             outbound_refused,
@@ -228,8 +234,45 @@ impl Metrics {
             .inc();
     }
 
+    fn remember(&self, labels: &ConnectionLabels) {
+        if let Ok(mut series) = self.series.lock() {
+            if !series.contains(labels) {
+                series.insert(labels.clone());
+            }
+        }
+    }
+
+    /// Removes the connection series of every workload `live` does not know any more, so a
+    /// node's exposition does not grow with every workload that ever ran. `live` gets a
+    /// (namespace, workload) pair; `unknown` sides are kept.
+    pub fn forget_workloads(&self, live: impl Fn(&str, &str) -> bool) {
+        let Ok(mut series) = self.series.lock() else {
+            return;
+        };
+        let gone =
+            |namespace: &str, workload: &str| workload != UNKNOWN && !live(namespace, workload);
+        series.retain(|l| {
+            let keep = !gone(&l.source_namespace, &l.source_workload)
+                && !gone(&l.destination_namespace, &l.destination_workload);
+            if !keep {
+                let values = l.values();
+                for vec in [
+                    &self.opened,
+                    &self.closed,
+                    &self.sent,
+                    &self.received,
+                    &self.connect_failures,
+                ] {
+                    let _ = vec.remove_label_values(&values);
+                }
+            }
+            keep
+        });
+    }
+
     /// Records a connection as opened; the guard counts its bytes and records its close.
     pub fn open_connection(&self, labels: &ConnectionLabels) -> ConnectionGuard {
+        self.remember(labels);
         let values = labels.values();
         self.opened.with_label_values(&values).inc();
         ConnectionGuard {
@@ -240,6 +283,7 @@ impl Metrics {
     }
 
     pub fn connect_failed(&self, labels: &ConnectionLabels) {
+        self.remember(labels);
         self.connect_failures
             .with_label_values(&labels.values())
             .inc();
@@ -284,5 +328,50 @@ pub struct ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.closed.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn labels(source: &str, destination: &str) -> ConnectionLabels {
+        ConnectionLabels {
+            source_workload: source.into(),
+            source_namespace: "default".into(),
+            destination_workload: destination.into(),
+            destination_namespace: "default".into(),
+            ..ConnectionLabels::unknown("source")
+        }
+    }
+
+    #[test]
+    fn series_of_departed_workloads_are_removed() {
+        let m = Metrics::new().unwrap();
+        drop(m.open_connection(&labels("client", "web")));
+        drop(m.open_connection(&labels("batch", "web")));
+        m.connect_failed(&labels("batch", UNKNOWN));
+        drop(m.open_connection(&labels("client", UNKNOWN)));
+        m.forget_workloads(|_, w| w != "batch");
+        let text = m.encode();
+        let has = |pairs: &[&str]| {
+            text.lines().any(|l| {
+                l.starts_with("mesh_tcp_connections_opened_total")
+                    && pairs.iter().all(|p| l.contains(p))
+            })
+        };
+        assert!(!text.contains("source_workload=\"batch\""), "{text}");
+        assert!(
+            has(&["source_workload=\"client\"", "destination_workload=\"web\""]),
+            "{text}"
+        );
+        assert!(
+            has(&[
+                "source_workload=\"client\"",
+                "destination_workload=\"unknown\""
+            ]),
+            "{text}"
+        );
     }
 }

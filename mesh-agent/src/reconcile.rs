@@ -45,6 +45,8 @@ pub struct Reconciler {
     pub ready: Arc<AtomicBool>,
     published: watch::Sender<Arc<EnrolledPods>>,
     enrolled: HashMap<Ipv4Addr, Held>,
+    /// The snapshot whose workloads the metric series were last pruned against.
+    pruned_for: Option<Arc<Snapshot>>,
 }
 
 impl Reconciler {
@@ -66,12 +68,24 @@ impl Reconciler {
             ready,
             published,
             enrolled: HashMap::new(),
+            pruned_for: None,
         }
     }
 
     pub async fn run(mut self, mut state: watch::Receiver<Arc<Snapshot>>) {
         loop {
             let snapshot = state.borrow_and_update().clone();
+            if !self
+                .pruned_for
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, &snapshot))
+            {
+                // Series of workloads that left the cluster go with them.
+                let live = snapshot.workloads();
+                self.metrics
+                    .forget_workloads(|ns, workload| live.contains(&(ns, workload)));
+                self.pruned_for = Some(snapshot.clone());
+            }
             let complete = self.reconcile(&snapshot).await;
             self.ready.store(complete, Ordering::Release);
             tokio::select! {

@@ -398,3 +398,68 @@ fn a_slow_request_head_is_cut_while_scrapes_keep_working() {
     );
     assert!(n1.metrics().unwrap().contains("mesh_enrolled_pods 1"));
 }
+
+#[test]
+fn the_series_of_a_pod_that_left_are_removed() {
+    let _serial = serial();
+    let bed = bed_with(vec![PodSpec::new("batch", 0, "batch")]);
+    let (n1, n2) = agents(&bed);
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
+    assert_eq!(fetch_from_pod(&bed, "batch", WEB_SVC).status, 200);
+    let batch = [("source_workload", "batch")];
+    let client = [("source_workload", "client")];
+    eventually("both tunnels recorded", || {
+        metric(&n2, "mesh_tcp_connections_closed_total", &batch) == 1.0
+            && metric(&n1, "mesh_tcp_connections_closed_total", &batch) == 1.0
+    });
+
+    // The batch pod is deleted.
+    let pods = bed.manifests_dir().join("pods.yaml");
+    let text = std::fs::read_to_string(&pods).unwrap();
+    let kept: Vec<&str> = text
+        .split("---\n")
+        .filter(|doc| !doc.contains("name: batch\n"))
+        .collect();
+    std::fs::write(&pods, kept.join("---\n")).unwrap();
+    eventually("batch's series to go on both nodes", || {
+        !n1.metrics().unwrap().contains("source_workload=\"batch\"")
+            && !n2.metrics().unwrap().contains("source_workload=\"batch\"")
+    });
+    // The client's stay, with their counts.
+    assert_eq!(
+        metric(&n1, "mesh_tcp_connections_opened_total", &client),
+        1.0
+    );
+    assert_eq!(
+        metric(&n2, "mesh_tcp_connections_opened_total", &client),
+        1.0
+    );
+}
+
+#[test]
+fn a_scrape_costs_the_same_with_60000_connections_tracked() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, _n2) = agents(&bed);
+    // Both agents' per-connection maps filled as a node with 60,000 open connections would be.
+    for name in ["ORIG_DST", "REDIRECTS"] {
+        let maps = mesh_agent_tests::bpf::maps_named(name).unwrap();
+        assert_eq!(maps.len(), 2, "one {name} map per agent");
+        for map in maps {
+            map.fill(60_000).unwrap();
+        }
+    }
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        let text = n1.metrics().unwrap();
+        took.push(start.elapsed());
+        assert!(text.contains("mesh_ebpf_map_entries"), "{text}");
+    }
+    took.sort();
+    let median = took[2];
+    assert!(
+        median < Duration::from_millis(50),
+        "a scrape took {median:?} (all: {took:?})"
+    );
+}

@@ -233,6 +233,14 @@ impl Snapshot {
         Ok(snapshot)
     }
 
+    /// The (namespace, workload) of every pod of the snapshot.
+    pub fn workloads(&self) -> std::collections::HashSet<(&str, &str)> {
+        self.pods
+            .iter()
+            .map(|p| (p.namespace.as_str(), p.workload.as_str()))
+            .collect()
+    }
+
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
         self.pods_by_ip.get(&ip)
     }
