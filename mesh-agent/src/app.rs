@@ -56,6 +56,8 @@ pub struct Config {
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<(Ipv4Addr, u8)>,
     pub max_connections_per_pod: usize,
+    /// Manifest files larger than this are refused.
+    pub max_manifest_bytes: u64,
     /// Tunnels one HBONE connection carries at once (both directions agree on it).
     pub max_streams_per_connection: usize,
     /// Every HTTP listener of the agent drops a client whose request head is not complete by
@@ -157,7 +159,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     podnet::remember_agent_netns().map_err(Error::AgentNetns)?;
 
     let metrics = Arc::new(Metrics::new()?);
-    let mut dir = ManifestDir::new(&config.manifests);
+    let mut dir = ManifestDir::new(&config.manifests, config.max_manifest_bytes);
     let initial = dir.initial(&metrics)?;
 
     let provider = tls::provider();

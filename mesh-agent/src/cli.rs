@@ -113,6 +113,10 @@ pub struct RunArgs {
     /// counted in `mesh_outbound_refused_total{reason="connection_limit"}`.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_pod: u32,
+    /// Manifest files larger than this many bytes are refused with an error naming the file
+    /// (the last good state stays): parsing memory grows with the file.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_manifest_bytes: u64,
     /// Tunnels one HBONE connection carries at once: this agent opens another connection to a
     /// peer beyond it, and refuses more from a peer (`mesh_inbound_refused_total{reason=
     /// "stream_limit"}`). Every agent of a mesh should use the same value.

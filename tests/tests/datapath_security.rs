@@ -463,3 +463,64 @@ fn a_scrape_costs_the_same_with_60000_connections_tracked() {
         "a scrape took {median:?} (all: {took:?})"
     );
 }
+
+/// `VmHWM` (peak resident set) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn manifests_over_the_size_limit_are_refused_and_parsing_memory_is_bounded() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, _n2) = agents_with(&bed, &["--max-manifest-bytes", "4000000"]);
+    let dir = bed.manifests_dir();
+    // Pods of a large cluster, elsewhere: about 3 MB of YAML.
+    let mut big = String::new();
+    for i in 0..10_000u32 {
+        big += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: far-{i}\n  namespace: far\n  labels:\n    app: far-{}\n    tier: backend\nspec:\n  nodeName: n9\n  serviceAccountName: far\n  containers:\n  - name: app\n    image: registry.example/far:1.2.3\nstatus:\n  phase: Running\n  hostIP: 10.0.0.9\n  podIP: 10.9.{}.{}\n",
+            i % 50,
+            i / 250,
+            i % 250 + 1
+        );
+    }
+    let size = big.len() as u64;
+    assert!(size > 2_500_000 && size < 4_000_000, "{size}");
+    let pid = n1.pid().unwrap();
+    let before = peak_rss(pid);
+    // Written aside and renamed in, so the agent never reads half a file.
+    let put = |text: &str| {
+        std::fs::write(dir.join(".far.yaml.tmp"), text).unwrap();
+        std::fs::rename(dir.join(".far.yaml.tmp"), dir.join("far.yaml")).unwrap();
+    };
+    put(&big);
+    eventually("the large manifest to load", || {
+        metric(&n1, "mesh_manifest_reloads_total", &[("result", "ok")]) == 2.0
+    });
+    let grew = peak_rss(pid).saturating_sub(before);
+    eprintln!("manifest of {size} bytes: peak RSS grew by {grew} bytes");
+    assert!(
+        grew < 3 * size,
+        "peak RSS grew by {grew} bytes for a {size}-byte manifest"
+    );
+
+    // Over the limit: refused, named, the last good state stays.
+    big += &big.clone();
+    put(&big);
+    let expected = format!(
+        "{}: file: the file is {} bytes, over the limit of 4000000 (--max-manifest-bytes); split it into several files",
+        dir.join("far.yaml").display(),
+        big.len()
+    );
+    eventually("the refusal to be logged", || {
+        n1.log_text().contains(&expected)
+    });
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
+}

@@ -5,7 +5,8 @@
 //! stays in force.
 
 use std::{
-    path::PathBuf,
+    io::Read as _,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -26,6 +27,8 @@ const POLL: Duration = Duration::from_millis(250);
 
 pub struct ManifestDir {
     path: PathBuf,
+    /// Files larger than this are refused (parsing memory grows with the file).
+    max_file_bytes: u64,
     /// The version of the directory the last load saw (taken before reading it, so a change
     /// made while reading is noticed on the next poll).
     seen: Fingerprint,
@@ -35,9 +38,10 @@ pub struct ManifestDir {
 type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
 impl ManifestDir {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    pub fn new(path: impl Into<PathBuf>, max_file_bytes: u64) -> Self {
         Self {
             path: path.into(),
+            max_file_bytes,
             seen: Fingerprint::new(),
         }
     }
@@ -81,14 +85,36 @@ impl ManifestDir {
     pub fn load(&self) -> Result<Snapshot, ManifestError> {
         let mut objects = Vec::new();
         for file in self.files()? {
-            let text = std::fs::read_to_string(&file).map_err(|e| ManifestError {
-                file: file.display().to_string(),
-                object: "file".to_owned(),
-                problem: Problem::Read(e),
-            })?;
+            let text = self.read(&file)?;
             objects.extend(manifest::parse_file(&file, &text)?);
         }
         Snapshot::build(objects)
+    }
+
+    /// A file's text, refused if it is over the size limit (checked on what is read, so a file
+    /// that grows meanwhile is caught too).
+    fn read(&self, file: &Path) -> Result<String, ManifestError> {
+        let fail = |problem| ManifestError {
+            file: file.display().to_string(),
+            object: "file".to_owned(),
+            problem,
+        };
+        let limit = self.max_file_bytes;
+        let size = std::fs::metadata(file)
+            .map_err(|e| fail(Problem::Read(e)))?
+            .len();
+        if size > limit {
+            return Err(fail(Problem::TooLarge { size, limit }));
+        }
+        let mut text = String::with_capacity(usize::try_from(size).unwrap_or(0));
+        std::fs::File::open(file)
+            .and_then(|f| f.take(limit.saturating_add(1)).read_to_string(&mut text))
+            .map_err(|e| fail(Problem::Read(e)))?;
+        let read = text.len() as u64;
+        if read > limit {
+            return Err(fail(Problem::TooLarge { size: read, limit }));
+        }
+        Ok(text)
     }
 
     /// Loads the directory once; a failure here stops start-up.

@@ -28,6 +28,8 @@ pub enum Problem {
     Field { field: String, message: String },
     #[error("duplicate object: also defined in {0}")]
     Duplicate(String),
+    #[error("the file is {size} bytes, over the limit of {limit} (--max-manifest-bytes); split it into several files")]
+    TooLarge { size: u64, limit: u64 },
     #[error("pod IP {ip} is also claimed by Pod {other} (in {other_file}); two live pods cannot share an address, so neither is trusted with it")]
     DuplicatePodIp {
         ip: Ipv4Addr,
@@ -228,7 +230,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Located>, ManifestError
         if value.is_null() {
             continue;
         }
-        let head: Head = serde_yaml::from_value(value.clone())
+        let head = Head::deserialize(&value)
             .map_err(|e| fail(format!("document {}", index + 1), Problem::Yaml(e)))?;
         let kind = head.kind.unwrap_or_default();
         let object = ObjectName {
