@@ -25,6 +25,7 @@ use crate::{
         ca::{self, CertificateAuthority, DevCa},
         manager::IdentityManager,
     },
+    limits::ByteBudget,
     metrics::Metrics,
     podnet,
     proxy::{
@@ -56,6 +57,8 @@ pub struct Config {
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<(Ipv4Addr, u8)>,
     pub max_connections_per_pod: usize,
+    /// Relay buffer bytes the proxy may hold across all connections.
+    pub max_buffered_bytes: usize,
     /// Manifest files larger than this are refused.
     pub max_manifest_bytes: u64,
     /// Tunnels one HBONE connection carries at once (both directions agree on it).
@@ -205,6 +208,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         enrolled_tx,
     );
 
+    let buffers = Arc::new(ByteBudget::new(config.max_buffered_bytes));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(dir.watch(state_tx, metrics.clone()));
     tasks.spawn(reconciler.run(state_rx.clone()));
@@ -230,6 +234,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
             handshake_timeout: config.head_timeout,
             max_streams: config.max_streams_per_connection,
+            buffers: buffers.clone(),
         }),
     ));
     tasks.spawn(outbound::serve(
@@ -248,6 +253,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             node: config.node.clone(),
             trust_domain: config.trust_domain.clone(),
             node_addrs: node_addrs.clone(),
+            buffers: buffers.clone(),
             max_connections_per_pod: config.max_connections_per_pod,
         }),
     ));
@@ -272,10 +278,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tasks.spawn(admin::serve(admin_listener, admin, limits("admin")));
     let scrape = {
         let metrics = metrics.clone();
+        let buffers = buffers.clone();
         let orig_dst = orig_dst.clone();
         Arc::new(move |path: &str| match path {
             "/metrics" => {
                 metrics.update_datapath(orig_dst.stats());
+                metrics.update_buffers(buffers.used(), buffers.refused());
                 (StatusCode::OK, metrics.encode())
             }
             _ => (StatusCode::NOT_FOUND, "try /metrics\n".to_owned()),

@@ -113,6 +113,11 @@ pub struct RunArgs {
     /// counted in `mesh_outbound_refused_total{reason="connection_limit"}`.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_pod: u32,
+    /// Bytes of relay buffer the proxy may hold across all connections: a bulk connection
+    /// grows its buffers only while this has room (else it keeps small ones and goes slower;
+    /// `mesh_buffer_budget_refused_total` counts that).
+    #[arg(long, default_value_t = 256 << 20)]
+    pub max_buffered_bytes: usize,
     /// Manifest files larger than this many bytes are refused with an error naming the file
     /// (the last good state stays): parsing memory grows with the file.
     #[arg(long, default_value_t = 8 << 20)]

@@ -2,7 +2,7 @@
 //! HBONE connection's streams. A [`Slot`] is one unit held; it goes back when dropped.
 
 use std::sync::{
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicU64, AtomicUsize, Ordering},
     Arc,
 };
 
@@ -42,6 +42,66 @@ impl Drop for Slot {
     }
 }
 
+/// Bytes of buffer the proxy may hold across all connections. What does not fit is not an
+/// error: the connection keeps its small buffers and goes slower.
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: usize,
+    used: Arc<AtomicUsize>,
+    refused: AtomicU64,
+}
+
+/// Bytes held from a [`ByteBudget`]; given back on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    used: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl ByteBudget {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: Arc::default(),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Reserves `bytes`, unless that would pass the limit (counted as refused).
+    pub fn try_reserve(&self, bytes: usize) -> Option<Reservation> {
+        let ok = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(bytes).filter(|n| *n <= self.limit)
+            })
+            .is_ok();
+        if !ok {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Reservation {
+            used: self.used.clone(),
+            bytes,
+        })
+    }
+
+    /// Bytes reserved now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Reservations refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +116,16 @@ mod tests {
         drop(a);
         assert_eq!(g.held(), 1);
         assert!(g.try_take(2).is_some());
+    }
+
+    #[test]
+    fn budget_refuses_past_its_limit_and_recovers() {
+        let b = ByteBudget::new(100);
+        let a = b.try_reserve(60);
+        assert!(a.is_some());
+        assert!(b.try_reserve(60).is_none());
+        assert_eq!((b.used(), b.refused()), (60, 1));
+        drop(a);
+        assert!(b.try_reserve(100).is_some());
     }
 }

@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
                 max_connections_per_pod: args.max_connections_per_pod as usize,
                 head_timeout: args.head_timeout,
                 max_manifest_bytes: args.max_manifest_bytes,
+                max_buffered_bytes: args.max_buffered_bytes,
                 max_streams_per_connection: args.max_streams_per_connection as usize,
                 trust_domain: args.trust_domain,
                 identity: match (args.trust_anchors, args.issuer_cert, args.issuer_key, args.dev_ca) {

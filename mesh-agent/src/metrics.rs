@@ -103,6 +103,8 @@ pub struct Metrics {
     foreign_dropped: IntCounter,
     publish_failed: IntCounter,
     map_entries: IntGaugeVec,
+    buffered_bytes: IntGauge,
+    buffer_refused: IntCounter,
 }
 
 impl Metrics {
@@ -206,6 +208,16 @@ impl Metrics {
             &["map"],
         )?;
         registry.register(Box::new(map_entries.clone()))?;
+        let buffered_bytes = IntGauge::new(
+            "mesh_buffered_bytes",
+            "Relay buffer bytes held across all proxied connections (--max-buffered-bytes).",
+        )?;
+        registry.register(Box::new(buffered_bytes.clone()))?;
+        let buffer_refused = counter(
+            "mesh_buffer_budget_refused_total",
+            "Times a bulk connection could not grow its relay buffers because the node-wide \
+             budget was used up.",
+        )?;
         Ok(Self {
             registry,
             opened,
@@ -225,6 +237,8 @@ impl Metrics {
             foreign_dropped,
             publish_failed,
             map_entries,
+            buffered_bytes,
+            buffer_refused,
         })
     }
 
@@ -303,6 +317,14 @@ impl Metrics {
         };
         set("redirects", stats.redirects_tracked);
         set("orig_dst", stats.orig_dst_tracked);
+    }
+
+    /// Brings the buffer budget's series up to date (called before each scrape).
+    pub fn update_buffers(&self, used: usize, refused: u64) {
+        self.buffered_bytes
+            .set(i64::try_from(used).unwrap_or(i64::MAX));
+        self.buffer_refused
+            .inc_by(refused.saturating_sub(self.buffer_refused.get()));
     }
 
     /// The Prometheus text exposition of everything registered.

@@ -300,6 +300,21 @@ fn a_pod_over_its_connection_cap_is_refused_while_others_are_served() {
     assert!(other.body.starts_with("hello from web\n"));
 }
 
+/// What the `meshtest sink` at `target` (a pod of n2) received, asked directly from n2.
+fn sink_stats(bed: &mesh_agent_tests::Testbed, target: &str) -> String {
+    let addr: SocketAddr = target.parse().unwrap();
+    netns::run_in(&bed.node("n2").netns, move || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.write_all(b"?")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    })
+    .unwrap()
+    .unwrap()
+}
+
 #[test]
 fn a_client_that_sends_and_closes_at_once_delivers_every_byte() {
     let _serial = serial();
@@ -321,26 +336,12 @@ fn a_client_that_sends_and_closes_at_once_delivers_every_byte() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Ask the sink (directly, from web's node) what it received.
-    let addr: SocketAddr = target.parse().unwrap();
-    let ask = || {
-        netns::run_in(&bed.node("n2").netns, move || -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.write_all(b"?")?;
-            s.shutdown(std::net::Shutdown::Write)?;
-            let mut answer = String::new();
-            s.read_to_string(&mut answer)?;
-            Ok(answer)
-        })
-        .unwrap()
-        .unwrap()
-    };
     let mut last = String::new();
     eventually_for(
         "every connection to arrive",
         Duration::from_secs(60),
         || {
-            last = ask();
+            last = sink_stats(&bed, &target);
             last.starts_with(&format!("conns={COUNT} "))
         },
     );
@@ -523,4 +524,36 @@ fn manifests_over_the_size_limit_are_refused_and_parsing_memory_is_bounded() {
         n1.log_text().contains(&expected)
     });
     assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
+}
+
+#[test]
+fn a_spent_buffer_budget_slows_bulk_transfers_without_losing_bytes() {
+    let _serial = serial();
+    let bed = bed();
+    let mut sink = bed.pod_command("web", meshtest()).unwrap();
+    sink.args(["sink", "9191"]);
+    bed.spawn(sink).unwrap();
+    let (n1, _n2) = agents_with(&bed, &["--max-buffered-bytes", "0"]);
+    let target = format!("{}:9191", bed.pod("web").ip);
+    let mut blast = bed.pod_command("client", meshtest()).unwrap();
+    blast.args(["blast", &target, &(4 << 20).to_string(), "1"]);
+    let out = output(blast);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("the bulk connection to end", || {
+        metric(&n1, "mesh_tcp_connections_closed_total", &source_side()) == 1.0
+    });
+    assert_eq!(
+        metric(&n1, "mesh_tcp_sent_bytes_total", &source_side()),
+        f64::from(4u32 << 20)
+    );
+    assert_eq!(
+        sink_stats(&bed, &target),
+        format!("conns=1 bytes={}", 4 << 20)
+    );
+    assert!(metric(&n1, "mesh_buffer_budget_refused_total", &[]) >= 1.0);
+    assert_eq!(metric(&n1, "mesh_buffered_bytes", &[]), 0.0);
 }

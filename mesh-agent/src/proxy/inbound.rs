@@ -28,7 +28,7 @@ use super::hbone::{self, TunnelRequest};
 use crate::{
     enrolled::{EnrolledPod, EnrolledPods},
     identity::Identity,
-    limits::Gauge,
+    limits::{ByteBudget, Gauge},
     metrics::{ConnectionLabels, Metrics},
     state::Snapshot,
     tls,
@@ -85,6 +85,8 @@ pub struct InboundInputs {
     pub handshake_timeout: Duration,
     /// Tunnels one HBONE connection may hold open at once.
     pub max_streams: usize,
+    /// Relay buffers of all connections.
+    pub buffers: Arc<ByteBudget>,
 }
 
 /// Who is on the other end of one inbound mTLS connection.
@@ -336,6 +338,7 @@ async fn connect(
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let metrics = inputs.metrics.clone();
+    let buffers = inputs.buffers.clone();
     tokio::spawn(async move {
         let _slot = slot;
         let upgraded = match on_upgrade.await {
@@ -346,7 +349,14 @@ async fn connect(
             }
         };
         // The tunnel carries what the client sent; the pod's answers are what it receives.
-        super::relay::relay_recorded(&metrics, &labels, TokioIo::new(upgraded), upstream).await;
+        super::relay::relay_recorded(
+            &metrics,
+            &buffers,
+            &labels,
+            TokioIo::new(upgraded),
+            upstream,
+        )
+        .await;
     });
     Response::new(Empty::new())
 }

@@ -25,6 +25,7 @@ use crate::{
     datapath::OrigDstTable,
     enrolled::EnrolledPods,
     identity::Identity,
+    limits::ByteBudget,
     metrics::{ConnectionLabels, Metrics},
     podnet::PodNetns,
     state::{Destination, Snapshot},
@@ -111,6 +112,8 @@ pub struct ProxyInputs {
     pub trust_domain: String,
     /// The node's own addresses: never dialled on a pod's behalf.
     pub node_addrs: Vec<Ipv4Addr>,
+    /// Relay buffers of all connections.
+    pub buffers: Arc<ByteBudget>,
     /// Connections one pod may hold through the proxy at once.
     pub max_connections_per_pod: usize,
 }
@@ -275,7 +278,14 @@ async fn proxy_connection(
                 .await
             {
                 Ok(tunnel) => {
-                    relay_recorded(&inputs.metrics, &labels, client_stream, tunnel).await;
+                    relay_recorded(
+                        &inputs.metrics,
+                        &inputs.buffers,
+                        &labels,
+                        client_stream,
+                        tunnel,
+                    )
+                    .await;
                     Ok(())
                 }
                 Err(e) => Err(Error::Hbone {
@@ -288,7 +298,14 @@ async fn proxy_connection(
         }
         Route::Direct => match connect_from_pod(&source.netns, endpoint, orig, client).await {
             Ok(upstream) => {
-                relay_recorded(&inputs.metrics, &labels, client_stream, upstream).await;
+                relay_recorded(
+                    &inputs.metrics,
+                    &inputs.buffers,
+                    &labels,
+                    client_stream,
+                    upstream,
+                )
+                .await;
                 Ok(())
             }
             Err(e) => Err(e),

@@ -1,14 +1,18 @@
 //! Copies bytes both ways between two connections, with buffers that grow only for bulk
 //! flows: an idle or chatty connection holds 2 × 2 KiB, a connection that fills its small
-//! buffer switches to 64 KiB reads (30% more throughput on one HBONE stream than 8 KiB).
-//! Each direction shuts down its write side when its read side ends (half-close).
+//! buffer switches to 64 KiB reads (30% more throughput on one HBONE stream than 8 KiB) if
+//! the node-wide buffer budget has room. Each direction shuts down its write side when its
+//! read side ends (half-close).
 
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use crate::metrics::{ConnectionLabels, Metrics};
+use crate::{
+    limits::ByteBudget,
+    metrics::{ConnectionLabels, Metrics},
+};
 
 const SMALL: usize = 2 << 10;
 const LARGE: usize = 64 << 10;
@@ -18,6 +22,7 @@ const LARGE: usize = 64 << 10;
 pub async fn relay<A, B>(
     a: A,
     b: B,
+    budget: &ByteBudget,
     a_to_b: impl Fn(u64),
     b_to_a: impl Fn(u64),
 ) -> io::Result<(u64, u64)>
@@ -27,30 +32,49 @@ where
 {
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    tokio::try_join!(pump(ar, bw, a_to_b), pump(br, aw, b_to_a))
+    tokio::try_join!(pump(ar, bw, budget, a_to_b), pump(br, aw, budget, b_to_a))
 }
 
 /// [`relay`] recorded as one connection: opened now, bytes counted live (`a` is the client
 /// side: what it sends is `sent`), closed when both directions end.
-pub async fn relay_recorded<A, B>(metrics: &Metrics, labels: &ConnectionLabels, a: A, b: B)
-where
+pub async fn relay_recorded<A, B>(
+    metrics: &Metrics,
+    budget: &ByteBudget,
+    labels: &ConnectionLabels,
+    a: A,
+    b: B,
+) where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let guard = metrics.open_connection(labels);
-    let result = relay(a, b, |n| guard.sent.inc_by(n), |n| guard.received.inc_by(n)).await;
+    let result = relay(
+        a,
+        b,
+        budget,
+        |n| guard.sent.inc_by(n),
+        |n| guard.received.inc_by(n),
+    )
+    .await;
     if let Err(e) = result {
         debug!("relay ended with an error: {e}");
     }
 }
 
-async fn pump<R, W>(mut from: R, mut to: W, count: impl Fn(u64)) -> io::Result<u64>
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    budget: &ByteBudget,
+    count: impl Fn(u64),
+) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut small = [0u8; SMALL];
     let mut large: Vec<u8> = Vec::new();
+    // Held as long as `large` is.
+    let mut reserved = None;
     let mut total = 0u64;
     loop {
         let buf: &mut [u8] = if large.is_empty() {
@@ -67,8 +91,11 @@ where
         to.write_all(&buf[..n]).await?;
         total += n as u64;
         count(n as u64);
-        if filled && large.is_empty() {
-            large = vec![0; LARGE];
+        if filled && reserved.is_none() {
+            reserved = budget.try_reserve(LARGE);
+            if reserved.is_some() {
+                large = vec![0; LARGE];
+            }
         }
     }
 }
@@ -78,20 +105,27 @@ mod tests {
     #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
-    #[tokio::test]
-    async fn copies_both_ways_and_propagates_half_close() {
+    /// Relays a 300 kB upload (then half-close) and a short answer through a relay with a
+    /// budget of `budget` bytes; returns the budget afterwards.
+    async fn upload_through(budget: usize) -> ByteBudget {
         let (client, proxy_a) = tokio::io::duplex(1 << 20);
         let (proxy_b, server) = tokio::io::duplex(1 << 20);
         let up = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = up.clone();
-        let relay = tokio::spawn(relay(
-            proxy_a,
-            proxy_b,
-            move |n| {
-                counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            },
-            |_| {},
-        ));
+        let budget = std::sync::Arc::new(ByteBudget::new(budget));
+        let held = budget.clone();
+        let relay = tokio::spawn(async move {
+            relay(
+                proxy_a,
+                proxy_b,
+                &held,
+                move |n| {
+                    counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                },
+                |_| {},
+            )
+            .await
+        });
 
         let (mut client_r, mut client_w) = tokio::io::split(client);
         let (mut server_r, mut server_w) = tokio::io::split(server);
@@ -110,5 +144,20 @@ mod tests {
         assert_eq!(answer, b"thanks");
         assert_eq!(relay.await.unwrap().unwrap(), (300_000, 6));
         assert_eq!(up.load(std::sync::atomic::Ordering::Relaxed), 300_000);
+        std::sync::Arc::try_unwrap(budget).unwrap()
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_and_propagates_half_close() {
+        let budget = upload_through(LARGE).await;
+        // The upload grew its buffer, and gave the bytes back at the end.
+        assert_eq!((budget.used(), budget.refused()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_budget_slows_a_relay_but_loses_nothing() {
+        let budget = upload_through(0).await;
+        assert_eq!(budget.used(), 0);
+        assert!(budget.refused() >= 1);
     }
 }
