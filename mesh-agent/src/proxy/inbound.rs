@@ -3,7 +3,7 @@
 //! relays each stream to its pod, from the client pod's address when its agent vouches for it.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{SocketAddr, SocketAddrV4},
     sync::Arc,
     time::Duration,
 };
@@ -16,9 +16,8 @@ use hyper::{
     Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh_agent_common::marks;
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::watch,
 };
 use tokio_rustls::TlsAcceptor;
@@ -26,7 +25,7 @@ use tracing::{debug, info};
 
 use super::hbone::{self, TunnelRequest};
 use crate::{
-    enrolled::{EnrolledPod, EnrolledPods},
+    enrolled::EnrolledPods,
     identity::Identity,
     limits::{ByteBudget, Gauge},
     metrics::{ConnectionLabels, Metrics},
@@ -295,8 +294,14 @@ async fn connect(
         },
         None => None,
     };
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, deliver(&pod, source, target)).await
-    {
+    let delivered = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        match source.filter(|_| pod.transparent) {
+            Some(ip) => super::deliver_in_pod(&pod, ip, target).await,
+            None => TcpStream::connect(target).await,
+        }
+    })
+    .await;
+    let upstream = match delivered {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             return refuse(
@@ -359,23 +364,4 @@ async fn connect(
         .await;
     });
     Response::new(Empty::new())
-}
-
-/// Connects to `target` in `pod`. With a verified client address (and the pod prepared for
-/// it), the connection is opened inside the pod's namespace with that address as its source,
-/// so the pod sees the real client; otherwise it comes from the node.
-async fn deliver(
-    pod: &EnrolledPod,
-    source: Option<Ipv4Addr>,
-    target: SocketAddrV4,
-) -> std::io::Result<TcpStream> {
-    match source.filter(|_| pod.transparent) {
-        Some(ip) => {
-            let socket = pod.netns.tcp_socket(marks::INBOUND, Some(ip))?;
-            TcpSocket::from_std_stream(socket)
-                .connect(target.into())
-                .await
-        }
-        None => TcpStream::connect(target).await,
-    }
 }

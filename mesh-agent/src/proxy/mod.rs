@@ -5,7 +5,15 @@ pub mod inbound;
 pub mod outbound;
 pub mod relay;
 
-use std::{fmt, net::SocketAddrV4};
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use mesh_agent_common::marks;
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::enrolled::EnrolledPod;
 
 /// Where the application wanted to go (recovered from the eBPF maps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,4 +33,19 @@ impl fmt::Display for ClientAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// Connects to `target`, a port of `pod` (enrolled on this node), from inside the pod's network
+/// namespace with `client` as the source address: the pod sees the real client, as it would
+/// with a sidecar, and nothing crosses its veth. The pod must be prepared for it
+/// (`EnrolledPod::transparent`).
+pub async fn deliver_in_pod(
+    pod: &EnrolledPod,
+    client: Ipv4Addr,
+    target: SocketAddrV4,
+) -> std::io::Result<TcpStream> {
+    let socket = pod.netns.tcp_socket(marks::INBOUND, Some(client))?;
+    TcpSocket::from_std_stream(socket)
+        .connect(target.into())
+        .await
 }

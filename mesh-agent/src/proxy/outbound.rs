@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     datapath::OrigDstTable,
-    enrolled::EnrolledPods,
+    enrolled::{EnrolledPod, EnrolledPods},
     identity::Identity,
     limits::ByteBudget,
     metrics::{ConnectionLabels, Metrics},
@@ -248,7 +248,13 @@ async fn proxy_connection(
                 }
                 _ => {
                     labels.connection_security_policy = "node_local";
-                    Route::Direct
+                    // Delivered inside the destination pod, from the client's address (as the
+                    // HBONE inbound side does): no veth to cross. Direct from the client pod
+                    // if the destination is not (yet) enrolled here.
+                    match inputs.enrolled.borrow().by_ip(*endpoint.ip()) {
+                        Some(pod) if pod.transparent => Route::Local(pod.clone()),
+                        _ => Route::Direct,
+                    }
                 }
             }
         }
@@ -293,6 +299,38 @@ async fn proxy_connection(
                     orig,
                     client,
                     source: e,
+                }),
+            }
+        }
+        Route::Local(pod) => {
+            let delivered = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                super::deliver_in_pod(&pod, source.ip, endpoint),
+            )
+            .await;
+            match delivered {
+                Ok(Ok(upstream)) => {
+                    let _ = upstream.set_nodelay(true);
+                    relay_recorded(
+                        &inputs.metrics,
+                        &inputs.buffers,
+                        &labels,
+                        client_stream,
+                        upstream,
+                    )
+                    .await;
+                    Ok(())
+                }
+                Ok(Err(source)) => Err(Error::Connect {
+                    endpoint,
+                    orig,
+                    client,
+                    source,
+                }),
+                Err(_) => Err(Error::ConnectTimeout {
+                    endpoint,
+                    orig,
+                    client,
                 }),
             }
         }
@@ -358,8 +396,11 @@ enum Route {
         destination: Identity,
         node_ip: std::net::Ipv4Addr,
     },
-    /// Plain TCP from the client pod's namespace: a pod on this node (identity known
-    /// in-process), or outside the mesh.
+    /// Plain TCP inside a pod of this node, from the client's address (identities known
+    /// in-process).
+    Local(Arc<EnrolledPod>),
+    /// Plain TCP from the client pod's namespace: outside the mesh (or a local pod not
+    /// enrolled).
     Direct,
 }
 
