@@ -1,9 +1,10 @@
 //! Map keys and values shared by the eBPF programs and the agent.
 //!
 //! Every type is `#[repr(C)]` with its padding spelled out, so the kernel and user space agree
-//! on the layout byte for byte. Addresses are IPv4 in network byte order, stored as the `u32`
-//! whose in-memory bytes are the four octets (what `struct sockaddr_in` holds); ports are `u16`
-//! in network byte order.
+//! on the layout byte for byte. IPv4 addresses are in network byte order, stored as the `u32`
+//! whose in-memory bytes are the four octets (what `struct sockaddr_in` holds); IPv6 addresses
+//! as four such words (what `bpf_sock_addr.user_ip6` holds); ports are `u16` in network byte
+//! order.
 #![no_std]
 
 /// Map names, as they appear in the object file.
@@ -14,6 +15,9 @@ pub mod maps {
     pub const EXCLUDED_NETS: &str = "EXCLUDED_NETS";
     pub const REDIRECTS: &str = "REDIRECTS";
     pub const ORIG_DST: &str = "ORIG_DST";
+    pub const EXCLUDED_NETS6: &str = "EXCLUDED_NETS6";
+    pub const REDIRECTS6: &str = "REDIRECTS6";
+    pub const ORIG_DST6: &str = "ORIG_DST6";
     pub const SPOOF_GUARD: &str = "SPOOF_GUARD";
     pub const COUNTERS: &str = "COUNTERS";
 }
@@ -67,6 +71,22 @@ impl SockAddrV4 {
     }
 }
 
+/// An IPv6 socket address: the 16 address bytes as four network-order words, port in network
+/// byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddrV6 {
+    pub ip: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl SockAddrV6 {
+    pub const fn new(ip: [u32; 4], port: u16) -> Self {
+        Self { ip, port, _pad: 0 }
+    }
+}
+
 /// An enrolled pod network namespace (value of `ENROLLED`, keyed by netns cookie).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -82,6 +102,9 @@ pub struct EnrolledPod {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProxyConfig {
     pub outbound: SockAddrV4,
+    /// The IPv6 outbound listener; all-zero when the node has no IPv6 address (native IPv6 is
+    /// then not captured).
+    pub outbound6: SockAddrV6,
 }
 
 /// A redirected connection (value of `REDIRECTS`, keyed by socket cookie).
@@ -94,6 +117,24 @@ pub struct Redirect {
     pub client: SockAddrV4,
     /// The network namespace the connecting socket lives in, as the kernel saw it at
     /// `connect()`: who the client is.
+    pub netns_cookie: u64,
+}
+
+/// A redirected IPv6 connection (value of `REDIRECTS6`, keyed by socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Redirect6 {
+    pub orig_dst: SockAddrV6,
+    pub client: SockAddrV6,
+    pub netns_cookie: u64,
+}
+
+/// [`OrigDst`] for IPv6 clients (value of `ORIG_DST6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst6 {
+    pub dst: SockAddrV6,
+    pub _pad: u32,
     pub netns_cookie: u64,
 }
 
@@ -142,6 +183,9 @@ mod user {
     use super::*;
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, and have no implicit padding.
     unsafe impl aya::Pod for SockAddrV4 {}
+    unsafe impl aya::Pod for SockAddrV6 {}
+    unsafe impl aya::Pod for Redirect6 {}
+    unsafe impl aya::Pod for OrigDst6 {}
     unsafe impl aya::Pod for EnrolledPod {}
     unsafe impl aya::Pod for ProxyConfig {}
     unsafe impl aya::Pod for Redirect {}

@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use mesh_agent_common::{
-    counters, marks, EnrolledPod, OrigDst, PodAddrs, ProxyConfig, Redirect, SockAddrV4,
-    MAX_CONNECTIONS, MAX_EXCLUSIONS, MAX_PODS,
+    counters, marks, EnrolledPod, OrigDst, OrigDst6, PodAddrs, ProxyConfig, Redirect, Redirect6,
+    SockAddrV4, SockAddrV6, MAX_CONNECTIONS, MAX_EXCLUSIONS, MAX_PODS,
 };
 
 /// `connect()` and `getpeername()` programs must return 1 to let the call proceed.
@@ -54,6 +54,21 @@ static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_EXCLUSIO
 #[map]
 static EXCLUDED_NETS: LpmTrie<u32, u8> =
     LpmTrie::with_max_entries(MAX_EXCLUSIONS, BPF_F_NO_PREALLOC);
+
+/// The IPv6 counterpart of `EXCLUDED_NETS`: unspecified, loopback, link-local, multicast, the
+/// node's own addresses.
+#[map]
+static EXCLUDED_NETS6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(MAX_EXCLUSIONS, BPF_F_NO_PREALLOC);
+
+/// Redirected sockets with a native IPv6 destination, keyed by socket cookie.
+#[map]
+static REDIRECTS6: LruHashMap<u64, Redirect6> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// `ORIG_DST` for IPv6 clients.
+#[map]
+static ORIG_DST6: LruHashMap<SockAddrV6, OrigDst6> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 /// Redirected sockets, keyed by socket cookie.
 #[map]
@@ -105,23 +120,77 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
 
 /// IPv6 sockets dialling an IPv4-mapped address (`::ffff:a.b.c.d`, Java's default for IPv4)
 /// are IPv4 connections underneath: captured like connect4, sent to the proxy's mapped address.
+/// Native IPv6 destinations go to the proxy's IPv6 listener.
 fn try_connect6(ctx: &SockAddrContext) -> Result<(), ()> {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the duration of the call.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.user_ip6[0] != 0 || sa.user_ip6[1] != 0 || sa.user_ip6[2] != V4_MAPPED {
-        // Native IPv6 is not captured yet: it proceeds as dialled.
+    let ip = sa.user_ip6;
+    if ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED {
+        let dst = SockAddrV4::new(ip[3], sa.user_port as u16);
+        let proxy = capture(ctx, dst)?;
+        sa.user_ip6[3] = proxy.ip;
+        sa.user_port = proxy.port as u32;
         return Ok(());
     }
-    let dst = SockAddrV4::new(sa.user_ip6[3], sa.user_port as u16);
-    let proxy = capture(ctx, dst)?;
-    sa.user_ip6[3] = proxy.ip;
+    let netns_cookie = capturable(ctx)?;
+    let proxy = PROXY.get(0).ok_or(())?.outbound6;
+    if proxy.port == 0 {
+        // The node has no IPv6 listener: native IPv6 proceeds as dialled.
+        return Err(());
+    }
+    let dst = SockAddrV6::new(ip, sa.user_port as u16);
+    if EXCLUDED_NETS6.get(&Key::new(128, bytes6(&ip))).is_some() {
+        return Err(());
+    }
+    // SAFETY: read-only lookup.
+    if unsafe { EXCLUDED_PORTS.get(&dst.port) }.is_some() {
+        return Err(());
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    let redirect = Redirect6 {
+        orig_dst: dst,
+        client: SockAddrV6::default(),
+        netns_cookie,
+    };
+    REDIRECTS6.insert(&cookie, &redirect, 0).map_err(|_| ())?;
+    count(counters::REDIRECTED);
+    set_user_ip6(sa, proxy.ip);
     sa.user_port = proxy.port as u32;
     Ok(())
 }
 
-/// Whether a `connect()` to `dst` is captured. If so, remembers where it was going and who
-/// made it (keyed by socket cookie) and returns the proxy's address to dial instead.
-fn capture(ctx: &SockAddrContext, dst: SockAddrV4) -> Result<SockAddrV4, ()> {
+/// Writes `user_ip6` one word at a time at fixed offsets from the context: the verifier
+/// refuses a store through a context pointer that was moved first (what a whole-array copy
+/// compiles to).
+fn set_user_ip6(sa: &mut aya_ebpf::bindings::bpf_sock_addr, ip: [u32; 4]) {
+    // SAFETY: in-bounds fields of the context struct.
+    unsafe {
+        core::ptr::write_volatile(&mut sa.user_ip6[0], ip[0]);
+        core::ptr::write_volatile(&mut sa.user_ip6[1], ip[1]);
+        core::ptr::write_volatile(&mut sa.user_ip6[2], ip[2]);
+        core::ptr::write_volatile(&mut sa.user_ip6[3], ip[3]);
+    }
+}
+
+/// The bytes of an IPv6 address stored as four network-order words.
+fn bytes6(ip: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = ip[i].to_ne_bytes();
+        out[i * 4] = w[0];
+        out[i * 4 + 1] = w[1];
+        out[i * 4 + 2] = w[2];
+        out[i * 4 + 3] = w[3];
+        i += 1;
+    }
+    out
+}
+
+/// Whether the socket connecting is one to capture at all: TCP, not the agent's own, from an
+/// enrolled pod's namespace. Returns that namespace's cookie.
+fn capturable(ctx: &SockAddrContext) -> Result<u64, ()> {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the duration of the call.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
@@ -139,6 +208,13 @@ fn capture(ctx: &SockAddrContext, dst: SockAddrV4) -> Result<SockAddrV4, ()> {
     if unsafe { ENROLLED.get(&netns_cookie) }.is_none() {
         return Err(());
     }
+    Ok(netns_cookie)
+}
+
+/// Whether a `connect()` to IPv4 `dst` is captured. If so, remembers where it was going and
+/// who made it (keyed by socket cookie) and returns the proxy's address to dial instead.
+fn capture(ctx: &SockAddrContext, dst: SockAddrV4) -> Result<SockAddrV4, ()> {
+    let netns_cookie = capturable(ctx)?;
     let proxy = PROXY.get(0).ok_or(())?.outbound;
     if proxy.ip == 0 {
         return Err(());
@@ -179,14 +255,15 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: valid context; helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
-    // SAFETY: read-only lookup of a plain-old-data value.
+    // SAFETY: read-only lookups of plain-old-data values.
     if let Some(r) = unsafe { REDIRECTS.get(&cookie) } {
-        // Only IPv4-mapped destinations are captured on IPv6 sockets.
+        // An IPv4-mapped destination.
         let sa = unsafe { &mut *ctx.sock_addr };
-        sa.user_ip6[0] = 0;
-        sa.user_ip6[1] = 0;
-        sa.user_ip6[2] = V4_MAPPED;
-        sa.user_ip6[3] = r.orig_dst.ip;
+        set_user_ip6(sa, [0, 0, V4_MAPPED, r.orig_dst.ip]);
+        sa.user_port = r.orig_dst.port as u32;
+    } else if let Some(r) = unsafe { REDIRECTS6.get(&cookie) } {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        set_user_ip6(sa, r.orig_dst.ip);
         sa.user_port = r.orig_dst.port as u32;
     }
     SOCK_ADDR_ALLOW
@@ -209,40 +286,82 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     }
     // SAFETY: valid context for the duration of the call.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
-    let redirect = REDIRECTS.get_ptr_mut(&cookie).ok_or(())?;
-    match op {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            // Ask for state changes so the entry goes away when the socket closes.
-            ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
-                .map_err(|_| ())?;
-        }
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // local_port is in host byte order; everything we store is network order. For an
-            // IPv6 socket on an IPv4-mapped connection local_ip4 holds the IPv4 source.
-            let client = SockAddrV4::new(ctx.local_ip4(), (ctx.local_port() as u16).to_be());
-            // SAFETY: pointer from a successful lookup; LRU entries stay valid while we run.
-            let published = unsafe {
-                (*redirect).client = client;
-                OrigDst {
-                    dst: (*redirect).orig_dst,
-                    netns_cookie: (*redirect).netns_cookie,
-                }
-            };
-            if ORIG_DST.insert(&client, &published, 0).is_err() {
-                count(counters::ORIG_DST_PUBLISH_FAILED);
-            } else {
-                count(counters::ORIG_DST_PUBLISHED);
+    if let Some(redirect) = REDIRECTS.get_ptr_mut(&cookie) {
+        match op {
+            BPF_SOCK_OPS_TCP_CONNECT_CB => watch_state(ctx)?,
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+                // local_port is in host byte order; everything we store is network order. For
+                // an IPv6 socket on an IPv4-mapped connection local_ip4 holds the IPv4 source.
+                let client = SockAddrV4::new(ctx.local_ip4(), (ctx.local_port() as u16).to_be());
+                // SAFETY: pointer from a successful lookup; LRU entries stay valid while we run.
+                let published = unsafe {
+                    (*redirect).client = client;
+                    OrigDst {
+                        dst: (*redirect).orig_dst,
+                        netns_cookie: (*redirect).netns_cookie,
+                    }
+                };
+                count_published(ORIG_DST.insert(&client, &published, 0).is_ok());
             }
-        }
-        _ => {
             // The ORIG_DST entry stays: the proxy may not have accepted this connection yet
             // (a client that sends and closes at once), and deletes it when it reads it.
-            if ctx.arg(1) == BPF_TCP_CLOSE && REDIRECTS.remove(&cookie).is_ok() {
+            _ if ctx.arg(1) == BPF_TCP_CLOSE && REDIRECTS.remove(&cookie).is_ok() => {
                 count(counters::REDIRECT_CLOSED);
             }
+            _ => {}
+        }
+    } else if let Some(redirect) = REDIRECTS6.get_ptr_mut(&cookie) {
+        match op {
+            BPF_SOCK_OPS_TCP_CONNECT_CB => watch_state(ctx)?,
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+                let client = SockAddrV6::new(local_ip6(ctx), (ctx.local_port() as u16).to_be());
+                // SAFETY: as above.
+                let published = unsafe {
+                    (*redirect).client = client;
+                    OrigDst6 {
+                        dst: (*redirect).orig_dst,
+                        _pad: 0,
+                        netns_cookie: (*redirect).netns_cookie,
+                    }
+                };
+                count_published(ORIG_DST6.insert(&client, &published, 0).is_ok());
+            }
+            _ if ctx.arg(1) == BPF_TCP_CLOSE && REDIRECTS6.remove(&cookie).is_ok() => {
+                count(counters::REDIRECT_CLOSED);
+            }
+            _ => {}
         }
     }
     Ok(())
+}
+
+/// The socket's IPv6 address, read one word at a time at fixed offsets from the context (the
+/// verifier refuses the moved context pointer a whole-array copy compiles to).
+fn local_ip6(ctx: &SockOpsContext) -> [u32; 4] {
+    // SAFETY: in-bounds fields of the context struct, valid for the call.
+    unsafe {
+        let ops = ctx.ops;
+        [
+            core::ptr::read_volatile(&(*ops).local_ip6[0]),
+            core::ptr::read_volatile(&(*ops).local_ip6[1]),
+            core::ptr::read_volatile(&(*ops).local_ip6[2]),
+            core::ptr::read_volatile(&(*ops).local_ip6[3]),
+        ]
+    }
+}
+
+/// Asks for state changes so the entry goes away when the socket closes.
+fn watch_state(ctx: &SockOpsContext) -> Result<(), ()> {
+    ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .map_err(|_| ())
+}
+
+fn count_published(ok: bool) {
+    count(if ok {
+        counters::ORIG_DST_PUBLISHED
+    } else {
+        counters::ORIG_DST_PUBLISH_FAILED
+    });
 }
 
 #[classifier]

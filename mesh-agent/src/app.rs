@@ -2,7 +2,7 @@
 //! datapath, then run until SIGINT/SIGTERM and detach everything on the way out.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -46,6 +46,9 @@ pub struct Config {
     pub manifests: PathBuf,
     /// The node's address; the listeners bind here.
     pub node_address: Ipv4Addr,
+    /// The node's IPv6 address, if it has one: the IPv6 outbound listener binds here and native
+    /// IPv6 is captured.
+    pub node_address6: Option<Ipv6Addr>,
     /// Where the cgroup programs attach (the cgroup v2 root unless overridden).
     pub cgroup: PathBuf,
     pub outbound_port: u16,
@@ -93,7 +96,7 @@ pub enum Error {
     #[error("binding {what} on {addr}: {source} (is another agent running in this namespace?)")]
     Bind {
         what: &'static str,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -148,7 +151,8 @@ fn identity(config: &Config) -> Result<(CertificateAuthority, AnchorSource), Err
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddrV4) -> Result<TcpListener, Error> {
+async fn bind(what: &'static str, addr: impl Into<SocketAddr>) -> Result<TcpListener, Error> {
+    let addr = addr.into();
     TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { what, addr, source })
@@ -182,13 +186,42 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let metrics_listener = bind("the metrics listener", addr(config.metrics_port)).await?;
     let health_listener = bind("the health listener", addr(config.health_port)).await?;
 
-    let node_addrs = local_ipv4_addresses();
+    // Native IPv6 is captured where the node has an IPv6 address to listen on.
+    let outbound6_addr = config
+        .node_address6
+        .map(|ip| SocketAddrV6::new(ip, config.outbound_port, 0, 0));
+    let outbound6_listener = match outbound6_addr {
+        Some(a) => Some(bind("the IPv6 outbound listener", a).await?),
+        None => None,
+    };
+
+    let node_addrs = local_addresses();
+    let node_addrs4: Vec<Ipv4Addr> = node_addrs
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(ip) => Some(*ip),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let node_addrs6: Vec<Ipv6Addr> = node_addrs
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(ip) => Some(*ip),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
     let exclusions = Exclusions {
         ports: config.exclude_ports.clone(),
         nets: config.exclude_cidrs.clone(),
     };
-    let (datapath, orig_dst) =
-        Datapath::start(&config.cgroup, outbound_addr, &node_addrs, &exclusions)?;
+    let (datapath, orig_dst) = Datapath::start(
+        &config.cgroup,
+        outbound_addr,
+        outbound6_addr,
+        &node_addrs4,
+        &node_addrs6,
+        &exclusions,
+    )?;
     let orig_dst = Arc::new(orig_dst);
     info!(
         node = %config.node, cgroup = %config.cgroup.display(), outbound = %outbound_addr,
@@ -237,26 +270,27 @@ pub async fn run(config: Config) -> Result<(), Error> {
             buffers: buffers.clone(),
         }),
     ));
-    tasks.spawn(outbound::serve(
-        outbound_listener,
-        Arc::new(ProxyInputs {
-            state: state_rx,
-            enrolled: enrolled_rx,
-            orig_dst: orig_dst.clone(),
-            metrics: metrics.clone(),
-            hbone: Arc::new(HboneConnector::new(
-                mesh_tls,
-                identities.clone(),
-                config.inbound_port,
-                config.max_streams_per_connection,
-            )),
-            node: config.node.clone(),
-            trust_domain: config.trust_domain.clone(),
-            node_addrs: node_addrs.clone(),
-            buffers: buffers.clone(),
-            max_connections_per_pod: config.max_connections_per_pod,
-        }),
-    ));
+    let outbound_inputs = Arc::new(ProxyInputs {
+        state: state_rx,
+        enrolled: enrolled_rx,
+        orig_dst: orig_dst.clone(),
+        metrics: metrics.clone(),
+        hbone: Arc::new(HboneConnector::new(
+            mesh_tls,
+            identities.clone(),
+            config.inbound_port,
+            config.max_streams_per_connection,
+        )),
+        node: config.node.clone(),
+        trust_domain: config.trust_domain.clone(),
+        node_addrs: node_addrs.clone(),
+        buffers: buffers.clone(),
+        max_connections_per_pod: config.max_connections_per_pod,
+    });
+    tasks.spawn(outbound::serve(outbound_listener, outbound_inputs.clone()));
+    if let Some(listener) = outbound6_listener {
+        tasks.spawn(outbound::serve(listener, outbound_inputs));
+    }
     let admin = {
         let identities = identities.clone();
         let config = config.clone();
@@ -325,6 +359,29 @@ fn json(value: &impl Serialize) -> (StatusCode, String) {
 
 /// The IPv4 addresses of the agent's network namespace.
 pub fn local_ipv4_addresses() -> Vec<Ipv4Addr> {
+    local_addresses()
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// The global IPv6 addresses of the agent's network namespace (not loopback, not
+/// link-local): where an IPv6 listener can be reached from pods.
+pub fn global_ipv6_addresses() -> Vec<Ipv6Addr> {
+    local_addresses()
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(ip) if !ip.is_loopback() && !ip.is_unicast_link_local() => Some(ip),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every address of the agent's network namespace.
+pub fn local_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills ifap with a list we free below.
@@ -341,7 +398,13 @@ pub fn local_ipv4_addresses() -> Vec<Ipv4Addr> {
             if i32::from(family) == libc::AF_INET {
                 // SAFETY: AF_INET addresses are sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+                out.push(IpAddr::V4(Ipv4Addr::from(
+                    sin.sin_addr.s_addr.to_ne_bytes(),
+                )));
+            } else if i32::from(family) == libc::AF_INET6 {
+                // SAFETY: AF_INET6 addresses are sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
             }
         }
         cur = ifa.ifa_next;

@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// The node's address for the listeners [default: the first non-loopback IPv4 address].
     #[arg(long)]
     pub node_address: Option<Ipv4Addr>,
+    /// The node's IPv6 address for the IPv6 outbound listener [default: the first global IPv6
+    /// address, if any; without one, native IPv6 is not captured].
+    #[arg(long)]
+    pub node_address6: Option<std::net::Ipv6Addr>,
     /// cgroup v2 directory to attach to [default: the cgroup v2 root from /proc/self/mountinfo].
     #[arg(long)]
     pub cgroup: Option<PathBuf>,

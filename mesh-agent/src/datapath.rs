@@ -11,7 +11,7 @@
 use std::{
     collections::HashMap as StdHashMap,
     fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
@@ -26,7 +26,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_agent_common::{
-    counters, maps, programs, EnrolledPod, OrigDst, PodAddrs, ProxyConfig, SockAddrV4 as RawAddr,
+    counters, maps, programs, EnrolledPod, OrigDst, OrigDst6, PodAddrs, ProxyConfig,
+    SockAddrV4 as RawAddr, SockAddrV6 as RawAddr6,
 };
 
 use crate::metrics::DatapathStats;
@@ -86,6 +87,25 @@ fn raw_ip(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
+/// An IPv6 address as the programs store it (four network-order words).
+pub fn raw_ip6(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
+}
+
+pub fn raw_addr6(addr: SocketAddrV6) -> RawAddr6 {
+    RawAddr6::new(raw_ip6(*addr.ip()), addr.port().to_be())
+}
+
+fn from_raw6(addr: RawAddr6) -> SocketAddrV6 {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(addr.ip) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    SocketAddrV6::new(Ipv6Addr::from(octets), u16::from_be(addr.port), 0, 0)
+}
+
 fn from_raw(addr: RawAddr) -> SocketAddrV4 {
     SocketAddrV4::new(
         Ipv4Addr::from(addr.ip.to_ne_bytes()),
@@ -122,7 +142,7 @@ pub fn cgroup2_root() -> Result<PathBuf, Error> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Captured {
     /// Where the application wanted to go.
-    pub orig_dst: SocketAddrV4,
+    pub orig_dst: SocketAddr,
     /// The network namespace the application connected from: who the client is.
     pub netns_cookie: u64,
 }
@@ -130,6 +150,7 @@ pub struct Captured {
 /// Read side of the per-connection maps, shared with the proxy.
 pub struct OrigDstTable {
     orig_dst: HashMap<MapData, RawAddr, OrigDst>,
+    orig_dst6: HashMap<MapData, RawAddr6, OrigDst6>,
     counters: PerCpuArray<MapData, u64>,
     /// Entries the proxy has read and deleted.
     consumed: AtomicU64,
@@ -147,38 +168,52 @@ struct ElemAttr {
     flags: u64,
 }
 
+/// Reads and deletes one entry in one syscall (aya 0.13 has no lookup-and-delete of its own).
+fn lookup_and_delete<K: aya::Pod, V: aya::Pod + Default>(map: &MapData, key: &K) -> Option<V> {
+    let mut value = V::default();
+    let attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: (key as *const K) as u64,
+        value: (&mut value as *mut V) as u64,
+        flags: 0,
+    };
+    // SAFETY: the attr points at a key and a value of the map's sizes (the map was created with
+    // these types), both alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    (rc == 0).then_some(value)
+}
+
 impl OrigDstTable {
-    /// What was recorded for the connection from `client`, removed from the map as it is read
-    /// (one syscall): the entry outlives the client socket, so a client that sent and closed
-    /// before we accepted is still served.
-    pub fn take(&self, client: SocketAddrV4) -> Option<Captured> {
-        let key = raw_addr(client);
-        let mut value = OrigDst::default();
-        let attr = ElemAttr {
-            map_fd: self.orig_dst.map().fd().as_fd().as_raw_fd() as u32,
-            _pad: 0,
-            key: (&key as *const RawAddr) as u64,
-            value: (&mut value as *mut OrigDst) as u64,
-            flags: 0,
+    /// What was recorded for the connection from `client`, removed from the map as it is read:
+    /// the entry outlives the client socket, so a client that sent and closed before we
+    /// accepted is still served.
+    pub fn take(&self, client: SocketAddr) -> Option<Captured> {
+        let captured = match client {
+            SocketAddr::V4(c) => {
+                let v: OrigDst = lookup_and_delete(self.orig_dst.map(), &raw_addr(c))?;
+                Captured {
+                    orig_dst: SocketAddr::V4(from_raw(v.dst)),
+                    netns_cookie: v.netns_cookie,
+                }
+            }
+            SocketAddr::V6(c) => {
+                let v: OrigDst6 = lookup_and_delete(self.orig_dst6.map(), &raw_addr6(c))?;
+                Captured {
+                    orig_dst: SocketAddr::V6(from_raw6(v.dst)),
+                    netns_cookie: v.netns_cookie,
+                }
+            }
         };
-        // SAFETY: the attr points at a key and a value of the map's sizes, both alive for the
-        // call; aya 0.13 has no lookup-and-delete of its own.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-                &attr as *const ElemAttr,
-                std::mem::size_of::<ElemAttr>(),
-            )
-        };
-        if rc != 0 {
-            return None;
-        }
         self.consumed.fetch_add(1, Ordering::Relaxed);
-        Some(Captured {
-            orig_dst: from_raw(value.dst),
-            netns_cookie: value.netns_cookie,
-        })
+        Some(captured)
     }
 
     /// The datapath's counters. Costs one read per counter, whatever the maps hold: entry
@@ -208,6 +243,7 @@ impl OrigDstTable {
 pub struct Enrollment {
     pub netns_cookie: u64,
     pub ip: Ipv4Addr,
+    pub ip6: Option<Ipv6Addr>,
     /// The pod's veth on the node side.
     pub host_ifname: String,
     pub host_ifindex: u32,
@@ -229,7 +265,9 @@ impl Datapath {
     pub fn start(
         cgroup: &Path,
         outbound: SocketAddrV4,
+        outbound6: Option<SocketAddrV6>,
         node_addrs: &[Ipv4Addr],
+        node_addrs6: &[Ipv6Addr],
         exclusions: &Exclusions,
     ) -> Result<(Self, OrigDstTable), Error> {
         if OBJECT.is_empty() {
@@ -247,6 +285,8 @@ impl Datapath {
             LpmTrie::try_from(take(maps::EXCLUDED_NETS)?).map_err(map_err(maps::EXCLUDED_NETS))?;
         let table = OrigDstTable {
             orig_dst: HashMap::try_from(take(maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?,
+            orig_dst6: HashMap::try_from(take(maps::ORIG_DST6)?)
+                .map_err(map_err(maps::ORIG_DST6))?,
             counters: PerCpuArray::try_from(take(maps::COUNTERS)?)
                 .map_err(map_err(maps::COUNTERS))?,
             consumed: AtomicU64::new(0),
@@ -277,12 +317,29 @@ impl Datapath {
             nets.insert(&key, 1, 0)
                 .map_err(map_err(maps::EXCLUDED_NETS))?;
         }
-        // Written last: until PROXY is set, connect4 redirects nothing.
+        let mut nets6: LpmTrie<MapData, [u8; 16], u8> =
+            LpmTrie::try_from(take(maps::EXCLUDED_NETS6)?)
+                .map_err(map_err(maps::EXCLUDED_NETS6))?;
+        let always6 = [
+            (Ipv6Addr::UNSPECIFIED, 128u8),
+            (Ipv6Addr::LOCALHOST, 128),
+            (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
+            (Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),
+        ];
+        let own6 = node_addrs6.iter().map(|ip| (*ip, 128u8));
+        for (net, len) in always6.into_iter().chain(own6) {
+            let key = aya::maps::lpm_trie::Key::new(u32::from(len), net.octets());
+            nets6
+                .insert(&key, 1, 0)
+                .map_err(map_err(maps::EXCLUDED_NETS6))?;
+        }
+        // Written last: until PROXY is set, connect4/6 redirect nothing.
         proxy
             .set(
                 0,
                 ProxyConfig {
                     outbound: raw_addr(outbound),
+                    outbound6: outbound6.map(raw_addr6).unwrap_or_default(),
                 },
                 0,
             )
@@ -358,7 +415,8 @@ impl Datapath {
                     pod.host_ifindex,
                     PodAddrs {
                         ip4: raw_ip(pod.ip),
-                        ..PodAddrs::default()
+                        _pad: 0,
+                        ip6: pod.ip6.map(|ip| ip.octets()).unwrap_or_default(),
                     },
                     0,
                 )

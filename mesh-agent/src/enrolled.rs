@@ -2,7 +2,11 @@
 //! connection came from (who the client is, as the kernel saw it at `connect()`) and by
 //! address (where to deliver). The reconciler publishes a new table on every change.
 
-use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
 
 use crate::{limits::Gauge, podnet::PodNetns, state::Workload};
 
@@ -19,10 +23,21 @@ pub struct EnrolledPod {
     pub open: Gauge,
 }
 
+impl EnrolledPod {
+    /// The pod's own address in `target`'s family: where its connections to `target` come
+    /// from.
+    pub fn address_for(&self, target: SocketAddr) -> Option<IpAddr> {
+        match target {
+            SocketAddr::V4(_) => Some(IpAddr::V4(self.ip)),
+            SocketAddr::V6(_) => self.workload.ip6.map(IpAddr::V6),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct EnrolledPods {
     by_netns: HashMap<u64, Arc<EnrolledPod>>,
-    by_ip: HashMap<Ipv4Addr, Arc<EnrolledPod>>,
+    by_ip: HashMap<IpAddr, Arc<EnrolledPod>>,
 }
 
 impl EnrolledPods {
@@ -30,7 +45,10 @@ impl EnrolledPods {
         let mut out = Self::default();
         for pod in pods {
             out.by_netns.insert(pod.netns.cookie, pod.clone());
-            out.by_ip.insert(pod.ip, pod);
+            if let Some(ip6) = pod.workload.ip6 {
+                out.by_ip.insert(IpAddr::V6(ip6), pod.clone());
+            }
+            out.by_ip.insert(IpAddr::V4(pod.ip), pod);
         }
         out
     }
@@ -40,15 +58,16 @@ impl EnrolledPods {
         self.by_netns.get(&cookie)
     }
 
-    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<EnrolledPod>> {
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<EnrolledPod>> {
         self.by_ip.get(&ip)
     }
 
+    /// How many pods.
     pub fn len(&self) -> usize {
-        self.by_ip.len()
+        self.by_netns.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_ip.is_empty()
+        self.by_netns.is_empty()
     }
 }

@@ -35,6 +35,9 @@ fn main() -> anyhow::Result<()> {
                         "no non-loopback IPv4 address in this namespace; pass --node-address",
                     )?,
             };
+            let node_address6 = args
+                .node_address6
+                .or_else(|| app::global_ipv6_addresses().into_iter().next());
             let cgroup = match args.cgroup {
                 Some(c) => c,
                 None => datapath::cgroup2_root()?,
@@ -43,6 +46,7 @@ fn main() -> anyhow::Result<()> {
                 node: args.node,
                 manifests: args.manifests,
                 node_address,
+                node_address6,
                 cgroup,
                 outbound_port: args.outbound_port,
                 metrics_port: args.metrics_port,

@@ -244,6 +244,7 @@ impl Reconciler {
         let enrollment = Enrollment {
             netns_cookie: netns.cookie,
             ip,
+            ip6: workload.ip6,
             host_ifname,
             host_ifindex,
             anti_spoof,

@@ -252,7 +252,7 @@ fn an_invalid_manifest_is_reported_and_the_last_good_state_stays() {
     )
     .expect("write");
     let expected = format!(
-        "{}: Service default/broken: field spec.clusterIP: \"not-an-ip\" is neither an IPv4 address nor \"None\"",
+        "{}: Service default/broken: field spec.clusterIP: \"not-an-ip\" is neither an IP address nor \"None\"",
         dir.join("broken.yaml").display()
     );
     eventually("the rejection to be logged", || {

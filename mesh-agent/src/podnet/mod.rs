@@ -16,7 +16,7 @@ use std::{
     fs::File,
     io,
     mem::size_of,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
@@ -173,20 +173,25 @@ impl PodNetns {
         self.run(|| bound_to(ip)).is_ok_and(|s| s.is_some())
     }
 
-    /// A non-blocking TCP socket created inside this namespace, carrying `mark` so the capture
-    /// programs leave it alone. With `transparent_source`, the socket is bound to that address
-    /// although it is not local (`IP_TRANSPARENT`): the pod then sees the connection come from
-    /// there.
+    /// A non-blocking TCP socket created inside this namespace, of `target`'s address family,
+    /// carrying `mark` so the capture programs leave it alone. With `transparent_source`, the
+    /// socket is bound to that address although it is not local (`IP_TRANSPARENT`): the pod
+    /// then sees the connection come from there.
     pub fn tcp_socket(
         &self,
         mark: u32,
-        transparent_source: Option<Ipv4Addr>,
+        target: SocketAddr,
+        transparent_source: Option<IpAddr>,
     ) -> io::Result<std::net::TcpStream> {
+        let family = match target {
+            SocketAddr::V4(_) => libc::AF_INET,
+            SocketAddr::V6(_) => libc::AF_INET6,
+        };
         let sock = self.run(|| {
             // SAFETY: plain syscall; the fd is owned right away.
             let fd = unsafe {
                 libc::socket(
-                    libc::AF_INET,
+                    family,
                     libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
                     0,
                 )
@@ -199,15 +204,31 @@ impl PodNetns {
         })?;
         set_int(&sock, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
         if let Some(ip) = transparent_source {
-            set_int(&sock, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?;
-            let addr = sockaddr_in(ip);
-            // SAFETY: valid socket and a correctly sized sockaddr_in.
-            let rc = unsafe {
-                libc::bind(
-                    sock.as_raw_fd(),
-                    (&addr as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
+            let rc = match ip {
+                IpAddr::V4(ip) => {
+                    set_int(&sock, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?;
+                    let addr = sockaddr_in(ip);
+                    // SAFETY: valid socket and a correctly sized sockaddr_in.
+                    unsafe {
+                        libc::bind(
+                            sock.as_raw_fd(),
+                            (&addr as *const libc::sockaddr_in).cast(),
+                            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                        )
+                    }
+                }
+                IpAddr::V6(ip) => {
+                    set_int(&sock, libc::SOL_IPV6, IPV6_TRANSPARENT, 1)?;
+                    let addr = sockaddr_in6(ip);
+                    // SAFETY: valid socket and a correctly sized sockaddr_in6.
+                    unsafe {
+                        libc::bind(
+                            sock.as_raw_fd(),
+                            (&addr as *const libc::sockaddr_in6).cast(),
+                            size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                        )
+                    }
+                }
             };
             if rc != 0 {
                 return Err(io::Error::last_os_error());
@@ -223,15 +244,40 @@ impl PodNetns {
     /// and a `local 0.0.0.0/0` route in a table of our own). Idempotent.
     pub fn route_inbound_to_agent(&self) -> io::Result<()> {
         self.run(|| {
+            // The sysctl covers IPv6 TCP too.
             std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
-            netlink::add_mark_rule(marks::INBOUND, marks::MASK, INBOUND_TABLE)?;
-            netlink::add_local_default_route(INBOUND_TABLE)
+            netlink::add_mark_rule(libc::AF_INET, marks::INBOUND, marks::MASK, INBOUND_TABLE)?;
+            netlink::add_local_default_route(libc::AF_INET, INBOUND_TABLE)?;
+            // The same for IPv6, where the pod has it: a pod with IPv6 turned off refuses
+            // IPv6 routes, and needs none.
+            let v6 =
+                netlink::add_mark_rule(libc::AF_INET6, marks::INBOUND, marks::MASK, INBOUND_TABLE)
+                    .and_then(|()| netlink::add_local_default_route(libc::AF_INET6, INBOUND_TABLE));
+            if let Err(e) = v6 {
+                tracing::debug!("no IPv6 transparent delivery in this pod: {e}");
+            }
+            Ok(())
         })
     }
 }
 
 /// The routing table (inside a pod) that sends [`marks::INBOUND`] packets to the local stack.
 pub const INBOUND_TABLE: u32 = 0x5a1;
+
+/// `IPV6_TRANSPARENT` from `<linux/in6.h>`.
+const IPV6_TRANSPARENT: libc::c_int = 75;
+
+fn sockaddr_in6(ip: Ipv6Addr) -> libc::sockaddr_in6 {
+    libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: 0,
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: ip.octets(),
+        },
+        sin6_scope_id: 0,
+    }
+}
 
 fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr_in {
     libc::sockaddr_in {

@@ -161,10 +161,10 @@ fn create(kind: u16, body: &[u8]) -> io::Result<()> {
     }
 }
 
-/// `ip rule add fwmark MARK/MASK lookup TABLE pref 15008`.
-pub fn add_mark_rule(mark: u32, mask: u32, table: u32) -> io::Result<()> {
+/// `ip [-6] rule add fwmark MARK/MASK lookup TABLE pref 15008`.
+pub fn add_mark_rule(family: libc::c_int, mark: u32, mask: u32, table: u32) -> io::Result<()> {
     // fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action, flags
-    let mut body = vec![libc::AF_INET as u8, 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL];
+    let mut body = vec![family as u8, 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL];
     body.extend_from_slice(&0u32.to_ne_bytes());
     attr_u32(&mut body, FRA_FWMARK, mark);
     attr_u32(&mut body, FRA_FWMASK, mask);
@@ -173,11 +173,11 @@ pub fn add_mark_rule(mark: u32, mask: u32, table: u32) -> io::Result<()> {
     create(RTM_NEWRULE, &body)
 }
 
-/// `ip route add local 0.0.0.0/0 dev lo table TABLE`.
-pub fn add_local_default_route(table: u32) -> io::Result<()> {
+/// `ip route add local 0.0.0.0/0 dev lo table TABLE` (or `::/0` for IPv6).
+pub fn add_local_default_route(family: libc::c_int, table: u32) -> io::Result<()> {
     // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
     let mut body = vec![
-        libc::AF_INET as u8,
+        family as u8,
         0,
         0,
         0,

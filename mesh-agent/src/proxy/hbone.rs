@@ -10,7 +10,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -76,7 +76,7 @@ pub enum Error {
     #[error("{peer} refused CONNECT {target} with {status}")]
     Refused {
         peer: SocketAddrV4,
-        target: SocketAddrV4,
+        target: SocketAddr,
         status: StatusCode,
     },
     #[error("{0:?} is not a valid SNI name")]
@@ -160,20 +160,24 @@ pub struct TunnelRequest {
     /// The W3C baggage naming the client's workload (metric labels only).
     pub baggage: String,
     /// The client pod's address, so the destination pod sees it.
-    pub forwarded_for: Ipv4Addr,
+    pub forwarded_for: Option<IpAddr>,
 }
 
 impl TunnelRequest {
-    /// The client address in a `forwarded` header: `for=a.b.c.d` (RFC 7239). `None` when the
-    /// header is absent or says something else.
-    pub fn parse_forwarded_for(headers: &hyper::HeaderMap) -> Option<Ipv4Addr> {
+    /// The client address in a `forwarded` header: `for=a.b.c.d` or `for="[v6]"` (RFC 7239).
+    /// `None` when the header is absent or says something else.
+    pub fn parse_forwarded_for(headers: &hyper::HeaderMap) -> Option<IpAddr> {
         let value = headers.get(FORWARDED)?.to_str().ok()?;
         value.split(';').find_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;
             if !k.eq_ignore_ascii_case("for") {
                 return None;
             }
-            v.trim_matches('"').parse().ok()
+            v.trim_matches('"')
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .ok()
         })
     }
 }
@@ -202,7 +206,7 @@ impl HboneConnector {
         source: &Identity,
         destination: &Identity,
         node: Ipv4Addr,
-        target: SocketAddrV4,
+        target: SocketAddr,
         request: &TunnelRequest,
     ) -> Result<Tunnel, Error> {
         let peer = SocketAddrV4::new(node, self.port);
@@ -240,14 +244,19 @@ impl HboneConnector {
     async fn open_stream(
         sender: &mut http2::SendRequest<Empty<Bytes>>,
         peer: SocketAddrV4,
-        target: SocketAddrV4,
+        target: SocketAddr,
         tunnel: &TunnelRequest,
     ) -> Result<TokioIo<hyper::upgrade::Upgraded>, Error> {
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .header(super::inbound::BAGGAGE, &tunnel.baggage)
-            .header(FORWARDED, format!("for={}", tunnel.forwarded_for))
+            .header(super::inbound::BAGGAGE, &tunnel.baggage);
+        request = match tunnel.forwarded_for {
+            Some(IpAddr::V4(ip)) => request.header(FORWARDED, format!("for={ip}")),
+            Some(IpAddr::V6(ip)) => request.header(FORWARDED, format!("for=\"[{ip}]\"")),
+            None => request,
+        };
+        let request = request
             .body(Empty::new())
             .map_err(|e| Error::Sni(e.to_string()))?;
         sender
@@ -365,7 +374,7 @@ impl HboneConnector {
 mod tests {
     use super::*;
 
-    fn forwarded(value: &str) -> Option<Ipv4Addr> {
+    fn forwarded(value: &str) -> Option<IpAddr> {
         let mut headers = hyper::HeaderMap::new();
         if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
             headers.insert(FORWARDED, v);
@@ -375,11 +384,13 @@ mod tests {
 
     #[test]
     fn forwarded_for() {
-        assert_eq!(forwarded("for=10.1.1.2"), Some(Ipv4Addr::new(10, 1, 1, 2)));
-        assert_eq!(
-            forwarded("proto=http; For=\"10.1.1.2\""),
-            Some(Ipv4Addr::new(10, 1, 1, 2))
-        );
+        let v4 = Some(IpAddr::V4(Ipv4Addr::new(10, 1, 1, 2)));
+        assert_eq!(forwarded("for=10.1.1.2"), v4);
+        assert_eq!(forwarded("proto=http; For=\"10.1.1.2\""), v4);
+        let v6: std::net::Ipv6Addr = "fd00:1:1::2"
+            .parse()
+            .unwrap_or(std::net::Ipv6Addr::LOCALHOST);
+        assert_eq!(forwarded("for=\"[fd00:1:1::2]\""), Some(IpAddr::V6(v6)));
         assert_eq!(forwarded("for=unknown"), None);
         assert_eq!(forwarded("by=10.1.1.2"), None);
         assert_eq!(

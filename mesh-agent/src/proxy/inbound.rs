@@ -2,11 +2,7 @@
 //! certificate (chosen by SNI), accepts HTTP/2 CONNECT to this node's enrolled pods only, and
 //! relays each stream to its pod, from the client pod's address when its agent vouches for it.
 
-use std::{
-    net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http_body_util::Empty;
 use hyper::{
@@ -217,7 +213,7 @@ async fn connect(
     let Some(target) = req
         .uri()
         .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
         return refuse(
             inputs,
@@ -225,13 +221,13 @@ async fn connect(
             StatusCode::BAD_REQUEST,
             "target",
             format!(
-                "{} asked for {:?}, not an IPv4 pod address and port",
+                "{} asked for {:?}, not a pod address and port",
                 peer.identity,
                 req.uri().to_string()
             ),
         );
     };
-    let Some(pod) = inputs.enrolled.borrow().by_ip(*target.ip()).cloned() else {
+    let Some(pod) = inputs.enrolled.borrow().by_ip(target.ip()).cloned() else {
         return refuse(
             inputs,
             peer,
@@ -295,7 +291,8 @@ async fn connect(
         None => None,
     };
     let delivered = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        match source.filter(|_| pod.transparent) {
+        // A claimed address of the other family cannot be the source of this connection.
+        match source.filter(|ip| pod.transparent && ip.is_ipv6() == target.is_ipv6()) {
             Some(ip) => super::deliver_in_pod(&pod, ip, target).await,
             None => TcpStream::connect(target).await,
         }

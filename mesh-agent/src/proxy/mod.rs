@@ -7,7 +7,7 @@ pub mod relay;
 
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use mesh_agent_common::marks;
@@ -17,11 +17,11 @@ use crate::enrolled::EnrolledPod;
 
 /// Where the application wanted to go (recovered from the eBPF maps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OrigDstAddr(pub SocketAddrV4);
+pub struct OrigDstAddr(pub SocketAddr);
 
 /// Who connected to the proxy (a pod's address and ephemeral port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddrV4);
+pub struct ClientAddr(pub SocketAddr);
 
 impl fmt::Display for OrigDstAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -41,11 +41,9 @@ impl fmt::Display for ClientAddr {
 /// (`EnrolledPod::transparent`).
 pub async fn deliver_in_pod(
     pod: &EnrolledPod,
-    client: Ipv4Addr,
-    target: SocketAddrV4,
+    client: IpAddr,
+    target: SocketAddr,
 ) -> std::io::Result<TcpStream> {
-    let socket = pod.netns.tcp_socket(marks::INBOUND, Some(client))?;
-    TcpSocket::from_std_stream(socket)
-        .connect(target.into())
-        .await
+    let socket = pod.netns.tcp_socket(marks::INBOUND, target, Some(client))?;
+    TcpSocket::from_std_stream(socket).connect(target).await
 }

@@ -3,7 +3,7 @@
 //! included). What it dials directly, it dials from the client pod's own network namespace.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -37,8 +37,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error("connection from {0} was not redirected by mesh-agent (no original destination recorded); refusing it")]
     NotRedirected(ClientAddr),
-    #[error("connection from {0} is not IPv4; only IPv4 is captured")]
-    NotIpv4(SocketAddr),
     #[error("connection from {client} (dialled {orig}) came from a network namespace that is no longer enrolled; refusing it")]
     UnknownSource {
         client: ClientAddr,
@@ -64,7 +62,7 @@ pub enum Error {
     },
     #[error("connecting to {endpoint} for {client} (dialled {orig}): {source}")]
     Connect {
-        endpoint: SocketAddrV4,
+        endpoint: SocketAddr,
         orig: OrigDstAddr,
         client: ClientAddr,
         #[source]
@@ -72,7 +70,7 @@ pub enum Error {
     },
     #[error("HBONE to {endpoint} for {client} (dialled {orig}): {source}")]
     Hbone {
-        endpoint: SocketAddrV4,
+        endpoint: SocketAddr,
         orig: OrigDstAddr,
         client: ClientAddr,
         #[source]
@@ -80,7 +78,7 @@ pub enum Error {
     },
     #[error("connecting to {endpoint} for {client} (dialled {orig}) timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout {
-        endpoint: SocketAddrV4,
+        endpoint: SocketAddr,
         orig: OrigDstAddr,
         client: ClientAddr,
     },
@@ -91,7 +89,7 @@ impl Error {
     /// (as opposed to failures to connect onwards).
     fn refusal(&self) -> Option<&'static str> {
         match self {
-            Error::NotRedirected(_) | Error::NotIpv4(_) => Some("not_redirected"),
+            Error::NotRedirected(_) => Some("not_redirected"),
             Error::UnknownSource { .. } => Some("unknown_source"),
             Error::NodeAddress { .. } => Some("node_address"),
             Error::ConnectionLimit { .. } => Some("connection_limit"),
@@ -111,7 +109,7 @@ pub struct ProxyInputs {
     pub node: String,
     pub trust_domain: String,
     /// The node's own addresses: never dialled on a pod's behalf.
-    pub node_addrs: Vec<Ipv4Addr>,
+    pub node_addrs: Vec<IpAddr>,
     /// Relay buffers of all connections.
     pub buffers: Arc<ByteBudget>,
     /// Connections one pod may hold through the proxy at once.
@@ -121,19 +119,32 @@ pub struct ProxyInputs {
 /// Whether a pod's original destination is the node itself or a range that only means
 /// something on its own host: the capture programs never redirect these, and the proxy, which
 /// runs in the node's namespace, refuses them should one arrive anyway.
-pub fn is_node_local(ip: Ipv4Addr, node_addrs: &[Ipv4Addr]) -> bool {
+pub fn is_node_local(ip: IpAddr, node_addrs: &[IpAddr]) -> bool {
     is_host_scoped(ip) || node_addrs.contains(&ip)
 }
 
 /// Addresses no Service endpoint may have. (A node address may: hostNetwork pods back
 /// Services, and the proxy dials from the client pod's namespace, where the node's address is
 /// only as reachable as it is to the pod itself.)
-fn is_host_scoped(ip: Ipv4Addr) -> bool {
-    ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_link_local()
-        || ip.is_broadcast()
-        || ip.is_multicast()
+fn is_host_scoped(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => {
+            ip.is_unspecified()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_broadcast()
+                || ip.is_multicast()
+        }
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => is_host_scoped(IpAddr::V4(v4)),
+            None => {
+                ip.is_unspecified()
+                    || ip.is_loopback()
+                    || ip.is_unicast_link_local()
+                    || ip.is_multicast()
+            }
+        },
+    }
 }
 
 /// Accepts until the task is dropped.
@@ -169,9 +180,6 @@ async fn proxy_connection(
     client_stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), Error> {
-    let SocketAddr::V4(peer) = peer else {
-        return Err(Error::NotIpv4(peer));
-    };
     let client = ClientAddr(peer);
     let captured = inputs
         .orig_dst
@@ -186,7 +194,7 @@ async fn proxy_connection(
         .by_netns(captured.netns_cookie)
         .cloned()
         .ok_or(Error::UnknownSource { client, orig })?;
-    if is_node_local(*orig.0.ip(), &inputs.node_addrs) {
+    if is_node_local(orig.0.ip(), &inputs.node_addrs) {
         return Err(Error::NodeAddress { client, orig });
     }
     let _slot = source
@@ -217,10 +225,10 @@ async fn proxy_connection(
         }
         Destination::Pod(_) | Destination::Passthrough => orig.0,
     };
-    if is_host_scoped(*endpoint.ip()) {
+    if is_host_scoped(endpoint.ip()) {
         return Err(Error::NodeAddress { client, orig });
     }
-    let destination = snapshot.pod_by_ip(*endpoint.ip()).cloned();
+    let destination = snapshot.pod_by_ip(endpoint.ip()).cloned();
     if let Some(dst) = &destination {
         labels.destination_workload = dst.workload.clone();
         labels.destination_namespace = dst.namespace.clone();
@@ -251,8 +259,11 @@ async fn proxy_connection(
                     // Delivered inside the destination pod, from the client's address (as the
                     // HBONE inbound side does): no veth to cross. Direct from the client pod
                     // if the destination is not (yet) enrolled here.
-                    match inputs.enrolled.borrow().by_ip(*endpoint.ip()) {
-                        Some(pod) if pod.transparent => Route::Local(pod.clone()),
+                    let local = inputs.enrolled.borrow().by_ip(endpoint.ip()).cloned();
+                    match (local, source.address_for(endpoint)) {
+                        (Some(pod), Some(client)) if pod.transparent => {
+                            Route::Local { pod, client }
+                        }
                         _ => Route::Direct,
                     }
                 }
@@ -276,7 +287,7 @@ async fn proxy_connection(
         } => {
             let tunnel = TunnelRequest {
                 baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
-                forwarded_for: source.ip,
+                forwarded_for: source.address_for(endpoint),
             };
             match inputs
                 .hbone
@@ -302,12 +313,10 @@ async fn proxy_connection(
                 }),
             }
         }
-        Route::Local(pod) => {
-            let delivered = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                super::deliver_in_pod(&pod, source.ip, endpoint),
-            )
-            .await;
+        Route::Local { pod, client: from } => {
+            let delivered =
+                tokio::time::timeout(CONNECT_TIMEOUT, super::deliver_in_pod(&pod, from, endpoint))
+                    .await;
             match delivered {
                 Ok(Ok(upstream)) => {
                     let _ = upstream.set_nodelay(true);
@@ -360,7 +369,7 @@ async fn proxy_connection(
 /// network position (routes, NetworkPolicy) applies, never the node's.
 async fn connect_from_pod(
     netns: &PodNetns,
-    endpoint: SocketAddrV4,
+    endpoint: SocketAddr,
     orig: OrigDstAddr,
     client: ClientAddr,
 ) -> Result<TcpStream, Error> {
@@ -371,10 +380,10 @@ async fn connect_from_pod(
         source,
     };
     let socket = netns
-        .tcp_socket(marks::OUTBOUND, None)
+        .tcp_socket(marks::OUTBOUND, endpoint, None)
         .map(TcpSocket::from_std_stream)
         .map_err(fail)?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(endpoint.into())).await {
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(endpoint)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
@@ -398,7 +407,10 @@ enum Route {
     },
     /// Plain TCP inside a pod of this node, from the client's address (identities known
     /// in-process).
-    Local(Arc<EnrolledPod>),
+    Local {
+        pod: Arc<EnrolledPod>,
+        client: IpAddr,
+    },
     /// Plain TCP from the client pod's namespace: outside the mesh (or a local pod not
     /// enrolled).
     Direct,
@@ -411,7 +423,7 @@ mod tests {
 
     #[test]
     fn node_local_destinations() {
-        let node = [Ipv4Addr::new(10, 0, 0, 1)];
+        let node: [IpAddr; 2] = ["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
         for ip in [
             "0.0.0.0",
             "127.0.0.1",
@@ -420,14 +432,27 @@ mod tests {
             "10.0.0.1",
             "224.0.0.1",
             "255.255.255.255",
+            "::",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
         ] {
             assert!(is_node_local(ip.parse().unwrap(), &node), "{ip}");
         }
-        for ip in ["10.0.0.2", "10.1.1.2", "10.96.0.10", "8.8.8.8"] {
+        for ip in [
+            "10.0.0.2",
+            "10.1.1.2",
+            "10.96.0.10",
+            "8.8.8.8",
+            "fd00::2",
+            "fd00:96::10",
+        ] {
             assert!(!is_node_local(ip.parse().unwrap(), &node), "{ip}");
         }
         // A Service endpoint may be a node (hostNetwork pods), never loopback.
-        assert!(!is_host_scoped(Ipv4Addr::new(10, 0, 0, 1)));
-        assert!(is_host_scoped(Ipv4Addr::LOCALHOST));
+        assert!(!is_host_scoped("10.0.0.1".parse().unwrap()));
+        assert!(is_host_scoped("127.0.0.1".parse().unwrap()));
     }
 }

@@ -4,7 +4,12 @@
 //! Each object is parsed through `serde_path_to_error`, so a bad value is reported with the
 //! path of the field that holds it (`spec.ports[0].port`).
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use serde::{de::DeserializeOwned, Deserialize};
 
@@ -32,7 +37,7 @@ pub enum Problem {
     TooLarge { size: u64, limit: u64 },
     #[error("pod IP {ip} is also claimed by Pod {other} (in {other_file}); two live pods cannot share an address, so neither is trusted with it")]
     DuplicatePodIp {
-        ip: Ipv4Addr,
+        ip: IpAddr,
         other: String,
         other_file: String,
     },
@@ -45,9 +50,52 @@ pub struct ObjectMeta {
     #[serde(default)]
     pub namespace: Option<String>,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
+    pub annotations: Labels,
+}
+
+/// Labels or annotations: a few pairs per object, kept as a flat list (a `BTreeMap` node costs
+/// half a kilobyte even for two entries, which at cluster scale is most of the parsed state).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(Vec<(String, String)>);
+
+impl Labels {
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Pairs;
+        impl<'de> serde::de::Visitor<'de> for Pairs {
+            type Value = Labels;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of strings to strings")
+            }
+            fn visit_unit<E>(self) -> Result<Labels, E> {
+                Ok(Labels::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Labels, A::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                // (YAML with a repeated key is already refused by the parser.)
+                while let Some(pair) = map.next_entry::<String, String>()? {
+                    pairs.push(pair);
+                }
+                pairs.shrink_to_fit();
+                Ok(Labels(pairs))
+            }
+        }
+        d.deserialize_any(Pairs)
+    }
 }
 
 impl ObjectMeta {
@@ -85,14 +133,22 @@ pub struct PodSpec {
 #[serde(rename_all = "camelCase")]
 pub struct PodStatus {
     #[serde(default, rename = "podIP")]
-    pub pod_ip: Option<Ipv4Addr>,
+    pub pod_ip: Option<IpAddr>,
     /// The node's address: where its agent's HBONE port is.
     #[serde(default, rename = "hostIP")]
-    pub host_ip: Option<Ipv4Addr>,
+    pub host_ip: Option<IpAddr>,
     /// `Pending`, `Running`, `Succeeded`, `Failed` or `Unknown` (absent in hand-written
     /// manifests).
     #[serde(default)]
     pub phase: Option<String>,
+    /// Every address of a dual-stack pod (`podIP` is the first).
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PodIp {
+    pub ip: IpAddr,
 }
 
 impl PodStatus {
@@ -100,6 +156,28 @@ impl PodStatus {
     /// for another pod, and nothing of it is captured.
     pub fn is_terminal(&self) -> bool {
         matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+
+    fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.pod_ip
+            .into_iter()
+            .chain(self.pod_ips.iter().map(|p| p.ip))
+    }
+
+    /// The pod's IPv4 address.
+    pub fn pod_ip4(&self) -> Option<Ipv4Addr> {
+        self.ips().find_map(|ip| match ip {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        })
+    }
+
+    /// The pod's IPv6 address, on a dual-stack (or IPv6) cluster.
+    pub fn pod_ip6(&self) -> Option<Ipv6Addr> {
+        self.ips().find_map(|ip| match ip {
+            IpAddr::V6(ip) => Some(ip),
+            IpAddr::V4(_) => None,
+        })
     }
 }
 
@@ -113,9 +191,12 @@ pub struct Service {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
-    /// An IPv4 address, `None` (headless) or absent.
+    /// An IP address, `None` (headless) or absent.
     #[serde(default, rename = "clusterIP")]
     pub cluster_ip: Option<String>,
+    /// Every cluster IP of a dual-stack Service (`clusterIP` is the first).
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
     #[serde(default)]
@@ -310,11 +391,22 @@ fn validate_pod(pod: Pod) -> Result<Pod, Problem> {
 
 fn validate_service(svc: Service) -> Result<Service, Problem> {
     validate_name(&svc.metadata)?;
-    if let Some(ip) = svc.spec.cluster_ip.as_deref() {
-        if ip != "None" && !ip.is_empty() && ip.parse::<Ipv4Addr>().is_err() {
+    let ips = svc
+        .spec
+        .cluster_ip
+        .iter()
+        .map(|ip| ("spec.clusterIP".to_owned(), ip));
+    let more = svc
+        .spec
+        .cluster_ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip));
+    for (path, ip) in ips.chain(more) {
+        if ip != "None" && !ip.is_empty() && ip.parse::<IpAddr>().is_err() {
             return Err(field(
-                "spec.clusterIP",
-                format!("{ip:?} is neither an IPv4 address nor \"None\""),
+                &path,
+                format!("{ip:?} is neither an IP address nor \"None\""),
             ));
         }
     }
@@ -344,15 +436,18 @@ fn validate_slice(slice: EndpointSlice) -> Result<EndpointSlice, Problem> {
             "missing \"kubernetes.io/service-name\" (which Service this slice belongs to)",
         ));
     }
-    if slice.address_type == "IPv4" {
-        for (i, ep) in slice.endpoints.iter().enumerate() {
-            for (j, addr) in ep.addresses.iter().enumerate() {
-                if addr.parse::<Ipv4Addr>().is_err() {
-                    return Err(field(
-                        &format!("endpoints[{i}].addresses[{j}]"),
-                        format!("{addr:?} is not an IPv4 address"),
-                    ));
-                }
+    let family_ok = |addr: &str| match slice.address_type.as_str() {
+        "IPv4" => Some(addr.parse::<Ipv4Addr>().is_ok()),
+        "IPv6" => Some(addr.parse::<Ipv6Addr>().is_ok()),
+        _ => None,
+    };
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        for (j, addr) in ep.addresses.iter().enumerate() {
+            if family_ok(addr) == Some(false) {
+                return Err(field(
+                    &format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{addr:?} is not an {} address", slice.address_type),
+                ));
             }
         }
     }
@@ -383,7 +478,7 @@ mod tests {
             .to_string();
         assert_eq!(
             msg,
-            "s.yaml: Service default/web: field spec.clusterIP: \"ten\" is neither an IPv4 address nor \"None\""
+            "s.yaml: Service default/web: field spec.clusterIP: \"ten\" is neither an IP address nor \"None\""
         );
     }
 

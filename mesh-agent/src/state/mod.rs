@@ -8,7 +8,7 @@ pub mod manifest;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -33,6 +33,8 @@ pub struct Workload {
     pub service_account: String,
     pub node: Option<String>,
     pub ip: Option<Ipv4Addr>,
+    /// The pod's IPv6 address on a dual-stack cluster.
+    pub ip6: Option<Ipv6Addr>,
     /// The address of the pod's node (`status.hostIP`).
     pub node_ip: Option<Ipv4Addr>,
     /// Whether the pod's traffic is captured (see [`INJECT_ANNOTATION`]).
@@ -45,7 +47,7 @@ pub struct ServiceTarget {
     pub namespace: String,
     pub name: String,
     pub port: u16,
-    pub endpoints: Vec<SocketAddrV4>,
+    pub endpoints: Vec<SocketAddr>,
     next: AtomicUsize,
 }
 
@@ -74,7 +76,7 @@ impl ServiceTarget {
     }
 
     /// The next endpoint, round robin.
-    pub fn pick(&self) -> Option<SocketAddrV4> {
+    pub fn pick(&self) -> Option<SocketAddr> {
         if self.endpoints.is_empty() {
             return None;
         }
@@ -97,8 +99,8 @@ pub enum Destination {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pods: Vec<Arc<Workload>>,
-    pods_by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
-    services: HashMap<SocketAddrV4, Arc<ServiceTarget>>,
+    pods_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: HashMap<SocketAddr, Arc<ServiceTarget>>,
 }
 
 impl Snapshot {
@@ -107,7 +109,7 @@ impl Snapshot {
         let mut seen: HashMap<(&'static str, String, String), String> = HashMap::new();
         let mut namespaces = HashMap::new();
         let mut pods = Vec::new();
-        let mut pod_ips: HashMap<Ipv4Addr, (String, String)> = HashMap::new();
+        let mut pod_ips: HashMap<IpAddr, (String, String)> = HashMap::new();
         let mut services = Vec::new();
         let mut slices: HashMap<(String, String), Vec<manifest::EndpointSlice>> = HashMap::new();
         for Located { file, object } in objects {
@@ -137,11 +139,12 @@ impl Snapshot {
                 }
                 Object::Pod(o) => {
                     // Only live pods hold an address; a finished pod's IP may be reused.
-                    let live_ip = o
-                        .status
-                        .pod_ip
-                        .filter(|_| !o.spec.host_network && !o.status.is_terminal());
-                    if let Some(ip) = live_ip {
+                    let live = !o.spec.host_network && !o.status.is_terminal();
+                    let ips = [
+                        o.status.pod_ip4().map(IpAddr::V4),
+                        o.status.pod_ip6().map(IpAddr::V6),
+                    ];
+                    for ip in ips.into_iter().flatten().filter(|_| live) {
                         let this = format!("{}/{}", o.metadata.namespace(), o.metadata.name);
                         if let Some((other, other_file)) = pod_ips.get(&ip) {
                             return Err(ManifestError {
@@ -192,42 +195,59 @@ impl Snapshot {
                     .clone()
                     .unwrap_or_else(|| "default".to_owned()),
                 node: pod.spec.node_name.clone(),
-                ip: pod.status.pod_ip.filter(|_| !pod.spec.host_network),
-                node_ip: pod.status.host_ip,
+                ip: pod.status.pod_ip4().filter(|_| !pod.spec.host_network),
+                ip6: pod.status.pod_ip6().filter(|_| !pod.spec.host_network),
+                node_ip: match pod.status.host_ip {
+                    Some(IpAddr::V4(ip)) => Some(ip),
+                    _ => None,
+                },
                 enrolled,
             });
-            if let Some(ip) = workload.ip {
+            let ips = [workload.ip.map(IpAddr::V4), workload.ip6.map(IpAddr::V6)];
+            for ip in ips.into_iter().flatten() {
                 snapshot.pods_by_ip.insert(ip, workload.clone());
             }
             snapshot.pods.push(workload);
         }
 
         for svc in &services {
-            let Some(cluster_ip) = svc
+            // Every cluster IP of the Service (both families on a dual-stack cluster), each
+            // with the endpoints of its own family.
+            let mut cluster_ips: Vec<IpAddr> = svc
                 .spec
                 .cluster_ip
-                .as_deref()
-                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-            else {
-                continue;
-            };
+                .iter()
+                .chain(svc.spec.cluster_ips.iter())
+                .filter_map(|ip| ip.parse::<IpAddr>().ok())
+                .collect();
+            cluster_ips.dedup();
             let ns = svc.metadata.namespace();
             let own_slices = slices.get(&(ns.to_owned(), svc.metadata.name.clone()));
-            for port in svc.spec.ports.iter().filter(|p| p.protocol == "TCP") {
-                let endpoints = match own_slices {
-                    Some(slices) => slice_endpoints(slices, port.name.as_deref()),
-                    None => selected_endpoints(&pods, ns, svc.spec.selector.as_ref(), port),
-                };
-                snapshot.services.insert(
-                    SocketAddrV4::new(cluster_ip, port.port),
-                    Arc::new(ServiceTarget {
-                        namespace: ns.to_owned(),
-                        name: svc.metadata.name.clone(),
-                        port: port.port,
-                        endpoints,
-                        next: AtomicUsize::new(0),
-                    }),
-                );
+            for cluster_ip in cluster_ips {
+                for port in svc.spec.ports.iter().filter(|p| p.protocol == "TCP") {
+                    let endpoints = match own_slices {
+                        Some(slices) => {
+                            slice_endpoints(slices, port.name.as_deref(), cluster_ip.is_ipv6())
+                        }
+                        None => selected_endpoints(
+                            &pods,
+                            ns,
+                            svc.spec.selector.as_ref(),
+                            port,
+                            cluster_ip.is_ipv6(),
+                        ),
+                    };
+                    snapshot.services.insert(
+                        SocketAddr::new(cluster_ip, port.port),
+                        Arc::new(ServiceTarget {
+                            namespace: ns.to_owned(),
+                            name: svc.metadata.name.clone(),
+                            port: port.port,
+                            endpoints,
+                            next: AtomicUsize::new(0),
+                        }),
+                    );
+                }
             }
         }
         Ok(snapshot)
@@ -241,7 +261,7 @@ impl Snapshot {
             .collect()
     }
 
-    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.pods_by_ip.get(&ip)
     }
 
@@ -250,25 +270,25 @@ impl Snapshot {
         self.pods.iter().filter(move |p| p.is_enrolled_on(node))
     }
 
-    pub fn resolve(&self, dst: SocketAddrV4) -> Destination {
+    pub fn resolve(&self, dst: SocketAddr) -> Destination {
         if let Some(svc) = self.services.get(&dst) {
             return Destination::Service(svc.clone());
         }
-        if let Some(pod) = self.pods_by_ip.get(dst.ip()) {
+        if let Some(pod) = self.pods_by_ip.get(&dst.ip()) {
             return Destination::Pod(pod.clone());
         }
         Destination::Passthrough
     }
 }
 
-fn inject_setting(annotations: &BTreeMap<String, String>) -> Option<bool> {
+fn inject_setting(annotations: &manifest::Labels) -> Option<bool> {
     [INJECT_ANNOTATION, LINKERD_INJECT_ANNOTATION]
         .iter()
-        .find_map(|k| annotations.get(*k))
+        .find_map(|k| annotations.get(k))
         .map(|v| v != "disabled")
 }
 
-fn workload_name(labels: &BTreeMap<String, String>) -> Option<&str> {
+fn workload_name(labels: &manifest::Labels) -> Option<&str> {
     labels
         .get("app.kubernetes.io/name")
         .or_else(|| labels.get("app"))
@@ -278,9 +298,11 @@ fn workload_name(labels: &BTreeMap<String, String>) -> Option<&str> {
 fn slice_endpoints(
     slices: &[manifest::EndpointSlice],
     port_name: Option<&str>,
-) -> Vec<SocketAddrV4> {
+    ipv6: bool,
+) -> Vec<SocketAddr> {
+    let family = if ipv6 { "IPv6" } else { "IPv4" };
     let mut out = Vec::new();
-    for slice in slices.iter().filter(|s| s.address_type == "IPv4") {
+    for slice in slices.iter().filter(|s| s.address_type == family) {
         let Some(port) = slice
             .ports
             .iter()
@@ -299,8 +321,8 @@ fn slice_endpoints(
             out.extend(
                 ep.addresses
                     .iter()
-                    .filter_map(|a| a.parse::<Ipv4Addr>().ok())
-                    .map(|ip| SocketAddrV4::new(ip, port)),
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                    .map(|ip| SocketAddr::new(ip, port)),
             );
         }
     }
@@ -314,7 +336,8 @@ fn selected_endpoints(
     namespace: &str,
     selector: Option<&BTreeMap<String, String>>,
     port: &manifest::ServicePort,
-) -> Vec<SocketAddrV4> {
+    ipv6: bool,
+) -> Vec<SocketAddr> {
     let Some(selector) = selector.filter(|s| !s.is_empty()) else {
         return Vec::new();
     };
@@ -331,8 +354,11 @@ fn selected_endpoints(
                 .iter()
                 .all(|(k, v)| p.metadata.labels.get(k) == Some(v))
         })
-        .filter_map(|p| p.status.pod_ip)
-        .map(|ip| SocketAddrV4::new(ip, target))
+        .filter_map(|p| match ipv6 {
+            true => p.status.pod_ip6().map(IpAddr::V6),
+            false => p.status.pod_ip4().map(IpAddr::V4),
+        })
+        .map(|ip| SocketAddr::new(ip, target))
         .collect()
 }
 
