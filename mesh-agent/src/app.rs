@@ -225,6 +225,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let orig_dst = Arc::new(orig_dst);
     info!(
         node = %config.node, cgroup = %config.cgroup.display(), outbound = %outbound_addr,
+        outbound6 = ?outbound6_addr,
         "eBPF programs attached"
     );
 

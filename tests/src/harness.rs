@@ -22,6 +22,15 @@ pub const READY: Duration = Duration::from_secs(20);
 /// n1: client (enrolled), outsider (opted out), then `extra` pods; n2: web behind Service
 /// web (10.96.0.10:80), serving HTTP on 8080 and echo on 9090.
 pub fn bed_with(extra: Vec<PodSpec>) -> Testbed {
+    bed_of(extra, false)
+}
+
+/// The standard scenario on a dual-stack testbed (see `TestbedSpec::dual_stack`).
+pub fn dual_stack_bed() -> Testbed {
+    bed_of(Vec::new(), true)
+}
+
+fn bed_of(extra: Vec<PodSpec>, dual_stack: bool) -> Testbed {
     let mut pods = vec![
         PodSpec::new("client", 0, "client"),
         PodSpec::new("outsider", 0, "outsider").annotate("mesh-agent.io/inject", "disabled"),
@@ -32,6 +41,7 @@ pub fn bed_with(extra: Vec<PodSpec>) -> Testbed {
         nodes: 2,
         pods,
         services: vec![ServiceSpec::web()],
+        dual_stack,
     };
     let bed = Testbed::up(&spec).expect("testbed up");
     assert_eq!(bed.pod("web").ip.to_string() + ":8080", WEB_POD);

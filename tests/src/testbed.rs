@@ -12,7 +12,7 @@
 use std::{
     fmt::Write as _,
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::Mutex,
@@ -68,6 +68,21 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
+    /// The Service's IPv6 cluster IP on a dual-stack testbed: `fd00:96::` and the last byte of
+    /// the IPv4 one.
+    pub fn cluster_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd00,
+            0x96,
+            0,
+            0,
+            0,
+            0,
+            0,
+            u16::from(self.cluster_ip.octets()[3]),
+        )
+    }
+
     /// Service `web` (10.96.0.10:80 → 8080) in `default`, backed by pods labelled `app: web`:
     /// the demo's and the tests' standard service.
     pub fn web() -> Self {
@@ -87,6 +102,9 @@ pub struct TestbedSpec {
     pub nodes: usize,
     pub pods: Vec<PodSpec>,
     pub services: Vec<ServiceSpec>,
+    /// IPv6 beside IPv4 everywhere: nodes `fd00::N`, pods `fd00:1:N::M`, Services with an IPv6
+    /// cluster IP (`fd00:96::` + the last byte of the IPv4 one).
+    pub dual_stack: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +112,7 @@ pub struct Node {
     pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    pub ip6: Option<Ipv6Addr>,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +120,7 @@ pub struct Pod {
     pub spec: PodSpec,
     pub netns: String,
     pub ip: Ipv4Addr,
+    pub ip6: Option<Ipv6Addr>,
     pub host_veth: String,
     pub cgroup: PathBuf,
 }
@@ -109,6 +129,7 @@ pub struct Testbed {
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub services: Vec<ServiceSpec>,
+    pub dual_stack: bool,
     /// Scratch directory: manifests, logs.
     pub dir: PathBuf,
     children: Mutex<Vec<Child>>,
@@ -227,16 +248,37 @@ fn remove_cgroup(dir: &Path) -> io::Result<()> {
 }
 
 /// The pod's namespace, its veth pair to the node, addresses and routes (as a CNI would).
-fn create_pod_network(pod: &Pod, node: &Node) -> io::Result<()> {
-    let ns = pod.netns.as_str();
-    ip(&["netns", "add", ns])?;
-    sysctl(
-        ns,
-        &[
+/// IPv6 off, or on without duplicate address detection (addresses usable at once); nodes
+/// also forward it.
+fn ipv6_sysctls(on: bool, node: bool) -> &'static [&'static str] {
+    match (on, node) {
+        (false, _) => &[
             "net.ipv6.conf.all.disable_ipv6=1",
             "net.ipv6.conf.default.disable_ipv6=1",
         ],
-    )?;
+        (true, false) => &[
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.default.disable_ipv6=0",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ],
+        (true, true) => &[
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.default.disable_ipv6=0",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.forwarding=1",
+        ],
+    }
+}
+
+/// The link-local gateway pods route IPv6 through (the node side of their veth, as for IPv4).
+const GATEWAY6: &str = "fe80::1";
+
+fn create_pod_network(pod: &Pod, node: &Node) -> io::Result<()> {
+    let ns = pod.netns.as_str();
+    ip(&["netns", "add", ns])?;
+    sysctl(ns, ipv6_sysctls(pod.ip6.is_some(), false))?;
     ip(&[
         "-n",
         &node.netns,
@@ -300,6 +342,45 @@ fn create_pod_network(pod: &Pod, node: &Node) -> io::Result<()> {
         "dev",
         &pod.host_veth,
     ])?;
+    if let Some(v6) = pod.ip6 {
+        let v6 = v6.to_string();
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{v6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "neigh",
+            "add",
+            GATEWAY6,
+            "lladdr",
+            GATEWAY_MAC,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+        ip(&[
+            "-n", ns, "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &node.netns,
+            "-6",
+            "route",
+            "add",
+            &format!("{v6}/128"),
+            "dev",
+            &pod.host_veth,
+        ])?;
+    }
     Ok(())
 }
 
@@ -314,6 +395,7 @@ impl Testbed {
             nodes: Vec::new(),
             pods: Vec::new(),
             services: spec.services.clone(),
+            dual_stack: spec.dual_stack,
             dir,
             children: Mutex::new(Vec::new()),
             torn_down: false,
@@ -334,6 +416,9 @@ impl Testbed {
                 name: format!("n{}", i + 1),
                 netns: format!("{PREFIX}n{}", i + 1),
                 ip: Ipv4Addr::new(10, 0, 0, i as u8 + 1),
+                ip6: spec
+                    .dual_stack
+                    .then(|| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i as u16 + 1)),
             };
             let ns = node.netns.as_str();
             ip(&["netns", "add", ns])?;
@@ -343,10 +428,9 @@ impl Testbed {
                     "net.ipv4.ip_forward=1",
                     "net.ipv4.conf.all.rp_filter=0",
                     "net.ipv4.conf.default.rp_filter=0",
-                    "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1",
                 ],
             )?;
+            sysctl(ns, ipv6_sysctls(spec.dual_stack, true))?;
             let fab = format!("fab-{}", node.name);
             ip(&[
                 "-n", FABRIC, "link", "add", &fab, "type", "veth", "peer", "name", "eth0", "netns",
@@ -363,6 +447,18 @@ impl Testbed {
                 "dev",
                 "eth0",
             ])?;
+            if let Some(v6) = node.ip6 {
+                ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
+            }
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             self.nodes.push(node);
         }
@@ -379,6 +475,19 @@ impl Testbed {
                         "via",
                         &other.ip.to_string(),
                     ])?;
+                    if let Some(via) = other.ip6 {
+                        let cidr6 = format!("fd00:1:{}::/64", j + 1);
+                        ip(&[
+                            "-n",
+                            &node.netns,
+                            "-6",
+                            "route",
+                            "add",
+                            &cidr6,
+                            "via",
+                            &via.to_string(),
+                        ])?;
+                    }
                 }
             }
         }
@@ -399,6 +508,18 @@ impl Testbed {
                 spec: pod_spec.clone(),
                 netns: format!("{}-{}", node.netns, pod_spec.name),
                 ip: Ipv4Addr::new(10, 1, pod_spec.node as u8 + 1, idx + 2),
+                ip6: spec.dual_stack.then(|| {
+                    Ipv6Addr::new(
+                        0xfd00,
+                        1,
+                        pod_spec.node as u16 + 1,
+                        0,
+                        0,
+                        0,
+                        0,
+                        u16::from(idx) + 2,
+                    )
+                }),
                 host_veth: format!("vth-{}-{idx}", node.name),
                 cgroup: cgroup.join(format!("{}-{}", node.name, pod_spec.name)),
             };
@@ -457,18 +578,30 @@ impl Testbed {
             } else {
                 annotations
             };
+            let ip6 = pod
+                .ip6
+                .map(|v6| format!("  - ip: {v6}\n"))
+                .unwrap_or_default();
             let _ = write!(
                 pods,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    app: {}\n  annotations:{annotations}\nspec:\n  nodeName: {node}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: meshtest\nstatus:\n  phase: Running\n  hostIP: {}\n  podIP: {}\n  podIPs:\n  - ip: {}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    app: {}\n  annotations:{annotations}\nspec:\n  nodeName: {node}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: meshtest\nstatus:\n  phase: Running\n  hostIP: {}\n  podIP: {}\n  podIPs:\n  - ip: {}\n{ip6}",
                 s.name, s.namespace, s.app, s.service_account, self.nodes[s.node].ip, pod.ip, pod.ip
             );
         }
         let mut services = String::new();
         let mut slices = String::new();
         for svc in &self.services {
+            let families = match self.dual_stack {
+                true => format!(
+                    "  clusterIPs: [\"{}\", \"{}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n",
+                    svc.cluster_ip,
+                    svc.cluster_ip6()
+                ),
+                false => String::new(),
+            };
             let _ = write!(
                 services,
-                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  clusterIP: {}\n  selector:\n    app: {}\n  ports:\n  - name: http\n    port: {}\n    targetPort: {}\n    protocol: TCP\n",
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  clusterIP: {}\n{families}  selector:\n    app: {}\n  ports:\n  - name: http\n    port: {}\n    targetPort: {}\n    protocol: TCP\n",
                 svc.name, svc.namespace, svc.cluster_ip, svc.app, svc.port, svc.target_port
             );
             let _ = write!(
@@ -486,6 +619,26 @@ impl Testbed {
                     "- addresses: [\"{}\"]\n  conditions:\n    ready: true\n  nodeName: {}\n  targetRef:\n    kind: Pod\n    name: {}\n",
                     pod.ip, self.nodes[pod.spec.node].name, pod.spec.name
                 );
+            }
+            if self.dual_stack {
+                let _ = write!(
+                    slices,
+                    "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-v6\n  namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\naddressType: IPv6\nports:\n- name: http\n  port: {}\n  protocol: TCP\nendpoints:\n",
+                    svc.name, svc.namespace, svc.name, svc.target_port
+                );
+                for pod in self
+                    .pods
+                    .iter()
+                    .filter(|p| p.spec.app == svc.app && p.spec.namespace == svc.namespace)
+                {
+                    if let Some(v6) = pod.ip6 {
+                        let _ = write!(
+                            slices,
+                            "- addresses: [\"{v6}\"]\n  conditions:\n    ready: true\n  nodeName: {}\n",
+                            self.nodes[pod.spec.node].name
+                        );
+                    }
+                }
             }
         }
         vec![

@@ -557,3 +557,79 @@ fn a_spent_buffer_budget_slows_bulk_transfers_without_losing_bytes() {
     assert!(metric(&n1, "mesh_buffer_budget_refused_total", &[]) >= 1.0);
     assert_eq!(metric(&n1, "mesh_buffered_bytes", &[]), 0.0);
 }
+
+#[test]
+fn native_ipv6_is_captured_with_identity_and_guarded_on_a_dual_stack_testbed() {
+    let _serial = serial();
+    let bed = dual_stack_bed();
+    let (n1, n2) = agents(&bed);
+    let client6 = bed.pod("client").ip6.unwrap().to_string();
+    let web6 = bed.pod("web").ip6.unwrap();
+    let svc6 = format!(
+        "[{}]:80",
+        mesh_agent_tests::ServiceSpec::web().cluster_ip6()
+    );
+    let pod6 = format!("[{web6}]:8080");
+    for (n, addr) in [(1.0, svc6.as_str()), (2.0, pod6.as_str())] {
+        let got = fetch_from_pod(&bed, "client", addr);
+        assert_eq!(got.status, 200);
+        assert!(got.body.starts_with("hello from web\n"), "{}", got.body);
+        assert_eq!(got.peer, addr, "getpeername() on the IPv6 socket");
+        // The server sees the client pod's own IPv6 address, delivered over mTLS.
+        assert_eq!(got.server_saw(), format!("[{client6}]"));
+        eventually("n2 to see the client's identity", || {
+            arrived_as(&n2, "client") == n
+        });
+    }
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
+        2.0
+    );
+    // IPv4 still works beside it.
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_SVC).status, 200);
+    eventually("n2 to see the IPv4 tunnel", || {
+        arrived_as(&n2, "client") == 3.0
+    });
+
+    // IPv6 from the pod's own address passes the guard; from another address it is dropped.
+    let mut listen = bed.pod_command("web", meshtest()).unwrap();
+    listen
+        .args(["udp-listen", "9000", "3000"])
+        .stdout(Stdio::piped());
+    let mut listener = listen.spawn().unwrap();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(listener.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "listening");
+    let ns = bed.pod("client").netns.clone();
+    let add = output({
+        let mut c = Command::new("ip");
+        c.args([
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            "fd00:99::1/128",
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        c
+    });
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let to = format!("[{web6}]:9000");
+    for (from, count) in [("fd00:99::1", "5"), (client6.as_str(), "3")] {
+        let mut send = bed.pod_command("client", meshtest()).unwrap();
+        send.args(["udp-send", from, &to, count]);
+        assert!(output(send).status.success());
+    }
+    assert_eq!(lines.next().unwrap().unwrap(), "received=3");
+    let _ = listener.wait();
+    assert_eq!(
+        metric(&n1, "mesh_ebpf_spoofed_packets_dropped_total", &[]),
+        5.0
+    );
+}

@@ -28,6 +28,7 @@ fn demo_spec() -> TestbedSpec {
             PodSpec::new("client-2", 1, "client"),
         ],
         services: vec![ServiceSpec::web()],
+        dual_stack: false,
     }
 }
 

@@ -68,8 +68,9 @@ where
 }
 
 fn serve(port: &str, name: &str) -> Result<(), String> {
+    // `[::]` takes IPv4 too (as IPv4-mapped addresses), and IPv6 where the pod has it.
     let addr: SocketAddr = match port.parse::<u16>() {
-        Ok(port) => SocketAddr::from(([0, 0, 0, 0], port)),
+        Ok(port) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
         Err(_) => parse("address", port)?,
     };
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
@@ -174,7 +175,9 @@ fn stream(addr: &str, secs: &str) -> Result<(), String> {
 }
 
 fn answer(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+    // An IPv4 client on the dual-stack socket shows as itself, not as ::ffff:a.b.c.d.
     let peer = stream.peer_addr()?;
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -234,7 +237,8 @@ fn run_loop(addr: &str, interval: &str) -> Result<(), String> {
 fn udp_listen(port: &str, wait: &str) -> Result<(), String> {
     let port: u16 = parse("port", port)?;
     let wait = Duration::from_millis(parse("wait", wait)?);
-    let sock = UdpSocket::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    let sock = UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, port))
+        .map_err(|e| format!("bind :{port}: {e}"))?;
     sock.set_read_timeout(Some(wait))
         .map_err(|e| e.to_string())?;
     // Tell whoever started us that we are listening.

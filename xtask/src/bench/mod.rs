@@ -163,6 +163,7 @@ pub fn run(quick: bool, root: &Path) -> anyhow::Result<()> {
             PodSpec::new("b", 1, "server"),
         ],
         services: Vec::new(),
+        dual_stack: false,
     };
     let bed = Testbed::up(&spec).context("bringing the testbed up")?;
     let b = bed.pod("b").ip.to_string();
