@@ -25,6 +25,8 @@ pub struct Limits {
     pub head_timeout: Duration,
     /// Counts connections closed at accept because [`MAX_CONNECTIONS`] were open.
     pub over_capacity: IntCounter,
+    /// Counts connections cut because their request head was too slow.
+    pub head_timeouts: IntCounter,
 }
 
 pub async fn serve(listener: TcpListener, handler: Handler, limits: Limits) {
@@ -41,6 +43,7 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: Limits) {
         };
         let handler = handler.clone();
         let head_timeout = limits.head_timeout;
+        let head_timeouts = limits.head_timeouts.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -59,6 +62,9 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: Limits) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
+                if e.is_timeout() {
+                    head_timeouts.inc();
+                }
                 debug!("endpoint connection: {e}");
             }
         });

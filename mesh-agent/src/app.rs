@@ -309,6 +309,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         over_capacity: metrics
             .endpoint_over_capacity
             .with_label_values(&[listener]),
+        head_timeouts: metrics
+            .endpoint_head_timeouts
+            .with_label_values(&[listener]),
     };
     tasks.spawn(admin::serve(admin_listener, admin, limits("admin")));
     let scrape = {

@@ -96,6 +96,7 @@ pub struct Metrics {
     pub inbound_refused: IntCounterVec,
     pub outbound_refused: IntCounterVec,
     pub endpoint_over_capacity: IntCounterVec,
+    pub endpoint_head_timeouts: IntCounterVec,
     pub enrolled_pods: IntGauge,
     pub pods_awaiting_enrollment: IntGauge,
     redirected: IntCounter,
@@ -168,6 +169,15 @@ impl Metrics {
             &["listener"],
         )?;
         registry.register(Box::new(endpoint_over_capacity.clone()))?;
+        let endpoint_head_timeouts = IntCounterVec::new(
+            Opts::new(
+                "mesh_endpoint_head_timeouts_total",
+                "Connections to the agent's own HTTP endpoints cut because the request head did \
+                 not arrive within --head-timeout, by listener.",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(endpoint_head_timeouts.clone()))?;
         let enrolled_pods = IntGauge::new(
             "mesh_enrolled_pods",
             "Pods on this node whose traffic is captured.",
@@ -230,6 +240,7 @@ impl Metrics {
             inbound_refused,
             outbound_refused,
             endpoint_over_capacity,
+            endpoint_head_timeouts,
             enrolled_pods,
             pods_awaiting_enrollment,
             redirected,

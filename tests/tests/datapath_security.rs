@@ -398,6 +398,14 @@ fn a_slow_request_head_is_cut_while_scrapes_keep_working() {
         "the head timeout (2s) let {sent} bytes through at 1 byte/s"
     );
     assert!(n1.metrics().unwrap().contains("mesh_enrolled_pods 1"));
+    assert_eq!(
+        metric(
+            &n1,
+            "mesh_endpoint_head_timeouts_total",
+            &[("listener", "metrics")]
+        ),
+        1.0
+    );
 }
 
 #[test]
