@@ -146,6 +146,26 @@ fn a_recreated_sandbox_is_captured_and_guarded_again() {
     );
 }
 
+/// Fetches `addr` from the client pod on an IPv6 socket and checks the answer came from web,
+/// `getpeername()` shows `addr`, web saw `seen`, and the connection reached n2 over mTLS as the
+/// client's identity (the `n`th such).
+fn fetch_as_client(
+    bed: &mesh_agent_tests::Testbed,
+    n2: &mesh_agent_tests::Agent,
+    addr: &str,
+    seen: &str,
+    n: f64,
+) {
+    let got = fetch_from_pod(bed, "client", addr);
+    assert_eq!(got.status, 200);
+    assert!(got.body.starts_with("hello from web\n"), "{}", got.body);
+    assert_eq!(got.peer, addr, "getpeername() on the IPv6 socket");
+    assert_eq!(got.server_saw(), seen);
+    eventually("n2 to see the client's identity", || {
+        arrived_as(n2, "client") == n
+    });
+}
+
 #[test]
 fn ipv6_sockets_to_ipv4_mapped_addresses_are_captured_with_identity() {
     let _serial = serial();
@@ -156,14 +176,7 @@ fn ipv6_sockets_to_ipv4_mapped_addresses_are_captured_with_identity() {
         (1.0, "[::ffff:10.96.0.10]:80"),
         (2.0, "[::ffff:10.1.2.2]:8080"),
     ] {
-        let got = fetch_from_pod(&bed, "client", addr);
-        assert_eq!(got.status, 200);
-        assert!(got.body.starts_with("hello from web\n"), "{}", got.body);
-        assert_eq!(got.peer, addr, "getpeername() on the IPv6 socket");
-        assert_eq!(got.server_saw(), client_ip);
-        eventually("n2 to see the client's identity", || {
-            arrived_as(&n2, "client") == n
-        });
+        fetch_as_client(&bed, &n2, addr, &client_ip, n);
     }
     assert_eq!(
         metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),
@@ -579,15 +592,8 @@ fn native_ipv6_is_captured_with_identity_and_guarded_on_a_dual_stack_testbed() {
     );
     let pod6 = format!("[{web6}]:8080");
     for (n, addr) in [(1.0, svc6.as_str()), (2.0, pod6.as_str())] {
-        let got = fetch_from_pod(&bed, "client", addr);
-        assert_eq!(got.status, 200);
-        assert!(got.body.starts_with("hello from web\n"), "{}", got.body);
-        assert_eq!(got.peer, addr, "getpeername() on the IPv6 socket");
         // The server sees the client pod's own IPv6 address, delivered over mTLS.
-        assert_eq!(got.server_saw(), format!("[{client6}]"));
-        eventually("n2 to see the client's identity", || {
-            arrived_as(&n2, "client") == n
-        });
+        fetch_as_client(&bed, &n2, addr, &format!("[{client6}]"), n);
     }
     assert_eq!(
         metric(&n1, "mesh_ebpf_redirected_connections_total", &[]),

@@ -16,7 +16,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    hbone::{HboneConnector, TunnelRequest},
+    hbone::{HboneConnector, Tunnel, TunnelRequest},
     inbound::Baggage,
     relay::relay_recorded,
     ClientAddr, OrigDstAddr,
@@ -279,7 +279,7 @@ async fn proxy_connection(
     );
     let _ = client_stream.set_nodelay(true);
 
-    let result = match route {
+    let upstream = match route {
         Route::Hbone {
             source: source_id,
             destination,
@@ -289,106 +289,77 @@ async fn proxy_connection(
                 baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
                 forwarded_for: source.address_for(endpoint),
             };
-            match inputs
+            inputs
                 .hbone
                 .connect(&source_id, &destination, node_ip, endpoint, &tunnel)
                 .await
-            {
-                Ok(tunnel) => {
-                    relay_recorded(
-                        &inputs.metrics,
-                        &inputs.buffers,
-                        &labels,
-                        client_stream,
-                        tunnel,
-                    )
-                    .await;
-                    Ok(())
-                }
-                Err(e) => Err(Error::Hbone {
+                .map(Upstream::Tunnel)
+                .map_err(|e| Error::Hbone {
                     endpoint,
                     orig,
                     client,
                     source: e,
-                }),
-            }
+                })
         }
         Route::Local { pod, client: from } => {
-            let delivered =
-                tokio::time::timeout(CONNECT_TIMEOUT, super::deliver_in_pod(&pod, from, endpoint))
-                    .await;
-            match delivered {
-                Ok(Ok(upstream)) => {
-                    let _ = upstream.set_nodelay(true);
-                    relay_recorded(
-                        &inputs.metrics,
-                        &inputs.buffers,
-                        &labels,
-                        client_stream,
-                        upstream,
-                    )
-                    .await;
-                    Ok(())
-                }
-                Ok(Err(source)) => Err(Error::Connect {
-                    endpoint,
-                    orig,
-                    client,
-                    source,
-                }),
-                Err(_) => Err(Error::ConnectTimeout {
-                    endpoint,
-                    orig,
-                    client,
-                }),
-            }
+            let connecting = super::deliver_in_pod(&pod, from, endpoint);
+            timed_connect(connecting, endpoint, orig, client)
+                .await
+                .map(Upstream::Tcp)
         }
-        Route::Direct => match connect_from_pod(&source.netns, endpoint, orig, client).await {
-            Ok(upstream) => {
-                relay_recorded(
-                    &inputs.metrics,
-                    &inputs.buffers,
-                    &labels,
-                    client_stream,
-                    upstream,
-                )
-                .await;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        },
+        Route::Direct => {
+            let connecting = connect_from_pod(&source.netns, endpoint);
+            timed_connect(connecting, endpoint, orig, client)
+                .await
+                .map(Upstream::Tcp)
+        }
     };
-    if result.is_err() {
-        inputs.metrics.connect_failed(&labels);
+    let (metrics, buffers) = (&inputs.metrics, &inputs.buffers);
+    match upstream {
+        Ok(Upstream::Tunnel(t)) => {
+            relay_recorded(metrics, buffers, &labels, client_stream, t).await
+        }
+        Ok(Upstream::Tcp(s)) => relay_recorded(metrics, buffers, &labels, client_stream, s).await,
+        Err(e) => {
+            metrics.connect_failed(&labels);
+            return Err(e);
+        }
     }
-    result
+    Ok(())
+}
+
+/// Where a connection was connected onwards.
+enum Upstream {
+    Tunnel(Tunnel),
+    Tcp(TcpStream),
 }
 
 /// A plain TCP connection to `endpoint` opened from inside the client pod's own network
-/// namespace, within [`CONNECT_TIMEOUT`]: the destination sees the pod's address, and the pod's
-/// network position (routes, NetworkPolicy) applies, never the node's.
-async fn connect_from_pod(
-    netns: &PodNetns,
+/// namespace: the destination sees the pod's address, and the pod's network position (routes,
+/// NetworkPolicy) applies, never the node's.
+async fn connect_from_pod(netns: &PodNetns, endpoint: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = netns.tcp_socket(marks::OUTBOUND, endpoint, None)?;
+    TcpSocket::from_std_stream(socket).connect(endpoint).await
+}
+
+/// `connecting`, within [`CONNECT_TIMEOUT`], with errors that say what was being connected.
+async fn timed_connect(
+    connecting: impl std::future::Future<Output = std::io::Result<TcpStream>>,
     endpoint: SocketAddr,
     orig: OrigDstAddr,
     client: ClientAddr,
 ) -> Result<TcpStream, Error> {
-    let fail = |source| Error::Connect {
-        endpoint,
-        orig,
-        client,
-        source,
-    };
-    let socket = netns
-        .tcp_socket(marks::OUTBOUND, endpoint, None)
-        .map(TcpSocket::from_std_stream)
-        .map_err(fail)?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(endpoint)).await {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
         }
-        Ok(Err(source)) => Err(fail(source)),
+        Ok(Err(source)) => Err(Error::Connect {
+            endpoint,
+            orig,
+            client,
+            source,
+        }),
         Err(_) => Err(Error::ConnectTimeout {
             endpoint,
             orig,
