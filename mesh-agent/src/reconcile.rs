@@ -142,6 +142,8 @@ impl Reconciler {
             let why = match wanted.get(&ip) {
                 None => "left the mesh",
                 Some(w) if !w.same_pod(&h.pod.workload) => "another pod now has this address",
+                // The guard on its interface must learn the new address.
+                Some(w) if w.ip6 != h.enrollment.ip6 => "its IPv6 address changed",
                 Some(_) if !Self::still_in_place(h) => {
                     "sandbox replaced (new network namespace or interface)"
                 }

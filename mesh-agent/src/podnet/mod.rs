@@ -100,10 +100,7 @@ pub fn find_namespaces(
         if wanted.is_empty() {
             break;
         }
-        let probe_file = match file.try_clone() {
-            Ok(f) => f,
-            Err(e) => return Err(Error::Probe(e)),
-        };
+        let probe_file = file.try_clone().map_err(Error::Probe)?;
         // setns affects only the calling thread; a short-lived thread keeps ours untouched.
         let probe = std::thread::spawn(move || probe_namespace(&probe_file, &wanted));
         let hits = probe
