@@ -61,13 +61,4 @@ impl EnrolledPods {
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<EnrolledPod>> {
         self.by_ip.get(&ip)
     }
-
-    /// How many pods.
-    pub fn len(&self) -> usize {
-        self.by_netns.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_netns.is_empty()
-    }
 }
