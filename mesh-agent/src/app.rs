@@ -112,6 +112,8 @@ pub enum Error {
     Tls(#[from] tls::Error),
     #[error("{0}")]
     AgentNetns(#[source] std::io::Error),
+    #[error("starting the desired-state thread: {0}")]
+    StateThread(#[source] std::io::Error),
     #[error("writing the dev trust anchor to {path}: {source}")]
     DevAnchor {
         path: PathBuf,
@@ -244,7 +246,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let buffers = Arc::new(ByteBudget::new(config.max_buffered_bytes));
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(dir.watch(state_tx, metrics.clone()));
+    // Reading and building the desired state runs on a thread of its own, never on the
+    // proxy's workers.
+    dir.spawn_watch(state_tx, metrics.clone())
+        .map_err(Error::StateThread)?;
     tasks.spawn(reconciler.run(state_rx.clone()));
     tasks.spawn(identities.clone().run_renewal());
     {
@@ -272,7 +277,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }),
     ));
     let outbound_inputs = Arc::new(ProxyInputs {
-        state: state_rx,
+        state: state_rx.clone(),
         enrolled: enrolled_rx,
         orig_dst: orig_dst.clone(),
         metrics: metrics.clone(),
@@ -295,12 +300,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let admin = {
         let identities = identities.clone();
         let config = config.clone();
+        let state = state_rx.clone();
         Arc::new(move |path: &str| match path {
             "/certs" => json(&identities.list()),
             "/config_dump" => json(&config),
+            "/state" => json(&state.borrow().summary()),
             _ => (
                 StatusCode::NOT_FOUND,
-                "try /certs or /config_dump\n".to_owned(),
+                "try /certs, /config_dump or /state\n".to_owned(),
             ),
         })
     };

@@ -5,7 +5,9 @@
 
 use std::{collections::HashSet, sync::Mutex};
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// What a proxied connection is labelled with. Unknown values are `unknown`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -93,6 +95,7 @@ pub struct Metrics {
     /// cluster can be removed.
     series: Mutex<HashSet<ConnectionLabels>>,
     manifest_reloads: IntCounterVec,
+    state_apply: Histogram,
     pub inbound_refused: IntCounterVec,
     pub outbound_refused: IntCounterVec,
     pub endpoint_over_capacity: IntCounterVec,
@@ -144,6 +147,16 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(manifest_reloads.clone()))?;
+        let state_apply = Histogram::with_opts(
+            HistogramOpts::new(
+                "mesh_state_apply_duration_seconds",
+                "Time to read, validate and build the desired state for one accepted change.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )?;
+        registry.register(Box::new(state_apply.clone()))?;
         let inbound_refused = IntCounterVec::new(
             Opts::new(
                 "mesh_inbound_refused_total",
@@ -237,6 +250,7 @@ impl Metrics {
             connect_failures,
             series: Mutex::default(),
             manifest_reloads,
+            state_apply,
             inbound_refused,
             outbound_refused,
             endpoint_over_capacity,
@@ -293,6 +307,11 @@ impl Metrics {
             }
             keep
         });
+    }
+
+    /// Records how long an accepted change of the desired state took to build.
+    pub fn state_applied(&self, took: std::time::Duration) {
+        self.state_apply.observe(took.as_secs_f64());
     }
 
     /// Records a connection as opened; the guard counts its bytes and records its close.

@@ -317,3 +317,46 @@ fn same_node_traffic_is_captured_and_stays_on_the_node() {
     );
     assert_eq!(metric(&n2, "mesh_tcp_connections_opened_total", &[]), 0.0);
 }
+
+#[test]
+fn the_state_endpoint_reports_the_snapshot_in_force() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, _n2) = agents(&bed);
+    let state = || n1.admin("/state").expect("admin /state").body;
+    let first = state();
+    for expected in [
+        "\"version\": 1,",
+        "\"pods\": 3,",
+        "\"service_ports\": 1,",
+        "\"endpoints\": 1",
+    ] {
+        assert!(first.contains(expected), "{expected} not in {first}");
+    }
+    let applies =
+        |n1: &mesh_agent_tests::Agent| metric(n1, "mesh_state_apply_duration_seconds_count", &[]);
+    assert_eq!(applies(&n1), 1.0);
+
+    // An accepted change is a new version, timed; a rejected one is neither.
+    let dir = bed.manifests_dir();
+    let services = std::fs::read_to_string(dir.join("services.yaml")).expect("read");
+    std::fs::write(
+        dir.join(".services.tmp"),
+        services.replace("port: 80\n", "port: 81\n"),
+    )
+    .expect("write");
+    std::fs::rename(dir.join(".services.tmp"), dir.join("services.yaml")).expect("rename");
+    eventually("version 2", || state().contains("\"version\": 2,"));
+    assert_eq!(applies(&n1), 2.0);
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "kind: Service\nmetadata: {name: x}\nspec: {clusterIP: nope}\n",
+    )
+    .expect("write");
+    eventually("the rejection", || {
+        metric(&n1, "mesh_manifest_reloads_total", &[("result", "error")]) == 1.0
+    });
+    assert!(state().contains("\"version\": 2,"));
+    assert_eq!(applies(&n1), 2.0);
+    assert_eq!(fetch_from_pod(&bed, "client", "10.96.0.10:81").status, 200);
+}

@@ -8,7 +8,7 @@ use std::{
     io::Read as _,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::watch;
@@ -29,6 +29,8 @@ pub struct ManifestDir {
     path: PathBuf,
     /// Files larger than this are refused (parsing memory grows with the file).
     max_file_bytes: u64,
+    /// The version of the last snapshot published.
+    version: u64,
     /// The version of the directory the last load saw (taken before reading it, so a change
     /// made while reading is noticed on the next poll).
     seen: Fingerprint,
@@ -42,6 +44,7 @@ impl ManifestDir {
         Self {
             path: path.into(),
             max_file_bytes,
+            version: 0,
             seen: Fingerprint::new(),
         }
     }
@@ -117,19 +120,31 @@ impl ManifestDir {
         Ok(text)
     }
 
+    /// Loads and validates the directory into the next snapshot, timing the apply.
+    fn apply(&mut self, metrics: &Metrics) -> Result<Snapshot, ManifestError> {
+        let started = Instant::now();
+        let result = self.load();
+        metrics.manifest_reload(result.is_ok());
+        let mut snapshot = result?;
+        metrics.state_applied(started.elapsed());
+        self.version += 1;
+        snapshot.version = self.version;
+        snapshot.applied_at = Some(SystemTime::now());
+        Ok(snapshot)
+    }
+
     /// Loads the directory once; a failure here stops start-up.
     pub fn initial(&mut self, metrics: &Metrics) -> Result<Arc<Snapshot>, ManifestError> {
         self.seen = self.fingerprint();
-        let result = self.load();
-        metrics.manifest_reload(result.is_ok());
-        Ok(Arc::new(result?))
+        Ok(Arc::new(self.apply(metrics)?))
     }
 
     /// Polls the directory and publishes each new valid snapshot until `tx` has no receivers.
-    pub async fn watch(mut self, tx: watch::Sender<Arc<Snapshot>>, metrics: Arc<Metrics>) {
-        let mut interval = tokio::time::interval(POLL);
+    /// Runs on a thread of its own (see [`ManifestDir::spawn_watch`]): reading and building a
+    /// large state takes time the proxy's runtime must not lose.
+    fn watch(mut self, tx: watch::Sender<Arc<Snapshot>>, metrics: Arc<Metrics>) {
         loop {
-            interval.tick().await;
+            std::thread::sleep(POLL);
             if tx.is_closed() {
                 return;
             }
@@ -138,17 +153,24 @@ impl ManifestDir {
                 continue;
             }
             self.seen = now;
-            match self.load() {
+            match self.apply(&metrics) {
                 Ok(snapshot) => {
-                    info!(dir = %self.path.display(), "manifests changed; new state in force");
-                    metrics.manifest_reload(true);
+                    info!(dir = %self.path.display(), version = snapshot.version, "manifests changed; new state in force");
                     tx.send_replace(Arc::new(snapshot));
                 }
-                Err(e) => {
-                    error!("rejected manifest change, keeping the last good state: {e}");
-                    metrics.manifest_reload(false);
-                }
+                Err(e) => error!("rejected manifest change, keeping the last good state: {e}"),
             }
         }
+    }
+
+    /// Starts [`ManifestDir::watch`] on its own thread.
+    pub fn spawn_watch(
+        self,
+        tx: watch::Sender<Arc<Snapshot>>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("desired-state".to_owned())
+            .spawn(move || self.watch(tx, metrics))
     }
 }

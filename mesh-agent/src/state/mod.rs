@@ -101,6 +101,22 @@ pub struct Snapshot {
     pods: Vec<Arc<Workload>>,
     pods_by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    /// Which snapshot this is, counting from 1 for the first one a source published.
+    pub version: u64,
+    /// When the source published it.
+    pub applied_at: Option<std::time::SystemTime>,
+}
+
+/// What `/state` reports about the snapshot in force.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StateSummary {
+    pub version: u64,
+    /// Milliseconds since the Unix epoch.
+    pub applied_at_unix_ms: Option<u128>,
+    pub pods: usize,
+    /// Service ports (one per cluster IP and port).
+    pub service_ports: usize,
+    pub endpoints: usize,
 }
 
 impl Snapshot {
@@ -251,6 +267,19 @@ impl Snapshot {
             }
         }
         Ok(snapshot)
+    }
+
+    pub fn summary(&self) -> StateSummary {
+        StateSummary {
+            version: self.version,
+            applied_at_unix_ms: self
+                .applied_at
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis()),
+            pods: self.pods.len(),
+            service_ports: self.services.len(),
+            endpoints: self.services.values().map(|s| s.endpoints.len()).sum(),
+        }
     }
 
     /// The (namespace, workload) of every pod of the snapshot.
