@@ -360,3 +360,36 @@ fn the_state_endpoint_reports_the_snapshot_in_force() {
     assert_eq!(applies(&n1), 2.0);
     assert_eq!(fetch_from_pod(&bed, "client", "10.96.0.10:81").status, 200);
 }
+
+#[test]
+fn a_storm_of_file_writes_ends_in_the_final_state_with_few_builds() {
+    let _serial = serial();
+    let bed = bed();
+    let (n1, _n2) = agents(&bed);
+    let dir = bed.manifests_dir();
+    // 1,000 Services written one file at a time over about 5 seconds.
+    for i in 0..1000u32 {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: storm-{i}\n  namespace: default\nspec:\n  clusterIP: 10.97.{}.{}\n  ports:\n  - port: 80\n",
+            i / 250,
+            i % 250 + 1
+        );
+        let tmp = dir.join(format!(".storm-{i}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write");
+        std::fs::rename(&tmp, dir.join(format!("storm-{i}.yaml"))).expect("rename");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let state = || n1.admin("/state").expect("admin /state").body;
+    eventually("all 1,000 Services in force", || {
+        state().contains("\"service_ports\": 1001,")
+    });
+    let builds = metric(&n1, "mesh_state_apply_duration_seconds_count", &[]);
+    assert!(
+        builds < 100.0,
+        "{builds} snapshot builds for 1,000 file writes"
+    );
+    assert_eq!(
+        metric(&n1, "mesh_manifest_reloads_total", &[("result", "error")]),
+        0.0
+    );
+}
