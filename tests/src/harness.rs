@@ -190,7 +190,8 @@ pub fn cert_serial(agent: &Agent, identity: &str) -> String {
 
 /// Sends `forged` datagrams from pod `from` with a source address that is not its own
 /// (`forged_ip`, added to its interface as its root user could), then `honest` ones from its
-/// real address, all to the `web` pod on port 9000. Returns how many arrived.
+/// real address of the same family, all to the `web` pod on port 9000. Returns how many
+/// arrived.
 pub fn udp_from_forged_source(
     bed: &Testbed,
     from: &str,
@@ -198,7 +199,19 @@ pub fn udp_from_forged_source(
     forged: usize,
     honest: usize,
 ) -> usize {
-    let web_ip = bed.pod("web").ip;
+    let forged_addr: std::net::IpAddr = forged_ip.parse().expect("forged address");
+    let (prefix, to, real) = match forged_addr {
+        std::net::IpAddr::V4(_) => (
+            format!("{forged_ip}/32"),
+            format!("{}:9000", bed.pod("web").ip),
+            bed.pod(from).ip.to_string(),
+        ),
+        std::net::IpAddr::V6(_) => (
+            format!("{forged_ip}/128"),
+            format!("[{}]:9000", bed.pod("web").ip6.expect("web has IPv6")),
+            bed.pod(from).ip6.expect("pod has IPv6").to_string(),
+        ),
+    };
     let mut listen = bed.pod_command("web", meshtest()).expect("web command");
     listen
         .args(["udp-listen", "9000", "3000"])
@@ -210,15 +223,11 @@ pub fn udp_from_forged_source(
     let ns = bed.pod(from).netns.clone();
     let add = output({
         let mut c = Command::new("ip");
-        c.args([
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{forged_ip}/32"),
-            "dev",
-            "eth0",
-        ]);
+        c.args(["-n", &ns, "addr", "add", &prefix, "dev", "eth0"]);
+        if forged_addr.is_ipv6() {
+            // Usable at once, without duplicate address detection.
+            c.arg("nodad");
+        }
         c
     });
     assert!(
@@ -226,8 +235,6 @@ pub fn udp_from_forged_source(
         "{}",
         String::from_utf8_lossy(&add.stderr)
     );
-    let to = format!("{web_ip}:9000");
-    let real = bed.pod(from).ip.to_string();
     for (source, count) in [(forged_ip, forged), (real.as_str(), honest)] {
         let mut send = bed.pod_command(from, meshtest()).expect("pod command");
         send.args(["udp-send", source, &to, &count.to_string()]);

@@ -606,42 +606,8 @@ fn native_ipv6_is_captured_with_identity_and_guarded_on_a_dual_stack_testbed() {
     });
 
     // IPv6 from the pod's own address passes the guard; from another address it is dropped.
-    let mut listen = bed.pod_command("web", meshtest()).unwrap();
-    listen
-        .args(["udp-listen", "9000", "3000"])
-        .stdout(Stdio::piped());
-    let mut listener = listen.spawn().unwrap();
-    let mut lines =
-        std::io::BufRead::lines(std::io::BufReader::new(listener.stdout.take().unwrap()));
-    assert_eq!(lines.next().unwrap().unwrap(), "listening");
-    let ns = bed.pod("client").netns.clone();
-    let add = output({
-        let mut c = Command::new("ip");
-        c.args([
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            "fd00:99::1/128",
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        c
-    });
-    assert!(
-        add.status.success(),
-        "{}",
-        String::from_utf8_lossy(&add.stderr)
-    );
-    let to = format!("[{web6}]:9000");
-    for (from, count) in [("fd00:99::1", "5"), (client6.as_str(), "3")] {
-        let mut send = bed.pod_command("client", meshtest()).unwrap();
-        send.args(["udp-send", from, &to, count]);
-        assert!(output(send).status.success());
-    }
-    assert_eq!(lines.next().unwrap().unwrap(), "received=3");
-    let _ = listener.wait();
+    let received = udp_from_forged_source(&bed, "client", "fd00:99::1", 5, 3);
+    assert_eq!(received, 3, "only the honest datagrams arrive");
     assert_eq!(
         metric(&n1, "mesh_ebpf_spoofed_packets_dropped_total", &[]),
         5.0

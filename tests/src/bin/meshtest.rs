@@ -89,9 +89,7 @@ static SERVED: AtomicU64 = AtomicU64::new(0);
 fn sink(port: &str) -> Result<(), String> {
     static CONNS: AtomicU64 = AtomicU64::new(0);
     static BYTES: AtomicU64 = AtomicU64::new(0);
-    let port: u16 = parse("port", port)?;
-    let listener =
-        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    let listener = listen(port)?;
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         std::thread::spawn(move || {
@@ -131,10 +129,14 @@ fn blast(addr: &str, bytes: &str, count: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn echo(port: &str) -> Result<(), String> {
+/// A listener on 0.0.0.0:`port`.
+fn listen(port: &str) -> Result<TcpListener, String> {
     let port: u16 = parse("port", port)?;
-    let listener =
-        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))?;
+    TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind :{port}: {e}"))
+}
+
+fn echo(port: &str) -> Result<(), String> {
+    let listener = listen(port)?;
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         std::thread::spawn(move || {
