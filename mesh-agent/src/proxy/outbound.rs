@@ -162,14 +162,19 @@ pub async fn serve(listener: TcpListener, inputs: Arc<ProxyInputs>) {
         let inputs = inputs.clone();
         tokio::spawn(async move {
             if let Err(e) = proxy_connection(&inputs, stream, peer).await {
-                if let Some(reason) = e.refusal() {
-                    inputs
-                        .metrics
-                        .outbound_refused
-                        .with_label_values(&[reason])
-                        .inc();
+                match e.refusal() {
+                    // A pod can provoke these at will: counted, and logged only at debug so
+                    // it cannot flood the node's logs.
+                    Some(reason) => {
+                        inputs
+                            .metrics
+                            .outbound_refused
+                            .with_label_values(&[reason])
+                            .inc();
+                        debug!("outbound refused: {e}");
+                    }
+                    None => info!("outbound: {e}"),
                 }
-                info!("outbound: {e}");
             }
         });
     }
