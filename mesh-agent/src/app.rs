@@ -198,20 +198,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
 
     let node_addrs = local_addresses();
-    let node_addrs4: Vec<Ipv4Addr> = node_addrs
-        .iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(ip) => Some(*ip),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    let node_addrs6: Vec<Ipv6Addr> = node_addrs
-        .iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V6(ip) => Some(*ip),
-            IpAddr::V4(_) => None,
-        })
-        .collect();
+    let (node_addrs4, node_addrs6) = by_family(&node_addrs);
     let exclusions = Exclusions {
         ports: config.exclude_ports.clone(),
         nets: config.exclude_cidrs.clone(),
@@ -370,25 +357,28 @@ fn json(value: &impl Serialize) -> (StatusCode, String) {
 
 /// The IPv4 addresses of the agent's network namespace.
 pub fn local_ipv4_addresses() -> Vec<Ipv4Addr> {
-    local_addresses()
-        .into_iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(ip) => Some(ip),
-            IpAddr::V6(_) => None,
-        })
-        .collect()
+    by_family(&local_addresses()).0
 }
 
 /// The global IPv6 addresses of the agent's network namespace (not loopback, not
 /// link-local): where an IPv6 listener can be reached from pods.
 pub fn global_ipv6_addresses() -> Vec<Ipv6Addr> {
-    local_addresses()
-        .into_iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V6(ip) if !ip.is_loopback() && !ip.is_unicast_link_local() => Some(ip),
-            _ => None,
-        })
-        .collect()
+    let mut v6 = by_family(&local_addresses()).1;
+    v6.retain(|ip| !ip.is_loopback() && !ip.is_unicast_link_local());
+    v6
+}
+
+/// `addrs` split into IPv4 and IPv6.
+fn by_family(addrs: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for ip in addrs {
+        match ip {
+            IpAddr::V4(ip) => v4.push(*ip),
+            IpAddr::V6(ip) => v6.push(*ip),
+        }
+    }
+    (v4, v6)
 }
 
 /// Every address of the agent's network namespace.

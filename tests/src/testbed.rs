@@ -12,7 +12,7 @@
 use std::{
     fmt::Write as _,
     io,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::Mutex,
@@ -604,41 +604,15 @@ impl Testbed {
                 "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  clusterIP: {}\n{families}  selector:\n    app: {}\n  ports:\n  - name: http\n    port: {}\n    targetPort: {}\n    protocol: TCP\n",
                 svc.name, svc.namespace, svc.cluster_ip, svc.app, svc.port, svc.target_port
             );
-            let _ = write!(
-                slices,
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-1\n  namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\naddressType: IPv4\nports:\n- name: http\n  port: {}\n  protocol: TCP\nendpoints:\n",
-                svc.name, svc.namespace, svc.name, svc.target_port
-            );
-            for pod in self
+            let members = self
                 .pods
                 .iter()
-                .filter(|p| p.spec.app == svc.app && p.spec.namespace == svc.namespace)
-            {
-                let _ = write!(
-                    slices,
-                    "- addresses: [\"{}\"]\n  conditions:\n    ready: true\n  nodeName: {}\n  targetRef:\n    kind: Pod\n    name: {}\n",
-                    pod.ip, self.nodes[pod.spec.node].name, pod.spec.name
-                );
-            }
+                .filter(|p| p.spec.app == svc.app && p.spec.namespace == svc.namespace);
+            let v4 = members.clone().map(|p| (IpAddr::V4(p.ip), p));
+            self.write_slice(&mut slices, svc, "1", "IPv4", v4);
             if self.dual_stack {
-                let _ = write!(
-                    slices,
-                    "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-v6\n  namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\naddressType: IPv6\nports:\n- name: http\n  port: {}\n  protocol: TCP\nendpoints:\n",
-                    svc.name, svc.namespace, svc.name, svc.target_port
-                );
-                for pod in self
-                    .pods
-                    .iter()
-                    .filter(|p| p.spec.app == svc.app && p.spec.namespace == svc.namespace)
-                {
-                    if let Some(v6) = pod.ip6 {
-                        let _ = write!(
-                            slices,
-                            "- addresses: [\"{v6}\"]\n  conditions:\n    ready: true\n  nodeName: {}\n",
-                            self.nodes[pod.spec.node].name
-                        );
-                    }
-                }
+                let v6 = members.filter_map(|p| Some((IpAddr::V6(p.ip6?), p)));
+                self.write_slice(&mut slices, svc, "v6", "IPv6", v6);
             }
         }
         vec![
@@ -647,6 +621,29 @@ impl Testbed {
             ("services.yaml", services),
             ("endpointslices.yaml", slices),
         ]
+    }
+
+    /// One EndpointSlice of `svc` (named `<svc>-<suffix>`) listing `endpoints`.
+    fn write_slice<'a>(
+        &self,
+        out: &mut String,
+        svc: &ServiceSpec,
+        suffix: &str,
+        family: &str,
+        endpoints: impl Iterator<Item = (IpAddr, &'a Pod)>,
+    ) {
+        let _ = write!(
+            out,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-{suffix}\n  namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\naddressType: {family}\nports:\n- name: http\n  port: {}\n  protocol: TCP\nendpoints:\n",
+            svc.name, svc.namespace, svc.name, svc.target_port
+        );
+        for (ip, pod) in endpoints {
+            let _ = write!(
+                out,
+                "- addresses: [\"{ip}\"]\n  conditions:\n    ready: true\n  nodeName: {}\n  targetRef:\n    kind: Pod\n    name: {}\n",
+                self.nodes[pod.spec.node].name, pod.spec.name
+            );
+        }
     }
 
     pub fn write_manifests(&self) -> io::Result<()> {
