@@ -30,6 +30,7 @@ use crate::{
     podnet,
     proxy::{
         hbone::HboneConnector,
+        http::pool::Pool,
         inbound::{self, InboundInputs},
         outbound::{self, ProxyInputs},
     },
@@ -69,6 +70,11 @@ pub struct Config {
     /// Every HTTP listener of the agent drops a client whose request head is not complete by
     /// then.
     pub head_timeout: Duration,
+    /// How long protocol detection waits for a client's first bytes.
+    pub detect_timeout: Duration,
+    /// An HTTP client's request head must arrive within this.
+    pub http_head_timeout: Duration,
+    pub metrics_dialect: crate::metrics::http::Dialect,
     pub trust_domain: String,
     pub identity: IdentitySource,
     /// Lifetime of the workload certificates the agent mints.
@@ -167,7 +173,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
     podnet::remember_agent_netns().map_err(Error::AgentNetns)?;
 
-    let metrics = Arc::new(Metrics::new()?);
+    let metrics = Arc::new(Metrics::new(config.metrics_dialect)?);
     let mut dir = ManifestDir::new(&config.manifests, config.max_manifest_bytes);
     let initial = dir.initial(&metrics)?;
 
@@ -232,6 +238,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     );
 
     let buffers = Arc::new(ByteBudget::new(config.max_buffered_bytes));
+    let pool = Arc::new(Pool::default());
     let mut tasks = tokio::task::JoinSet::new();
     // Reading and building the desired state runs on a thread of its own, never on the
     // proxy's workers.
@@ -261,6 +268,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
             handshake_timeout: config.head_timeout,
             max_streams: config.max_streams_per_connection,
             buffers: buffers.clone(),
+            pool: pool.clone(),
+            http_head_timeout: config.http_head_timeout,
         }),
     ));
     let outbound_inputs = Arc::new(ProxyInputs {
@@ -279,6 +288,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         node_addrs: node_addrs.clone(),
         buffers: buffers.clone(),
         max_connections_per_pod: config.max_connections_per_pod,
+        detect_timeout: config.detect_timeout,
+        http_head_timeout: config.http_head_timeout,
+        max_streams: config.max_streams_per_connection,
+        pool,
     });
     tasks.spawn(outbound::serve(outbound_listener, outbound_inputs.clone()));
     if let Some(listener) = outbound6_listener {

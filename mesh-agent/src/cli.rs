@@ -136,6 +136,19 @@ pub struct RunArgs {
     /// 10s, 2s.
     #[arg(long, default_value = "10s", value_parser = parse_timeout)]
     pub head_timeout: std::time::Duration,
+    /// How long the proxy waits for a client's first bytes to tell HTTP from other protocols
+    /// on a port that declares none; then the connection is relayed as opaque TCP, every byte
+    /// intact (server-speaks-first protocols wait this long for their banner).
+    #[arg(long, default_value = "300ms", value_parser = parse_timeout)]
+    pub detect_timeout: std::time::Duration,
+    /// Whose names the HTTP metrics use: Linkerd's (`request_total`, `response_total`,
+    /// `response_latency_ms`), Istio's (`istio_requests_total`, ...), or both.
+    #[arg(long, value_enum, default_value_t = crate::metrics::http::Dialect::Both)]
+    pub metrics_dialect: crate::metrics::http::Dialect,
+    /// A client that has not sent a whole HTTP request head this long after the previous
+    /// request (or the connection's start) is closed; heads larger than 64 KiB get 431.
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    pub http_head_timeout: std::time::Duration,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -156,15 +169,20 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
-    let secs = s
-        .strip_suffix('s')
-        .unwrap_or(s)
-        .parse::<u64>()
-        .map_err(|_| format!("{s:?}: expected whole seconds, e.g. 10s"))?;
-    if secs == 0 {
-        return Err(format!("{s:?}: must be at least 1s"));
+    let bad = || format!("{s:?}: expected e.g. 10s or 300ms");
+    let duration = match s.strip_suffix("ms") {
+        Some(ms) => std::time::Duration::from_millis(ms.parse().map_err(|_| bad())?),
+        None => std::time::Duration::from_secs(
+            s.strip_suffix('s')
+                .unwrap_or(s)
+                .parse()
+                .map_err(|_| bad())?,
+        ),
+    };
+    if duration.is_zero() {
+        return Err(format!("{s:?}: must be more than zero"));
     }
-    Ok(std::time::Duration::from_secs(secs))
+    Ok(duration)
 }
 
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {

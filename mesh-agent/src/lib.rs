@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod balance;
 pub mod cli;
 pub mod datapath;
 pub mod enrolled;

@@ -152,19 +152,18 @@ pub fn spiffe(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")
 }
 
-/// Connections `agent` delivered to its pods that arrived over mTLS as `sa`'s identity (what
-/// the destination reporter records): how a test tells a captured connection from a direct
-/// one, now that the server sees the client pod's address either way.
+/// Connections (opaque TCP) and requests (HTTP) `agent` delivered to its pods that arrived
+/// over mTLS as `sa`'s identity (what the destination reporter records): how a test tells
+/// captured traffic from direct traffic, now that the server sees the client pod's address
+/// either way.
 pub fn arrived_as(agent: &Agent, sa: &str) -> f64 {
-    metric(
-        agent,
-        "mesh_tcp_connections_opened_total",
-        &[
-            ("reporter", "destination"),
-            ("source_principal", &spiffe(sa)),
-            ("connection_security_policy", "mutual_tls"),
-        ],
-    )
+    let by = [
+        ("reporter", "destination"),
+        ("source_principal", &spiffe(sa)),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    metric(agent, "mesh_tcp_connections_opened_total", &by)
+        + metric(agent, "istio_requests_total", &by)
 }
 
 pub fn source_side() -> [(&'static str, &'static str); 1] {

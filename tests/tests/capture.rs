@@ -79,9 +79,20 @@ fn cross_node_by_service_and_pod_ip_through_the_proxy() {
         metric(&n2, "mesh_tcp_connections_opened_total", &source),
         0.0
     );
-    eventually("n2 to record both inbound connections closed", || {
-        metric(&n2, "mesh_tcp_connections_closed_total", &destination) == 2.0
+    // Both were HTTP: n2 delivered them as requests, each recorded when its response ended.
+    let delivered = [
+        ("reporter", "destination"),
+        ("response_code", "200"),
+        ("destination_workload", "web"),
+    ];
+    eventually("n2 to record both requests answered", || {
+        metric(&n2, "istio_requests_total", &delivered) == 2.0
     });
+    assert_eq!(
+        metric(&n2, "mesh_tcp_connections_opened_total", &destination),
+        0.0,
+        "HTTP travels as requests between agents, not as relayed connections"
+    );
     assert_eq!(metric(&n1, "mesh_enrolled_pods", &[]), 1.0);
     assert_eq!(metric(&n2, "mesh_enrolled_pods", &[]), 1.0);
 }

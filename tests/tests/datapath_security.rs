@@ -430,9 +430,19 @@ fn the_series_of_a_pod_that_left_are_removed() {
     assert_eq!(fetch_from_pod(&bed, "batch", WEB_SVC).status, 200);
     let batch = [("source_workload", "batch")];
     let client = [("source_workload", "client")];
-    eventually("both tunnels recorded", || {
-        metric(&n2, "mesh_tcp_connections_closed_total", &batch) == 1.0
+    // n1 proxied each pod's connection; n2 delivered each pod's request.
+    eventually("both pods' traffic recorded", || {
+        metric(&n2, "istio_requests_total", &batch) == 1.0
+            && metric(
+                &n2,
+                "request_total",
+                &[(
+                    "client_id",
+                    "batch.default.serviceaccount.identity.linkerd.cluster.local",
+                )],
+            ) == 1.0
             && metric(&n1, "mesh_tcp_connections_closed_total", &batch) == 1.0
+            && metric(&n1, "istio_requests_total", &batch) == 1.0
     });
 
     // The batch pod is deleted.
@@ -443,19 +453,19 @@ fn the_series_of_a_pod_that_left_are_removed() {
         .filter(|doc| !doc.contains("name: batch\n"))
         .collect();
     std::fs::write(&pods, kept.join("---\n")).unwrap();
+    let gone = |text: String| {
+        !text.contains("source_workload=\"batch\"") && !text.contains("client_id=\"batch.")
+    };
     eventually("batch's series to go on both nodes", || {
-        !n1.metrics().unwrap().contains("source_workload=\"batch\"")
-            && !n2.metrics().unwrap().contains("source_workload=\"batch\"")
+        gone(n1.metrics().unwrap()) && gone(n2.metrics().unwrap())
     });
     // The client's stay, with their counts.
     assert_eq!(
         metric(&n1, "mesh_tcp_connections_opened_total", &client),
         1.0
     );
-    assert_eq!(
-        metric(&n2, "mesh_tcp_connections_opened_total", &client),
-        1.0
-    );
+    assert_eq!(metric(&n1, "istio_requests_total", &client), 1.0);
+    assert_eq!(metric(&n2, "istio_requests_total", &client), 1.0);
 }
 
 #[test]

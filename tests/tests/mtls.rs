@@ -74,17 +74,18 @@ fn cross_node_bytes_are_encrypted_on_the_fabric() {
         !contains(&fabric, b"GET /"),
         "request line visible on the fabric"
     );
-    assert_eq!(
+    // The request was delivered by n2, having arrived over mTLS.
+    eventually("n2 to record the request", || {
         metric(
             &n2,
-            "mesh_tcp_connections_opened_total",
+            "istio_requests_total",
             &[
                 ("reporter", "destination"),
-                ("connection_security_policy", "mutual_tls")
-            ]
-        ),
-        1.0
-    );
+                ("connection_security_policy", "mutual_tls"),
+                ("response_code", "200"),
+            ],
+        ) == 1.0
+    });
 }
 
 #[test]
@@ -99,7 +100,7 @@ fn each_service_account_arrives_with_its_own_identity() {
     let from = |sa: &str| {
         metric(
             &n2,
-            "mesh_tcp_connections_opened_total",
+            "istio_requests_total",
             &[
                 ("reporter", "destination"),
                 (
@@ -114,13 +115,14 @@ fn each_service_account_arrives_with_its_own_identity() {
             ],
         )
     };
-    assert_eq!(from("client"), 1.0);
-    assert_eq!(from("robot"), 1.0);
+    eventually("n2 to record both requests", || {
+        from("client") == 1.0 && from("robot") == 1.0
+    });
     // The source workload travels as baggage for the destination's labels.
     assert_eq!(
         metric(
             &n2,
-            "mesh_tcp_connections_opened_total",
+            "istio_requests_total",
             &[("reporter", "destination"), ("source_workload", "robot")]
         ),
         1.0
@@ -601,12 +603,14 @@ fn dev_ca_agents_trust_each_other() {
     }
     let got = fetch_from_pod(&bed, "client", WEB_SVC);
     assert_eq!(got.status, 200);
-    assert_eq!(
-        metric(
-            &n2,
-            "mesh_tcp_connections_opened_total",
-            &[("reporter", "destination"), ("source_principal", CLIENT_ID)]
-        ),
-        1.0
+    eventually(
+        "n2 to record the request from the client's identity",
+        || {
+            metric(
+                &n2,
+                "istio_requests_total",
+                &[("reporter", "destination"), ("source_principal", CLIENT_ID)],
+            ) == 1.0
+        },
     );
 }

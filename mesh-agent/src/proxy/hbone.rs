@@ -154,6 +154,12 @@ impl AsyncWrite for Tunnel {
 /// The `forwarded` header (RFC 7239) Istio's HBONE uses to carry the client's address.
 pub const FORWARDED: &str = "forwarded";
 
+/// Tells the destination agent what a tunnel carries, so it neither has to detect it (which
+/// would delay a server-speaks-first protocol) nor guess: `h2c` (HTTP requests, Linkerd-style
+/// `l5d-orig-proto` for those that were HTTP/1), `http/1.1` (an upgrade), `opaque`. A tunnel
+/// without it is opaque.
+pub const PROTOCOL: &str = "mesh-protocol";
+
 /// What one CONNECT tells the destination agent about the client.
 #[derive(Debug, Clone)]
 pub struct TunnelRequest {
@@ -161,6 +167,8 @@ pub struct TunnelRequest {
     pub baggage: String,
     /// The client pod's address, so the destination pod sees it.
     pub forwarded_for: Option<IpAddr>,
+    /// What the tunnel carries.
+    pub protocol: super::detect::Protocol,
 }
 
 impl TunnelRequest {
@@ -197,6 +205,11 @@ impl HboneConnector {
             pool: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The serial of the certificate this node holds for `source`, if any.
+    pub fn serial(&self, source: &Identity) -> Option<String> {
+        self.identities.get(source).map(|c| c.serial.clone())
     }
 
     /// Opens a CONNECT stream to `target` (a pod on `node`) as `source`, expecting the node
@@ -250,7 +263,8 @@ impl HboneConnector {
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .header(super::inbound::BAGGAGE, &tunnel.baggage);
+            .header(super::inbound::BAGGAGE, &tunnel.baggage)
+            .header(PROTOCOL, tunnel.protocol.as_str());
         request = match tunnel.forwarded_for {
             Some(IpAddr::V4(ip)) => request.header(FORWARDED, format!("for={ip}")),
             Some(IpAddr::V6(ip)) => request.header(FORWARDED, format!("for=\"[{ip}]\"")),

@@ -19,12 +19,16 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
-use super::hbone::{self, TunnelRequest};
+use super::{
+    detect::Protocol,
+    hbone::{self, TunnelRequest},
+    http::pool::Pool,
+};
 use crate::{
     enrolled::EnrolledPods,
     identity::Identity,
     limits::{ByteBudget, Gauge},
-    metrics::{ConnectionLabels, Metrics},
+    metrics::{http::RequestLabels, ConnectionLabels, Metrics},
     state::Snapshot,
     tls,
 };
@@ -82,6 +86,10 @@ pub struct InboundInputs {
     pub max_streams: usize,
     /// Relay buffers of all connections.
     pub buffers: Arc<ByteBudget>,
+    /// Connections to local pods for the requests of HTTP tunnels.
+    pub pool: Arc<Pool>,
+    /// A request head inside an HTTP/1.1 tunnel must arrive within this.
+    pub http_head_timeout: Duration,
 }
 
 /// Who is on the other end of one inbound mTLS connection.
@@ -290,6 +298,62 @@ async fn connect(
         },
         None => None,
     };
+    // The peer is the client's node; who the client is comes from its certificate, and its
+    // workload name from the baggage its agent sent (a label, never an authority).
+    let baggage = Baggage::parse(req.headers());
+    let source_namespace = match &peer.identity {
+        Identity::Spiffe { namespace, .. } => namespace.clone(),
+    };
+    let source_workload = baggage
+        .workload
+        .unwrap_or_else(|| crate::metrics::UNKNOWN.into());
+    let protocol = req
+        .headers()
+        .get(hbone::PROTOCOL)
+        .and_then(|v| Protocol::from_header(v.as_bytes()))
+        .unwrap_or(Protocol::Opaque);
+    if protocol != Protocol::Opaque {
+        // Requests: each delivered on its own over pooled connections to the pod.
+        let mut labels = RequestLabels::unknown("destination");
+        labels.source_workload = source_workload;
+        labels.source_namespace = source_namespace;
+        labels.source_principal = peer.identity.to_string();
+        labels.client_id = peer.identity.to_linkerd();
+        labels.destination_workload = pod.workload.workload.clone();
+        labels.destination_namespace = pod.workload.namespace.clone();
+        labels.destination_kind = snapshot.pod_by_ip(target.ip()).and_then(|w| w.kind);
+        labels.destination_principal = pod_identity.to_string();
+        labels.server_id = pod_identity.to_linkerd();
+        labels.security = "mutual_tls";
+        let tunnel = crate::proxy::http::inbound::Tunnel {
+            pod,
+            target,
+            client: source,
+            labels,
+            snapshot,
+            metrics: inputs.metrics.clone(),
+            pool: inputs.pool.clone(),
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let (head_timeout, max_streams) = (inputs.http_head_timeout, inputs.max_streams);
+        tokio::spawn(async move {
+            let _slot = slot;
+            match on_upgrade.await {
+                Ok(io) => {
+                    crate::proxy::http::inbound::serve(
+                        tunnel,
+                        TokioIo::new(io),
+                        protocol,
+                        head_timeout,
+                        max_streams,
+                    )
+                    .await
+                }
+                Err(e) => debug!(%target, "CONNECT upgrade failed: {e}"),
+            }
+        });
+        return Response::new(Empty::new());
+    }
     let delivered = tokio::time::timeout(CONNECT_TIMEOUT, async {
         // A claimed address of the other family cannot be the source of this connection.
         match source.filter(|ip| pod.transparent && ip.is_ipv6() == target.is_ipv6()) {
@@ -320,17 +384,10 @@ async fn connect(
         }
     };
     let _ = upstream.set_nodelay(true);
-    // The peer address is the client's node; who the client is comes from its certificate,
-    // and its workload name from the baggage its agent sent (a label, never an authority).
-    let baggage = Baggage::parse(req.headers());
     let labels = ConnectionLabels {
         reporter: "destination",
-        source_workload: baggage
-            .workload
-            .unwrap_or_else(|| crate::metrics::UNKNOWN.into()),
-        source_namespace: match &peer.identity {
-            Identity::Spiffe { namespace, .. } => namespace.clone(),
-        },
+        source_workload,
+        source_namespace,
         source_principal: peer.identity.to_string(),
         destination_service: crate::metrics::UNKNOWN.into(),
         destination_workload: pod.workload.workload.clone(),

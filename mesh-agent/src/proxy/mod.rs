@@ -1,6 +1,8 @@
 //! The node proxy: where captured pod connections land.
 
+pub mod detect;
 pub mod hbone;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
@@ -14,6 +16,9 @@ use mesh_agent_common::marks;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::enrolled::EnrolledPod;
+
+/// How long the proxy waits for a TCP connection to an endpoint.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where the application wanted to go (recovered from the eBPF maps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

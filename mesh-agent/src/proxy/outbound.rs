@@ -16,7 +16,9 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
+    detect::{self, Prefixed, Protocol},
     hbone::{HboneConnector, Tunnel, TunnelRequest},
+    http::pool::Pool,
     inbound::Baggage,
     relay::relay_recorded,
     ClientAddr, OrigDstAddr,
@@ -28,10 +30,13 @@ use crate::{
     limits::ByteBudget,
     metrics::{ConnectionLabels, Metrics},
     podnet::PodNetns,
-    state::{Destination, Snapshot},
+    state::{
+        ports::{Declared, DEFAULT_OPAQUE_PORTS},
+        Destination, Snapshot, Workload,
+    },
 };
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+use super::CONNECT_TIMEOUT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -114,6 +119,14 @@ pub struct ProxyInputs {
     pub buffers: Arc<ByteBudget>,
     /// Connections one pod may hold through the proxy at once.
     pub max_connections_per_pod: usize,
+    /// How long protocol detection waits for a client's first bytes.
+    pub detect_timeout: Duration,
+    /// An HTTP client's request head must arrive within this.
+    pub http_head_timeout: Duration,
+    /// Concurrent streams one HTTP/2 client connection may open.
+    pub max_streams: usize,
+    /// Upstream HTTP connections.
+    pub pool: Arc<Pool>,
 }
 
 /// Whether a pod's original destination is the node itself or a range that only means
@@ -126,7 +139,7 @@ pub fn is_node_local(ip: IpAddr, node_addrs: &[IpAddr]) -> bool {
 /// Addresses no Service endpoint may have. (A node address may: hostNetwork pods back
 /// Services, and the proxy dials from the client pod's namespace, where the node's address is
 /// only as reachable as it is to the pod itself.)
-fn is_host_scoped(ip: IpAddr) -> bool {
+pub fn is_host_scoped(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(ip) => {
             ip.is_unspecified()
@@ -181,8 +194,8 @@ pub async fn serve(listener: TcpListener, inputs: Arc<ProxyInputs>) {
 }
 
 async fn proxy_connection(
-    inputs: &ProxyInputs,
-    client_stream: TcpStream,
+    inputs: &Arc<ProxyInputs>,
+    mut client_stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), Error> {
     let client = ClientAddr(peer);
@@ -213,12 +226,108 @@ async fn proxy_connection(
         })?;
     // The connection keeps this snapshot for its whole life.
     let snapshot = inputs.state.borrow().clone();
+    let destination = snapshot.resolve(orig.0);
+    let _ = client_stream.set_nodelay(true);
+    // Declared opaque: relayed at once, no detection delay. Otherwise the client's first
+    // bytes tell (a server-speaks-first protocol waits out the detection timeout).
+    let (protocol, prefix) = match declared_protocol(&destination, orig.0.port()) {
+        Some(Declared::Opaque) => (Protocol::Opaque, Default::default()),
+        _ => match detect::sniff(&mut client_stream, inputs.detect_timeout).await {
+            Ok(found) => found,
+            Err(e) => {
+                debug!(%client, %orig, "client connection failed during protocol detection: {e}");
+                return Ok(());
+            }
+        },
+    };
+    let client_stream = Prefixed::new(prefix, client_stream);
+    let conn = Connection {
+        inputs: inputs.clone(),
+        source,
+        client,
+        orig,
+        snapshot,
+    };
+    match protocol {
+        Protocol::Opaque => relay_opaque(&conn, &destination, client_stream).await,
+        http => {
+            super::http::outbound::serve(conn, destination, client_stream, http).await;
+            Ok(())
+        }
+    }
+}
+
+/// What the users declared for where a connection goes: the Service port's protocol, else the
+/// destination pod's opaque ports; an address outside the mesh only by Linkerd's default
+/// opaque ports.
+fn declared_protocol(destination: &Destination, port: u16) -> Option<Declared> {
+    match destination {
+        Destination::Service(svc) => svc.declared,
+        Destination::Pod(pod) => pod.opaque_ports.contains(port).then_some(Declared::Opaque),
+        Destination::Passthrough => DEFAULT_OPAQUE_PORTS
+            .contains(&port)
+            .then_some(Declared::Opaque),
+    }
+}
+
+/// One captured connection, identified.
+pub struct Connection {
+    pub inputs: Arc<ProxyInputs>,
+    pub source: Arc<EnrolledPod>,
+    pub client: ClientAddr,
+    pub orig: OrigDstAddr,
+    pub snapshot: Arc<Snapshot>,
+}
+
+/// How traffic from `source` to `endpoint` leaves this node, and the identity of the
+/// destination when it is in the mesh.
+pub fn hop_to(
+    inputs: &ProxyInputs,
+    source: &EnrolledPod,
+    endpoint: SocketAddr,
+    destination: Option<&Arc<Workload>>,
+) -> Hop {
+    let Some(dst) = destination.filter(|d| d.enrolled) else {
+        return Hop::Direct;
+    };
+    let remote = dst.node.as_deref() != Some(inputs.node.as_str());
+    match dst.node_ip {
+        Some(node_ip) if remote => Hop::Hbone {
+            source: source.workload.identity(&inputs.trust_domain),
+            destination: dst.identity(&inputs.trust_domain),
+            node_ip,
+        },
+        None if remote => {
+            // Without the node's address there is no peer agent to tunnel to. Going direct
+            // keeps the pod reachable; the label and the log say it is plaintext.
+            warn!(pod = %dst.name, "destination pod on another node has no status.hostIP; connecting in plaintext");
+            Hop::Direct
+        }
+        _ => {
+            // Delivered inside the destination pod, from the client's address (as the HBONE
+            // inbound side does): no veth to cross. Direct from the client pod if the
+            // destination is not (yet) enrolled here.
+            let local = inputs.enrolled.borrow().by_ip(endpoint.ip()).cloned();
+            match (local, source.address_for(endpoint)) {
+                (Some(pod), Some(client)) if pod.transparent => Hop::Local { pod, client },
+                _ => Hop::LocalDirect,
+            }
+        }
+    }
+}
+
+async fn relay_opaque(
+    conn: &Connection,
+    destination: &Destination,
+    client_stream: Prefixed<TcpStream>,
+) -> Result<(), Error> {
+    let (inputs, source, client, orig) = (&*conn.inputs, &conn.source, conn.client, conn.orig);
     let src = &source.workload;
     let mut labels = ConnectionLabels::unknown("source");
     labels.source_workload = src.workload.clone();
     labels.source_namespace = src.namespace.clone();
     labels.source_principal = src.identity(&inputs.trust_domain).to_string();
-    let endpoint = match snapshot.resolve(orig.0) {
+    let endpoint = match destination {
         Destination::Service(svc) => {
             labels.destination_service = svc.fqdn();
             labels.destination_namespace = svc.namespace.clone();
@@ -233,59 +342,28 @@ async fn proxy_connection(
     if is_host_scoped(endpoint.ip()) {
         return Err(Error::NodeAddress { client, orig });
     }
-    let destination = snapshot.pod_by_ip(endpoint.ip()).cloned();
-    if let Some(dst) = &destination {
+    let dst = conn.snapshot.pod_by_ip(endpoint.ip()).cloned();
+    if let Some(dst) = &dst {
         labels.destination_workload = dst.workload.clone();
         labels.destination_namespace = dst.namespace.clone();
-    }
-    let route = match &destination {
-        Some(dst) if dst.enrolled => {
-            let dst_id = dst.identity(&inputs.trust_domain);
-            labels.destination_principal = dst_id.to_string();
-            let remote = dst.node.as_deref() != Some(inputs.node.as_str());
-            match dst.node_ip {
-                Some(node_ip) if remote => {
-                    labels.connection_security_policy = "mutual_tls";
-                    Route::Hbone {
-                        source: src.identity(&inputs.trust_domain),
-                        destination: dst_id,
-                        node_ip,
-                    }
-                }
-                None if remote => {
-                    // Without the node's address there is no peer agent to tunnel to. Going
-                    // direct keeps the pod reachable; the label and the log say it is plaintext.
-                    warn!(pod = %dst.name, "destination pod on another node has no status.hostIP; connecting in plaintext");
-                    labels.destination_principal = crate::metrics::UNKNOWN.into();
-                    Route::Direct
-                }
-                _ => {
-                    labels.connection_security_policy = "node_local";
-                    // Delivered inside the destination pod, from the client's address (as the
-                    // HBONE inbound side does): no veth to cross. Direct from the client pod
-                    // if the destination is not (yet) enrolled here.
-                    let local = inputs.enrolled.borrow().by_ip(endpoint.ip()).cloned();
-                    match (local, source.address_for(endpoint)) {
-                        (Some(pod), Some(client)) if pod.transparent => {
-                            Route::Local { pod, client }
-                        }
-                        _ => Route::Direct,
-                    }
-                }
-            }
+        if dst.enrolled {
+            labels.destination_principal = dst.identity(&inputs.trust_domain).to_string();
         }
-        _ => Route::Direct,
-    };
+    }
+    let hop = hop_to(inputs, source, endpoint, dst.as_ref());
+    labels.connection_security_policy = hop.security();
+    if matches!(hop, Hop::Direct) && dst.as_ref().is_some_and(|d| d.enrolled) {
+        labels.destination_principal = crate::metrics::UNKNOWN.into();
+    }
     debug!(
         %client, %orig, %endpoint,
         source = %labels.source_principal, destination = %labels.destination_principal,
         security = labels.connection_security_policy,
         "outbound connection"
     );
-    let _ = client_stream.set_nodelay(true);
 
-    let upstream = match route {
-        Route::Hbone {
+    let upstream = match hop {
+        Hop::Hbone {
             source: source_id,
             destination,
             node_ip,
@@ -293,6 +371,7 @@ async fn proxy_connection(
             let tunnel = TunnelRequest {
                 baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
                 forwarded_for: source.address_for(endpoint),
+                protocol: Protocol::Opaque,
             };
             inputs
                 .hbone
@@ -306,13 +385,13 @@ async fn proxy_connection(
                     source: e,
                 })
         }
-        Route::Local { pod, client: from } => {
+        Hop::Local { pod, client: from } => {
             let connecting = super::deliver_in_pod(&pod, from, endpoint);
             timed_connect(connecting, endpoint, orig, client)
                 .await
                 .map(Upstream::Tcp)
         }
-        Route::Direct => {
+        Hop::LocalDirect | Hop::Direct => {
             let connecting = connect_from_pod(&source.netns, endpoint);
             timed_connect(connecting, endpoint, orig, client)
                 .await
@@ -342,13 +421,16 @@ enum Upstream {
 /// A plain TCP connection to `endpoint` opened from inside the client pod's own network
 /// namespace: the destination sees the pod's address, and the pod's network position (routes,
 /// NetworkPolicy) applies, never the node's.
-async fn connect_from_pod(netns: &PodNetns, endpoint: SocketAddr) -> std::io::Result<TcpStream> {
+pub async fn connect_from_pod(
+    netns: &PodNetns,
+    endpoint: SocketAddr,
+) -> std::io::Result<TcpStream> {
     let socket = netns.tcp_socket(marks::OUTBOUND, endpoint, None)?;
     TcpSocket::from_std_stream(socket).connect(endpoint).await
 }
 
 /// `connecting`, within [`CONNECT_TIMEOUT`], with errors that say what was being connected.
-async fn timed_connect(
+pub async fn timed_connect(
     connecting: impl std::future::Future<Output = std::io::Result<TcpStream>>,
     endpoint: SocketAddr,
     orig: OrigDstAddr,
@@ -373,8 +455,8 @@ async fn timed_connect(
     }
 }
 
-/// How a captured connection leaves the node.
-enum Route {
+/// How a captured connection (or request) leaves the node.
+pub enum Hop {
     /// mTLS tunnel to the destination node's agent.
     Hbone {
         source: Identity,
@@ -387,9 +469,22 @@ enum Route {
         pod: Arc<EnrolledPod>,
         client: IpAddr,
     },
-    /// Plain TCP from the client pod's namespace: outside the mesh (or a local pod not
-    /// enrolled).
+    /// A mesh pod of this node that cannot (yet) be delivered to in its namespace: plain TCP
+    /// from the client pod's namespace, identities still known in-process.
+    LocalDirect,
+    /// Plain TCP from the client pod's namespace: outside the mesh.
     Direct,
+}
+
+impl Hop {
+    /// Istio's `connection_security_policy` for traffic on this hop.
+    pub fn security(&self) -> &'static str {
+        match self {
+            Hop::Hbone { .. } => "mutual_tls",
+            Hop::Local { .. } | Hop::LocalDirect => "node_local",
+            Hop::Direct => "none",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,15 @@ pub struct ObjectMeta {
     pub labels: Labels,
     #[serde(default)]
     pub annotations: Labels,
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+/// Who owns an object (a Pod's ReplicaSet, StatefulSet, DaemonSet, Job).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct OwnerReference {
+    pub kind: String,
+    pub name: String,
 }
 
 /// Labels or annotations: a few pairs per object, kept as a flat list (a `BTreeMap` node costs
@@ -213,6 +222,8 @@ pub struct ServicePort {
     pub target_port: Option<IntOrString>,
     #[serde(default = "tcp")]
     pub protocol: String,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

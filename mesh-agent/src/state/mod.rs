@@ -5,6 +5,7 @@
 //! keeps the snapshot it started with.
 
 pub mod manifest;
+pub mod ports;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,6 +17,9 @@ use std::{
 };
 
 use manifest::{IntOrString, Located, ManifestError, Object, Problem};
+use ports::{Declared, PortSet, OPAQUE_PORTS_ANNOTATION};
+
+use crate::balance::EndpointLoad;
 
 /// Annotation (on a Pod or its Namespace) that takes pods in or out of the mesh.
 pub const INJECT_ANNOTATION: &str = "mesh-agent.io/inject";
@@ -27,9 +31,16 @@ pub const LINKERD_INJECT_ANNOTATION: &str = "linkerd.io/inject";
 pub struct Workload {
     pub namespace: String,
     pub name: String,
-    /// The workload the pod belongs to (its `app.kubernetes.io/name` or `app` label, else
-    /// the pod name): what metrics are labelled with.
+    /// The workload the pod belongs to: its owning Deployment, StatefulSet or DaemonSet (a
+    /// ReplicaSet's name without its pod-template hash), else its `app.kubernetes.io/name` or
+    /// `app` label, else the pod name. What metrics are labelled with.
     pub workload: String,
+    /// `deployment`, `statefulset`, `daemonset`, `job`, `cronjob` or `replicaset` when
+    /// `workload` names an owner (Linkerd's `dst_<kind>` label), else `None`.
+    pub kind: Option<&'static str>,
+    /// Ports whose traffic to this pod is never inspected (Linkerd's opaque-ports annotation
+    /// on the pod, else on its namespace, else Linkerd's defaults).
+    pub opaque_ports: Arc<PortSet>,
     pub service_account: String,
     pub node: Option<String>,
     pub ip: Option<Ipv4Addr>,
@@ -48,6 +59,11 @@ pub struct ServiceTarget {
     pub name: String,
     pub port: u16,
     pub endpoints: Vec<SocketAddr>,
+    /// The load of each endpoint (same order), for per-request balancing.
+    pub loads: Box<[Arc<EndpointLoad>]>,
+    /// The protocol the port declares (`appProtocol`, Istio port name, or the Service's
+    /// opaque-ports annotation).
+    pub declared: Option<Declared>,
     next: AtomicUsize,
 }
 
@@ -75,7 +91,13 @@ impl ServiceTarget {
         format!("{}.{}.svc.cluster.local", self.name, self.namespace)
     }
 
-    /// The next endpoint, round robin.
+    /// The endpoint for the next request, and its load (see [`crate::balance`]).
+    pub fn pick_for_request(&self) -> Option<(SocketAddr, &Arc<EndpointLoad>)> {
+        let i = crate::balance::pick(&self.loads)?;
+        Some((*self.endpoints.get(i)?, self.loads.get(i)?))
+    }
+
+    /// The next endpoint for a connection, round robin.
     pub fn pick(&self) -> Option<SocketAddr> {
         if self.endpoints.is_empty() {
             return None;
@@ -101,6 +123,8 @@ pub struct Snapshot {
     pods: Vec<Arc<Workload>>,
     pods_by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    /// The same, by `name.namespace.svc.cluster.local:port`.
+    services_by_name: HashMap<String, Arc<ServiceTarget>>,
     /// Which snapshot this is, counting from 1 for the first one a source published.
     pub version: u64,
     /// When the source published it.
@@ -194,9 +218,31 @@ impl Snapshot {
         }
 
         let mut snapshot = Snapshot::default();
+        let defaults = Arc::new(PortSet::defaults());
+        let mut ns_opaque: HashMap<&str, Arc<PortSet>> = HashMap::new();
+        for ns in namespaces.values() {
+            if let Some(set) = opaque_ports(&ns.annotations)
+                .map_err(|e| located(&seen, "Namespace", "", &ns.name, e))?
+            {
+                ns_opaque.insert(&ns.name, Arc::new(set));
+            }
+        }
         for pod in pods.iter().filter(|p| !p.status.is_terminal()) {
             let meta = &pod.metadata;
             let ns_meta = namespaces.get(meta.namespace());
+            let (workload, kind) = match owner_workload(&meta.owner_references) {
+                Some((name, kind)) => (name, Some(kind)),
+                None => (
+                    workload_name(&meta.labels).unwrap_or(&meta.name).to_owned(),
+                    None,
+                ),
+            };
+            let opaque_ports = match opaque_ports(&meta.annotations)
+                .map_err(|e| located(&seen, "Pod", meta.namespace(), &meta.name, e))?
+            {
+                Some(set) => Arc::new(set),
+                None => ns_opaque.get(meta.namespace()).unwrap_or(&defaults).clone(),
+            };
             let enrolled = !pod.spec.host_network
                 && inject_setting(&meta.annotations)
                     .or_else(|| ns_meta.and_then(|n| inject_setting(&n.annotations)))
@@ -204,7 +250,9 @@ impl Snapshot {
             let workload = Arc::new(Workload {
                 namespace: meta.namespace().to_owned(),
                 name: meta.name.clone(),
-                workload: workload_name(&meta.labels).unwrap_or(&meta.name).to_owned(),
+                workload,
+                kind,
+                opaque_ports,
                 service_account: pod
                     .spec
                     .service_account_name
@@ -238,6 +286,8 @@ impl Snapshot {
                 .collect();
             cluster_ips.dedup();
             let ns = svc.metadata.namespace();
+            let svc_opaque = opaque_ports(&svc.metadata.annotations)
+                .map_err(|e| located(&seen, "Service", ns, &svc.metadata.name, e))?;
             let own_slices = slices.get(&(ns.to_owned(), svc.metadata.name.clone()));
             for cluster_ip in cluster_ips {
                 for port in svc.spec.ports.iter().filter(|p| p.protocol == "TCP") {
@@ -253,16 +303,26 @@ impl Snapshot {
                             cluster_ip.is_ipv6(),
                         ),
                     };
-                    snapshot.services.insert(
-                        SocketAddr::new(cluster_ip, port.port),
-                        Arc::new(ServiceTarget {
-                            namespace: ns.to_owned(),
-                            name: svc.metadata.name.clone(),
-                            port: port.port,
-                            endpoints,
-                            next: AtomicUsize::new(0),
-                        }),
-                    );
+                    let declared = match &svc_opaque {
+                        Some(set) if set.contains(port.port) => Some(Declared::Opaque),
+                        _ => ports::declared(port.app_protocol.as_deref(), port.name.as_deref()),
+                    };
+                    let target = Arc::new(ServiceTarget {
+                        namespace: ns.to_owned(),
+                        name: svc.metadata.name.clone(),
+                        port: port.port,
+                        loads: endpoints.iter().map(|_| Arc::default()).collect(),
+                        endpoints,
+                        declared,
+                        next: AtomicUsize::new(0),
+                    });
+                    snapshot
+                        .services_by_name
+                        .entry(format!("{}:{}", target.fqdn(), target.port))
+                        .or_insert_with(|| target.clone());
+                    snapshot
+                        .services
+                        .insert(SocketAddr::new(cluster_ip, port.port), target);
                 }
             }
         }
@@ -299,6 +359,11 @@ impl Snapshot {
         self.pods.iter().filter(move |p| p.is_enrolled_on(node))
     }
 
+    /// The Service port named `name.namespace.svc.cluster.local:port`.
+    pub fn service_named(&self, name: &str) -> Option<&Arc<ServiceTarget>> {
+        self.services_by_name.get(name)
+    }
+
     pub fn resolve(&self, dst: SocketAddr) -> Destination {
         if let Some(svc) = self.services.get(&dst) {
             return Destination::Service(svc.clone());
@@ -315,6 +380,64 @@ fn inject_setting(annotations: &manifest::Labels) -> Option<bool> {
         .iter()
         .find_map(|k| annotations.get(k))
         .map(|v| v != "disabled")
+}
+
+/// The opaque-ports annotation of an object, validated.
+fn opaque_ports(annotations: &manifest::Labels) -> Result<Option<PortSet>, Problem> {
+    annotations
+        .get(OPAQUE_PORTS_ANNOTATION)
+        .map(|v| PortSet::parse(v))
+        .transpose()
+        .map_err(|message| Problem::Field {
+            field: format!("metadata.annotations[\"{OPAQUE_PORTS_ANNOTATION}\"]"),
+            message,
+        })
+}
+
+/// A [`ManifestError`] for an object found in `files`.
+fn located(
+    files: &HashMap<(&'static str, String, String), String>,
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+    problem: Problem,
+) -> ManifestError {
+    let key = (kind, namespace.to_owned(), name.to_owned());
+    let object = match namespace {
+        "" => format!("{kind} {name}"),
+        ns => format!("{kind} {ns}/{name}"),
+    };
+    ManifestError {
+        file: files.get(&key).cloned().unwrap_or_default(),
+        object,
+        problem,
+    }
+}
+
+/// The workload a pod's owner names, and its kind: a ReplicaSet stands for the Deployment
+/// whose pod-template hash it appends (`web-5d8f7c9b4` → `web`).
+fn owner_workload(owners: &[manifest::OwnerReference]) -> Option<(String, &'static str)> {
+    let owner = owners.first()?;
+    let kind = match owner.kind.as_str() {
+        "ReplicaSet" => {
+            return Some(match owner.name.rsplit_once('-') {
+                Some((deployment, hash))
+                    if !deployment.is_empty()
+                        && (5..=10).contains(&hash.len())
+                        && hash.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+                {
+                    (deployment.to_owned(), "deployment")
+                }
+                _ => (owner.name.clone(), "replicaset"),
+            })
+        }
+        "StatefulSet" => "statefulset",
+        "DaemonSet" => "daemonset",
+        "Job" => "job",
+        "CronJob" => "cronjob",
+        _ => return None,
+    };
+    Some((owner.name.clone(), kind))
 }
 
 fn workload_name(labels: &manifest::Labels) -> Option<&str> {

@@ -1,7 +1,10 @@
 //! Prometheus metrics of the agent, served node-locally at `:15020/metrics`.
 //!
-//! Names follow Istio's TCP metrics with a `mesh_` prefix and Istio's label names, so existing
-//! dashboards and queries carry over with a rename.
+//! TCP names follow Istio's TCP metrics with a `mesh_` prefix and Istio's label names, so
+//! existing dashboards and queries carry over with a rename; HTTP metrics ([`http`]) use
+//! Linkerd's and Istio's own names.
+
+pub mod http;
 
 use std::{collections::HashSet, sync::Mutex};
 
@@ -86,6 +89,7 @@ pub struct DatapathStats {
 
 pub struct Metrics {
     registry: Registry,
+    pub http: http::HttpMetrics,
     opened: IntCounterVec,
     closed: IntCounterVec,
     sent: IntCounterVec,
@@ -112,8 +116,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Result<Self, prometheus::Error> {
+    pub fn new(dialect: http::Dialect) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        let http = http::HttpMetrics::new(&registry, dialect)?;
         let conn = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
             let c = IntCounterVec::new(Opts::new(name, help), &ConnectionLabels::NAMES)?;
             registry.register(Box::new(c.clone()))?;
@@ -243,6 +248,7 @@ impl Metrics {
         )?;
         Ok(Self {
             registry,
+            http,
             opened,
             closed,
             sent,
@@ -285,6 +291,7 @@ impl Metrics {
     /// node's exposition does not grow with every workload that ever ran. `live` gets a
     /// (namespace, workload) pair; `unknown` sides are kept.
     pub fn forget_workloads(&self, live: impl Fn(&str, &str) -> bool) {
+        self.http.forget_workloads(&live);
         let Ok(mut series) = self.series.lock() else {
             return;
         };
@@ -400,7 +407,7 @@ mod tests {
 
     #[test]
     fn series_of_departed_workloads_are_removed() {
-        let m = Metrics::new().unwrap();
+        let m = Metrics::new(http::Dialect::Both).unwrap();
         drop(m.open_connection(&labels("client", "web")));
         drop(m.open_connection(&labels("batch", "web")));
         m.connect_failed(&labels("batch", UNKNOWN));

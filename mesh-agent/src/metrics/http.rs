@@ -1,0 +1,477 @@
+//! Golden HTTP metrics in Linkerd's names and in Istio's, side by side (`--metrics-dialect`).
+//!
+//! Linkerd: `request_total`, `response_total`, `response_latency_ms`,
+//! `{inbound,outbound}_http_errors_total`. Istio: `istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`. No
+//! label takes an unbounded value: authorities are Service names or addresses the mesh knows,
+//! never paths.
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use super::UNKNOWN;
+
+/// Which metric names to export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    Linkerd,
+    Istio,
+    Both,
+}
+
+impl Dialect {
+    fn linkerd(self) -> bool {
+        matches!(self, Dialect::Linkerd | Dialect::Both)
+    }
+
+    fn istio(self) -> bool {
+        matches!(self, Dialect::Istio | Dialect::Both)
+    }
+}
+
+/// Who one HTTP request is between, as the reporting agent knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestLabels {
+    /// `source` (the client's agent, Linkerd's `outbound`) or `destination` (`inbound`).
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_principal: String,
+    /// The Service's `name.namespace.svc.cluster.local`, or `unknown`.
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    /// `deployment`, `statefulset`, `daemonset`… when the workload names an owner.
+    pub destination_kind: Option<&'static str>,
+    pub destination_principal: String,
+    /// The identities in Linkerd's form (`sa.ns.serviceaccount.identity.linkerd.<domain>`),
+    /// empty when unknown.
+    pub client_id: String,
+    pub server_id: String,
+    /// The Service's `fqdn:port`, else the address dialled.
+    pub authority: String,
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    /// `mutual_tls`, `node_local` (same node, identities known in-process) or `none`.
+    pub security: &'static str,
+}
+
+impl RequestLabels {
+    pub fn unknown(reporter: &'static str) -> Self {
+        Self {
+            reporter,
+            source_workload: UNKNOWN.into(),
+            source_namespace: UNKNOWN.into(),
+            source_principal: UNKNOWN.into(),
+            destination_service: UNKNOWN.into(),
+            destination_service_name: UNKNOWN.into(),
+            destination_service_namespace: UNKNOWN.into(),
+            destination_workload: UNKNOWN.into(),
+            destination_namespace: UNKNOWN.into(),
+            destination_kind: None,
+            destination_principal: UNKNOWN.into(),
+            client_id: String::new(),
+            server_id: String::new(),
+            authority: UNKNOWN.into(),
+            protocol: "http",
+            security: "none",
+        }
+    }
+
+    fn direction(&self) -> &'static str {
+        match self.reporter {
+            "source" => "outbound",
+            _ => "inbound",
+        }
+    }
+
+    fn tls(&self) -> &'static str {
+        match self.security {
+            "none" => "no_identity",
+            _ => "true",
+        }
+    }
+
+    fn linkerd(&self) -> [&str; 10] {
+        let (client_id, server_id) = match self.reporter {
+            "source" => ("", self.server_id.as_str()),
+            _ => (self.client_id.as_str(), ""),
+        };
+        let kind = |k: &str| match self.destination_kind == Some(k) {
+            true => self.destination_workload.as_str(),
+            false => "",
+        };
+        [
+            self.direction(),
+            &self.authority,
+            self.tls(),
+            client_id,
+            server_id,
+            known(&self.destination_namespace),
+            kind("deployment"),
+            kind("statefulset"),
+            kind("daemonset"),
+            known(&self.destination_service_name),
+        ]
+    }
+
+    fn istio(&self) -> [&str; 12] {
+        [
+            self.reporter,
+            &self.source_workload,
+            &self.source_namespace,
+            &self.source_principal,
+            &self.destination_workload,
+            &self.destination_namespace,
+            &self.destination_principal,
+            &self.destination_service,
+            &self.destination_service_name,
+            &self.destination_service_namespace,
+            self.protocol,
+            self.security,
+        ]
+    }
+}
+
+fn known(v: &str) -> &str {
+    match v {
+        UNKNOWN => "",
+        v => v,
+    }
+}
+
+const LINKERD: [&str; 10] = [
+    "direction",
+    "authority",
+    "tls",
+    "client_id",
+    "server_id",
+    "dst_namespace",
+    "dst_deployment",
+    "dst_statefulset",
+    "dst_daemonset",
+    "dst_service",
+];
+const ISTIO: [&str; 12] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "connection_security_policy",
+];
+/// Linkerd's `response_latency_ms` buckets.
+const LINKERD_BUCKETS: [f64; 25] = [
+    1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0,
+    1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0,
+];
+/// Istio's `istio_request_duration_milliseconds` buckets.
+const ISTIO_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's request and response size buckets.
+const BYTE_BUCKETS: [f64; 8] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7];
+
+/// How one request ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: u16,
+    /// From the trailers, or the headers of a trailers-only response.
+    pub grpc_status: Option<u32>,
+    /// Istio's response flag (`-` when the request went through).
+    pub flags: &'static str,
+    pub duration: Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+impl Outcome {
+    /// Linkerd's classification: a gRPC status other than OK, or a 5xx, is a failure.
+    pub fn success(&self) -> bool {
+        match self.grpc_status {
+            Some(code) => code == 0,
+            None => self.status < 500,
+        }
+    }
+}
+
+/// Label sets remembered for pruning; beyond this, series still count but are no longer
+/// removed when their workload leaves (a bound, not an expected size).
+const MAX_SERIES: usize = 100_000;
+
+/// The metric vectors, by index in [`Series::vec`].
+#[derive(Clone, Copy)]
+enum Vector {
+    RequestTotal,
+    ResponseTotal,
+    ResponseLatency,
+    IstioRequests,
+    IstioDuration,
+    IstioRequestBytes,
+    IstioResponseBytes,
+}
+
+/// One series, remembered so it can be removed when a workload it names leaves.
+struct Series {
+    vec: Vector,
+    values: Box<[String]>,
+    /// Source namespace and workload, destination namespace and workload.
+    workloads: [String; 4],
+}
+
+pub struct HttpMetrics {
+    dialect: Dialect,
+    request_total: IntCounterVec,
+    response_total: IntCounterVec,
+    response_latency: HistogramVec,
+    istio_requests: IntCounterVec,
+    istio_duration: HistogramVec,
+    istio_request_bytes: HistogramVec,
+    istio_response_bytes: HistogramVec,
+    /// Linkerd's `outbound_http_errors_total` and `inbound_http_errors_total`, by `error`.
+    errors: [IntCounterVec; 2],
+    series: Mutex<HashMap<u64, Series>>,
+    hasher: std::hash::RandomState,
+}
+
+impl HttpMetrics {
+    pub fn new(registry: &Registry, dialect: Dialect) -> Result<Self, prometheus::Error> {
+        let linkerd_response: Vec<&str> = LINKERD
+            .iter()
+            .copied()
+            .chain(["classification", "status_code", "grpc_status"])
+            .collect();
+        let linkerd_latency: Vec<&str> = LINKERD.iter().copied().chain(["status_code"]).collect();
+        let istio: Vec<&str> = ISTIO
+            .iter()
+            .copied()
+            .chain(["response_code", "grpc_response_status", "response_flags"])
+            .collect();
+        let histogram = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+        };
+        let m = Self {
+            dialect,
+            request_total: IntCounterVec::new(
+                Opts::new("request_total", "HTTP requests (Linkerd)."),
+                &LINKERD,
+            )?,
+            response_total: IntCounterVec::new(
+                Opts::new(
+                    "response_total",
+                    "HTTP responses, by classification (Linkerd).",
+                ),
+                &linkerd_response,
+            )?,
+            response_latency: histogram(
+                "response_latency_ms",
+                "From a request's head to its response's end, in ms (Linkerd).",
+                &LINKERD_BUCKETS,
+                &linkerd_latency,
+            )?,
+            istio_requests: IntCounterVec::new(
+                Opts::new("istio_requests_total", "HTTP requests (Istio)."),
+                &istio,
+            )?,
+            istio_duration: histogram(
+                "istio_request_duration_milliseconds",
+                "Request duration in ms (Istio).",
+                &ISTIO_BUCKETS,
+                &istio,
+            )?,
+            istio_request_bytes: histogram(
+                "istio_request_bytes",
+                "Request body sizes (Istio).",
+                &BYTE_BUCKETS,
+                &istio,
+            )?,
+            istio_response_bytes: histogram(
+                "istio_response_bytes",
+                "Response body sizes (Istio).",
+                &BYTE_BUCKETS,
+                &istio,
+            )?,
+            errors: [
+                IntCounterVec::new(
+                    Opts::new(
+                        "outbound_http_errors_total",
+                        "HTTP requests the outbound proxy failed or refused itself, by error.",
+                    ),
+                    &["error"],
+                )?,
+                IntCounterVec::new(
+                    Opts::new(
+                        "inbound_http_errors_total",
+                        "HTTP requests the inbound proxy failed or refused itself, by error.",
+                    ),
+                    &["error"],
+                )?,
+            ],
+            series: Mutex::default(),
+            hasher: std::hash::RandomState::new(),
+        };
+        if dialect.linkerd() {
+            registry.register(Box::new(m.request_total.clone()))?;
+            registry.register(Box::new(m.response_total.clone()))?;
+            registry.register(Box::new(m.response_latency.clone()))?;
+            for e in &m.errors {
+                registry.register(Box::new(e.clone()))?;
+            }
+        }
+        if dialect.istio() {
+            registry.register(Box::new(m.istio_requests.clone()))?;
+            registry.register(Box::new(m.istio_duration.clone()))?;
+            registry.register(Box::new(m.istio_request_bytes.clone()))?;
+            registry.register(Box::new(m.istio_response_bytes.clone()))?;
+        }
+        Ok(m)
+    }
+
+    /// Remembers the series `values` of `vec` for pruning.
+    fn remember(&self, vec: Vector, values: &[&str], labels: &RequestLabels) {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = self.hasher.build_hasher();
+        (vec as u8).hash(&mut h);
+        values.hash(&mut h);
+        let key = h.finish();
+        let Ok(mut series) = self.series.lock() else {
+            return;
+        };
+        if series.len() >= MAX_SERIES || series.contains_key(&key) {
+            return;
+        }
+        series.insert(
+            key,
+            Series {
+                vec,
+                values: values.iter().map(|v| (*v).to_owned()).collect(),
+                workloads: [
+                    labels.source_namespace.clone(),
+                    labels.source_workload.clone(),
+                    labels.destination_namespace.clone(),
+                    labels.destination_workload.clone(),
+                ],
+            },
+        );
+    }
+
+    /// A request's head was received and is being forwarded (Linkerd's `request_total`).
+    pub fn request(&self, labels: &RequestLabels) {
+        if self.dialect.linkerd() {
+            let values = labels.linkerd();
+            self.remember(Vector::RequestTotal, &values, labels);
+            self.request_total.with_label_values(&values).inc();
+        }
+    }
+
+    /// A request ended: its response finished (or failed).
+    pub fn response(&self, labels: &RequestLabels, outcome: &Outcome) {
+        let status = itoa(u64::from(outcome.status));
+        let grpc = outcome.grpc_status.map(|g| itoa(u64::from(g)));
+        let ms = outcome.duration.as_secs_f64() * 1e3;
+        if self.dialect.linkerd() {
+            let base = labels.linkerd();
+            let classification = if outcome.success() {
+                "success"
+            } else {
+                "failure"
+            };
+            let mut values: Vec<&str> = base.to_vec();
+            values.extend([
+                classification,
+                status.as_str(),
+                grpc.as_deref().unwrap_or(""),
+            ]);
+            self.remember(Vector::ResponseTotal, &values, labels);
+            self.response_total.with_label_values(&values).inc();
+            let mut values: Vec<&str> = base.to_vec();
+            values.push(&status);
+            self.remember(Vector::ResponseLatency, &values, labels);
+            self.response_latency.with_label_values(&values).observe(ms);
+        }
+        if self.dialect.istio() {
+            let mut values: Vec<&str> = labels.istio().to_vec();
+            values.extend([
+                status.as_str(),
+                grpc.as_deref().unwrap_or("-"),
+                outcome.flags,
+            ]);
+            for (vec, v) in [
+                (Vector::IstioRequests, None),
+                (Vector::IstioDuration, Some((&self.istio_duration, ms))),
+                (
+                    Vector::IstioRequestBytes,
+                    Some((&self.istio_request_bytes, outcome.request_bytes as f64)),
+                ),
+                (
+                    Vector::IstioResponseBytes,
+                    Some((&self.istio_response_bytes, outcome.response_bytes as f64)),
+                ),
+            ] {
+                self.remember(vec, &values, labels);
+                match v {
+                    None => self.istio_requests.with_label_values(&values).inc(),
+                    Some((h, x)) => h.with_label_values(&values).observe(x),
+                }
+            }
+        }
+    }
+
+    /// A request the proxy failed or refused itself (Linkerd's `*_http_errors_total`); its
+    /// response is recorded by [`HttpMetrics::response`] when there is one.
+    pub fn error(&self, reporter: &'static str, error: &'static str) {
+        if self.dialect.linkerd() {
+            let i = usize::from(reporter != "source");
+            if let Some(v) = self.errors.get(i) {
+                v.with_label_values(&[error]).inc();
+            }
+        }
+    }
+
+    /// Removes the series naming a workload `live` does not know any more.
+    pub fn forget_workloads(&self, live: &dyn Fn(&str, &str) -> bool) {
+        let gone = |ns: &str, w: &str| w != UNKNOWN && !live(ns, w);
+        let Ok(mut series) = self.series.lock() else {
+            return;
+        };
+        series.retain(|_, s| {
+            let keep =
+                !gone(&s.workloads[0], &s.workloads[1]) && !gone(&s.workloads[2], &s.workloads[3]);
+            if !keep {
+                let values: Vec<&str> = s.values.iter().map(String::as_str).collect();
+                let _ = match s.vec {
+                    Vector::RequestTotal => self.request_total.remove_label_values(&values),
+                    Vector::ResponseTotal => self.response_total.remove_label_values(&values),
+                    Vector::ResponseLatency => self.response_latency.remove_label_values(&values),
+                    Vector::IstioRequests => self.istio_requests.remove_label_values(&values),
+                    Vector::IstioDuration => self.istio_duration.remove_label_values(&values),
+                    Vector::IstioRequestBytes => {
+                        self.istio_request_bytes.remove_label_values(&values)
+                    }
+                    Vector::IstioResponseBytes => {
+                        self.istio_response_bytes.remove_label_values(&values)
+                    }
+                };
+            }
+            keep
+        });
+    }
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}

@@ -1,0 +1,169 @@
+//! The destination side of HTTP: serves the requests that arrive in an HBONE tunnel and
+//! delivers each to the local pod over pooled connections, from the client pod's address.
+//!
+//! Each request is known here before it is delivered (the peer's verified identity, the pod,
+//! the port, the method, path and headers): server-side metrics now, authorization next.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::AtomicU64, Arc},
+    time::{Duration, Instant},
+};
+
+use hyper::{
+    body::Incoming,
+    server::conn::{http1, http2},
+    service::service_fn,
+    Request, Response, Version,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{
+    connected, downgrade_from_h2, finish_failed, is_grpc, is_upgrade,
+    pool::{Io, Key, Pool, Route},
+    record, relay_response, respond, strip_hop_by_hop, to_http1, Body, DST_CANONICAL,
+    MAX_HEAD_BYTES,
+};
+use crate::{
+    enrolled::EnrolledPod,
+    metrics::{http::RequestLabels, Metrics},
+    proxy::detect::Protocol,
+    state::Snapshot,
+};
+
+/// One HBONE tunnel that carries HTTP to a pod of this node.
+pub struct Tunnel {
+    pub pod: Arc<EnrolledPod>,
+    /// The pod's address and port the tunnel was opened for.
+    pub target: SocketAddr,
+    /// The client pod's address, verified against the peer's identity: requests are
+    /// delivered from it. `None`: from the node's address.
+    pub client: Option<IpAddr>,
+    /// What every request of the tunnel is labelled with (the peer, the pod).
+    pub labels: RequestLabels,
+    pub snapshot: Arc<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub pool: Arc<Pool>,
+}
+
+/// Serves the requests of one tunnel until the source agent closes it.
+pub async fn serve(
+    tunnel: Tunnel,
+    io: impl Io,
+    protocol: Protocol,
+    head_timeout: Duration,
+    max_streams: usize,
+) {
+    let tunnel = Arc::new(tunnel);
+    let served = tunnel.clone();
+    let service = service_fn(move |req| {
+        let tunnel = served.clone();
+        async move { Ok::<_, Infallible>(deliver(&tunnel, req).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match protocol {
+        Protocol::Http2 => {
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(u32::try_from(max_streams).unwrap_or(u32::MAX))
+                .max_header_list_size(MAX_HEAD_BYTES as u32)
+                .initial_stream_window_size(crate::proxy::hbone::STREAM_WINDOW)
+                .initial_connection_window_size(crate::proxy::hbone::CONNECTION_WINDOW)
+                .max_frame_size(crate::proxy::hbone::MAX_FRAME)
+                .serve_connection(io, service)
+                .await
+        }
+        _ => {
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    };
+    if let Err(e) = result {
+        super::outbound::protocol_error(&tunnel.metrics, &tunnel.labels, &e);
+        debug!(target = %tunnel.target, "HTTP tunnel ended: {e}");
+    }
+}
+
+async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let mut req = req.map(Body::incoming);
+    let mut labels = tunnel.labels.clone();
+    if is_grpc(&req) {
+        labels.protocol = "grpc";
+    }
+    // The Service the source sent the request to: a label, taken only if the snapshot knows
+    // such a Service.
+    let canonical = req.headers_mut().remove(DST_CANONICAL);
+    match canonical
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|name| tunnel.snapshot.service_named(name))
+    {
+        Some(svc) => {
+            labels.destination_service = svc.fqdn();
+            labels.destination_service_name = svc.name.clone();
+            labels.destination_service_namespace = svc.namespace.clone();
+            labels.authority = format!("{}:{}", svc.fqdn(), svc.port);
+        }
+        None => labels.authority = tunnel.target.to_string(),
+    }
+    tunnel.metrics.http.request(&labels);
+
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let downgraded = downgrade_from_h2(&mut req);
+    let h2 = !upgrade && !downgraded && req.version() == Version::HTTP_2;
+    if !h2 {
+        to_http1(&mut req);
+    }
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let req = req.map(|b| b.counted(request_bytes.clone()));
+
+    let (pod, target) = (&tunnel.pod, tunnel.target);
+    // A claimed address of the other family cannot be the source of this connection.
+    let from = tunnel
+        .client
+        .filter(|ip| pod.transparent && ip.is_ipv6() == target.is_ipv6());
+    let key = Key {
+        route: Route::InPod {
+            endpoint: target,
+            client: from,
+        },
+        h2,
+    };
+    let dial = move || async move {
+        match from {
+            Some(ip) => connected(crate::proxy::deliver_in_pod(pod, ip, target), target).await,
+            None => connected(TcpStream::connect(target), target).await,
+        }
+    };
+    let mut resp = match tunnel.pool.send(&key, dial, req).await {
+        Ok(resp) => resp,
+        Err(e) => return finish_failed(&tunnel.metrics, &labels, e.failure, &e.detail, started),
+    };
+    relay_response(&mut resp, client_upgrade);
+    let metrics = tunnel.metrics.clone();
+    respond(resp, move |status, seen| {
+        let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let flags = if seen.complete { "-" } else { "UC" };
+        record(
+            &metrics,
+            &labels,
+            status,
+            seen.grpc_status,
+            flags,
+            started,
+            request_bytes,
+            seen.bytes,
+        );
+    })
+}

@@ -1,0 +1,424 @@
+//! The HTTP side of the node proxy: each request of a client connection is forwarded on its
+//! own (per-request balancing, per-request metrics), over pooled upstream connections.
+//!
+//! Between agents a request always travels as HTTP/2 inside an HBONE tunnel; an HTTP/1.x
+//! request is marked `l5d-orig-proto` (as Linkerd does) and spoken as HTTP/1.1 again to the
+//! destination pod, so the pod sees the protocol its client spoke. Upgrades (WebSocket) and
+//! `CONNECT` keep HTTP/1.1 end to end on a connection of their own.
+//!
+//! The request path is shaped so that a route decision and a policy decision can each be one
+//! pure function call on the request head: [`outbound`] asks the snapshot where a request goes
+//! before it picks an endpoint, and [`inbound`] knows the peer and the request before it
+//! delivers.
+
+pub mod body;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+
+use std::time::Instant;
+
+use hyper::{
+    body::{Bytes, Incoming},
+    header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE},
+    upgrade::OnUpgrade,
+    HeaderMap, Method, Request, Response, StatusCode, Version,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+pub use body::Body;
+use pool::{BoxIo, SendError};
+
+use crate::metrics::{
+    http::{Outcome, RequestLabels},
+    Metrics,
+};
+
+/// Marks a request that its client sent as HTTP/1.x and that travels as HTTP/2 between agents.
+pub const ORIG_PROTO: &str = "l5d-orig-proto";
+/// Names the Service a request was sent to (`name.ns.svc.cluster.local:port`), so the
+/// destination agent labels its metrics as the source did. A label only, checked against the
+/// snapshot, never an authority.
+pub const DST_CANONICAL: &str = "l5d-dst-canonical";
+/// Set on responses the proxy made itself, saying why (as Linkerd's).
+pub const PROXY_ERROR: &str = "l5d-proxy-error";
+/// The largest request head the proxy accepts; larger gets 431.
+pub const MAX_HEAD_BYTES: usize = 64 << 10;
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The Service has no ready endpoint.
+    NoEndpoints,
+    /// The endpoint refused the connection, or could not be reached.
+    Unavailable,
+    /// The endpoint did not answer in time.
+    Timeout,
+    /// The connection to the endpoint broke before a response came.
+    UpstreamReset,
+    /// The request cannot be forwarded as it is.
+    BadRequest,
+}
+
+impl Failure {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Failure::NoEndpoints | Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::UpstreamReset => StatusCode::BAD_GATEWAY,
+            Failure::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// Envoy's (Istio's) response flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Failure::NoEndpoints => "UH",
+            Failure::Unavailable => "UF",
+            Failure::Timeout => "UT",
+            Failure::UpstreamReset => "UC",
+            Failure::BadRequest => "DPE",
+        }
+    }
+
+    /// Linkerd's error label.
+    pub fn error(self) -> &'static str {
+        match self {
+            Failure::NoEndpoints => "no_endpoints",
+            Failure::Unavailable => "unavailable",
+            Failure::Timeout => "timeout",
+            Failure::UpstreamReset => "upstream_reset",
+            Failure::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// The proxy's own answer to a request it could not forward: the status, an
+/// `l5d-proxy-error` header and a one-line body naming the reason.
+pub fn failure_response(failure: Failure, detail: &str) -> Response<Body> {
+    let text = format!("{}: {detail}\n", failure.error());
+    let mut resp = Response::new(Body::full(Bytes::from(text)));
+    *resp.status_mut() = failure.status();
+    // A header value cannot hold control characters; the detail is ours, but be safe.
+    let value = HeaderValue::from_str(&format!("{}: {detail}", failure.error()))
+        .unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+    resp.headers_mut()
+        .insert(HeaderName::from_static(PROXY_ERROR), value);
+    resp
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1: `Connection` and every header it
+/// names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` (unless the
+/// request is being upgraded), and `TE` except `trailers` (gRPC needs it end to end).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(CONNECTION);
+        headers.remove(UPGRADE);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    headers.remove(TRANSFER_ENCODING);
+    let te_trailers = headers
+        .get(TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(TE);
+    if te_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Whether a request asks to leave HTTP (WebSocket and other `Upgrade`s, `CONNECT`): such a
+/// request needs an HTTP/1.1 connection of its own all the way.
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        || (req.version() <= Version::HTTP_11 && req.headers().contains_key(UPGRADE))
+}
+
+/// Prepares an HTTP/1.x request to travel as HTTP/2: absolute URI from its `Host`, marked
+/// with [`ORIG_PROTO`].
+pub fn upgrade_to_h2(req: &mut Request<Body>, fallback_authority: &str) {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| fallback_authority.to_owned());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    if let Ok(uri) = hyper::Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+    {
+        *req.uri_mut() = uri;
+    }
+    let orig = match req.version() {
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    req.headers_mut().remove(HOST);
+    req.headers_mut().insert(
+        HeaderName::from_static(ORIG_PROTO),
+        HeaderValue::from_static(orig),
+    );
+    *req.version_mut() = Version::HTTP_2;
+}
+
+/// Undoes [`upgrade_to_h2`] at the destination: the pod gets HTTP/1.1 with its `Host` and an
+/// origin-form target. Returns whether the request had been upgraded.
+pub fn downgrade_from_h2(req: &mut Request<Body>) -> bool {
+    if req.headers_mut().remove(ORIG_PROTO).is_none() {
+        return false;
+    }
+    if let Some(authority) = req.uri().authority().cloned() {
+        if !req.headers().contains_key(HOST) {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    if let Ok(uri) = path.parse() {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_11;
+    true
+}
+
+/// A request for the pod as it arrived in HTTP/2 from a client that spoke HTTP/2: hyper's
+/// HTTP/1 client needs an origin-form target and a `Host`.
+pub fn to_http1(req: &mut Request<Body>) {
+    if let Some(authority) = req.uri().authority().cloned() {
+        if !req.headers().contains_key(HOST) {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+    }
+    if req.uri().scheme().is_some() {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        if let Ok(uri) = path.parse() {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+/// The gRPC status in a header map (trailers, or the headers of a trailers-only response).
+pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether a request is gRPC (for the `request_protocol` label).
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Arranges for an upgrade the upstream accepted (101) to be relayed between the client and
+/// the upstream once both sides have switched.
+pub fn relay_response(resp: &mut Response<Incoming>, client: Option<OnUpgrade>) {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let Some(client) = client else { return };
+    let upstream = hyper::upgrade::on(resp);
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((a, b)) => {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+            }
+            Err(e) => debug!("upgrade failed: {e}"),
+        }
+    });
+}
+
+/// The upstream's response as the client gets it: hop-by-hop headers removed, the body
+/// streamed through and observed; `on_end` hears how it ended.
+pub fn respond(
+    resp: Response<Incoming>,
+    on_end: impl FnOnce(StatusCode, body::Seen) + Send + Sync + 'static,
+) -> Response<Body> {
+    let (mut parts, incoming) = resp.into_parts();
+    let status = parts.status;
+    strip_hop_by_hop(
+        &mut parts.headers,
+        status == StatusCode::SWITCHING_PROTOCOLS,
+    );
+    let body = body::with_header_grpc_status(Body::incoming(incoming), grpc_status(&parts.headers))
+        .on_end(move |seen| on_end(status, seen));
+    Response::from_parts(parts, body)
+}
+
+/// A connection attempt within the connect timeout, as a pooled connection's transport.
+pub async fn connected(
+    connecting: impl std::future::Future<Output = std::io::Result<TcpStream>>,
+    endpoint: std::net::SocketAddr,
+) -> Result<BoxIo, SendError> {
+    match tokio::time::timeout(super::CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s))
+        }
+        Ok(Err(e)) => Err(SendError::new(
+            Failure::Unavailable,
+            format!("connecting to {endpoint}: {e}"),
+        )),
+        Err(_) => Err(SendError::new(
+            Failure::Unavailable,
+            format!("connecting to {endpoint} timed out"),
+        )),
+    }
+}
+
+/// The proxy's own answer, recorded.
+pub fn finish_failed(
+    metrics: &Metrics,
+    labels: &RequestLabels,
+    failure: Failure,
+    detail: &str,
+    started: Instant,
+) -> Response<Body> {
+    debug!(reporter = labels.reporter, authority = %labels.authority, "HTTP request failed: {}: {detail}", failure.error());
+    metrics.http.error(labels.reporter, failure.error());
+    let resp = failure_response(failure, detail);
+    record(
+        metrics,
+        labels,
+        resp.status(),
+        None,
+        failure.flag(),
+        started,
+        0,
+        0,
+    );
+    resp
+}
+
+#[expect(clippy::too_many_arguments, reason = "one record, its parts")]
+pub fn record(
+    metrics: &Metrics,
+    labels: &RequestLabels,
+    status: StatusCode,
+    grpc_status: Option<u32>,
+    flags: &'static str,
+    started: Instant,
+    request_bytes: u64,
+    response_bytes: u64,
+) {
+    metrics.http.response(
+        labels,
+        &Outcome {
+            status: status.as_u16(),
+            grpc_status,
+            flags,
+            duration: started.elapsed(),
+            request_bytes,
+            response_bytes,
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers, deflate"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+            ("host", "web"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h, false);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "te", "x-kept"]);
+        assert_eq!(h.get(TE).unwrap(), "trailers");
+
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(CONNECTION).unwrap(), "Upgrade");
+    }
+
+    #[test]
+    fn http1_travels_as_h2_and_comes_back() {
+        let mut req = Request::builder()
+            .uri("/a/b?c=d")
+            .header(HOST, "web.default:80")
+            .body(Body::empty())
+            .unwrap();
+        upgrade_to_h2(&mut req, "10.96.0.10:80");
+        assert_eq!(req.uri().to_string(), "http://web.default:80/a/b?c=d");
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert!(req.headers().get(HOST).is_none());
+        assert!(downgrade_from_h2(&mut req));
+        assert_eq!(req.uri().to_string(), "/a/b?c=d");
+        assert_eq!(req.headers().get(HOST).unwrap(), "web.default:80");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert!(!downgrade_from_h2(&mut req));
+    }
+
+    #[test]
+    fn failures_name_their_reason() {
+        let r = failure_response(Failure::NoEndpoints, "service web.default has none");
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            r.headers().get(PROXY_ERROR).unwrap(),
+            "no_endpoints: service web.default has none"
+        );
+        assert_eq!(Failure::Timeout.status(), 504);
+    }
+}

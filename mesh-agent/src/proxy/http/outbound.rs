@@ -1,0 +1,371 @@
+//! The source side of HTTP: serves a client pod's HTTP/1.x or HTTP/2 connection and forwards
+//! each request on its own to an endpoint picked for it.
+
+use std::{
+    convert::Infallible,
+    sync::{atomic::AtomicU64, Arc},
+    time::Instant,
+};
+
+use hyper::{
+    body::Incoming,
+    header::{HeaderName, HeaderValue},
+    server::conn::{http1, http2},
+    service::service_fn,
+    Request, Response, Version,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{
+    connected, finish_failed, is_grpc, is_upgrade,
+    pool::{BoxIo, Key, Route, SendError},
+    record, relay_response, respond, strip_hop_by_hop, upgrade_to_h2, Body, Failure, DST_CANONICAL,
+    MAX_HEAD_BYTES,
+};
+use crate::{
+    metrics::{
+        http::{Outcome, RequestLabels},
+        ConnectionLabels, Metrics,
+    },
+    proxy::{
+        detect::{Prefixed, Protocol},
+        hbone::TunnelRequest,
+        inbound::Baggage,
+        outbound::{connect_from_pod, hop_to, is_host_scoped, Connection, Hop},
+        relay::Metered,
+    },
+    state::{Destination, Workload},
+};
+
+/// One client connection served as HTTP.
+struct Client {
+    conn: Connection,
+    destination: Destination,
+    /// Labels every request of this connection shares (the source, the Service).
+    labels: RequestLabels,
+}
+
+/// Serves `io` (a captured connection that speaks `protocol`) until the client closes it.
+pub async fn serve(
+    conn: Connection,
+    destination: Destination,
+    io: Prefixed<TcpStream>,
+    protocol: Protocol,
+) {
+    let inputs = conn.inputs.clone();
+    let labels = client_labels(&conn, &destination);
+    let tcp = connection_labels(&conn, &labels, &destination);
+    let guard = inputs.metrics.open_connection(&tcp);
+    let io = TokioIo::new(Metered::new(io, guard.sent.clone(), guard.received.clone()));
+    let client = Arc::new(Client {
+        conn,
+        destination,
+        labels,
+    });
+    let served = client.clone();
+    let service = service_fn(move |req| {
+        let client = served.clone();
+        async move { Ok::<_, Infallible>(forward(&client, req).await) }
+    });
+    let result = match protocol {
+        Protocol::Http2 => {
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(u32::try_from(inputs.max_streams).unwrap_or(u32::MAX))
+                .max_header_list_size(MAX_HEAD_BYTES as u32)
+                .initial_stream_window_size(crate::proxy::hbone::STREAM_WINDOW)
+                .initial_connection_window_size(crate::proxy::hbone::CONNECTION_WINDOW)
+                .serve_connection(io, service)
+                .await
+        }
+        _ => {
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(inputs.http_head_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    };
+    if let Err(e) = result {
+        protocol_error(&inputs.metrics, &client.labels, &e);
+        debug!(client = %client.conn.client, orig = %client.conn.orig, "HTTP client connection ended: {e}");
+    }
+}
+
+/// Records a client connection hyper gave up on (it answered 400 or 431 itself, or closed a
+/// head that came too slowly).
+pub fn protocol_error(metrics: &Metrics, labels: &RequestLabels, e: &hyper::Error) {
+    let (status, error) = if e.is_parse_too_large() {
+        (431, "head_too_large")
+    } else if e.is_parse() {
+        (400, "malformed")
+    } else if e.is_timeout() {
+        (408, "head_timeout")
+    } else {
+        return;
+    };
+    metrics.http.error(labels.reporter, error);
+    metrics.http.response(
+        labels,
+        &Outcome {
+            status,
+            grpc_status: None,
+            flags: "DPE",
+            duration: Default::default(),
+            request_bytes: 0,
+            response_bytes: 0,
+        },
+    );
+}
+
+/// The labels of the client's side, and of the Service it dialled.
+fn client_labels(conn: &Connection, destination: &Destination) -> RequestLabels {
+    let inputs = &conn.inputs;
+    let src = &conn.source.workload;
+    let id = src.identity(&inputs.trust_domain);
+    let mut l = RequestLabels::unknown("source");
+    l.source_workload = src.workload.clone();
+    l.source_namespace = src.namespace.clone();
+    l.source_principal = id.to_string();
+    l.client_id = id.to_linkerd();
+    match destination {
+        Destination::Service(svc) => {
+            l.destination_service = svc.fqdn();
+            l.destination_service_name = svc.name.clone();
+            l.destination_service_namespace = svc.namespace.clone();
+            l.authority = format!("{}:{}", svc.fqdn(), svc.port);
+        }
+        // A pod's address is bounded by the pods there are; anything else a pod dials is not.
+        Destination::Pod(_) => l.authority = conn.orig.to_string(),
+        Destination::Passthrough => {}
+    }
+    l
+}
+
+/// The TCP series of the client connection itself.
+fn connection_labels(
+    conn: &Connection,
+    labels: &RequestLabels,
+    destination: &Destination,
+) -> ConnectionLabels {
+    let mut tcp = ConnectionLabels::unknown("source");
+    tcp.source_workload = labels.source_workload.clone();
+    tcp.source_namespace = labels.source_namespace.clone();
+    tcp.source_principal = labels.source_principal.clone();
+    tcp.destination_service = labels.destination_service.clone();
+    let first = match destination {
+        Destination::Service(svc) => {
+            tcp.destination_namespace = svc.namespace.clone();
+            svc.endpoints.first().copied()
+        }
+        _ => Some(conn.orig.0),
+    };
+    // Requests may go to several endpoints; the connection is labelled with the first.
+    if let Some(endpoint) = first {
+        let dst = conn.snapshot.pod_by_ip(endpoint.ip());
+        if let Some(d) = dst {
+            tcp.destination_workload = d.workload.clone();
+            tcp.destination_namespace = d.namespace.clone();
+            if d.enrolled {
+                tcp.destination_principal = d.identity(&conn.inputs.trust_domain).to_string();
+            }
+        }
+        tcp.connection_security_policy =
+            hop_to(&conn.inputs, &conn.source, endpoint, dst).security();
+    }
+    tcp
+}
+
+/// Fills in the destination pod of one request.
+fn destination_labels(labels: &mut RequestLabels, dst: Option<&Arc<Workload>>, domain: &str) {
+    let Some(dst) = dst else { return };
+    labels.destination_workload = dst.workload.clone();
+    labels.destination_namespace = dst.namespace.clone();
+    labels.destination_kind = dst.kind;
+    if dst.enrolled {
+        let id = dst.identity(domain);
+        labels.destination_principal = id.to_string();
+        labels.server_id = id.to_linkerd();
+    }
+}
+
+async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let conn = &client.conn;
+    let inputs = &conn.inputs;
+    let mut req = req.map(Body::incoming);
+    let mut labels = client.labels.clone();
+    if is_grpc(&req) {
+        labels.protocol = "grpc";
+    }
+    let upgrade = is_upgrade(&req);
+    let fail = |labels: &RequestLabels, failure: Failure, detail: String| {
+        inputs.metrics.http.request(labels);
+        finish_failed(&inputs.metrics, labels, failure, &detail, started)
+    };
+    if upgrade && req.version() == Version::HTTP_2 {
+        return fail(
+            &labels,
+            Failure::BadRequest,
+            "CONNECT over HTTP/2 is not supported".into(),
+        );
+    }
+    // Where the request goes. (The route decision: today the destination the client dialled;
+    // routing rules will make this one call on the request head.)
+    let (endpoint, load) = match &client.destination {
+        Destination::Service(svc) => match svc.pick_for_request() {
+            Some((endpoint, load)) => (endpoint, Some(load.clone())),
+            None => {
+                let detail = format!("service {} has no ready endpoints", svc.fqdn());
+                return fail(&labels, Failure::NoEndpoints, detail);
+            }
+        },
+        _ => (conn.orig.0, None),
+    };
+    if is_host_scoped(endpoint.ip()) {
+        let detail = format!("endpoint {endpoint} is a host-scoped address");
+        return fail(&labels, Failure::Unavailable, detail);
+    }
+    let dst = conn.snapshot.pod_by_ip(endpoint.ip()).cloned();
+    destination_labels(&mut labels, dst.as_ref(), &inputs.trust_domain);
+    let hop = hop_to(inputs, &conn.source, endpoint, dst.as_ref());
+    labels.security = hop.security();
+    inputs.metrics.http.request(&labels);
+    // A same-node delivery is this agent's inbound side too.
+    let inbound_labels = matches!(hop, Hop::Local { .. } | Hop::LocalDirect).then(|| {
+        let mut l = labels.clone();
+        l.reporter = "destination";
+        inputs.metrics.http.request(&l);
+        l
+    });
+
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    if let Destination::Service(svc) = &client.destination {
+        if let Ok(v) = HeaderValue::from_str(&format!("{}:{}", svc.fqdn(), svc.port)) {
+            req.headers_mut()
+                .insert(HeaderName::from_static(DST_CANONICAL), v);
+        }
+    }
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let mut req = req.map(|b| b.counted(request_bytes.clone()));
+    let client_h2 = req.version() == Version::HTTP_2;
+    let in_flight = load.as_ref().map(|l| l.start());
+
+    let pool = &inputs.pool;
+    let sent = match hop {
+        Hop::Hbone {
+            source,
+            destination,
+            node_ip,
+        } => {
+            let forwarded_for = conn.source.address_for(endpoint);
+            let key = Key {
+                route: Route::Hbone {
+                    serial: inputs.hbone.serial(&source).unwrap_or_default(),
+                    source: source.clone(),
+                    destination: destination.clone(),
+                    node: node_ip,
+                    endpoint,
+                    client: forwarded_for,
+                },
+                h2: !upgrade,
+            };
+            if !upgrade && !client_h2 {
+                upgrade_to_h2(&mut req, &conn.orig.to_string());
+            }
+            let tunnel = TunnelRequest {
+                baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
+                forwarded_for,
+                protocol: match upgrade {
+                    true => Protocol::Http1,
+                    false => Protocol::Http2,
+                },
+            };
+            let (hbone, tunnel, source, destination) =
+                (&inputs.hbone, &tunnel, &source, &destination);
+            let dial = move || async move {
+                hbone
+                    .connect(source, destination, node_ip, endpoint, tunnel)
+                    .await
+                    .map(|t| Box::new(t) as BoxIo)
+                    .map_err(|e| SendError::new(Failure::Unavailable, e.to_string()))
+            };
+            pool.send(&key, dial, req).await
+        }
+        Hop::Local { pod, client: from } => {
+            let key = Key {
+                route: Route::InPod {
+                    endpoint,
+                    client: Some(from),
+                },
+                h2: client_h2 && !upgrade,
+            };
+            let pod = &pod;
+            let dial = move || async move {
+                connected(crate::proxy::deliver_in_pod(pod, from, endpoint), endpoint).await
+            };
+            pool.send(&key, dial, req).await
+        }
+        Hop::LocalDirect | Hop::Direct => {
+            let key = Key {
+                route: Route::FromPod {
+                    netns: conn.source.netns.cookie,
+                    endpoint,
+                },
+                h2: client_h2 && !upgrade,
+            };
+            let netns = &conn.source.netns;
+            let dial =
+                move || async move { connected(connect_from_pod(netns, endpoint), endpoint).await };
+            pool.send(&key, dial, req).await
+        }
+    };
+
+    let mut resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => {
+            drop(in_flight);
+            let resp = finish_failed(&inputs.metrics, &labels, e.failure, &e.detail, started);
+            if let Some(l) = &inbound_labels {
+                record(
+                    &inputs.metrics,
+                    l,
+                    resp.status(),
+                    None,
+                    e.failure.flag(),
+                    started,
+                    0,
+                    0,
+                );
+            }
+            return resp;
+        }
+    };
+    if let Some(f) = &in_flight {
+        f.responded();
+    }
+    let metrics = inputs.metrics.clone();
+    relay_response(&mut resp, client_upgrade);
+    respond(resp, move |status, seen| {
+        drop(in_flight);
+        let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let flags = if seen.complete { "-" } else { "UC" };
+        for l in std::iter::once(&labels).chain(inbound_labels.as_ref()) {
+            record(
+                &metrics,
+                l,
+                status,
+                seen.grpc_status,
+                flags,
+                started,
+                request_bytes,
+                seen.bytes,
+            );
+        }
+    })
+}

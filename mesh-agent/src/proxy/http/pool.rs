@@ -1,0 +1,345 @@
+//! Upstream HTTP connections, pooled per destination and per the client they speak for.
+//!
+//! HTTP/2 connections are shared by every request for their key (multiplexed); HTTP/1.1
+//! connections are checked out for one request at a time and come back when their response
+//! has been read. A key names where the bytes go and from whose address or identity, so a
+//! pooled connection never carries one pod's request under another pod's identity.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    Request, Response,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use super::{Body, Failure};
+use crate::identity::Identity;
+
+/// Anything a pooled connection can run over: a TCP stream or an HBONE tunnel.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub type BoxIo = Box<dyn Io>;
+
+/// An HTTP/2 connection is replaced after this long (new requests go to a fresh one, so a
+/// renewed workload certificate is used and a peer's state does not linger forever).
+const H2_MAX_AGE: Duration = Duration::from_secs(300);
+/// An idle HTTP/1.1 connection is not reused after this long.
+const H1_IDLE: Duration = Duration::from_secs(30);
+/// Idle HTTP/1.1 connections kept per key, and in all.
+const H1_IDLE_PER_KEY: usize = 64;
+const H1_IDLE_TOTAL: usize = 16_384;
+/// HTTP/2 PINGs find dead upstream connections.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Where a pooled connection goes and for whom.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// An HBONE tunnel to `endpoint` on the node at `node`, as `source`, for the client pod at
+    /// `client` (sent as `forwarded`).
+    Hbone {
+        source: Identity,
+        /// The serial of the source's certificate: a renewed certificate means new
+        /// connections (those of the old one are let go once their requests finish).
+        serial: String,
+        destination: Identity,
+        node: Ipv4Addr,
+        endpoint: SocketAddr,
+        client: Option<IpAddr>,
+    },
+    /// A connection made inside a pod of this node to `endpoint`, from `client`'s address
+    /// (`None`: from the node's).
+    InPod {
+        endpoint: SocketAddr,
+        client: Option<IpAddr>,
+    },
+    /// A connection made from inside the client pod's own network namespace (a destination
+    /// outside the mesh).
+    FromPod { netns: u64, endpoint: SocketAddr },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub route: Route,
+    pub h2: bool,
+}
+
+impl Key {
+    /// Whether `self` replaces `older`: the same tunnel, made with a newer certificate.
+    fn supersedes(&self, older: &Key) -> bool {
+        match (&self.route, &older.route) {
+            (
+                Route::Hbone {
+                    source,
+                    serial,
+                    destination,
+                    node,
+                    endpoint,
+                    client,
+                },
+                Route::Hbone {
+                    source: s2,
+                    serial: serial2,
+                    destination: d2,
+                    node: n2,
+                    endpoint: e2,
+                    client: c2,
+                },
+            ) => {
+                serial != serial2
+                    && (source, destination, node, endpoint, client) == (s2, d2, n2, e2, c2)
+                    && self.h2 == older.h2
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Why a request could not be sent: the proxy answers with [`super::failure_response`].
+#[derive(Debug)]
+pub struct SendError {
+    pub failure: Failure,
+    pub detail: String,
+}
+
+impl SendError {
+    pub fn new(failure: Failure, detail: impl Into<String>) -> Self {
+        Self {
+            failure,
+            detail: detail.into(),
+        }
+    }
+
+    fn request(e: &hyper::Error) -> Self {
+        let failure = match e.is_timeout() {
+            true => Failure::Timeout,
+            false => Failure::UpstreamReset,
+        };
+        Self::new(failure, e.to_string())
+    }
+}
+
+struct IdleH1 {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+struct SharedH2 {
+    sender: http2::SendRequest<Body>,
+    born: Instant,
+}
+
+type H2Slot = Arc<tokio::sync::Mutex<Option<SharedH2>>>;
+
+#[derive(Default)]
+pub struct Pool {
+    h1: Mutex<HashMap<Key, Vec<IdleH1>>>,
+    h1_idle: AtomicUsize,
+    h2: Mutex<HashMap<Key, H2Slot>>,
+}
+
+impl Pool {
+    /// Sends `req` on a pooled connection for `key`, dialling with `dial` when there is none.
+    pub async fn send<D, F>(
+        self: &Arc<Self>,
+        key: &Key,
+        dial: D,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = Result<BoxIo, SendError>>,
+    {
+        match key.h2 {
+            true => self.send_h2(key, dial, req).await,
+            false => self.send_h1(key, dial, req).await,
+        }
+    }
+
+    async fn send_h2<D, F>(
+        &self,
+        key: &Key,
+        dial: D,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = Result<BoxIo, SendError>>,
+    {
+        let slot = {
+            let mut map = self
+                .h2
+                .lock()
+                .map_err(|_| SendError::new(Failure::Unavailable, "pool lock poisoned"))?;
+            // Keys whose connection is gone and that nobody is using are forgotten.
+            if map.len() > 64 {
+                map.retain(|_, s| {
+                    Arc::strong_count(s) > 1
+                        || s.try_lock()
+                            .map(|g| g.as_ref().is_some_and(|c| !c.sender.is_closed()))
+                            .unwrap_or(true)
+                });
+            }
+            if !map.contains_key(key) {
+                // Dropping the old senders closes those connections once idle.
+                map.retain(|k, _| !key.supersedes(k));
+            }
+            map.entry(key.clone()).or_default().clone()
+        };
+        let mut sender = {
+            // One dial at a time per key: concurrent requests share it.
+            let mut shared = slot.lock().await;
+            match &*shared {
+                Some(c) if !c.sender.is_closed() && c.born.elapsed() < H2_MAX_AGE => {
+                    c.sender.clone()
+                }
+                _ => {
+                    let io = dial().await?;
+                    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .keep_alive_interval(KEEPALIVE)
+                        .keep_alive_timeout(Duration::from_secs(10))
+                        .initial_stream_window_size(crate::proxy::hbone::STREAM_WINDOW)
+                        .initial_connection_window_size(crate::proxy::hbone::CONNECTION_WINDOW)
+                        .max_frame_size(crate::proxy::hbone::MAX_FRAME)
+                        .handshake(TokioIo::new(io))
+                        .await
+                        .map_err(|e| {
+                            SendError::new(Failure::Unavailable, format!("HTTP/2 handshake: {e}"))
+                        })?;
+                    let route = key.route.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            debug!(?route, "upstream HTTP/2 connection ended: {e}");
+                        }
+                    });
+                    *shared = Some(SharedH2 {
+                        sender: sender.clone(),
+                        born: Instant::now(),
+                    });
+                    sender
+                }
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|e| SendError::new(Failure::UpstreamReset, e.to_string()))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::request(&e))
+    }
+
+    fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+        let mut map = self.h1.lock().ok()?;
+        let idle = map.get_mut(key)?;
+        while let Some(c) = idle.pop() {
+            self.h1_idle.fetch_sub(1, Ordering::Relaxed);
+            if c.since.elapsed() < H1_IDLE && c.sender.is_ready() {
+                return Some(c.sender);
+            }
+        }
+        map.remove(key);
+        None
+    }
+
+    fn checkin_h1(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            // Ready again once the response has been read to its end.
+            if sender.ready().await.is_err() {
+                return;
+            }
+            if pool.h1_idle.load(Ordering::Relaxed) >= H1_IDLE_TOTAL {
+                return;
+            }
+            let Ok(mut map) = pool.h1.lock() else { return };
+            let idle = map.entry(key).or_default();
+            if idle.len() < H1_IDLE_PER_KEY {
+                idle.push(IdleH1 {
+                    sender,
+                    since: Instant::now(),
+                });
+                pool.h1_idle.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    async fn dial_h1<D, F>(dial: &D, upgrades: bool) -> Result<http1::SendRequest<Body>, SendError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = Result<BoxIo, SendError>>,
+    {
+        let io = dial().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| {
+                SendError::new(Failure::Unavailable, format!("HTTP/1.1 handshake: {e}"))
+            })?;
+        tokio::spawn(async move {
+            let ended = match upgrades {
+                true => conn.with_upgrades().await,
+                false => conn.await,
+            };
+            if let Err(e) = ended {
+                debug!("upstream HTTP/1.1 connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_h1<D, F>(
+        self: &Arc<Self>,
+        key: &Key,
+        dial: D,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = Result<BoxIo, SendError>>,
+    {
+        // An upgrade takes its connection for good: never pooled.
+        if super::is_upgrade(&req) {
+            let mut sender = Self::dial_h1(&dial, true).await?;
+            return sender
+                .send_request(req)
+                .await
+                .map_err(|e| SendError::request(&e));
+        }
+        // A pooled connection the server closed meanwhile hands the request back: then it
+        // goes on a fresh one.
+        if let Some(mut sender) = self.checkout_h1(key) {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.checkin_h1(key.clone(), sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(SendError::request(&e.into_error())),
+                },
+            }
+        }
+        let mut sender = Self::dial_h1(&dial, false).await?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::request(&e))?;
+        self.checkin_h1(key.clone(), sender);
+        Ok(resp)
+    }
+}
