@@ -4,9 +4,9 @@
 //! jumps straight to any higher sample (a peak) and decays towards lower ones with a time
 //! constant, plus the number of requests in flight. A request picks two distinct endpoints at
 //! random and goes to the one with the lower cost, `max(latency, floor) × (in flight + 1)`. The
-//! floor makes latency differences below a millisecond (one cluster hop versus none) no
-//! reason to prefer an endpoint: between equal costs the choice is random, so a keep-alive
-//! client's requests spread evenly until an endpoint is really slower or busier.
+//! floor (5 ms) makes small latency differences (one cluster hop versus none) no reason to
+//! prefer an endpoint: between equal costs the choice is random, so a keep-alive client's
+//! requests spread evenly until an endpoint is really slower or busier.
 
 use std::{
     cell::Cell,
@@ -18,9 +18,11 @@ use std::{
 };
 
 /// Latency assumed for an endpoint before its first response.
-const DEFAULT_RTT: Duration = Duration::from_millis(1);
-/// Latencies below this count as this.
-const RTT_FLOOR: Duration = Duration::from_millis(1);
+const DEFAULT_RTT: Duration = Duration::from_millis(5);
+/// Latencies below this count as this: between endpoints of one Service, a few milliseconds
+/// more (another node, a busier CPU) is no reason to load the others more; in-flight counts
+/// and really slow endpoints still steer.
+const RTT_FLOOR: Duration = Duration::from_millis(5);
 /// How fast a peak is forgotten.
 const DECAY: Duration = Duration::from_secs(1);
 

@@ -256,3 +256,41 @@ pub fn must_fail(mut cmd: Command, what: &str) -> String {
     assert!(!out.status.success(), "{what} succeeded: {stdout}");
     stdout
 }
+
+/// `VmHWM` (peak resident set) of a process, in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Runs `meshtest ARGS` in pod `pod` and returns its `key=value` lines; panics with its
+/// output if it fails.
+pub fn meshtest_in(
+    bed: &Testbed,
+    pod: &str,
+    args: &[&str],
+) -> std::collections::BTreeMap<String, String> {
+    let mut cmd = bed.pod_command(pod, meshtest()).expect("pod command");
+    cmd.args(args);
+    let out = output(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "meshtest {args:?} in {pod} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    key_values(&stdout)
+}
+
+/// The `key=value` lines of a tool's output.
+pub fn key_values(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}

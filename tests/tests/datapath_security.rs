@@ -496,17 +496,6 @@ fn a_scrape_costs_the_same_with_60000_connections_tracked() {
     );
 }
 
-/// `VmHWM` (peak resident set) of a process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 #[test]
 fn manifests_over_the_size_limit_are_refused_and_parsing_memory_is_bounded() {
     let _serial = serial();

@@ -230,9 +230,16 @@ async fn proxy_connection(
     let _ = client_stream.set_nodelay(true);
     // Declared opaque: relayed at once, no detection delay. Otherwise the client's first
     // bytes tell (a server-speaks-first protocol waits out the detection timeout).
-    let (protocol, prefix) = match declared_protocol(&destination, orig.0.port()) {
+    // A port declared HTTP is served as HTTP whatever comes (garbage gets 400, a slow head
+    // the head timeout); detection only tells HTTP/1 from prior-knowledge HTTP/2 there.
+    let declared = declared_protocol(&destination, orig.0.port());
+    let (protocol, prefix) = match declared {
         Some(Declared::Opaque) => (Protocol::Opaque, Default::default()),
+        Some(Declared::Http2) => (Protocol::Http2, Default::default()),
         _ => match detect::sniff(&mut client_stream, inputs.detect_timeout).await {
+            Ok((Protocol::Opaque, prefix)) if declared == Some(Declared::Http) => {
+                (Protocol::Http1, prefix)
+            }
             Ok(found) => found,
             Err(e) => {
                 debug!(%client, %orig, "client connection failed during protocol detection: {e}");

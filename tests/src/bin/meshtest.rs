@@ -1146,8 +1146,16 @@ mod l7 {
             let _ = conn.await;
         });
         let mut tasks = Vec::with_capacity(streams);
+        // Paths of the gRPC routes are asked as gRPC clients do.
+        let grpc = uri.contains("/grpc");
         for _ in 0..streams {
-            let request = Request::get(uri)
+            let mut request = Request::get(uri);
+            if grpc {
+                request = request
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers");
+            }
+            let request = request
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| format!("GET {uri}: {e}"))?;
             let mut sender = sender.clone();
