@@ -443,10 +443,11 @@ fn hbone_caps_tunnels_per_connection_and_checks_the_forwarded_client() {
     );
 
     // The agents' own pool opens a sibling connection instead of hitting the cap: five long
-    // connections from one pod all get through, over two HBONE connections.
+    // connections from one pod all get through, over two HBONE connections. (Opaque ones, to
+    // the echo port: idle HTTP connections would open no tunnel until they send a request.)
     let before = arrived_as(&n2, "client");
     let mut hold = bed.pod_command("client", meshtest()).unwrap();
-    hold.args(["hold", WEB_SVC, "5", "60"])
+    hold.args(["hold", &format!("{web_ip}:9090"), "5", "60"])
         .stdout(std::process::Stdio::null());
     bed.spawn(hold).unwrap();
     eventually("five more tunnels to arrive", || {

@@ -613,6 +613,65 @@ spec:
     }
 
     #[test]
+    fn workloads_are_named_by_their_owner() {
+        let owned = |kind: &str, name: &str| {
+            let yaml = format!(
+                "kind: Pod\nmetadata: {{name: p, namespace: shop, labels: {{app: label}}, ownerReferences: [{{kind: {kind}, name: {name}}}]}}\nspec: {{nodeName: n1}}\nstatus: {{podIP: 10.1.1.2}}\n"
+            );
+            let s = snapshot(&yaml).unwrap();
+            let w = s.pod_by_ip("10.1.1.2".parse().unwrap()).unwrap().clone();
+            (w.workload.clone(), w.kind)
+        };
+        assert_eq!(
+            owned("ReplicaSet", "web-5d8f7c9b4"),
+            ("web".into(), Some("deployment"))
+        );
+        assert_eq!(
+            owned("ReplicaSet", "web"),
+            ("web".into(), Some("replicaset"))
+        );
+        assert_eq!(
+            owned("StatefulSet", "db"),
+            ("db".into(), Some("statefulset"))
+        );
+        assert_eq!(
+            owned("DaemonSet", "agent"),
+            ("agent".into(), Some("daemonset"))
+        );
+        // Unknown owners: the label.
+        assert_eq!(owned("Custom", "x"), ("label".into(), None));
+    }
+
+    #[test]
+    fn declared_protocols_and_opaque_ports() {
+        let yaml = format!(
+            "{BASE}---\nkind: Service\nmetadata: {{name: db, namespace: shop, annotations: {{config.linkerd.io/opaque-ports: \"5000\"}}}}\nspec:\n  clusterIP: 10.96.0.11\n  selector: {{app: web}}\n  ports: [{{name: http, port: 5000}}, {{name: grpc-api, port: 9000}}, {{port: 81, appProtocol: kubernetes.io/h2c}}]\n"
+        );
+        let s = snapshot(&yaml).unwrap();
+        let declared = |addr: &str| match s.resolve(addr.parse().unwrap()) {
+            Destination::Service(svc) => svc.declared,
+            _ => panic!("{addr} is not a service"),
+        };
+        // The annotation wins over the port's name.
+        assert_eq!(declared("10.96.0.11:5000"), Some(Declared::Opaque));
+        assert_eq!(declared("10.96.0.11:9000"), Some(Declared::Http2));
+        assert_eq!(declared("10.96.0.11:81"), Some(Declared::Http2));
+        assert_eq!(declared("10.96.0.10:80"), Some(Declared::Http));
+        assert!(s.service_named("db.shop.svc.cluster.local:9000").is_some());
+        // Pods: Linkerd's defaults unless annotated.
+        let web = s.pod_by_ip("10.1.2.2".parse().unwrap()).unwrap();
+        assert!(web.opaque_ports.contains(3306) && !web.opaque_ports.contains(8080));
+
+        let bad = format!(
+            "{BASE}---\nkind: Namespace\nmetadata: {{name: shop, annotations: {{config.linkerd.io/opaque-ports: \"99999\"}}}}\n"
+        );
+        assert_eq!(
+            snapshot(&bad).unwrap_err().to_string(),
+            "t.yaml: Namespace shop: field metadata.annotations[\"config.linkerd.io/opaque-ports\"]: \"99999\" is not a port (1-65535) or a range lo-hi"
+        );
+    }
+
+    #[test]
     fn duplicates_are_rejected() {
         let yaml = format!("{BASE}---\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n");
         let msg = snapshot(&yaml).unwrap_err().to_string();

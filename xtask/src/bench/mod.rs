@@ -65,15 +65,19 @@ impl Plan {
 enum Scenario {
     DirectCross,
     MeshCross,
+    /// The mesh with the server's port declared opaque: today's L4 relay, for comparison with
+    /// the HTTP-aware path.
+    MeshCrossL4,
     SidecarCross,
     DirectSame,
     MeshSame,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::DirectCross,
         Scenario::MeshCross,
+        Scenario::MeshCrossL4,
         Scenario::SidecarCross,
         Scenario::DirectSame,
         Scenario::MeshSame,
@@ -83,6 +87,7 @@ impl Scenario {
         match self {
             Scenario::DirectCross => "direct cross-node",
             Scenario::MeshCross => "mesh cross-node",
+            Scenario::MeshCrossL4 => "mesh cross-node, opaque (L4)",
             Scenario::SidecarCross => "sidecar cross-node",
             Scenario::DirectSame => "direct same-node",
             Scenario::MeshSame => "mesh same-node",
@@ -93,6 +98,7 @@ impl Scenario {
         match self {
             Scenario::DirectCross => "direct_cross",
             Scenario::MeshCross => "mesh_cross",
+            Scenario::MeshCrossL4 => "mesh_cross_l4",
             Scenario::SidecarCross => "sidecar_cross",
             Scenario::DirectSame => "direct_same",
             Scenario::MeshSame => "mesh_same",
@@ -100,7 +106,10 @@ impl Scenario {
     }
 
     fn mesh(self) -> bool {
-        matches!(self, Scenario::MeshCross | Scenario::MeshSame)
+        matches!(
+            self,
+            Scenario::MeshCross | Scenario::MeshCrossL4 | Scenario::MeshSame
+        )
     }
 }
 
@@ -334,6 +343,28 @@ impl Bench {
         })
     }
 
+    /// Declares (or not) the servers' ports opaque with Linkerd's annotation on their pods, so
+    /// the mesh relays them as TCP instead of serving HTTP.
+    fn declare_opaque(&self, opaque: bool) -> anyhow::Result<()> {
+        let pods = self.bed.manifests_dir().join("pods.yaml");
+        let plain = self
+            .bed
+            .manifests()
+            .into_iter()
+            .find(|(f, _)| *f == "pods.yaml")
+            .map(|(_, text)| text)
+            .context("no pods.yaml in the testbed's manifests")?;
+        let text = match opaque {
+            true => plain.replace(
+                "  annotations: {}\n",
+                "  annotations:\n    config.linkerd.io/opaque-ports: \"8080,5201\"\n",
+            ),
+            false => plain,
+        };
+        std::fs::write(&pods, text)?;
+        Ok(())
+    }
+
     fn pod_cmd(&self, pod: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
         let mut cmd = self.bed.pod_command(pod, program)?;
         let node = self.bed.pod(pod).spec.node;
@@ -445,6 +476,7 @@ impl Bench {
         idle: &mut Value,
     ) -> anyhow::Result<Value> {
         let mut agents = Vec::new();
+        self.declare_opaque(scenario == Scenario::MeshCrossL4)?;
         if scenario.mesh() {
             for (i, node) in ["n1", "n2"].into_iter().enumerate() {
                 let mut agent =
@@ -454,7 +486,7 @@ impl Bench {
             }
         }
         let (http, iperf) = match scenario {
-            Scenario::DirectCross | Scenario::MeshCross => {
+            Scenario::DirectCross | Scenario::MeshCross | Scenario::MeshCrossL4 => {
                 (format!("{}:8080", self.b), Some(self.b.clone()))
             }
             Scenario::DirectSame | Scenario::MeshSame => {

@@ -86,7 +86,9 @@ fn figures(plan: &Value) -> Vec<(String, String)> {
 /// Which baseline a scenario is compared with.
 fn baseline(s: Scenario) -> Option<Scenario> {
     match s {
-        Scenario::MeshCross | Scenario::SidecarCross => Some(Scenario::DirectCross),
+        Scenario::MeshCross | Scenario::MeshCrossL4 | Scenario::SidecarCross => {
+            Some(Scenario::DirectCross)
+        }
         Scenario::MeshSame => Some(Scenario::DirectSame),
         _ => None,
     }
@@ -297,12 +299,13 @@ pub fn markdown(r: &Value) -> String {
     let cols = [
         ("direct_cross", None),
         ("mesh_cross", Some("mesh_cross_vs_direct_cross")),
+        ("mesh_cross_l4", Some("mesh_cross_l4_vs_direct_cross")),
         ("sidecar_cross", Some("sidecar_cross_vs_direct_cross")),
         ("direct_same", None),
         ("mesh_same", Some("mesh_same_vs_direct_same")),
     ];
-    let _ = writeln!(s, "| figure | direct cross-node | mesh cross-node | mesh vs direct | sidecar (nginx mTLS) | sidecar vs direct | direct same-node | mesh same-node | mesh vs direct |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "| figure | direct cross-node | mesh cross-node (HTTP) | mesh vs direct | mesh cross-node (opaque L4) | L4 vs direct | sidecar (nginx mTLS) | sidecar vs direct | direct same-node | mesh same-node | mesh vs direct |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, _) in figures(&r["plan"]) {
         let mut row = format!("| {name} ");
         let mut any = false;

@@ -24,7 +24,7 @@ use tracing::debug;
 use super::{
     connected, downgrade_from_h2, finish_failed, is_grpc, is_upgrade,
     pool::{Io, Key, Pool, Route},
-    record, relay_response, respond, strip_hop_by_hop, to_http1, Body, DST_CANONICAL,
+    record, relay_response, respond, strip_hop_by_hop, to_http1, Body, Upgrade, DST_CANONICAL,
     MAX_HEAD_BYTES,
 };
 use crate::{
@@ -118,7 +118,7 @@ async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> {
     tunnel.metrics.http.request(&labels);
 
     let upgrade = is_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = Upgrade::take(&mut req);
     let downgraded = downgrade_from_h2(&mut req);
     let h2 = !upgrade && !downgraded && req.version() == Version::HTTP_2;
     if !h2 {

@@ -144,6 +144,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The client side of a request that asks to leave HTTP (see [`is_upgrade`]).
+pub struct Upgrade {
+    on: OnUpgrade,
+    connect: bool,
+}
+
+impl Upgrade {
+    /// Takes the client's side of the upgrade from `req`, if it asks for one.
+    pub fn take(req: &mut Request<Body>) -> Option<Self> {
+        is_upgrade(req).then(|| Upgrade {
+            connect: req.method() == Method::CONNECT,
+            on: hyper::upgrade::on(req),
+        })
+    }
+}
+
 /// Whether a request asks to leave HTTP (WebSocket and other `Upgrade`s, `CONNECT`): such a
 /// request needs an HTTP/1.1 connection of its own all the way.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -253,13 +269,18 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// Arranges for an upgrade the upstream accepted (101) to be relayed between the client and
-/// the upstream once both sides have switched.
-pub fn relay_response(resp: &mut Response<Incoming>, client: Option<OnUpgrade>) {
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+/// Arranges for an upgrade the upstream accepted (101, or 2xx to a `CONNECT`) to be relayed
+/// between the client and the upstream once both sides have switched.
+pub fn relay_response(resp: &mut Response<Incoming>, client: Option<Upgrade>) {
+    let Some(client) = client else { return };
+    let accepted = match client.connect {
+        true => resp.status().is_success(),
+        false => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
+    };
+    if !accepted {
         return;
     }
-    let Some(client) = client else { return };
+    let client = client.on;
     let upstream = hyper::upgrade::on(resp);
     tokio::spawn(async move {
         match tokio::try_join!(client, upstream) {

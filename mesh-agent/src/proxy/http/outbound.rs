@@ -21,8 +21,8 @@ use tracing::debug;
 use super::{
     connected, finish_failed, is_grpc, is_upgrade,
     pool::{BoxIo, Key, Route, SendError},
-    record, relay_response, respond, strip_hop_by_hop, upgrade_to_h2, Body, Failure, DST_CANONICAL,
-    MAX_HEAD_BYTES,
+    record, relay_response, respond, strip_hop_by_hop, upgrade_to_h2, Body, Failure, Upgrade,
+    DST_CANONICAL, MAX_HEAD_BYTES,
 };
 use crate::{
     metrics::{
@@ -243,7 +243,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
         l
     });
 
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = Upgrade::take(&mut req);
     strip_hop_by_hop(req.headers_mut(), upgrade);
     if let Destination::Service(svc) = &client.destination {
         if let Ok(v) = HeaderValue::from_str(&format!("{}:{}", svc.fqdn(), svc.port)) {
