@@ -339,6 +339,11 @@ fn bad_requests_are_refused_while_other_clients_keep_going() {
     );
     assert_eq!(too_big["status"], "431", "{too_big:?}");
 
+    // Idle keep-alive connections are closed by the same timeout, but that is no error.
+    let mut idle = bed.pod_command("client", meshtest()).unwrap();
+    idle.args(["hold", API_SVC, "2", "6"])
+        .stdout(std::process::Stdio::null());
+    bed.spawn(idle).unwrap();
     let slow = meshtest_in(&bed, "client", &["trickle", API_SVC, "20"]);
     let closed = num(&slow, "closed_after_ms");
     assert!(

@@ -135,51 +135,46 @@ fn label<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or("?")
 }
 
-/// Where traffic went, from each agent's metrics (what the client side reported).
+/// Where requests went, from each agent's metrics (what the client side reported).
 fn report(agents: &[Agent]) {
     println!(
-        "\n{:<5} {:<8} {:<9} {:<14} {:<11} {:>6} {:>8} {:>8}",
-        "node", "source", "dest", "service", "security", "conns", "sent B", "recv B"
+        "\n{:<5} {:<8} {:<9} {:<9} {:<11} {:>5} {:>8}",
+        "node", "source", "dest", "service", "security", "code", "requests"
     );
     for agent in agents {
         let Ok(text) = agent.metrics() else {
             println!("{:<5} (metrics unavailable)", agent.node);
             continue;
         };
-        for line in text.lines().filter(|l| {
-            l.starts_with("mesh_tcp_connections_opened_total{") && l.contains("reporter=\"source\"")
-        }) {
-            let keys = [
-                "reporter",
-                "source_workload",
-                "destination_workload",
-                "destination_service",
-                "connection_security_policy",
-            ];
-            let labels: Vec<(&str, &str)> = keys.iter().map(|k| (*k, label(line, k))).collect();
-            let value = |name| metric_value(&text, name, &labels).unwrap_or(0.0);
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"source\""))
+        {
+            let value = line.rsplit(' ').next().unwrap_or("?");
             println!(
-                "{:<5} {:<8} {:<9} {:<14} {:<11} {:>6} {:>8} {:>8}",
+                "{:<5} {:<8} {:<9} {:<9} {:<11} {:>5} {:>8}",
                 agent.node,
-                labels[1].1,
-                labels[2].1,
-                labels[3].1.split('.').next().unwrap_or("?"),
-                labels[4].1,
-                value("mesh_tcp_connections_opened_total"),
-                value("mesh_tcp_sent_bytes_total"),
-                value("mesh_tcp_received_bytes_total"),
+                label(line, "source_workload"),
+                label(line, "destination_workload"),
+                label(line, "destination_service_name"),
+                label(line, "connection_security_policy"),
+                label(line, "response_code"),
+                value,
             );
         }
         let redirected =
             metric_value(&text, "mesh_ebpf_redirected_connections_total", &[]).unwrap_or(0.0);
         let inbound = metric_value(
             &text,
-            "mesh_tcp_connections_opened_total",
-            &[("reporter", "destination")],
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", "mutual_tls"),
+            ],
         )
         .unwrap_or(0.0);
         println!(
-            "{:<5} eBPF redirected {redirected} connections; {inbound} arrived over mTLS (HBONE)",
+            "{:<5} eBPF redirected {redirected} connections; {inbound} requests arrived over mTLS (HBONE)",
             agent.node
         );
     }

@@ -1,5 +1,7 @@
 //! HBONE client: mTLS (TLS 1.3, ALPN h2) to a peer node's :15008 as the source workload, then
-//! one HTTP/2 CONNECT stream per proxied connection.
+//! one HTTP/2 CONNECT stream per proxied (opaque) connection, or one HTTP/2 stream per HTTP
+//! request: a request travels as itself, naming its pod in [`TARGET`], so the destination
+//! agent serves it without a second HTTP layer inside a tunnel.
 //!
 //! Connections are pooled per (source identity and certificate, destination node, destination
 //! identity): the server certificate proves the destination workload, so streams to a
@@ -17,8 +19,12 @@ use std::{
     time::Duration,
 };
 
-use http_body_util::Empty;
-use hyper::{body::Bytes, client::conn::http2, Method, Request, StatusCode};
+use hyper::{
+    body::Incoming,
+    client::conn::http2,
+    header::{HeaderName, HeaderValue},
+    Method, Request, Response, StatusCode,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::{
@@ -31,6 +37,7 @@ use tracing::debug;
 use crate::{
     identity::{manager::IdentityManager, Identity},
     limits::{Gauge, Slot},
+    proxy::http::Body,
     tls::MeshTls,
 };
 
@@ -100,9 +107,20 @@ struct PoolKey {
 
 /// One pooled HBONE connection and the tunnels open on it.
 struct Pooled {
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: http2::SendRequest<Body>,
     streams: Gauge,
 }
+
+/// The pod (`ip:port`) an HTTP request sent over HBONE is for (a CONNECT names it in its
+/// authority instead).
+pub const TARGET: &str = "mesh-target";
+/// On an HTTP request sent over HBONE, what a CONNECT says in `baggage` and `forwarded`
+/// (which on a request belong to the application and pass untouched).
+pub const REQUEST_BAGGAGE: &str = "mesh-baggage";
+pub const REQUEST_FORWARDED: &str = "mesh-forwarded";
+/// Every header agents set between themselves on requests: stripped from what pods send,
+/// and from what is delivered to them.
+pub const AGENT_HEADERS: [&str; 3] = [TARGET, REQUEST_BAGGAGE, REQUEST_FORWARDED];
 
 pub struct HboneConnector {
     tls: Arc<MeshTls>,
@@ -172,10 +190,23 @@ pub struct TunnelRequest {
 }
 
 impl TunnelRequest {
+    /// The `forwarded` header naming the client, if known.
+    fn forwarded_header(&self) -> Option<String> {
+        match self.forwarded_for? {
+            IpAddr::V4(ip) => Some(format!("for={ip}")),
+            IpAddr::V6(ip) => Some(format!("for=\"[{ip}]\"")),
+        }
+    }
+
     /// The client address in a `forwarded` header: `for=a.b.c.d` or `for="[v6]"` (RFC 7239).
     /// `None` when the header is absent or says something else.
     pub fn parse_forwarded_for(headers: &hyper::HeaderMap) -> Option<IpAddr> {
-        let value = headers.get(FORWARDED)?.to_str().ok()?;
+        Self::forwarded_in(headers, FORWARDED)
+    }
+
+    /// The client address in header `name`, written as `forwarded` is.
+    pub fn forwarded_in(headers: &hyper::HeaderMap, name: &str) -> Option<IpAddr> {
+        let value = headers.get(name)?.to_str().ok()?;
         value.split(';').find_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;
             if !k.eq_ignore_ascii_case("for") {
@@ -222,26 +253,7 @@ impl HboneConnector {
         target: SocketAddr,
         request: &TunnelRequest,
     ) -> Result<Tunnel, Error> {
-        let peer = SocketAddrV4::new(node, self.port);
-        let credential = self
-            .identities
-            .get(source)
-            .ok_or_else(|| Error::NoCredential(source.clone()))?;
-        let key = PoolKey {
-            source: source.clone(),
-            serial: credential.serial.clone(),
-            node: peer,
-            destination: destination.clone(),
-        };
-        let (mut sender, slot) = match self.pooled(&key) {
-            Some(s) => s,
-            None => tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial_once(&key, &credential))
-                .await
-                .map_err(|_| Error::Stalled {
-                    peer,
-                    what: "mTLS and HTTP/2 set-up",
-                })??,
-        };
+        let (mut sender, slot, peer) = self.stream(source, destination, node).await?;
         let io = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             Self::open_stream(&mut sender, peer, target, request),
@@ -254,8 +266,75 @@ impl HboneConnector {
         Ok(Tunnel { io, _slot: slot })
     }
 
+    /// A pooled connection to `node` as `source` for `destination`, with room for one more
+    /// stream, and that room.
+    async fn stream(
+        &self,
+        source: &Identity,
+        destination: &Identity,
+        node: Ipv4Addr,
+    ) -> Result<(http2::SendRequest<Body>, Slot, SocketAddrV4), Error> {
+        let peer = SocketAddrV4::new(node, self.port);
+        let credential = self
+            .identities
+            .get(source)
+            .ok_or_else(|| Error::NoCredential(source.clone()))?;
+        let key = PoolKey {
+            source: source.clone(),
+            serial: credential.serial.clone(),
+            node: peer,
+            destination: destination.clone(),
+        };
+        let (sender, slot) = match self.pooled(&key) {
+            Some(s) => s,
+            None => tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial_once(&key, &credential))
+                .await
+                .map_err(|_| Error::Stalled {
+                    peer,
+                    what: "mTLS and HTTP/2 set-up",
+                })??,
+        };
+        Ok((sender, slot, peer))
+    }
+
+    /// Sends one HTTP request (already in HTTP/2 form) to `target`, a pod on `node`, as
+    /// `source`: its own stream on a pooled connection. The slot holds the stream's place
+    /// until the response has been read.
+    pub async fn request(
+        &self,
+        source: &Identity,
+        destination: &Identity,
+        node: Ipv4Addr,
+        target: SocketAddr,
+        tunnel: &TunnelRequest,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Slot), Error> {
+        let (mut sender, slot, peer) = self.stream(source, destination, node).await?;
+        // Addresses and Kubernetes names: always valid header values.
+        let headers = req.headers_mut();
+        let mut set = |name: &'static str, v: &str| {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                headers.insert(HeaderName::from_static(name), v);
+            }
+        };
+        set(TARGET, &target.to_string());
+        set(REQUEST_BAGGAGE, &tunnel.baggage);
+        if let Some(f) = tunnel.forwarded_header() {
+            set(REQUEST_FORWARDED, &f);
+        }
+        sender
+            .ready()
+            .await
+            .map_err(|source| Error::Http2 { peer, source })?;
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|source| Error::Http2 { peer, source })?;
+        Ok((response, slot))
+    }
+
     async fn open_stream(
-        sender: &mut http2::SendRequest<Empty<Bytes>>,
+        sender: &mut http2::SendRequest<Body>,
         peer: SocketAddrV4,
         target: SocketAddr,
         tunnel: &TunnelRequest,
@@ -265,13 +344,11 @@ impl HboneConnector {
             .uri(target.to_string())
             .header(super::inbound::BAGGAGE, &tunnel.baggage)
             .header(PROTOCOL, tunnel.protocol.as_str());
-        request = match tunnel.forwarded_for {
-            Some(IpAddr::V4(ip)) => request.header(FORWARDED, format!("for={ip}")),
-            Some(IpAddr::V6(ip)) => request.header(FORWARDED, format!("for=\"[{ip}]\"")),
-            None => request,
-        };
+        if let Some(f) = tunnel.forwarded_header() {
+            request = request.header(FORWARDED, f);
+        }
         let request = request
-            .body(Empty::new())
+            .body(Body::empty())
             .map_err(|e| Error::Sni(e.to_string()))?;
         sender
             .ready()
@@ -295,7 +372,7 @@ impl HboneConnector {
     }
 
     /// A pooled connection for `key` with room for one more tunnel, and that room.
-    fn pooled(&self, key: &PoolKey) -> Option<(http2::SendRequest<Empty<Bytes>>, Slot)> {
+    fn pooled(&self, key: &PoolKey) -> Option<(http2::SendRequest<Body>, Slot)> {
         let mut pool = self.pool.lock().ok()?;
         // Forget connections made with an older certificate; their streams carry on.
         pool.retain(|k, _| {
@@ -317,7 +394,7 @@ impl HboneConnector {
         &self,
         key: &PoolKey,
         credential: &crate::identity::manager::Credential,
-    ) -> Result<(http2::SendRequest<Empty<Bytes>>, Slot), Error> {
+    ) -> Result<(http2::SendRequest<Body>, Slot), Error> {
         let lock = match self.dialing.lock() {
             Ok(mut d) => {
                 d.retain(|_, l| Arc::strong_count(l) > 1);
@@ -336,7 +413,7 @@ impl HboneConnector {
         &self,
         key: &PoolKey,
         credential: &crate::identity::manager::Credential,
-    ) -> Result<(http2::SendRequest<Empty<Bytes>>, Slot), Error> {
+    ) -> Result<(http2::SendRequest<Body>, Slot), Error> {
         let peer = key.node;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
             .await

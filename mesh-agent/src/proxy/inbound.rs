@@ -4,12 +4,8 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use http_body_util::Empty;
 use hyper::{
-    body::{Bytes, Incoming},
-    server::conn::http2,
-    service::service_fn,
-    Method, Request, Response, StatusCode,
+    body::Incoming, server::conn::http2, service::service_fn, Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
@@ -22,7 +18,7 @@ use tracing::{debug, info};
 use super::{
     detect::Protocol,
     hbone::{self, TunnelRequest},
-    http::pool::Pool,
+    http::{pool::Pool, Body},
 };
 use crate::{
     enrolled::EnrolledPods,
@@ -49,9 +45,9 @@ impl Baggage {
         format!("k8s.workload.name={workload},k8s.namespace.name={namespace}")
     }
 
-    fn parse(headers: &hyper::HeaderMap) -> Self {
+    fn parse(headers: &hyper::HeaderMap, name: &str) -> Self {
         let mut out = Baggage::default();
-        let Some(value) = headers.get(BAGGAGE).and_then(|v| v.to_str().ok()) else {
+        let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()) else {
             return out;
         };
         for item in value.split(',') {
@@ -192,37 +188,47 @@ fn refuse(
     status: StatusCode,
     reason: &str,
     why: String,
-) -> Response<Empty<Bytes>> {
+) -> Response<Body> {
     info!(client = %peer.addr, "inbound CONNECT refused ({status}): {why}");
     inputs
         .metrics
         .inbound_refused
         .with_label_values(&[reason])
         .inc();
-    let mut resp = Response::new(Empty::new());
+    let mut resp = Response::new(Body::empty());
     *resp.status_mut() = status;
     resp
 }
 
+/// One stream from a peer agent: a CONNECT tunnel to a pod, or an HTTP request for a pod
+/// (named in `mesh-target`).
 async fn connect(
     inputs: &InboundInputs,
     peer: &Peer,
     mut req: Request<Incoming>,
-) -> Response<Empty<Bytes>> {
-    if req.method() != Method::CONNECT {
+) -> Response<Body> {
+    let tunnel = req.method() == Method::CONNECT;
+    if !tunnel && !req.headers().contains_key(hbone::TARGET) {
         return refuse(
             inputs,
             peer,
             StatusCode::METHOD_NOT_ALLOWED,
             "method",
-            format!("{} from {} is not CONNECT", req.method(), peer.identity),
+            format!(
+                "{} from {} is neither CONNECT nor a request naming its pod",
+                req.method(),
+                peer.identity
+            ),
         );
     }
-    let Some(target) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
+    let named = match tunnel {
+        true => req.uri().authority().map(|a| a.as_str()),
+        false => req
+            .headers()
+            .get(hbone::TARGET)
+            .and_then(|v| v.to_str().ok()),
+    };
+    let Some(target) = named.and_then(|a| a.parse::<SocketAddr>().ok()) else {
         return refuse(
             inputs,
             peer,
@@ -276,7 +282,11 @@ async fn connect(
     // The client's address, so the pod sees it as it would with a sidecar. The claim is only
     // taken from a peer whose certificate is that pod's identity.
     let snapshot = inputs.state.borrow().clone();
-    let source = match TunnelRequest::parse_forwarded_for(req.headers()) {
+    let forwarded = match tunnel {
+        true => TunnelRequest::parse_forwarded_for(req.headers()),
+        false => TunnelRequest::forwarded_in(req.headers(), hbone::REQUEST_FORWARDED),
+    };
+    let source = match forwarded {
         Some(ip) => match snapshot.pod_by_ip(ip) {
             Some(client) if client.identity(&inputs.trust_domain) == peer.identity => Some(ip),
             Some(client) => {
@@ -300,18 +310,24 @@ async fn connect(
     };
     // The peer is the client's node; who the client is comes from its certificate, and its
     // workload name from the baggage its agent sent (a label, never an authority).
-    let baggage = Baggage::parse(req.headers());
+    let baggage = match tunnel {
+        true => Baggage::parse(req.headers(), BAGGAGE),
+        false => Baggage::parse(req.headers(), hbone::REQUEST_BAGGAGE),
+    };
     let source_namespace = match &peer.identity {
         Identity::Spiffe { namespace, .. } => namespace.clone(),
     };
     let source_workload = baggage
         .workload
         .unwrap_or_else(|| crate::metrics::UNKNOWN.into());
-    let protocol = req
-        .headers()
-        .get(hbone::PROTOCOL)
-        .and_then(|v| Protocol::from_header(v.as_bytes()))
-        .unwrap_or(Protocol::Opaque);
+    let protocol = match tunnel {
+        true => req
+            .headers()
+            .get(hbone::PROTOCOL)
+            .and_then(|v| Protocol::from_header(v.as_bytes()))
+            .unwrap_or(Protocol::Opaque),
+        false => Protocol::Http2,
+    };
     if protocol != Protocol::Opaque {
         // Requests: each delivered on its own over pooled connections to the pod.
         let mut labels = RequestLabels::unknown("destination");
@@ -325,7 +341,7 @@ async fn connect(
         labels.destination_principal = pod_identity.to_string();
         labels.server_id = pod_identity.to_linkerd();
         labels.security = "mutual_tls";
-        let tunnel = crate::proxy::http::inbound::Tunnel {
+        let requests = crate::proxy::http::inbound::Tunnel {
             pod,
             target,
             client: source,
@@ -334,6 +350,16 @@ async fn connect(
             metrics: inputs.metrics.clone(),
             pool: inputs.pool.clone(),
         };
+        if !tunnel {
+            // A request of its own: delivered now; its stream's place is held until the
+            // response has been read.
+            for name in hbone::AGENT_HEADERS {
+                req.headers_mut().remove(name);
+            }
+            let resp = crate::proxy::http::inbound::deliver(&requests, req).await;
+            return resp.map(|body| body.holding(slot));
+        }
+        let tunnel = requests;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (head_timeout, max_streams) = (inputs.http_head_timeout, inputs.max_streams);
         tokio::spawn(async move {
@@ -352,7 +378,7 @@ async fn connect(
                 Err(e) => debug!(%target, "CONNECT upgrade failed: {e}"),
             }
         });
-        return Response::new(Empty::new());
+        return Response::new(Body::empty());
     }
     let delivered = tokio::time::timeout(CONNECT_TIMEOUT, async {
         // A claimed address of the other family cannot be the source of this connection.
@@ -417,5 +443,5 @@ async fn connect(
         )
         .await;
     });
-    Response::new(Empty::new())
+    Response::new(Body::empty())
 }

@@ -68,11 +68,23 @@ pub struct Metered<S> {
     io: S,
     read: prometheus::IntCounter,
     written: prometheus::IntCounter,
+    /// This connection's own count of bytes read (the series are shared).
+    read_here: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<S> Metered<S> {
     pub fn new(io: S, read: prometheus::IntCounter, written: prometheus::IntCounter) -> Self {
-        Self { io, read, written }
+        Self {
+            io,
+            read,
+            written,
+            read_here: Default::default(),
+        }
+    }
+
+    /// Bytes read from this connection so far, live.
+    pub fn bytes_read(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.read_here.clone()
     }
 }
 
@@ -87,6 +99,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         let n = buf.filled().len().saturating_sub(before);
         if n > 0 {
             self.read.inc_by(n as u64);
+            self.read_here
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
         polled
     }

@@ -32,6 +32,8 @@ enum Kind {
 
 pub struct Body {
     kind: Kind,
+    /// Kept alive as long as the body (a stream's place on a connection).
+    _held: Option<Box<dyn std::any::Any + Send + Sync>>,
     seen: Seen,
     /// Shared byte count (a request body counted for its response's record).
     counter: Option<Arc<AtomicU64>>,
@@ -42,6 +44,7 @@ impl Body {
     fn of(kind: Kind) -> Self {
         Self {
             kind,
+            _held: None,
             seen: Seen::default(),
             counter: None,
             on_end: None,
@@ -63,6 +66,12 @@ impl Body {
     /// Counts the data bytes that pass into `counter`.
     pub fn counted(mut self, counter: Arc<AtomicU64>) -> Self {
         self.counter = Some(counter);
+        self
+    }
+
+    /// Keeps `guard` alive until the body is dropped.
+    pub fn holding(mut self, guard: impl std::any::Any + Send + Sync) -> Self {
+        self._held = Some(Box::new(guard));
         self
     }
 

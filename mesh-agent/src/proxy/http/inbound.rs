@@ -92,7 +92,8 @@ pub async fn serve(
     }
 }
 
-async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> {
+/// Delivers one request of `tunnel` to its pod.
+pub async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let mut req = req.map(Body::incoming);
     let mut labels = tunnel.labels.clone();

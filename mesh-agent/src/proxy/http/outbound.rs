@@ -3,7 +3,10 @@
 
 use std::{
     convert::Infallible,
-    sync::{atomic::AtomicU64, Arc},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Instant,
 };
 
@@ -22,7 +25,7 @@ use super::{
     connected, finish_failed, is_grpc, is_upgrade,
     pool::{BoxIo, Key, Route, SendError},
     record, relay_response, respond, strip_hop_by_hop, upgrade_to_h2, Body, Failure, Upgrade,
-    DST_CANONICAL, MAX_HEAD_BYTES,
+    DST_CANONICAL, MAX_HEAD_BYTES, ORIG_PROTO,
 };
 use crate::{
     metrics::{
@@ -45,6 +48,10 @@ struct Client {
     destination: Destination,
     /// Labels every request of this connection shares (the source, the Service).
     labels: RequestLabels,
+    /// Bytes read from the client so far, and that count when the last response ended: equal
+    /// while the connection sits idle between requests.
+    read: Arc<AtomicU64>,
+    read_at_last_response: Arc<AtomicU64>,
 }
 
 /// Serves `io` (a captured connection that speaks `protocol`) until the client closes it.
@@ -58,12 +65,15 @@ pub async fn serve(
     let labels = client_labels(&conn, &destination);
     let tcp = connection_labels(&conn, &labels, &destination);
     let guard = inputs.metrics.open_connection(&tcp);
-    let io = TokioIo::new(Metered::new(io, guard.sent.clone(), guard.received.clone()));
+    let io = Metered::new(io, guard.sent.clone(), guard.received.clone());
     let client = Arc::new(Client {
         conn,
         destination,
         labels,
+        read: io.bytes_read(),
+        read_at_last_response: Default::default(),
     });
+    let io = TokioIo::new(io);
     let served = client.clone();
     let service = service_fn(move |req| {
         let client = served.clone();
@@ -91,7 +101,12 @@ pub async fn serve(
         }
     };
     if let Err(e) = result {
-        protocol_error(&inputs.metrics, &client.labels, &e);
+        // The head timeout also ends a keep-alive connection left idle: not an error.
+        let idle = client.read.load(Ordering::Relaxed)
+            == client.read_at_last_response.load(Ordering::Relaxed);
+        if !(e.is_timeout() && idle) {
+            protocol_error(&inputs.metrics, &client.labels, &e);
+        }
         debug!(client = %client.conn.client, orig = %client.conn.orig, "HTTP client connection ended: {e}");
     }
 }
@@ -245,6 +260,12 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
 
     let client_upgrade = Upgrade::take(&mut req);
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    // Headers only agents may set between themselves: a pod's own are dropped.
+    req.headers_mut().remove(DST_CANONICAL);
+    req.headers_mut().remove(ORIG_PROTO);
+    for name in crate::proxy::hbone::AGENT_HEADERS {
+        req.headers_mut().remove(name);
+    }
     if let Destination::Service(svc) = &client.destination {
         if let Ok(v) = HeaderValue::from_str(&format!("{}:{}", svc.fqdn(), svc.port)) {
             req.headers_mut()
@@ -257,12 +278,39 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     let in_flight = load.as_ref().map(|l| l.start());
 
     let pool = &inputs.pool;
+    // The place on an HBONE connection a request's stream holds until its response is read.
+    let mut stream_slot = None;
     let sent = match hop {
         Hop::Hbone {
             source,
             destination,
             node_ip,
+        } if !upgrade => {
+            // A stream of its own on the pooled HBONE connection, HTTP/2 end to end.
+            if !client_h2 {
+                upgrade_to_h2(&mut req, &conn.orig.to_string());
+            }
+            let tunnel = TunnelRequest {
+                baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
+                forwarded_for: conn.source.address_for(endpoint),
+                protocol: Protocol::Http2,
+            };
+            inputs
+                .hbone
+                .request(&source, &destination, node_ip, endpoint, &tunnel, req)
+                .await
+                .map(|(resp, slot)| {
+                    stream_slot = Some(slot);
+                    resp
+                })
+                .map_err(|e| SendError::new(Failure::Unavailable, e.to_string()))
+        }
+        Hop::Hbone {
+            source,
+            destination,
+            node_ip,
         } => {
+            // An upgrade: HTTP/1.1 in a tunnel of its own.
             let forwarded_for = conn.source.address_for(endpoint);
             let key = Key {
                 route: Route::Hbone {
@@ -273,18 +321,12 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                     endpoint,
                     client: forwarded_for,
                 },
-                h2: !upgrade,
+                h2: false,
             };
-            if !upgrade && !client_h2 {
-                upgrade_to_h2(&mut req, &conn.orig.to_string());
-            }
             let tunnel = TunnelRequest {
                 baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
                 forwarded_for,
-                protocol: match upgrade {
-                    true => Protocol::Http1,
-                    false => Protocol::Http2,
-                },
+                protocol: Protocol::Http1,
             };
             let (hbone, tunnel, source, destination) =
                 (&inputs.hbone, &tunnel, &source, &destination);
@@ -351,9 +393,12 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     }
     let metrics = inputs.metrics.clone();
     relay_response(&mut resp, client_upgrade);
+    let (read, read_at_last_response) = (client.read.clone(), client.read_at_last_response.clone());
     respond(resp, move |status, seen| {
         drop(in_flight);
-        let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        drop(stream_slot);
+        read_at_last_response.store(read.load(Ordering::Relaxed), Ordering::Relaxed);
+        let request_bytes = request_bytes.load(Ordering::Relaxed);
         let flags = if seen.complete { "-" } else { "UC" };
         for l in std::iter::once(&labels).chain(inbound_labels.as_ref()) {
             record(
