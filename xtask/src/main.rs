@@ -35,6 +35,10 @@ enum Cmd {
         /// A short run (one repetition, one rate) for local iteration: under two minutes.
         #[arg(long)]
         quick: bool,
+        /// Also sample both agents with `perf` during the cross-node throughput run (HTTP and
+        /// opaque) and write flat profiles to target/bench/profile-*.txt.
+        #[arg(long)]
+        profile: bool,
     },
     /// Manage the simulated cluster by hand.
     Testbed {
@@ -70,9 +74,12 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test()
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, profile } => {
             setup::run()?;
             setup::bench_tools()?;
+            if profile {
+                setup::profile_tools()?;
+            }
             let mut cmd = cargo();
             cmd.args([
                 "build",
@@ -84,7 +91,7 @@ fn main() -> anyhow::Result<()> {
                 "--bins",
             ]);
             step("build release binaries", cmd)?;
-            bench::run(quick, &workspace_root())
+            bench::run(quick, profile, &workspace_root())
         }
         Cmd::Testbed { action } => match action {
             TestbedAction::Up => demo::testbed_up(),

@@ -46,6 +46,11 @@ pub fn bench_tools() -> anyhow::Result<()> {
     packages(BENCH_PACKAGES)
 }
 
+/// `perf`, for `cargo xtask bench --profile`.
+pub fn profile_tools() -> anyhow::Result<()> {
+    packages(&["linux-perf"])
+}
+
 fn packages(wanted: &[&str]) -> anyhow::Result<()> {
     // SAFETY: plain syscall.
     let root = unsafe { libc::geteuid() } == 0;

@@ -6,9 +6,15 @@
 //! label takes an unbounded value: authorities are Service names or addresses the mesh knows,
 //! never paths.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
 
 use super::UNKNOWN;
 
@@ -223,7 +229,7 @@ enum Vector {
 }
 
 /// One series, remembered so it can be removed when a workload it names leaves.
-struct Series {
+struct Remembered {
     vec: Vector,
     values: Box<[String]>,
     /// Source namespace and workload, destination namespace and workload.
@@ -241,7 +247,7 @@ pub struct HttpMetrics {
     istio_response_bytes: HistogramVec,
     /// Linkerd's `outbound_http_errors_total` and `inbound_http_errors_total`, by `error`.
     errors: [IntCounterVec; 2],
-    series: Mutex<HashMap<u64, Series>>,
+    series: Mutex<HashMap<u64, Remembered>>,
     hasher: std::hash::RandomState,
 }
 
@@ -356,7 +362,7 @@ impl HttpMetrics {
         }
         series.insert(
             key,
-            Series {
+            Remembered {
                 vec,
                 values: values.iter().map(|v| (*v).to_owned()).collect(),
                 workloads: [
@@ -369,20 +375,68 @@ impl HttpMetrics {
         );
     }
 
-    /// A request's head was received and is being forwarded (Linkerd's `request_total`).
-    pub fn request(&self, labels: &RequestLabels) {
-        if self.dialect.linkerd() {
+    /// The series of requests labelled `labels`, resolved once: a connection keeps it for
+    /// every request to the same destination, so a request costs a few atomic increments.
+    pub fn series(&self, labels: RequestLabels) -> Arc<Series> {
+        let request_total = self.dialect.linkerd().then(|| {
             let values = labels.linkerd();
-            self.remember(Vector::RequestTotal, &values, labels);
-            self.request_total.with_label_values(&values).inc();
+            self.remember(Vector::RequestTotal, &values, &labels);
+            self.request_total.with_label_values(&values)
+        });
+        Arc::new(Series {
+            labels,
+            request_total,
+            responses: Mutex::default(),
+        })
+    }
+
+    /// A request's head was received and is being forwarded (Linkerd's `request_total`).
+    pub fn request(&self, series: &Series) {
+        if let Some(c) = &series.request_total {
+            c.inc();
         }
     }
 
     /// A request ended: its response finished (or failed).
-    pub fn response(&self, labels: &RequestLabels, outcome: &Outcome) {
-        let status = itoa(u64::from(outcome.status));
-        let grpc = outcome.grpc_status.map(|g| itoa(u64::from(g)));
+    pub fn response(&self, series: &Series, outcome: &Outcome) {
+        let key = (outcome.status, outcome.grpc_status, outcome.flags);
+        let cached = series
+            .responses
+            .lock()
+            .ok()
+            .and_then(|r| r.iter().find(|(k, _)| *k == key).map(|(_, h)| h.clone()));
+        let handles = match cached {
+            Some(h) => h,
+            None => {
+                let h = Arc::new(self.response_series(&series.labels, outcome));
+                if let Ok(mut r) = series.responses.lock() {
+                    if r.len() < MAX_OUTCOMES {
+                        r.push((key, h.clone()));
+                    }
+                }
+                h
+            }
+        };
         let ms = outcome.duration.as_secs_f64() * 1e3;
+        if let Some(c) = &handles.response_total {
+            c.inc();
+        }
+        if let Some(h) = &handles.latency {
+            h.observe(ms);
+        }
+        if let Some((requests, duration, request_bytes, response_bytes)) = &handles.istio {
+            requests.inc();
+            duration.observe(ms);
+            request_bytes.observe(outcome.request_bytes as f64);
+            response_bytes.observe(outcome.response_bytes as f64);
+        }
+    }
+
+    /// The response series of `labels` for an outcome like `outcome`.
+    fn response_series(&self, labels: &RequestLabels, outcome: &Outcome) -> Responses {
+        let status = outcome.status.to_string();
+        let grpc = outcome.grpc_status.map(|g| g.to_string());
+        let mut out = Responses::default();
         if self.dialect.linkerd() {
             let base = labels.linkerd();
             let classification = if outcome.success() {
@@ -397,11 +451,11 @@ impl HttpMetrics {
                 grpc.as_deref().unwrap_or(""),
             ]);
             self.remember(Vector::ResponseTotal, &values, labels);
-            self.response_total.with_label_values(&values).inc();
+            out.response_total = Some(self.response_total.with_label_values(&values));
             let mut values: Vec<&str> = base.to_vec();
             values.push(&status);
             self.remember(Vector::ResponseLatency, &values, labels);
-            self.response_latency.with_label_values(&values).observe(ms);
+            out.latency = Some(self.response_latency.with_label_values(&values));
         }
         if self.dialect.istio() {
             let mut values: Vec<&str> = labels.istio().to_vec();
@@ -410,25 +464,22 @@ impl HttpMetrics {
                 grpc.as_deref().unwrap_or("-"),
                 outcome.flags,
             ]);
-            for (vec, v) in [
-                (Vector::IstioRequests, None),
-                (Vector::IstioDuration, Some((&self.istio_duration, ms))),
-                (
-                    Vector::IstioRequestBytes,
-                    Some((&self.istio_request_bytes, outcome.request_bytes as f64)),
-                ),
-                (
-                    Vector::IstioResponseBytes,
-                    Some((&self.istio_response_bytes, outcome.response_bytes as f64)),
-                ),
+            for vec in [
+                Vector::IstioRequests,
+                Vector::IstioDuration,
+                Vector::IstioRequestBytes,
+                Vector::IstioResponseBytes,
             ] {
                 self.remember(vec, &values, labels);
-                match v {
-                    None => self.istio_requests.with_label_values(&values).inc(),
-                    Some((h, x)) => h.with_label_values(&values).observe(x),
-                }
             }
+            out.istio = Some((
+                self.istio_requests.with_label_values(&values),
+                self.istio_duration.with_label_values(&values),
+                self.istio_request_bytes.with_label_values(&values),
+                self.istio_response_bytes.with_label_values(&values),
+            ));
         }
+        out
     }
 
     /// A request the proxy failed or refused itself (Linkerd's `*_http_errors_total`); its
@@ -472,6 +523,27 @@ impl HttpMetrics {
     }
 }
 
-fn itoa(n: u64) -> String {
-    n.to_string()
+/// The series of one kind of request (who to whom), with the response series of the
+/// outcomes seen so far. Series of a workload that left are removed from the exposition; a
+/// connection still holding them counts into the void until it ends.
+pub struct Series {
+    labels: RequestLabels,
+    request_total: Option<IntCounter>,
+    responses: Mutex<Vec<((u16, Option<u32>, &'static str), Arc<Responses>)>>,
+}
+
+impl Series {
+    pub fn labels(&self) -> &RequestLabels {
+        &self.labels
+    }
+}
+
+/// Distinct outcomes (status, gRPC status, flag) one [`Series`] keeps resolved.
+const MAX_OUTCOMES: usize = 32;
+
+#[derive(Default)]
+struct Responses {
+    response_total: Option<IntCounter>,
+    latency: Option<Histogram>,
+    istio: Option<(IntCounter, Histogram, Histogram, Histogram)>,
 }

@@ -2,7 +2,12 @@
 //! certificate (chosen by SNI), accepts HTTP/2 CONNECT to this node's enrolled pods only, and
 //! relays each stream to its pod, from the client pod's address when its agent vouches for it.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use hyper::{
     body::Incoming, server::conn::http2, service::service_fn, Method, Request, Response, StatusCode,
@@ -89,7 +94,6 @@ pub struct InboundInputs {
 }
 
 /// Who is on the other end of one inbound mTLS connection.
-#[derive(Clone)]
 struct Peer {
     addr: SocketAddr,
     identity: Identity,
@@ -97,7 +101,15 @@ struct Peer {
     requested: Option<Identity>,
     /// Tunnels open on this connection.
     streams: Gauge,
+    /// What the requests of this connection go to, by (pod, client, source workload), kept
+    /// while the pod's enrollment and the snapshot stay the same: a request then costs no
+    /// label building.
+    destinations: Mutex<HashMap<DestinationKey, Arc<crate::proxy::http::inbound::Tunnel>>>,
 }
+
+type DestinationKey = (SocketAddr, Option<std::net::IpAddr>, String);
+/// Destinations one peer connection keeps resolved.
+const MAX_DESTINATIONS_PER_PEER: usize = 256;
 
 pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
     loop {
@@ -151,12 +163,13 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
                 .and_then(|c| tls::serial(c).ok())
                 .unwrap_or_default();
             debug!(client = %addr, client_identity = %identity, client_cert_serial = %serial, "inbound HBONE connection");
-            let peer = Peer {
+            let peer = Arc::new(Peer {
                 addr,
                 identity,
                 requested,
                 streams: Gauge::default(),
-            };
+                destinations: Mutex::default(),
+            });
             let max_streams =
                 u32::try_from(inputs.max_streams.saturating_add(1)).unwrap_or(u32::MAX);
             let service = service_fn(move |req| {
@@ -330,25 +343,44 @@ async fn connect(
     };
     if protocol != Protocol::Opaque {
         // Requests: each delivered on its own over pooled connections to the pod.
-        let mut labels = RequestLabels::unknown("destination");
-        labels.source_workload = source_workload;
-        labels.source_namespace = source_namespace;
-        labels.source_principal = peer.identity.to_string();
-        labels.client_id = peer.identity.to_linkerd();
-        labels.destination_workload = pod.workload.workload.clone();
-        labels.destination_namespace = pod.workload.namespace.clone();
-        labels.destination_kind = snapshot.pod_by_ip(target.ip()).and_then(|w| w.kind);
-        labels.destination_principal = pod_identity.to_string();
-        labels.server_id = pod_identity.to_linkerd();
-        labels.security = "mutual_tls";
-        let requests = crate::proxy::http::inbound::Tunnel {
-            pod,
-            target,
-            client: source,
-            labels,
-            snapshot,
-            metrics: inputs.metrics.clone(),
-            pool: inputs.pool.clone(),
+        let key = (target, source, source_workload);
+        let cached = peer.destinations.lock().ok().and_then(|m| {
+            m.get(&key)
+                .filter(|t| Arc::ptr_eq(&t.pod, &pod) && Arc::ptr_eq(&t.snapshot, &snapshot))
+                .cloned()
+        });
+        let requests = match cached {
+            Some(t) => t,
+            None => {
+                let mut labels = RequestLabels::unknown("destination");
+                labels.source_workload = key.2.clone();
+                labels.source_namespace = source_namespace;
+                labels.source_principal = peer.identity.to_string();
+                labels.client_id = peer.identity.to_linkerd();
+                labels.destination_workload = pod.workload.workload.clone();
+                labels.destination_namespace = pod.workload.namespace.clone();
+                labels.destination_kind = snapshot.pod_by_ip(target.ip()).and_then(|w| w.kind);
+                labels.destination_principal = pod_identity.to_string();
+                labels.server_id = pod_identity.to_linkerd();
+                labels.security = "mutual_tls";
+                let t = Arc::new(crate::proxy::http::inbound::Tunnel {
+                    pod,
+                    target,
+                    client: source,
+                    labels,
+                    snapshot,
+                    metrics: inputs.metrics.clone(),
+                    pool: inputs.pool.clone(),
+                    series: Mutex::default(),
+                });
+                if let Ok(mut m) = peer.destinations.lock() {
+                    if m.len() >= MAX_DESTINATIONS_PER_PEER {
+                        m.clear();
+                    }
+                    m.insert(key, t.clone());
+                }
+                t
+            }
         };
         if !tunnel {
             // A request of its own: delivered now; its stream's place is held until the

@@ -137,6 +137,8 @@ impl Drop for BpfStats {
 }
 
 struct Bench {
+    /// Where `--profile` writes the agents' profiles.
+    profile: Option<PathBuf>,
     bed: Testbed,
     plan: Plan,
     meshtest: PathBuf,
@@ -157,7 +159,7 @@ fn check_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(quick: bool, root: &Path) -> anyhow::Result<()> {
+pub fn run(quick: bool, profile: bool, root: &Path) -> anyhow::Result<()> {
     check_tools()?;
     let release = root.join("target/release");
     let agent_bin = release.join("mesh-agent");
@@ -178,6 +180,7 @@ pub fn run(quick: bool, root: &Path) -> anyhow::Result<()> {
     let b = bed.pod("b").ip.to_string();
     let c = bed.pod("c").ip.to_string();
     let mut bench = Bench {
+        profile: profile.then(|| root.join("target/bench")),
         bed,
         plan,
         meshtest: release.join("meshtest"),
@@ -228,6 +231,27 @@ pub fn run(quick: bool, root: &Path) -> anyhow::Result<()> {
         dir.display()
     );
     drop(bench);
+    Ok(())
+}
+
+/// Waits for `perf record` and writes a flat profile (self time by symbol) as text.
+fn finish_profile(mut child: std::process::Child, data: &Path, text: &Path) -> anyhow::Result<()> {
+    child.wait()?;
+    let mut report = Command::new("perf");
+    report
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "dso,symbol",
+            "-g",
+            "none",
+        ])
+        .args(["--percent-limit", "0.5", "-i"])
+        .arg(data);
+    std::fs::write(text, output_text(report)?)?;
+    println!("    profile: {}", text.display());
     Ok(())
 }
 
@@ -543,6 +567,12 @@ impl Bench {
         result["latency"] = Value::Object(latency);
 
         // Throughput, with the agents' CPU per request.
+        let profiling = match (&self.profile, scenario) {
+            (Some(dir), Scenario::MeshCross | Scenario::MeshCrossL4) if first_rep => {
+                self.start_profiles(dir, scenario, &agents)?
+            }
+            _ => Vec::new(),
+        };
         let cpu_before: Vec<u64> = agents.iter().filter_map(Agent::pid).map(cpu_us).collect();
         let mut wrk = self.pod_cmd("a", "wrk")?;
         wrk.args([
@@ -564,6 +594,9 @@ impl Bench {
             .and_then(|(n, _)| n.trim().parse::<f64>().ok())
             .unwrap_or(0.0);
         result["rps"] = json!(rps);
+        for (child, data, text) in profiling {
+            finish_profile(child, &data, &text)?;
+        }
         let cpu_after: Vec<u64> = agents.iter().filter_map(Agent::pid).map(cpu_us).collect();
         if !agents.is_empty() && requests > 0.0 {
             let per_req: Vec<f64> = cpu_before
@@ -635,6 +668,32 @@ impl Bench {
             agent.stop()?;
         }
         Ok(result)
+    }
+
+    /// Starts `perf record` on each agent for the length of the throughput run.
+    fn start_profiles(
+        &self,
+        dir: &Path,
+        scenario: Scenario,
+        agents: &[Agent],
+    ) -> anyhow::Result<Vec<(std::process::Child, PathBuf, PathBuf)>> {
+        std::fs::create_dir_all(dir)?;
+        let mut out = Vec::new();
+        for (agent, node) in agents.iter().zip(["n1", "n2"]) {
+            let Some(pid) = agent.pid() else { continue };
+            let data = dir.join(format!("perf-{}-{node}.data", scenario.key()));
+            let text = dir.join(format!("profile-{}-{node}.txt", scenario.key()));
+            let child = Command::new("perf")
+                .args(["record", "-F", "999", "-g", "-p", &pid.to_string(), "-o"])
+                .arg(&data)
+                .args(["--", "sleep", &self.plan.wrk_secs.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting perf record")?;
+            out.push((child, data, text));
+        }
+        Ok(out)
     }
 
     /// Agent memory with many idle proxied connections open.

@@ -5,9 +5,10 @@
 //! the port, the method, path and headers): server-side metrics now, authorization next.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{atomic::AtomicU64, Arc},
+    sync::{atomic::AtomicU64, Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -29,7 +30,10 @@ use super::{
 };
 use crate::{
     enrolled::EnrolledPod,
-    metrics::{http::RequestLabels, Metrics},
+    metrics::{
+        http::{RequestLabels, Series},
+        Metrics,
+    },
     proxy::detect::Protocol,
     state::Snapshot,
 };
@@ -47,17 +51,54 @@ pub struct Tunnel {
     pub snapshot: Arc<Snapshot>,
     pub metrics: Arc<Metrics>,
     pub pool: Arc<Pool>,
+    /// The series of the Services (as the source named them) requests came for.
+    pub series: Mutex<HashMap<(Option<String>, bool), Arc<Series>>>,
+}
+
+/// Services one tunnel keeps resolved series for.
+const MAX_SERIES_PER_TUNNEL: usize = 64;
+
+impl Tunnel {
+    /// The series of requests for `canonical` (the Service the source sent them to, as
+    /// `name.ns.svc.cluster.local:port`: a label, taken only if the snapshot knows such a
+    /// Service).
+    fn series_for(&self, canonical: Option<&str>, grpc: bool) -> Arc<Series> {
+        let svc = canonical.and_then(|name| self.snapshot.service_named(name));
+        let key = (svc.map(|_| canonical.unwrap_or_default().to_owned()), grpc);
+        if let Some(hit) = self.series.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return hit;
+        }
+        let mut labels = self.labels.clone();
+        if grpc {
+            labels.protocol = "grpc";
+        }
+        match svc {
+            Some(svc) => {
+                labels.destination_service = svc.fqdn();
+                labels.destination_service_name = svc.name.clone();
+                labels.destination_service_namespace = svc.namespace.clone();
+                labels.authority = format!("{}:{}", svc.fqdn(), svc.port);
+            }
+            None => labels.authority = self.target.to_string(),
+        }
+        let series = self.metrics.http.series(labels);
+        if let Ok(mut m) = self.series.lock() {
+            if m.len() < MAX_SERIES_PER_TUNNEL {
+                m.insert(key, series.clone());
+            }
+        }
+        series
+    }
 }
 
 /// Serves the requests of one tunnel until the source agent closes it.
 pub async fn serve(
-    tunnel: Tunnel,
+    tunnel: Arc<Tunnel>,
     io: impl Io,
     protocol: Protocol,
     head_timeout: Duration,
     max_streams: usize,
 ) {
-    let tunnel = Arc::new(tunnel);
     let served = tunnel.clone();
     let service = service_fn(move |req| {
         let tunnel = served.clone();
@@ -96,27 +137,10 @@ pub async fn serve(
 pub async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let mut req = req.map(Body::incoming);
-    let mut labels = tunnel.labels.clone();
-    if is_grpc(&req) {
-        labels.protocol = "grpc";
-    }
-    // The Service the source sent the request to: a label, taken only if the snapshot knows
-    // such a Service.
+    let grpc = is_grpc(&req);
     let canonical = req.headers_mut().remove(DST_CANONICAL);
-    match canonical
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|name| tunnel.snapshot.service_named(name))
-    {
-        Some(svc) => {
-            labels.destination_service = svc.fqdn();
-            labels.destination_service_name = svc.name.clone();
-            labels.destination_service_namespace = svc.namespace.clone();
-            labels.authority = format!("{}:{}", svc.fqdn(), svc.port);
-        }
-        None => labels.authority = tunnel.target.to_string(),
-    }
-    tunnel.metrics.http.request(&labels);
+    let series = tunnel.series_for(canonical.as_ref().and_then(|v| v.to_str().ok()), grpc);
+    tunnel.metrics.http.request(&series);
 
     let upgrade = is_upgrade(&req);
     let client_upgrade = Upgrade::take(&mut req);
@@ -149,7 +173,7 @@ pub async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> 
     };
     let mut resp = match tunnel.pool.send(&key, dial, req).await {
         Ok(resp) => resp,
-        Err(e) => return finish_failed(&tunnel.metrics, &labels, e.failure, &e.detail, started),
+        Err(e) => return finish_failed(&tunnel.metrics, &series, e.failure, &e.detail, started),
     };
     relay_response(&mut resp, client_upgrade);
     let metrics = tunnel.metrics.clone();
@@ -158,7 +182,7 @@ pub async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> 
         let flags = if seen.complete { "-" } else { "UC" };
         record(
             &metrics,
-            &labels,
+            &series,
             status,
             seen.grpc_status,
             flags,

@@ -32,7 +32,7 @@ pub use body::Body;
 use pool::{BoxIo, SendError};
 
 use crate::metrics::{
-    http::{Outcome, RequestLabels},
+    http::{Outcome, Series},
     Metrics,
 };
 
@@ -334,17 +334,18 @@ pub async fn connected(
 /// The proxy's own answer, recorded.
 pub fn finish_failed(
     metrics: &Metrics,
-    labels: &RequestLabels,
+    series: &Series,
     failure: Failure,
     detail: &str,
     started: Instant,
 ) -> Response<Body> {
+    let labels = series.labels();
     debug!(reporter = labels.reporter, authority = %labels.authority, "HTTP request failed: {}: {detail}", failure.error());
     metrics.http.error(labels.reporter, failure.error());
     let resp = failure_response(failure, detail);
     record(
         metrics,
-        labels,
+        series,
         resp.status(),
         None,
         failure.flag(),
@@ -358,7 +359,7 @@ pub fn finish_failed(
 #[expect(clippy::too_many_arguments, reason = "one record, its parts")]
 pub fn record(
     metrics: &Metrics,
-    labels: &RequestLabels,
+    series: &Series,
     status: StatusCode,
     grpc_status: Option<u32>,
     flags: &'static str,
@@ -367,7 +368,7 @@ pub fn record(
     response_bytes: u64,
 ) {
     metrics.http.response(
-        labels,
+        series,
         &Outcome {
             status: status.as_u16(),
             grpc_status,

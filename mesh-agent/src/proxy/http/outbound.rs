@@ -2,10 +2,11 @@
 //! each request on its own to an endpoint picked for it.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Instant,
 };
@@ -29,7 +30,7 @@ use super::{
 };
 use crate::{
     metrics::{
-        http::{Outcome, RequestLabels},
+        http::{Outcome, RequestLabels, Series},
         ConnectionLabels, Metrics,
     },
     proxy::{
@@ -52,6 +53,51 @@ struct Client {
     /// while the connection sits idle between requests.
     read: Arc<AtomicU64>,
     read_at_last_response: Arc<AtomicU64>,
+    /// What the HBONE requests of this client say about it (metric labels at the other end).
+    baggage: String,
+    /// The metric series of each destination this connection has sent requests to.
+    series: Mutex<HashMap<SeriesKey, (Arc<Series>, Option<Arc<Series>>)>>,
+}
+
+/// Endpoint, the hop's security, gRPC or not.
+type SeriesKey = (std::net::SocketAddr, &'static str, bool);
+/// Destinations one connection keeps resolved series for.
+const MAX_SERIES_PER_CONNECTION: usize = 256;
+
+impl Client {
+    /// The series of requests to `endpoint` (the pod `dst`, if known) over a hop of
+    /// `security`, and for a same-node delivery also this agent's inbound series.
+    fn series_for(
+        &self,
+        endpoint: std::net::SocketAddr,
+        dst: Option<&Arc<Workload>>,
+        security: &'static str,
+        grpc: bool,
+    ) -> (Arc<Series>, Option<Arc<Series>>) {
+        let key = (endpoint, security, grpc);
+        if let Some(hit) = self.series.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return hit;
+        }
+        let metrics = &self.conn.inputs.metrics;
+        let mut labels = self.labels.clone();
+        if grpc {
+            labels.protocol = "grpc";
+        }
+        destination_labels(&mut labels, dst, &self.conn.inputs.trust_domain);
+        labels.security = security;
+        let inbound = (security == "node_local").then(|| {
+            let mut l = labels.clone();
+            l.reporter = "destination";
+            metrics.http.series(l)
+        });
+        let found = (metrics.http.series(labels), inbound);
+        if let Ok(mut m) = self.series.lock() {
+            if m.len() < MAX_SERIES_PER_CONNECTION {
+                m.insert(key, found.clone());
+            }
+        }
+        found
+    }
 }
 
 /// Serves `io` (a captured connection that speaks `protocol`) until the client closes it.
@@ -67,11 +113,13 @@ pub async fn serve(
     let guard = inputs.metrics.open_connection(&tcp);
     let io = Metered::new(io, guard.sent.clone(), guard.received.clone());
     let client = Arc::new(Client {
+        baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
         conn,
         destination,
         labels,
         read: io.bytes_read(),
         read_at_last_response: Default::default(),
+        series: Mutex::default(),
     });
     let io = TokioIo::new(io);
     let served = client.clone();
@@ -125,7 +173,7 @@ pub fn protocol_error(metrics: &Metrics, labels: &RequestLabels, e: &hyper::Erro
     };
     metrics.http.error(labels.reporter, error);
     metrics.http.response(
-        labels,
+        &metrics.http.series(labels.clone()),
         &Outcome {
             status,
             grpc_status: None,
@@ -213,18 +261,20 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     let conn = &client.conn;
     let inputs = &conn.inputs;
     let mut req = req.map(Body::incoming);
-    let mut labels = client.labels.clone();
-    if is_grpc(&req) {
-        labels.protocol = "grpc";
-    }
+    let grpc = is_grpc(&req);
     let upgrade = is_upgrade(&req);
-    let fail = |labels: &RequestLabels, failure: Failure, detail: String| {
-        inputs.metrics.http.request(labels);
-        finish_failed(&inputs.metrics, labels, failure, &detail, started)
+    // Refused before a destination is known: rare, labelled with the client's side only.
+    let fail = |failure: Failure, detail: String| {
+        let mut labels = client.labels.clone();
+        if grpc {
+            labels.protocol = "grpc";
+        }
+        let series = inputs.metrics.http.series(labels);
+        inputs.metrics.http.request(&series);
+        finish_failed(&inputs.metrics, &series, failure, &detail, started)
     };
     if upgrade && req.version() == Version::HTTP_2 {
         return fail(
-            &labels,
             Failure::BadRequest,
             "CONNECT over HTTP/2 is not supported".into(),
         );
@@ -236,27 +286,23 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             Some((endpoint, load)) => (endpoint, Some(load.clone())),
             None => {
                 let detail = format!("service {} has no ready endpoints", svc.fqdn());
-                return fail(&labels, Failure::NoEndpoints, detail);
+                return fail(Failure::NoEndpoints, detail);
             }
         },
         _ => (conn.orig.0, None),
     };
     if is_host_scoped(endpoint.ip()) {
         let detail = format!("endpoint {endpoint} is a host-scoped address");
-        return fail(&labels, Failure::Unavailable, detail);
+        return fail(Failure::Unavailable, detail);
     }
-    let dst = conn.snapshot.pod_by_ip(endpoint.ip()).cloned();
-    destination_labels(&mut labels, dst.as_ref(), &inputs.trust_domain);
-    let hop = hop_to(inputs, &conn.source, endpoint, dst.as_ref());
-    labels.security = hop.security();
-    inputs.metrics.http.request(&labels);
+    let dst = conn.snapshot.pod_by_ip(endpoint.ip());
+    let hop = hop_to(inputs, &conn.source, endpoint, dst);
+    let (series, inbound_series) = client.series_for(endpoint, dst, hop.security(), grpc);
+    inputs.metrics.http.request(&series);
     // A same-node delivery is this agent's inbound side too.
-    let inbound_labels = matches!(hop, Hop::Local { .. } | Hop::LocalDirect).then(|| {
-        let mut l = labels.clone();
-        l.reporter = "destination";
-        inputs.metrics.http.request(&l);
-        l
-    });
+    if let Some(s) = &inbound_series {
+        inputs.metrics.http.request(s);
+    }
 
     let client_upgrade = Upgrade::take(&mut req);
     strip_hop_by_hop(req.headers_mut(), upgrade);
@@ -291,7 +337,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                 upgrade_to_h2(&mut req, &conn.orig.to_string());
             }
             let tunnel = TunnelRequest {
-                baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
+                baggage: client.baggage.clone(),
                 forwarded_for: conn.source.address_for(endpoint),
                 protocol: Protocol::Http2,
             };
@@ -324,7 +370,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                 h2: false,
             };
             let tunnel = TunnelRequest {
-                baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
+                baggage: client.baggage.clone(),
                 forwarded_for,
                 protocol: Protocol::Http1,
             };
@@ -372,8 +418,8 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
         Ok(resp) => resp,
         Err(e) => {
             drop(in_flight);
-            let resp = finish_failed(&inputs.metrics, &labels, e.failure, &e.detail, started);
-            if let Some(l) = &inbound_labels {
+            let resp = finish_failed(&inputs.metrics, &series, e.failure, &e.detail, started);
+            if let Some(l) = &inbound_series {
                 record(
                     &inputs.metrics,
                     l,
@@ -400,7 +446,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
         read_at_last_response.store(read.load(Ordering::Relaxed), Ordering::Relaxed);
         let request_bytes = request_bytes.load(Ordering::Relaxed);
         let flags = if seen.complete { "-" } else { "UC" };
-        for l in std::iter::once(&labels).chain(inbound_labels.as_ref()) {
+        for l in std::iter::once(&series).chain(inbound_series.as_ref()) {
             record(
                 &metrics,
                 l,
