@@ -529,8 +529,11 @@ impl HttpMetrics {
 pub struct Series {
     labels: RequestLabels,
     request_total: Option<IntCounter>,
-    responses: Mutex<Vec<((u16, Option<u32>, &'static str), Arc<Responses>)>>,
+    responses: Mutex<Vec<(OutcomeKey, Arc<Responses>)>>,
 }
+
+/// Status, gRPC status, flag: what tells one response series of a [`Series`] from another.
+type OutcomeKey = (u16, Option<u32>, &'static str);
 
 impl Series {
     pub fn labels(&self) -> &RequestLabels {

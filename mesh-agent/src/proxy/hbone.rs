@@ -238,11 +238,6 @@ impl HboneConnector {
         }
     }
 
-    /// The serial of the certificate this node holds for `source`, if any.
-    pub fn serial(&self, source: &Identity) -> Option<String> {
-        self.identities.get(source).map(|c| c.serial.clone())
-    }
-
     /// Opens a CONNECT stream to `target` (a pod on `node`) as `source`, expecting the node
     /// agent to present `destination`.
     pub async fn connect(

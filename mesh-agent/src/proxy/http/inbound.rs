@@ -52,8 +52,11 @@ pub struct Tunnel {
     pub metrics: Arc<Metrics>,
     pub pool: Arc<Pool>,
     /// The series of the Services (as the source named them) requests came for.
-    pub series: Mutex<HashMap<(Option<String>, bool), Arc<Series>>>,
+    pub series: Mutex<HashMap<ServiceKey, Arc<Series>>>,
 }
+
+/// The Service a request was sent to (`name.ns.svc.cluster.local:port`, if known), gRPC or not.
+type ServiceKey = (Option<String>, bool);
 
 /// Services one tunnel keeps resolved series for.
 const MAX_SERIES_PER_TUNNEL: usize = 64;

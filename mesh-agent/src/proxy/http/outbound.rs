@@ -56,8 +56,12 @@ struct Client {
     /// What the HBONE requests of this client say about it (metric labels at the other end).
     baggage: String,
     /// The metric series of each destination this connection has sent requests to.
-    series: Mutex<HashMap<SeriesKey, (Arc<Series>, Option<Arc<Series>>)>>,
+    series: Mutex<HashMap<SeriesKey, DestinationSeries>>,
 }
+
+/// The series of requests to one destination, and of this agent's inbound side when the
+/// destination is on this node.
+type DestinationSeries = (Arc<Series>, Option<Arc<Series>>);
 
 /// Endpoint, the hop's security, gRPC or not.
 type SeriesKey = (std::net::SocketAddr, &'static str, bool);
@@ -73,7 +77,7 @@ impl Client {
         dst: Option<&Arc<Workload>>,
         security: &'static str,
         grpc: bool,
-    ) -> (Arc<Series>, Option<Arc<Series>>) {
+    ) -> DestinationSeries {
         let key = (endpoint, security, grpc);
         if let Some(hit) = self.series.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return hit;
@@ -360,7 +364,6 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             let forwarded_for = conn.source.address_for(endpoint);
             let key = Key {
                 route: Route::Hbone {
-                    serial: inputs.hbone.serial(&source).unwrap_or_default(),
                     source: source.clone(),
                     destination: destination.clone(),
                     node: node_ip,

@@ -48,12 +48,10 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Route {
     /// An HBONE tunnel to `endpoint` on the node at `node`, as `source`, for the client pod at
-    /// `client` (sent as `forwarded`).
+    /// `client` (sent as `forwarded`): what an upgraded request (WebSocket, `CONNECT`) takes
+    /// for itself. (Other requests travel as streams of the HBONE connection itself.)
     Hbone {
         source: Identity,
-        /// The serial of the source's certificate: a renewed certificate means new
-        /// connections (those of the old one are let go once their requests finish).
-        serial: String,
         destination: Identity,
         node: Ipv4Addr,
         endpoint: SocketAddr,
@@ -74,37 +72,6 @@ pub enum Route {
 pub struct Key {
     pub route: Route,
     pub h2: bool,
-}
-
-impl Key {
-    /// Whether `self` replaces `older`: the same tunnel, made with a newer certificate.
-    fn supersedes(&self, older: &Key) -> bool {
-        match (&self.route, &older.route) {
-            (
-                Route::Hbone {
-                    source,
-                    serial,
-                    destination,
-                    node,
-                    endpoint,
-                    client,
-                },
-                Route::Hbone {
-                    source: s2,
-                    serial: serial2,
-                    destination: d2,
-                    node: n2,
-                    endpoint: e2,
-                    client: c2,
-                },
-            ) => {
-                serial != serial2
-                    && (source, destination, node, endpoint, client) == (s2, d2, n2, e2, c2)
-                    && self.h2 == older.h2
-            }
-            _ => false,
-        }
-    }
 }
 
 /// Why a request could not be sent: the proxy answers with [`super::failure_response`].
@@ -191,10 +158,6 @@ impl Pool {
                             .map(|g| g.as_ref().is_some_and(|c| !c.sender.is_closed()))
                             .unwrap_or(true)
                 });
-            }
-            if !map.contains_key(key) {
-                // Dropping the old senders closes those connections once idle.
-                map.retain(|k, _| !key.supersedes(k));
             }
             map.entry(key.clone()).or_default().clone()
         };
