@@ -292,24 +292,17 @@ impl HboneConnector {
         Ok((sender, slot, peer))
     }
 
-    /// Sends one HTTP request (already in HTTP/2 form) to `target`, a pod on `node`, as
-    /// `source`: its own stream on a pooled connection. The slot holds the stream's place
-    /// until the response has been read.
-    pub async fn request(
-        &self,
-        source: &Identity,
-        destination: &Identity,
-        node: Ipv4Addr,
+    /// The headers that tell the destination agent about a request sent with
+    /// [`HboneConnector::request`]: the pod it is for, and what a CONNECT would carry.
+    pub fn request_headers(
         target: SocketAddr,
         tunnel: &TunnelRequest,
-        mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Slot), Error> {
-        let (mut sender, slot, peer) = self.stream(source, destination, node).await?;
+    ) -> Vec<(HeaderName, HeaderValue)> {
         // Addresses and Kubernetes names: always valid header values.
-        let headers = req.headers_mut();
+        let mut out = Vec::with_capacity(3);
         let mut set = |name: &'static str, v: &str| {
             if let Ok(v) = HeaderValue::from_str(v) {
-                headers.insert(HeaderName::from_static(name), v);
+                out.push((HeaderName::from_static(name), v));
             }
         };
         set(TARGET, &target.to_string());
@@ -317,6 +310,20 @@ impl HboneConnector {
         if let Some(f) = tunnel.forwarded_header() {
             set(REQUEST_FORWARDED, &f);
         }
+        out
+    }
+
+    /// Sends one HTTP request (already in HTTP/2 form, with [`HboneConnector::request_headers`])
+    /// to a pod on `node`, as `source`: its own stream on a pooled connection. The slot holds
+    /// the stream's place until the response has been read.
+    pub async fn request(
+        &self,
+        source: &Identity,
+        destination: &Identity,
+        node: Ipv4Addr,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Slot), Error> {
+        let (mut sender, slot, peer) = self.stream(source, destination, node).await?;
         sender
             .ready()
             .await
@@ -369,13 +376,6 @@ impl HboneConnector {
     /// A pooled connection for `key` with room for one more tunnel, and that room.
     fn pooled(&self, key: &PoolKey) -> Option<(http2::SendRequest<Body>, Slot)> {
         let mut pool = self.pool.lock().ok()?;
-        // Forget connections made with an older certificate; their streams carry on.
-        pool.retain(|k, _| {
-            !(k.source == key.source
-                && k.node == key.node
-                && k.destination == key.destination
-                && k.serial != key.serial)
-        });
         let conns = pool.get_mut(key)?;
         conns.retain(|c| !c.sender.is_closed());
         conns.iter().find_map(|c| {
@@ -447,6 +447,15 @@ impl HboneConnector {
         // A fresh connection always has room for the tunnel it was dialled for.
         let slot = streams.take();
         if let Ok(mut pool) = self.pool.lock() {
+            // Forget connections made with an older certificate; their streams carry on.
+            pool.retain(|k, conns| {
+                conns.retain(|c| !c.sender.is_closed());
+                let superseded = k.source == key.source
+                    && k.node == key.node
+                    && k.destination == key.destination
+                    && k.serial != key.serial;
+                !conns.is_empty() && !superseded
+            });
             pool.entry(key.clone()).or_default().push(Pooled {
                 sender: sender.clone(),
                 streams,

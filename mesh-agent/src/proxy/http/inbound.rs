@@ -174,13 +174,15 @@ pub async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> 
             None => connected(TcpStream::connect(target), target).await,
         }
     };
-    let mut resp = match tunnel.pool.send(&key, dial, req).await {
-        Ok(resp) => resp,
+    let (mut resp, checkin) = match tunnel.pool.send(&key, dial, req).await {
+        Ok(sent) => sent,
         Err(e) => return finish_failed(&tunnel.metrics, &series, e.failure, &e.detail, started),
     };
     relay_response(&mut resp, client_upgrade);
     let metrics = tunnel.metrics.clone();
     respond(resp, move |status, seen| {
+        // The connection to the pod goes back to the pool with the response read.
+        drop(checkin);
         let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let flags = if seen.complete { "-" } else { "UC" };
         record(

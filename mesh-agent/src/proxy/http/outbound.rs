@@ -35,7 +35,7 @@ use crate::{
     },
     proxy::{
         detect::{Prefixed, Protocol},
-        hbone::TunnelRequest,
+        hbone::{HboneConnector, TunnelRequest},
         inbound::Baggage,
         outbound::{connect_from_pod, hop_to, is_host_scoped, Connection, Hop},
         relay::Metered,
@@ -55,13 +55,20 @@ struct Client {
     read_at_last_response: Arc<AtomicU64>,
     /// What the HBONE requests of this client say about it (metric labels at the other end).
     baggage: String,
-    /// The metric series of each destination this connection has sent requests to.
-    series: Mutex<HashMap<SeriesKey, DestinationSeries>>,
+    /// The Service dialled, as `l5d-dst-canonical` tells the destination agent.
+    canonical: Option<HeaderValue>,
+    /// What this connection has resolved about each destination it sent requests to.
+    destinations: Mutex<HashMap<SeriesKey, Arc<Resolved>>>,
 }
 
-/// The series of requests to one destination, and of this agent's inbound side when the
-/// destination is on this node.
-type DestinationSeries = (Arc<Series>, Option<Arc<Series>>);
+/// One destination of a client connection, resolved once.
+struct Resolved {
+    series: Arc<Series>,
+    /// This agent's inbound series when the destination is on this node.
+    inbound_series: Option<Arc<Series>>,
+    /// What a request over HBONE tells the destination agent.
+    hbone_headers: Vec<(HeaderName, HeaderValue)>,
+}
 
 /// Endpoint, the hop's security, gRPC or not.
 type SeriesKey = (std::net::SocketAddr, &'static str, bool);
@@ -69,17 +76,22 @@ type SeriesKey = (std::net::SocketAddr, &'static str, bool);
 const MAX_SERIES_PER_CONNECTION: usize = 256;
 
 impl Client {
-    /// The series of requests to `endpoint` (the pod `dst`, if known) over a hop of
-    /// `security`, and for a same-node delivery also this agent's inbound series.
-    fn series_for(
+    /// What requests to `endpoint` (the pod `dst`, if known) over a hop of `security` are
+    /// labelled with and send along.
+    fn destination_for(
         &self,
         endpoint: std::net::SocketAddr,
         dst: Option<&Arc<Workload>>,
         security: &'static str,
         grpc: bool,
-    ) -> DestinationSeries {
+    ) -> Arc<Resolved> {
         let key = (endpoint, security, grpc);
-        if let Some(hit) = self.series.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        if let Some(hit) = self
+            .destinations
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).cloned())
+        {
             return hit;
         }
         let metrics = &self.conn.inputs.metrics;
@@ -94,8 +106,17 @@ impl Client {
             l.reporter = "destination";
             metrics.http.series(l)
         });
-        let found = (metrics.http.series(labels), inbound);
-        if let Ok(mut m) = self.series.lock() {
+        let tunnel = TunnelRequest {
+            baggage: self.baggage.clone(),
+            forwarded_for: self.conn.source.address_for(endpoint),
+            protocol: Protocol::Http2,
+        };
+        let found = Arc::new(Resolved {
+            series: metrics.http.series(labels),
+            inbound_series: inbound,
+            hbone_headers: HboneConnector::request_headers(endpoint, &tunnel),
+        });
+        if let Ok(mut m) = self.destinations.lock() {
             if m.len() < MAX_SERIES_PER_CONNECTION {
                 m.insert(key, found.clone());
             }
@@ -116,14 +137,21 @@ pub async fn serve(
     let tcp = connection_labels(&conn, &labels, &destination);
     let guard = inputs.metrics.open_connection(&tcp);
     let io = Metered::new(io, guard.sent.clone(), guard.received.clone());
+    let canonical = match &destination {
+        Destination::Service(svc) => {
+            HeaderValue::from_str(&format!("{}:{}", svc.fqdn(), svc.port)).ok()
+        }
+        _ => None,
+    };
     let client = Arc::new(Client {
+        canonical,
         baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
         conn,
         destination,
         labels,
         read: io.bytes_read(),
         read_at_last_response: Default::default(),
-        series: Mutex::default(),
+        destinations: Mutex::default(),
     });
     let io = TokioIo::new(io);
     let served = client.clone();
@@ -301,7 +329,8 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     }
     let dst = conn.snapshot.pod_by_ip(endpoint.ip());
     let hop = hop_to(inputs, &conn.source, endpoint, dst);
-    let (series, inbound_series) = client.series_for(endpoint, dst, hop.security(), grpc);
+    let dest = client.destination_for(endpoint, dst, hop.security(), grpc);
+    let (series, inbound_series) = (dest.series.clone(), dest.inbound_series.clone());
     inputs.metrics.http.request(&series);
     // A same-node delivery is this agent's inbound side too.
     if let Some(s) = &inbound_series {
@@ -316,11 +345,9 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     for name in crate::proxy::hbone::AGENT_HEADERS {
         req.headers_mut().remove(name);
     }
-    if let Destination::Service(svc) = &client.destination {
-        if let Ok(v) = HeaderValue::from_str(&format!("{}:{}", svc.fqdn(), svc.port)) {
-            req.headers_mut()
-                .insert(HeaderName::from_static(DST_CANONICAL), v);
-        }
+    if let Some(v) = &client.canonical {
+        req.headers_mut()
+            .insert(HeaderName::from_static(DST_CANONICAL), v.clone());
     }
     let request_bytes = Arc::new(AtomicU64::new(0));
     let mut req = req.map(|b| b.counted(request_bytes.clone()));
@@ -330,6 +357,9 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     let pool = &inputs.pool;
     // The place on an HBONE connection a request's stream holds until its response is read.
     let mut stream_slot = None;
+    // An HTTP/1.1 connection lent for this request, back to its pool once the response has
+    // been read.
+    let mut checkin = None;
     let sent = match hop {
         Hop::Hbone {
             source,
@@ -340,14 +370,12 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             if !client_h2 {
                 upgrade_to_h2(&mut req, &conn.orig.to_string());
             }
-            let tunnel = TunnelRequest {
-                baggage: client.baggage.clone(),
-                forwarded_for: conn.source.address_for(endpoint),
-                protocol: Protocol::Http2,
-            };
+            for (name, value) in dest.hbone_headers.iter() {
+                req.headers_mut().insert(name, value.clone());
+            }
             inputs
                 .hbone
-                .request(&source, &destination, node_ip, endpoint, &tunnel, req)
+                .request(&source, &destination, node_ip, req)
                 .await
                 .map(|(resp, slot)| {
                     stream_slot = Some(slot);
@@ -386,7 +414,10 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                     .map(|t| Box::new(t) as BoxIo)
                     .map_err(|e| SendError::new(Failure::Unavailable, e.to_string()))
             };
-            pool.send(&key, dial, req).await
+            pool.send(&key, dial, req).await.map(|(resp, back)| {
+                checkin = Some(back);
+                resp
+            })
         }
         Hop::Local { pod, client: from } => {
             let key = Key {
@@ -400,7 +431,10 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             let dial = move || async move {
                 connected(crate::proxy::deliver_in_pod(pod, from, endpoint), endpoint).await
             };
-            pool.send(&key, dial, req).await
+            pool.send(&key, dial, req).await.map(|(resp, back)| {
+                checkin = Some(back);
+                resp
+            })
         }
         Hop::LocalDirect | Hop::Direct => {
             let key = Key {
@@ -413,7 +447,10 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             let netns = &conn.source.netns;
             let dial =
                 move || async move { connected(connect_from_pod(netns, endpoint), endpoint).await };
-            pool.send(&key, dial, req).await
+            pool.send(&key, dial, req).await.map(|(resp, back)| {
+                checkin = Some(back);
+                resp
+            })
         }
     };
 
@@ -446,6 +483,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     respond(resp, move |status, seen| {
         drop(in_flight);
         drop(stream_slot);
+        drop(checkin);
         read_at_last_response.store(read.load(Ordering::Relaxed), Ordering::Relaxed);
         let request_bytes = request_bytes.load(Ordering::Relaxed);
         let flags = if seen.complete { "-" } else { "UC" };

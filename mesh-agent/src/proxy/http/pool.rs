@@ -119,18 +119,20 @@ pub struct Pool {
 
 impl Pool {
     /// Sends `req` on a pooled connection for `key`, dialling with `dial` when there is none.
+    /// An HTTP/1.1 connection comes back to the pool when the returned [`Checkin`] is dropped,
+    /// which the caller does once the response has been read to its end.
     pub async fn send<D, F>(
         self: &Arc<Self>,
         key: &Key,
         dial: D,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError>
+    ) -> Result<(Response<Incoming>, Checkin), SendError>
     where
         D: Fn() -> F,
         F: Future<Output = Result<BoxIo, SendError>>,
     {
         match key.h2 {
-            true => self.send_h2(key, dial, req).await,
+            true => Ok((self.send_h2(key, dial, req).await?, Checkin(None))),
             false => self.send_h1(key, dial, req).await,
         }
     }
@@ -206,39 +208,37 @@ impl Pool {
             .map_err(|e| SendError::request(&e))
     }
 
+    /// An idle connection for `key` that can take a request now. Connections that are open
+    /// but not ready yet (their last response has only just been read) stay for later.
     fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut map = self.h1.lock().ok()?;
         let idle = map.get_mut(key)?;
-        while let Some(c) = idle.pop() {
-            self.h1_idle.fetch_sub(1, Ordering::Relaxed);
-            if c.since.elapsed() < H1_IDLE && c.sender.is_ready() {
-                return Some(c.sender);
-            }
+        let found = idle.iter().rposition(|c| c.sender.is_ready());
+        let now = Instant::now();
+        let before = idle.len();
+        let taken = found.map(|i| idle.swap_remove(i).sender);
+        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < H1_IDLE);
+        self.h1_idle
+            .fetch_sub(before - idle.len(), Ordering::Relaxed);
+        if idle.is_empty() {
+            map.remove(key);
         }
-        map.remove(key);
-        None
+        taken
     }
 
-    fn checkin_h1(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>) {
-        let pool = self.clone();
-        tokio::spawn(async move {
-            // Ready again once the response has been read to its end.
-            if sender.ready().await.is_err() {
-                return;
-            }
-            if pool.h1_idle.load(Ordering::Relaxed) >= H1_IDLE_TOTAL {
-                return;
-            }
-            let Ok(mut map) = pool.h1.lock() else { return };
-            let idle = map.entry(key).or_default();
-            if idle.len() < H1_IDLE_PER_KEY {
-                idle.push(IdleH1 {
-                    sender,
-                    since: Instant::now(),
-                });
-                pool.h1_idle.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+    fn checkin_h1(&self, key: Key, sender: http1::SendRequest<Body>) {
+        if sender.is_closed() || self.h1_idle.load(Ordering::Relaxed) >= H1_IDLE_TOTAL {
+            return;
+        }
+        let Ok(mut map) = self.h1.lock() else { return };
+        let idle = map.entry(key).or_default();
+        if idle.len() < H1_IDLE_PER_KEY {
+            idle.push(IdleH1 {
+                sender,
+                since: Instant::now(),
+            });
+            self.h1_idle.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     async fn dial_h1<D, F>(dial: &D, upgrades: bool) -> Result<http1::SendRequest<Body>, SendError>
@@ -270,7 +270,7 @@ impl Pool {
         key: &Key,
         dial: D,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError>
+    ) -> Result<(Response<Incoming>, Checkin), SendError>
     where
         D: Fn() -> F,
         F: Future<Output = Result<BoxIo, SendError>>,
@@ -278,19 +278,18 @@ impl Pool {
         // An upgrade takes its connection for good: never pooled.
         if super::is_upgrade(&req) {
             let mut sender = Self::dial_h1(&dial, true).await?;
-            return sender
+            let resp = sender
                 .send_request(req)
                 .await
-                .map_err(|e| SendError::request(&e));
+                .map_err(|e| SendError::request(&e))?;
+            return Ok((resp, Checkin(None)));
         }
+        let checkin = |sender| Checkin(Some((self.clone(), key.clone(), sender)));
         // A pooled connection the server closed meanwhile hands the request back: then it
         // goes on a fresh one.
         if let Some(mut sender) = self.checkout_h1(key) {
             match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    self.checkin_h1(key.clone(), sender);
-                    return Ok(resp);
-                }
+                Ok(resp) => return Ok((resp, checkin(sender))),
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
                     None => return Err(SendError::request(&e.into_error())),
@@ -302,7 +301,19 @@ impl Pool {
             .send_request(req)
             .await
             .map_err(|e| SendError::request(&e))?;
-        self.checkin_h1(key.clone(), sender);
-        Ok(resp)
+        Ok((resp, checkin(sender)))
+    }
+}
+
+/// An HTTP/1.1 connection lent for one request: back to the pool when dropped (after the
+/// response has been read; a connection whose response was abandoned closes itself and is
+/// not kept).
+pub struct Checkin(Option<(Arc<Pool>, Key, http1::SendRequest<Body>)>);
+
+impl Drop for Checkin {
+    fn drop(&mut self) {
+        if let Some((pool, key, sender)) = self.0.take() {
+            pool.checkin_h1(key, sender);
+        }
     }
 }
