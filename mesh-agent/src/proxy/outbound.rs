@@ -306,8 +306,9 @@ pub fn hop_to(
         },
         None if remote => {
             // Without the node's address there is no peer agent to tunnel to. Going direct
-            // keeps the pod reachable; the label and the log say it is plaintext.
-            warn!(pod = %dst.name, "destination pod on another node has no status.hostIP; connecting in plaintext");
+            // keeps the pod reachable; the label (`none`) says it is plaintext. (Logged at
+            // debug: this runs per request, and a pod could flood the log with it.)
+            debug!(pod = %dst.name, "destination pod on another node has no status.hostIP; connecting in plaintext");
             Hop::Direct
         }
         _ => {
