@@ -234,23 +234,28 @@ pub fn run(quick: bool, profile: bool, root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for `perf record` and writes a flat profile (self time by symbol) as text.
+/// Waits for `perf record` and writes, as text, where the time goes including callees (by
+/// symbol), then the flat profile (self time).
 fn finish_profile(mut child: std::process::Child, data: &Path, text: &Path) -> anyhow::Result<()> {
     child.wait()?;
-    let mut report = Command::new("perf");
-    report
-        .args([
-            "report",
-            "--stdio",
-            "--no-children",
-            "--sort",
-            "dso,symbol",
-            "-g",
-            "none",
-        ])
-        .args(["--percent-limit", "0.5", "-i"])
-        .arg(data);
-    std::fs::write(text, output_text(report)?)?;
+    let mut out = String::new();
+    for mode in ["--children", "--no-children"] {
+        let mut report = Command::new("perf");
+        report
+            .args([
+                "report",
+                "--stdio",
+                mode,
+                "--sort",
+                "dso,symbol",
+                "-g",
+                "none",
+            ])
+            .args(["--percent-limit", "0.5", "-i"])
+            .arg(data);
+        out.push_str(&output_text(report)?);
+    }
+    std::fs::write(text, out)?;
     println!("    profile: {}", text.display());
     Ok(())
 }
@@ -684,7 +689,10 @@ impl Bench {
             let data = dir.join(format!("perf-{}-{node}.data", scenario.key()));
             let text = dir.join(format!("profile-{}-{node}.txt", scenario.key()));
             let child = Command::new("perf")
-                .args(["record", "-F", "999", "-g", "-p", &pid.to_string(), "-o"])
+                // DWARF unwinding: release binaries keep .eh_frame but no frame pointers.
+                .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-p"])
+                .arg(pid.to_string())
+                .arg("-o")
                 .arg(&data)
                 .args(["--", "sleep", &self.plan.wrk_secs.to_string()])
                 .stdout(Stdio::null())
