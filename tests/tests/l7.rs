@@ -537,3 +537,37 @@ fn declared_opaque_annotation_and_app_protocol_are_honoured() {
     assert_eq!(requests(), 1.0);
     assert!(state().contains("\"version\": 2,"));
 }
+
+#[test]
+fn expect_100_continue_is_answered_through_the_mesh() {
+    let _serial = serial();
+    let bed = l7_bed();
+    let (_n1, _n2) = agents(&bed);
+    let body = bed.dir.join("upload.bin");
+    std::fs::write(&body, vec![7u8; 100_000]).unwrap();
+    // curl waits up to 20 s for `100 Continue` before sending the body: the request only
+    // finishes quickly if the mesh lets it know promptly that the body is wanted.
+    let mut curl = bed.pod_command("client", "curl").unwrap();
+    curl.args([
+        "-sS",
+        "--expect100-timeout",
+        "20",
+        "-H",
+        "Expect: 100-continue",
+    ])
+    .arg("--data-binary")
+    .arg(format!("@{}", body.display()))
+    .args(["-w", "\ntime=%{time_total}\n"])
+    .arg(format!("http://{}/upload", remote_pod(&bed, 8080)));
+    let out = output(curl);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kv = key_values(&text);
+    assert_eq!(kv["bytes"], "100000", "{text}");
+    let secs: f64 = kv["time"].parse().unwrap();
+    assert!(secs < 10.0, "curl waited {secs} s for 100 Continue");
+}
