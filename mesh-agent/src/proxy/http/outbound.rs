@@ -381,7 +381,15 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                     stream_slot = Some(slot);
                     resp
                 })
-                .map_err(|e| SendError::new(Failure::Unavailable, e.to_string()))
+                .map_err(|e| {
+                    // A stream that broke after the connection was there is a reset (502);
+                    // no connection to the peer agent is an unavailable endpoint (503).
+                    let failure = match e {
+                        crate::proxy::hbone::Error::Http2 { .. } => Failure::UpstreamReset,
+                        _ => Failure::Unavailable,
+                    };
+                    SendError::new(failure, e.to_string())
+                })
         }
         Hop::Hbone {
             source,
