@@ -1,10 +1,11 @@
 //! The HTTP side of the node proxy: each request of a client connection is forwarded on its
 //! own (per-request balancing, per-request metrics), over pooled upstream connections.
 //!
-//! Between agents a request always travels as HTTP/2 inside an HBONE tunnel; an HTTP/1.x
-//! request is marked `l5d-orig-proto` (as Linkerd does) and spoken as HTTP/1.1 again to the
-//! destination pod, so the pod sees the protocol its client spoke. Upgrades (WebSocket) and
-//! `CONNECT` keep HTTP/1.1 end to end on a connection of their own.
+//! Between agents a request travels as its own HTTP/2 stream on the pooled HBONE connection
+//! (`mesh-target` names the pod); an HTTP/1.x request is marked `l5d-orig-proto` (as Linkerd
+//! does) and spoken as HTTP/1.1 again to the destination pod, so the pod sees the protocol its
+//! client spoke. Upgrades (WebSocket) and `CONNECT` keep HTTP/1.1 end to end in a tunnel of
+//! their own.
 //!
 //! The request path is shaped so that a route decision and a policy decision can each be one
 //! pure function call on the request head: [`outbound`] asks the snapshot where a request goes
