@@ -6,27 +6,20 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::{atomic::AtomicU64, Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use hyper::{
-    body::Incoming,
-    server::conn::{http1, http2},
-    service::service_fn,
-    Request, Response, Version,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::{body::Incoming, Request, Response, Version};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
     connected, downgrade_from_h2, finish_failed, is_grpc, is_upgrade,
     pool::{Io, Key, Pool, Route},
-    record, relay_response, respond, strip_hop_by_hop, to_http1, Body, Upgrade, DST_CANONICAL,
-    MAX_HEAD_BYTES,
+    record, relay_response, respond, serve_connection, strip_hop_by_hop, to_http1, Body,
+    ServeLimits, Upgrade, DST_CANONICAL,
 };
 use crate::{
     enrolled::EnrolledPod,
@@ -103,33 +96,16 @@ pub async fn serve(
     max_streams: usize,
 ) {
     let served = tunnel.clone();
-    let service = service_fn(move |req| {
-        let tunnel = served.clone();
-        async move { Ok::<_, Infallible>(deliver(&tunnel, req).await) }
-    });
-    let io = TokioIo::new(io);
-    let result = match protocol {
-        Protocol::Http2 => {
-            http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(u32::try_from(max_streams).unwrap_or(u32::MAX))
-                .max_header_list_size(MAX_HEAD_BYTES as u32)
-                .initial_stream_window_size(crate::proxy::hbone::STREAM_WINDOW)
-                .initial_connection_window_size(crate::proxy::hbone::CONNECTION_WINDOW)
-                .max_frame_size(crate::proxy::hbone::MAX_FRAME)
-                .serve_connection(io, service)
-                .await
-        }
-        _ => {
-            http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(head_timeout)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await
-        }
+    let limits = ServeLimits {
+        head_timeout,
+        max_streams,
+        max_frame: Some(crate::proxy::hbone::MAX_FRAME),
     };
+    let deliver_one = move |req| {
+        let tunnel = served.clone();
+        async move { deliver(&tunnel, req).await }
+    };
+    let result = serve_connection(io, protocol, deliver_one, limits).await;
     if let Err(e) = result {
         super::outbound::protocol_error(&tunnel.metrics, &tunnel.labels, &e);
         debug!(target = %tunnel.target, "HTTP tunnel ended: {e}");
@@ -149,7 +125,7 @@ pub async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> 
     let client_upgrade = Upgrade::take(&mut req);
     let downgraded = downgrade_from_h2(&mut req);
     let h2 = !upgrade && !downgraded && req.version() == Version::HTTP_2;
-    if !h2 {
+    if !h2 && !downgraded {
         to_http1(&mut req);
     }
     strip_hop_by_hop(req.headers_mut(), upgrade);

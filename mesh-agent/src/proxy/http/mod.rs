@@ -25,11 +25,17 @@ use hyper::{
     upgrade::OnUpgrade,
     HeaderMap, Method, Request, Response, StatusCode, Version,
 };
-use hyper_util::rt::TokioIo;
+use hyper::{
+    server::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 pub use body::Body;
+
+use super::detect::Protocol;
 use pool::{BoxIo, SendError};
 
 use crate::metrics::{
@@ -213,21 +219,7 @@ pub fn downgrade_from_h2(req: &mut Request<Body>) -> bool {
     if req.headers_mut().remove(ORIG_PROTO).is_none() {
         return false;
     }
-    if let Some(authority) = req.uri().authority().cloned() {
-        if !req.headers().contains_key(HOST) {
-            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(HOST, v);
-            }
-        }
-    }
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    if let Ok(uri) = path.parse() {
-        *req.uri_mut() = uri;
-    }
+    to_http1(req);
     *req.version_mut() = Version::HTTP_11;
     true
 }
@@ -268,6 +260,61 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// How a server side (a client pod's connection, or a tunnel from a peer agent) is served.
+pub struct ServeLimits {
+    /// An HTTP/1 request head must arrive within this.
+    pub head_timeout: std::time::Duration,
+    /// Concurrent HTTP/2 streams.
+    pub max_streams: usize,
+    /// The largest HTTP/2 frame accepted, if not the protocol's default.
+    pub max_frame: Option<u32>,
+}
+
+/// Serves `io` as `protocol` (HTTP/1.x with upgrades, or HTTP/2) with `service` until the
+/// peer closes it; heads over [`MAX_HEAD_BYTES`] are refused.
+pub async fn serve_connection<I, S, F>(
+    io: I,
+    protocol: Protocol,
+    service: S,
+    limits: ServeLimits,
+) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    S: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = std::sync::Arc::new(service);
+    let service = service_fn(move |req| {
+        let service = service.clone();
+        async move { Ok::<_, std::convert::Infallible>(service(req).await) }
+    });
+    let io = TokioIo::new(io);
+    match protocol {
+        Protocol::Http2 => {
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(u32::try_from(limits.max_streams).unwrap_or(u32::MAX))
+                .max_header_list_size(MAX_HEAD_BYTES as u32)
+                .initial_stream_window_size(super::hbone::STREAM_WINDOW)
+                .initial_connection_window_size(super::hbone::CONNECTION_WINDOW);
+            if let Some(frame) = limits.max_frame {
+                builder.max_frame_size(frame);
+            }
+            builder.serve_connection(io, service).await
+        }
+        _ => {
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.head_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    }
 }
 
 /// Arranges for an upgrade the upstream accepted (101, or 2xx to a `CONNECT`) to be relayed

@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -14,19 +13,16 @@ use std::{
 use hyper::{
     body::Incoming,
     header::{HeaderName, HeaderValue},
-    server::conn::{http1, http2},
-    service::service_fn,
     Request, Response, Version,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
     connected, finish_failed, is_grpc, is_upgrade,
     pool::{BoxIo, Key, Route, SendError},
-    record, relay_response, respond, strip_hop_by_hop, upgrade_to_h2, Body, Failure, Upgrade,
-    DST_CANONICAL, MAX_HEAD_BYTES, ORIG_PROTO,
+    record, relay_response, respond, serve_connection, strip_hop_by_hop, upgrade_to_h2, Body,
+    Failure, ServeLimits, Upgrade, DST_CANONICAL, ORIG_PROTO,
 };
 use crate::{
     metrics::{
@@ -153,33 +149,17 @@ pub async fn serve(
         read_at_last_response: Default::default(),
         destinations: Mutex::default(),
     });
-    let io = TokioIo::new(io);
     let served = client.clone();
-    let service = service_fn(move |req| {
-        let client = served.clone();
-        async move { Ok::<_, Infallible>(forward(&client, req).await) }
-    });
-    let result = match protocol {
-        Protocol::Http2 => {
-            http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(u32::try_from(inputs.max_streams).unwrap_or(u32::MAX))
-                .max_header_list_size(MAX_HEAD_BYTES as u32)
-                .initial_stream_window_size(crate::proxy::hbone::STREAM_WINDOW)
-                .initial_connection_window_size(crate::proxy::hbone::CONNECTION_WINDOW)
-                .serve_connection(io, service)
-                .await
-        }
-        _ => {
-            http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(inputs.http_head_timeout)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await
-        }
+    let limits = ServeLimits {
+        head_timeout: inputs.http_head_timeout,
+        max_streams: inputs.max_streams,
+        max_frame: None,
     };
+    let forward_one = move |req| {
+        let client = served.clone();
+        async move { forward(&client, req).await }
+    };
+    let result = serve_connection(io, protocol, forward_one, limits).await;
     if let Err(e) = result {
         // The head timeout also ends a keep-alive connection left idle: not an error.
         let idle = client.read.load(Ordering::Relaxed)
