@@ -108,13 +108,7 @@ pub fn fetch(cmd: Command, addr: &str) -> Fetch {
 /// `meshtest get ADDR PATH` run by `cmd`.
 pub fn fetch_path(mut cmd: Command, addr: &str, path: &str) -> Fetch {
     cmd.args(["get", addr, path]);
-    let out = output(cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "GET {addr} failed: {}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = must_succeed(cmd, &format!("GET {addr}"));
     let (head, body) = stdout.split_once("\n\n").expect("meshtest output");
     let field = |k: &str| {
         head.lines()
@@ -257,6 +251,18 @@ pub fn must_fail(mut cmd: Command, what: &str) -> String {
     stdout
 }
 
+/// Runs `cmd` and returns its stdout; panics with its stderr and stdout if it fails.
+pub fn must_succeed(cmd: Command, what: &str) -> String {
+    let out = output(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// `VmHWM` (peak resident set) of a process, in bytes.
 pub fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -277,14 +283,7 @@ pub fn meshtest_in(
 ) -> std::collections::BTreeMap<String, String> {
     let mut cmd = bed.pod_command(pod, meshtest()).expect("pod command");
     cmd.args(args);
-    let out = output(cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "meshtest {args:?} in {pod} failed: {}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    key_values(&stdout)
+    key_values(&must_succeed(cmd, &format!("meshtest {args:?} in {pod}")))
 }
 
 /// The `key=value` lines of a tool's output.

@@ -559,13 +559,7 @@ fn expect_100_continue_is_answered_through_the_mesh() {
     .arg(format!("@{}", body.display()))
     .args(["-w", "\ntime=%{time_total}\n"])
     .arg(format!("http://{}/upload", remote_pod(&bed, 8080)));
-    let out = output(curl);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = must_succeed(curl, "curl with Expect: 100-continue");
     let kv = key_values(&text);
     assert_eq!(kv["bytes"], "100000", "{text}");
     let secs: f64 = kv["time"].parse().unwrap();
