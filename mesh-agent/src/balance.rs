@@ -11,7 +11,7 @@
 use std::{
     cell::Cell,
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -34,8 +34,6 @@ pub struct EndpointLoad {
     pending: AtomicU32,
     /// (estimate in ns, when it was last updated).
     estimate: Mutex<(f64, Instant)>,
-    /// Total requests started (for tests and `/state`).
-    started: AtomicU64,
 }
 
 impl Default for EndpointLoad {
@@ -43,7 +41,6 @@ impl Default for EndpointLoad {
         Self {
             pending: AtomicU32::new(0),
             estimate: Mutex::new((DEFAULT_RTT.as_nanos() as f64, Instant::now())),
-            started: AtomicU64::new(0),
         }
     }
 }
@@ -67,15 +64,10 @@ impl EndpointLoad {
     /// when dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.pending.fetch_add(1, Ordering::Relaxed);
-        self.started.fetch_add(1, Ordering::Relaxed);
         InFlight {
             load: self.clone(),
             since: Instant::now(),
         }
-    }
-
-    pub fn started(&self) -> u64 {
-        self.started.load(Ordering::Relaxed)
     }
 
     fn observe(&self, rtt: Duration, now: Instant) {

@@ -119,10 +119,6 @@ impl<S> Prefixed<S> {
     pub fn new(prefix: Bytes, io: S) -> Self {
         Self { prefix, io }
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.io
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
