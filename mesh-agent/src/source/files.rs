@@ -1,29 +1,60 @@
-//! Desired state from a directory of Kubernetes YAML manifests, re-read when it changes.
+//! Desired state from a directory of Kubernetes YAML manifests, applied file by file as it
+//! changes.
 //!
-//! The whole directory is one snapshot: if any file is invalid, the new snapshot is rejected as
-//! a whole, the error (file, object, field) is logged and counted, and the last good snapshot
-//! stays in force.
+//! - **Notification.** inotify on the directory says which files changed; changes are gathered
+//!   into one batch until none came for [`QUIET`] (or [`MAX_DELAY`] after the first), so a
+//!   storm of writes makes a few snapshots, not one per file. Every [`RESYNC`] (and whenever
+//!   inotify lost events or is unavailable) each file's size, mtime and inode are compared with
+//!   what was last read, as a safety net.
+//! - **Only changed files are read**, and a file whose bytes did not change is not parsed. The
+//!   objects of a changed file become per-object changes for the [`Store`], which rebuilds only
+//!   what they feed.
+//! - **All or nothing.** The state in force is always that of a directory where every file was
+//!   valid: if a file of a batch is invalid, the batch is rejected whole (logged with file,
+//!   object and field, and counted), and its files are tried again with the next change.
+//! - **Complete files only.** Write a manifest elsewhere (a dotfile in the same directory, say)
+//!   and `rename` it into place, as `kubectl cp`, editors and ConfigMap volumes do: the rename
+//!   is atomic, so the agent never sees half a file. A file written in place is read when its
+//!   writer closes it (`IN_CLOSE_WRITE`), not while it is still being written; a writer that
+//!   keeps a file open without writing for [`WRITER_GRACE`] is assumed done.
+//! - Dotfiles and files not ending in `.yaml`/`.yml` are ignored; a change to `..data` (how a
+//!   ConfigMap volume swaps its files) re-checks every file.
+//!
+//! All of this runs on a thread of its own: the proxy's runtime never waits for it.
 
 use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    hash::{Hash as _, Hasher as _},
     io::Read as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
+use inotify::{EventMask, Inotify, WatchMask};
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     metrics::Metrics,
     state::{
-        manifest::{self, ManifestError, Problem},
-        Snapshot,
+        manifest::{self, ManifestError, ObjectKey, Problem},
+        store::{Change, Store},
+        LastApply, Snapshot,
     },
 };
 
-/// How often the directory is checked for changes.
-const POLL: Duration = Duration::from_millis(250);
+/// A batch closes once no change came for this long...
+pub const QUIET: Duration = Duration::from_millis(20);
+/// ...or this long after its first change, whichever is first.
+pub const MAX_DELAY: Duration = Duration::from_millis(200);
+/// How often every file is re-checked even without notifications.
+pub const RESYNC: Duration = Duration::from_secs(60);
+/// How often, while inotify is unavailable (the directory is missing, or out of watches).
+const UNWATCHED_RESYNC: Duration = Duration::from_secs(1);
+/// A file modified and not closed for this long is read anyway.
+pub const WRITER_GRACE: Duration = Duration::from_secs(10);
 
 pub struct ManifestDir {
     path: PathBuf,
@@ -31,13 +62,38 @@ pub struct ManifestDir {
     max_file_bytes: u64,
     /// The version of the last snapshot published.
     version: u64,
-    /// The version of the directory the last load saw (taken before reading it, so a change
-    /// made while reading is noticed on the next poll).
-    seen: Fingerprint,
+    store: Store,
+    /// What each file in force defined.
+    files: HashMap<PathBuf, InForce>,
+    /// How each file looked when last read, accepted or not.
+    attempted: HashMap<PathBuf, Fingerprint>,
+    /// Files whose content on disk may differ from what is in force.
+    dirty: BTreeSet<PathBuf>,
 }
 
-/// What identifies one version of the directory without reading every file.
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+struct InForce {
+    keys: Vec<ObjectKey>,
+    /// Of the file's bytes: an identical rewrite is not parsed again.
+    hash: u64,
+}
+
+/// What identifies one version of a file without reading it.
+type Fingerprint = (u64, Option<SystemTime>, u64);
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok(), meta.ino()))
+}
+
+/// Whether a directory entry is a manifest (its name, that is; it may be gone by now).
+fn is_manifest_name(path: &Path) -> bool {
+    let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+    // Editors and `kubectl`-style tools write through dotfiles; skip them.
+    let hidden = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+    yaml && !hidden
+}
 
 impl ManifestDir {
     pub fn new(path: impl Into<PathBuf>, max_file_bytes: u64) -> Self {
@@ -45,11 +101,14 @@ impl ManifestDir {
             path: path.into(),
             max_file_bytes,
             version: 0,
-            seen: Fingerprint::new(),
+            store: Store::default(),
+            files: HashMap::new(),
+            attempted: HashMap::new(),
+            dirty: BTreeSet::new(),
         }
     }
 
-    fn files(&self) -> Result<Vec<PathBuf>, ManifestError> {
+    fn listed(&self) -> Result<Vec<PathBuf>, ManifestError> {
         let read_err = |e| ManifestError {
             file: self.path.display().to_string(),
             object: "directory".to_owned(),
@@ -58,12 +117,7 @@ impl ManifestDir {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&self.path).map_err(read_err)? {
             let path = entry.map_err(read_err)?.path();
-            let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
-            // Editors and `kubectl`-style tools write through dotfiles; skip them.
-            let hidden = path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if yaml && !hidden && path.is_file() {
+            if is_manifest_name(&path) && path.is_file() {
                 files.push(path);
             }
         }
@@ -71,27 +125,24 @@ impl ManifestDir {
         Ok(files)
     }
 
-    fn fingerprint(&self) -> Fingerprint {
-        let files = self.files().unwrap_or_default();
-        files
-            .into_iter()
-            .map(|p| {
-                let meta = std::fs::metadata(&p).ok();
-                let len = meta.as_ref().map_or(0, |m| m.len());
-                let modified = meta.and_then(|m| m.modified().ok());
-                (p, len, modified)
-            })
-            .collect()
-    }
-
-    /// Reads and validates every manifest of the directory.
-    pub fn load(&self) -> Result<Snapshot, ManifestError> {
-        let mut objects = Vec::new();
-        for file in self.files()? {
-            let text = self.read(&file)?;
-            objects.extend(manifest::parse_file(&file, &text)?);
+    /// Marks every file that changed since it was last read (or appeared, or went) as dirty;
+    /// returns whether any did.
+    fn resync(&mut self) -> Result<bool, ManifestError> {
+        let listed = self.listed()?;
+        let before = self.dirty.len();
+        let present: HashSet<&PathBuf> = listed.iter().collect();
+        for path in &listed {
+            if self.attempted.get(path) != fingerprint(path).as_ref() {
+                self.dirty.insert(path.clone());
+            }
         }
-        Snapshot::build(objects)
+        let gone = self
+            .files
+            .keys()
+            .chain(self.attempted.keys())
+            .filter(|p| !present.contains(p));
+        self.dirty.extend(gone.cloned());
+        Ok(self.dirty.len() > before)
     }
 
     /// A file's text, refused if it is over the size limit (checked on what is read, so a file
@@ -120,44 +171,183 @@ impl ManifestDir {
         Ok(text)
     }
 
-    /// Loads and validates the directory into the next snapshot, timing the apply.
-    fn apply(&mut self, metrics: &Metrics) -> Result<Snapshot, ManifestError> {
+    /// Reads the dirty files (except those still being written) and applies them as one
+    /// transaction. `Ok(None)`: nothing changed.
+    fn apply(
+        &mut self,
+        writing: &HashSet<PathBuf>,
+        metrics: &Metrics,
+    ) -> Result<Option<Snapshot>, ManifestError> {
         let started = Instant::now();
-        let result = self.load();
-        metrics.manifest_reload(result.is_ok());
-        let mut snapshot = result?;
-        metrics.state_applied(started.elapsed());
+        let result = self.try_apply(writing);
+        match &result {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                metrics.manifest_reload(true);
+                metrics.state_applied(started.elapsed());
+            }
+            Err(_) => metrics.manifest_reload(false),
+        }
+        result
+    }
+
+    fn try_apply(&mut self, writing: &HashSet<PathBuf>) -> Result<Option<Snapshot>, ManifestError> {
+        let started = Instant::now();
+        let paths: Vec<PathBuf> = self
+            .dirty
+            .iter()
+            .filter(|p| !writing.contains(*p))
+            .cloned()
+            .collect();
+        let mut changes = Vec::new();
+        let mut now_in_force: Vec<(&PathBuf, Option<InForce>)> = Vec::new();
+        for path in &paths {
+            let old = self.files.get(path);
+            if !(is_manifest_name(path) && path.is_file()) {
+                self.attempted.remove(path);
+                if let Some(old) = old {
+                    changes.extend(old.keys.iter().cloned().map(Change::Remove));
+                    now_in_force.push((path, None));
+                }
+                continue;
+            }
+            let seen = fingerprint(path);
+            let text = self.read(path)?;
+            if let Some(seen) = seen {
+                self.attempted.insert(path.clone(), seen);
+            }
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            text.hash(&mut hasher);
+            let hash = hasher.finish();
+            if old.is_some_and(|o| o.hash == hash) {
+                continue;
+            }
+            let objects = manifest::parse_file(path, &text)?;
+            drop(text);
+            let source: Arc<str> = Arc::from(path.display().to_string());
+            let keys: Vec<ObjectKey> = objects.iter().map(manifest::Object::key).collect();
+            if let Some(old) = old {
+                let kept: HashSet<&ObjectKey> = keys.iter().collect();
+                let gone = old.keys.iter().filter(|k| !kept.contains(k));
+                changes.extend(gone.cloned().map(Change::Remove));
+            }
+            changes.extend(objects.into_iter().map(|object| Change::Put {
+                source: source.clone(),
+                object: Box::new(object),
+            }));
+            now_in_force.push((path, Some(InForce { keys, hash })));
+        }
+        if now_in_force.is_empty() {
+            self.dirty.retain(|p| writing.contains(p));
+            return Ok(None);
+        }
+        let applied = self.store.apply(changes)?;
+        let files = now_in_force.len();
+        for (path, state) in now_in_force {
+            match state {
+                Some(state) => self.files.insert(path.clone(), state),
+                None => self.files.remove(path),
+            };
+        }
+        self.dirty.retain(|p| writing.contains(p));
         self.version += 1;
+        let mut snapshot = self.store.snapshot();
         snapshot.version = self.version;
         snapshot.applied_at = Some(SystemTime::now());
-        Ok(snapshot)
+        snapshot.last_apply = Some(LastApply {
+            files,
+            applied,
+            duration_us: started.elapsed().as_micros(),
+        });
+        Ok(Some(snapshot))
     }
 
     /// Loads the directory once; a failure here stops start-up.
     pub fn initial(&mut self, metrics: &Metrics) -> Result<Arc<Snapshot>, ManifestError> {
-        self.seen = self.fingerprint();
-        Ok(Arc::new(self.apply(metrics)?))
+        self.resync()?;
+        let snapshot = self.apply(&HashSet::new(), metrics)?;
+        // An empty directory is a valid (empty) state.
+        let snapshot = snapshot.unwrap_or_else(|| {
+            self.version += 1;
+            let mut empty = self.store.snapshot();
+            empty.version = self.version;
+            empty.applied_at = Some(SystemTime::now());
+            empty
+        });
+        Ok(Arc::new(snapshot))
     }
 
-    /// Polls the directory and publishes each new valid snapshot until `tx` has no receivers.
-    /// Runs on a thread of its own (see [`ManifestDir::spawn_watch`]): reading and building a
-    /// large state takes time the proxy's runtime must not lose.
+    /// Follows the directory and publishes each new valid snapshot until `tx` has no
+    /// receivers.
     fn watch(mut self, tx: watch::Sender<Arc<Snapshot>>, metrics: Arc<Metrics>) {
+        let mut notifier = Notifier::new(&self.path);
+        // Files modified but not closed yet, since when.
+        let mut writing: HashMap<PathBuf, Instant> = HashMap::new();
+        // The first and the latest change of the batch being gathered.
+        let mut batch: Option<(Instant, Instant)> = None;
+        let mut next_resync = Instant::now() + notifier.resync_interval();
         loop {
-            std::thread::sleep(POLL);
             if tx.is_closed() {
                 return;
             }
-            let now = self.fingerprint();
-            if now == self.seen {
+            let now = Instant::now();
+            let mut deadline = next_resync.min(now + Duration::from_secs(1));
+            if let Some((first, last)) = batch {
+                deadline = deadline.min((last + QUIET).min(first + MAX_DELAY));
+            }
+            for since in writing.values() {
+                deadline = deadline.min(*since + WRITER_GRACE);
+            }
+            let seen = notifier.wait(deadline.saturating_duration_since(now));
+            let now = Instant::now();
+            let mut touched = false;
+            for event in seen {
+                match event {
+                    Seen::Complete(path) => {
+                        writing.remove(&path);
+                        self.dirty.insert(path);
+                        touched = true;
+                    }
+                    Seen::Writing(path) => {
+                        writing.insert(path, now);
+                    }
+                    Seen::Everything => next_resync = now,
+                }
+            }
+            writing.retain(|path, since| {
+                let done = now >= *since + WRITER_GRACE;
+                if done {
+                    self.dirty.insert(path.clone());
+                    touched = true;
+                }
+                !done
+            });
+            if now >= next_resync {
+                notifier.rewatch();
+                match self.resync() {
+                    Ok(changed) => touched |= changed,
+                    Err(e) => warn!("re-checking the manifest directory: {e}"),
+                }
+                next_resync = now + notifier.resync_interval();
+            }
+            if touched {
+                batch = Some((batch.map_or(now, |b| b.0), now));
+            }
+            let Some((first, last)) = batch else { continue };
+            if now < last + QUIET && now < first + MAX_DELAY {
                 continue;
             }
-            self.seen = now;
-            match self.apply(&metrics) {
-                Ok(snapshot) => {
-                    info!(dir = %self.path.display(), version = snapshot.version, "manifests changed; new state in force");
+            batch = None;
+            let busy: HashSet<PathBuf> = writing.keys().cloned().collect();
+            match self.apply(&busy, &metrics) {
+                Ok(Some(snapshot)) => {
+                    info!(
+                        dir = %self.path.display(), version = snapshot.version,
+                        changes = ?snapshot.last_apply, "manifests changed; new state in force"
+                    );
                     tx.send_replace(Arc::new(snapshot));
                 }
+                Ok(None) => {}
                 Err(e) => error!("rejected manifest change, keeping the last good state: {e}"),
             }
         }
@@ -172,5 +362,360 @@ impl ManifestDir {
         std::thread::Builder::new()
             .name("desired-state".to_owned())
             .spawn(move || self.watch(tx, metrics))
+    }
+
+    /// The store behind the snapshots (for tests and figures).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Marks `path` changed and applies what is dirty, as the watcher does after a batch.
+    pub fn apply_now(
+        &mut self,
+        path: &Path,
+        metrics: &Metrics,
+    ) -> Result<Option<Snapshot>, ManifestError> {
+        self.dirty.insert(path.to_owned());
+        self.apply(&HashSet::new(), metrics)
+    }
+}
+
+/// What the notifier saw.
+enum Seen {
+    /// A file was closed after writing, renamed in or out, or removed.
+    Complete(PathBuf),
+    /// A file is being written.
+    Writing(PathBuf),
+    /// Events were lost, the directory itself went, or a ConfigMap-style swap: re-check all.
+    Everything,
+}
+
+/// inotify on the manifest directory, when it can be had.
+struct Notifier {
+    dir: PathBuf,
+    inotify: Option<Inotify>,
+    buffer: Vec<u8>,
+    /// Whether the last failure to watch was logged already.
+    warned: bool,
+}
+
+impl Notifier {
+    fn new(dir: &Path) -> Self {
+        let mut n = Self {
+            dir: dir.to_owned(),
+            inotify: None,
+            buffer: vec![0; 64 * 1024],
+            warned: false,
+        };
+        n.rewatch();
+        n
+    }
+
+    fn resync_interval(&self) -> Duration {
+        match self.inotify {
+            Some(_) => RESYNC,
+            None => UNWATCHED_RESYNC,
+        }
+    }
+
+    /// Watches the directory if it is not watched yet.
+    fn rewatch(&mut self) {
+        if self.inotify.is_some() {
+            return;
+        }
+        let mask = WatchMask::CLOSE_WRITE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::DELETE
+            | WatchMask::CREATE
+            | WatchMask::MODIFY
+            | WatchMask::DELETE_SELF
+            | WatchMask::MOVE_SELF
+            | WatchMask::ONLYDIR;
+        let watched = Inotify::init().and_then(|inotify| {
+            inotify.watches().add(&self.dir, mask)?;
+            Ok(inotify)
+        });
+        match watched {
+            Ok(inotify) => {
+                if self.warned {
+                    info!(dir = %self.dir.display(), "watching the manifest directory again");
+                }
+                self.inotify = Some(inotify);
+                self.warned = false;
+            }
+            Err(e) if !self.warned => {
+                warn!(
+                    dir = %self.dir.display(),
+                    "cannot watch the manifest directory ({e}); checking it every {UNWATCHED_RESYNC:?}"
+                );
+                self.warned = true;
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Waits up to `timeout` for events.
+    fn wait(&mut self, timeout: Duration) -> Vec<Seen> {
+        let Some(inotify) = self.inotify.as_mut() else {
+            std::thread::sleep(timeout);
+            return Vec::new();
+        };
+        let mut pollfd = libc::pollfd {
+            fd: inotify.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut pollfd, 1, ms) } <= 0 {
+            return Vec::new();
+        }
+        let mut seen = Vec::new();
+        let mut lost = false;
+        loop {
+            let events = match inotify.read_events(&mut self.buffer) {
+                Ok(events) => events,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!("reading manifest directory events: {e}");
+                    lost = true;
+                    break;
+                }
+            };
+            for event in events {
+                let mask = event.mask;
+                if mask.contains(EventMask::Q_OVERFLOW) {
+                    seen.push(Seen::Everything);
+                    continue;
+                }
+                if mask
+                    .intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+                {
+                    lost = true;
+                    continue;
+                }
+                let Some(name) = event.name else { continue };
+                let path = self.dir.join(name);
+                if name.to_string_lossy().starts_with("..") {
+                    // A ConfigMap volume swapping `..data`: every file may have changed.
+                    if mask.intersects(EventMask::MOVED_TO | EventMask::CREATE) {
+                        seen.push(Seen::Everything);
+                    }
+                    continue;
+                }
+                if !is_manifest_name(&path) {
+                    continue;
+                }
+                let done = EventMask::CLOSE_WRITE
+                    | EventMask::MOVED_TO
+                    | EventMask::MOVED_FROM
+                    | EventMask::DELETE;
+                let symlink =
+                    || std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+                if mask.intersects(done) || (mask.contains(EventMask::CREATE) && symlink()) {
+                    seen.push(Seen::Complete(path));
+                } else {
+                    seen.push(Seen::Writing(path));
+                }
+            }
+        }
+        if lost {
+            // Watched again (if the directory is back) at the resync this asks for.
+            self.inotify = None;
+            seen.push(Seen::Everything);
+        }
+        seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use crate::state::{store::Applied, Destination};
+
+    /// A directory of its own under the system's temporary directory, removed at the end.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("mesh-agent-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        /// Writes aside and renames into place, as the module asks writers to.
+        fn put(&self, name: &str, text: &str) -> PathBuf {
+            let tmp = self.0.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            let path = self.0.join(name);
+            std::fs::rename(&tmp, &path).unwrap();
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn metrics() -> Metrics {
+        Metrics::new(crate::metrics::http::Dialect::Both).unwrap()
+    }
+
+    /// Service `svc-{i}` at 10.96.x.y:80 with an EndpointSlice of five endpoints.
+    fn service(i: u32, first_endpoint: u32) -> String {
+        let endpoints: String = (first_endpoint..first_endpoint + 5)
+            .map(|e| {
+                format!(
+                    "  - addresses: [10.{}.{}.{}]\n",
+                    100 + e / 65536,
+                    (e / 256) % 256,
+                    e % 256
+                )
+            })
+            .collect();
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: big}}\nspec:\n  clusterIP: 10.96.{}.{}\n  ports: [{{name: http, port: 80}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-abc\n  namespace: big\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{endpoints}",
+            i / 250,
+            i % 250 + 1
+        )
+    }
+
+    fn target(s: &Snapshot, i: u32) -> Arc<crate::state::ServiceTarget> {
+        let addr = format!("10.96.{}.{}:80", i / 250, i % 250 + 1);
+        match s.resolve(addr.parse().unwrap()) {
+            Destination::Service(t) => t,
+            _ => panic!("svc-{i} is not in the snapshot"),
+        }
+    }
+
+    #[test]
+    fn one_changed_object_among_10k_services_rebuilds_one_service() {
+        let dir = TempDir::new("10k");
+        // 1,000 files of ten Services each, every Service with five endpoints.
+        for f in 0..1000u32 {
+            let text: String = (f * 10..f * 10 + 10).map(|i| service(i, i * 5)).collect();
+            dir.put(&format!("svc-{f:04}.yaml"), &text);
+        }
+        let metrics = metrics();
+        let mut state = ManifestDir::new(&dir.0, 8 << 20);
+        let before = state.initial(&metrics).unwrap();
+        assert_eq!(before.summary().service_ports, 10_000);
+        assert_eq!(before.summary().endpoints, 50_000);
+
+        // svc-4242's slice gets new endpoints; its nine neighbours in the file stay as they were.
+        let text: String = (4240..4250)
+            .map(|i| service(i, if i == 4242 { 60_000 } else { i * 5 }))
+            .collect();
+        let path = dir.put("svc-0424.yaml", &text);
+        let after = state.apply_now(&path, &metrics).unwrap().unwrap();
+        let last = after.last_apply.clone().unwrap();
+        assert_eq!(
+            (last.files, last.applied),
+            (
+                1,
+                Applied {
+                    objects: 1,
+                    pods_rebuilt: 0,
+                    services_rebuilt: 1
+                }
+            )
+        );
+        let changed = target(&after, 4242);
+        assert_eq!(changed.endpoints.len(), 5);
+        assert_eq!(changed.endpoints[0].to_string(), "10.100.234.96:8080");
+        assert!(!Arc::ptr_eq(&changed, &target(&before, 4242)));
+        // Every other Service port is the very same object: endpoints, balancer state and all.
+        let untouched = (0..10_000)
+            .filter(|&i| i != 4242)
+            .filter(|&i| Arc::ptr_eq(&target(&before, i), &target(&after, i)))
+            .count();
+        assert_eq!(untouched, 9_999);
+        assert_eq!(after.summary().endpoints, 50_000);
+
+        // Rewriting a file as it was reads it, and changes nothing.
+        let again = dir.put("svc-0424.yaml", &text);
+        assert!(state.apply_now(&again, &metrics).unwrap().is_none());
+    }
+
+    #[test]
+    fn objects_and_addresses_move_between_files_in_one_batch() {
+        let dir = TempDir::new("move");
+        let pod = |name: &str, ip: &str| {
+            format!("---\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: n1}}\nstatus: {{phase: Running, podIP: {ip}}}\n")
+        };
+        dir.put(
+            "a.yaml",
+            &(pod("old", "10.1.1.5") + &pod("stays", "10.1.1.6")),
+        );
+        let metrics = metrics();
+        let mut state = ManifestDir::new(&dir.0, 1 << 20);
+        state.initial(&metrics).unwrap();
+
+        // A new pod in b.yaml takes the address `old` gives back in a.yaml, and `stays` moves
+        // from a.yaml to b.yaml: fine together, whatever order the files are read in.
+        dir.put("a.yaml", "");
+        let b = dir.put(
+            "b.yaml",
+            &(pod("new", "10.1.1.5") + &pod("stays", "10.1.1.6")),
+        );
+        state.dirty.insert(dir.0.join("a.yaml"));
+        let s = state.apply_now(&b, &metrics).unwrap().unwrap();
+        let ip = |s: &Snapshot, ip: &str| s.pod_by_ip(ip.parse().unwrap()).map(|w| w.name.clone());
+        assert_eq!(ip(&s, "10.1.1.5").as_deref(), Some("new"));
+        assert_eq!(ip(&s, "10.1.1.6").as_deref(), Some("stays"));
+        assert_eq!(s.summary().pods, 2);
+
+        // Alone, the same claim is refused, and the state stays.
+        let c = dir.put("c.yaml", &pod("thief", "10.1.1.5"));
+        let err = state.apply_now(&c, &metrics).unwrap_err().to_string();
+        assert!(
+            err.contains("Pod shop/thief: pod IP 10.1.1.5 is also claimed by Pod shop/new"),
+            "{err}"
+        );
+        assert_eq!(state.store().snapshot().summary().pods, 2);
+    }
+
+    #[test]
+    fn a_file_being_written_is_read_when_its_writer_closes_it() {
+        use std::io::Write as _;
+        let dir = TempDir::new("partial");
+        dir.put("a.yaml", &service(1, 0));
+        let metrics = Arc::new(metrics());
+        let mut state = ManifestDir::new(&dir.0, 1 << 20);
+        let (tx, mut rx) = watch::channel(state.initial(&metrics).unwrap());
+        state.spawn_watch(tx, metrics.clone()).unwrap();
+
+        // Written in place, in two halves, the first cut mid-document.
+        let text = service(2, 100);
+        let (first, rest) = text.split_at(text.len() / 2);
+        let mut file = std::fs::File::create(dir.0.join("b.yaml")).unwrap();
+        file.write_all(first.as_bytes()).unwrap();
+        file.flush().unwrap();
+        std::thread::sleep(QUIET * 10 + MAX_DELAY);
+        assert_eq!(rx.borrow().version, 1, "half a file was applied");
+        file.write_all(rest.as_bytes()).unwrap();
+        drop(file);
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), rx.changed()).await })
+            .unwrap()
+            .unwrap();
+        let s = rx.borrow().clone();
+        assert_eq!((s.version, s.summary().service_ports), (2, 2));
+        let rejected = metrics.encode();
+        assert!(
+            !rejected.contains("mesh_manifest_reloads_total{result=\"error\"}"),
+            "{rejected}"
+        );
     }
 }

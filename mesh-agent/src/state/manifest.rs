@@ -11,7 +11,9 @@ use std::{
     path::Path,
 };
 
-use serde::{de::DeserializeOwned, Deserialize};
+use serde::{de::DeserializeSeed as _, Deserialize};
+
+use super::ports::{PortSet, OPAQUE_PORTS_ANNOTATION};
 
 /// A manifest that could not be accepted, located by file, object and field.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +43,15 @@ pub enum Problem {
         other: String,
         other_file: String,
     },
+    #[error("cluster IP {ip} is also claimed by Service {other} (in {other_file}); a cluster IP belongs to one Service")]
+    DuplicateClusterIp {
+        ip: IpAddr,
+        other: String,
+        other_file: String,
+    },
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
     pub name: String,
@@ -58,7 +66,7 @@ pub struct ObjectMeta {
 }
 
 /// Who owns an object (a Pod's ReplicaSet, StatefulSet, DaemonSet, Job).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct OwnerReference {
     pub kind: String,
     pub name: String,
@@ -113,12 +121,12 @@ impl ObjectMeta {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Namespace {
     pub metadata: ObjectMeta,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Pod {
     pub metadata: ObjectMeta,
     #[serde(default)]
@@ -127,7 +135,7 @@ pub struct Pod {
     pub status: PodStatus,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpec {
     #[serde(default)]
@@ -138,7 +146,7 @@ pub struct PodSpec {
     pub host_network: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatus {
     #[serde(default, rename = "podIP")]
@@ -155,7 +163,7 @@ pub struct PodStatus {
     pub pod_ips: Vec<PodIp>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct PodIp {
     pub ip: IpAddr,
 }
@@ -190,14 +198,14 @@ impl PodStatus {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Service {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: ServiceSpec,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
     /// An IP address, `None` (headless) or absent.
@@ -212,7 +220,7 @@ pub struct ServiceSpec {
     pub selector: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     #[serde(default)]
@@ -233,7 +241,7 @@ pub enum IntOrString {
     String(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointSlice {
     pub metadata: ObjectMeta,
@@ -244,7 +252,7 @@ pub struct EndpointSlice {
     pub ports: Vec<EndpointPort>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     pub addresses: Vec<String>,
@@ -254,14 +262,14 @@ pub struct Endpoint {
     pub node_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct EndpointConditions {
     /// Absent means ready (Kubernetes semantics).
     #[serde(default)]
     pub ready: Option<bool>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct EndpointPort {
     #[serde(default)]
     pub name: Option<String>,
@@ -276,7 +284,7 @@ fn tcp() -> String {
 }
 
 /// One object of a kind we understand.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
@@ -284,73 +292,327 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
 }
 
-/// An object read from a file, with where it came from.
-#[derive(Debug, Clone)]
-pub struct Located {
-    pub file: String,
-    pub object: Object,
+/// The kinds of [`Object`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
 }
 
-#[derive(Deserialize)]
-struct Head {
-    #[serde(default)]
-    kind: Option<String>,
-    #[serde(default)]
-    metadata: Option<HeadMeta>,
+impl Kind {
+    fn from_name(kind: &str) -> Option<Kind> {
+        Some(match kind {
+            "Namespace" => Kind::Namespace,
+            "Pod" => Kind::Pod,
+            "Service" => Kind::Service,
+            "EndpointSlice" => Kind::EndpointSlice,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+        }
+    }
 }
 
-#[derive(Deserialize)]
-struct HeadMeta {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    namespace: Option<String>,
+/// What names one object in the cluster: its kind, namespace (empty for a Namespace) and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
 }
 
-/// Parses every YAML document of one file. Objects of kinds we do not use are skipped.
-pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Located>, ManifestError> {
-    let file = path.display().to_string();
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            Kind::Namespace => write!(f, "Namespace {}", self.name),
+            kind => write!(f, "{} {}/{}", kind.name(), self.namespace, self.name),
+        }
+    }
+}
+
+impl Object {
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+        }
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        let meta = self.metadata();
+        let kind = self.kind();
+        ObjectKey {
+            kind,
+            namespace: match kind {
+                Kind::Namespace => String::new(),
+                _ => meta.namespace().to_owned(),
+            },
+            name: meta.name.clone(),
+        }
+    }
+}
+
+/// Parses every YAML document of one file straight into typed objects (no intermediate tree
+/// per document: at cluster scale that tree was most of the parsing time and memory). Objects
+/// of kinds we do not use are skipped.
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
     let mut out = Vec::new();
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let fail = |object: String, problem| ManifestError {
-            file: file.clone(),
-            object,
-            problem,
-        };
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| fail(format!("document {}", index + 1), Problem::Yaml(e)))?;
-        if value.is_null() {
-            continue;
-        }
-        let head = Head::deserialize(&value)
-            .map_err(|e| fail(format!("document {}", index + 1), Problem::Yaml(e)))?;
-        let kind = head.kind.unwrap_or_default();
+        let mut seen = Seen::default();
+        let mut track = serde_path_to_error::Track::new();
+        let parsed = Document(&mut seen)
+            .deserialize(serde_path_to_error::Deserializer::new(doc, &mut track))
+            .map_err(|e| {
+                let path = track.path().to_string();
+                match seen.field.take() {
+                    Some((field, message)) => Problem::Field { field, message },
+                    None if path == "." || seen.kind.is_none() => Problem::Yaml(e),
+                    None => Problem::Field {
+                        field: path,
+                        message: e.to_string(),
+                    },
+                }
+            })
+            .and_then(|object| object.map(validate).transpose());
         let object = ObjectName {
-            kind: &kind,
-            namespace: head.metadata.as_ref().and_then(|m| m.namespace.as_deref()),
-            name: head.metadata.as_ref().and_then(|m| m.name.as_deref()),
+            kind: seen.kind.as_deref().unwrap_or(""),
+            namespace: seen.namespace.as_deref(),
+            name: seen.name.as_deref(),
             index,
-        }
-        .to_string();
-        let parsed = match kind.as_str() {
-            "Namespace" => typed(value).map(Object::Namespace),
-            "Pod" => typed(value).and_then(validate_pod).map(Object::Pod),
-            "Service" => typed(value).and_then(validate_service).map(Object::Service),
-            "EndpointSlice" => typed(value)
-                .and_then(validate_slice)
-                .map(Object::EndpointSlice),
-            "" => Err(Problem::Field {
-                field: "kind".to_owned(),
-                message: "missing".to_owned(),
-            }),
-            _ => continue,
         };
-        out.push(Located {
-            file: file.clone(),
-            object: parsed.map_err(|p| fail(object, p))?,
-        });
+        match parsed {
+            Ok(Some(o)) => out.push(o),
+            Ok(None) => {}
+            Err(problem) => {
+                return Err(ManifestError {
+                    file: path.display().to_string(),
+                    object: object.to_string(),
+                    problem,
+                })
+            }
+        }
     }
     Ok(out)
+}
+
+/// What is known of a document while it is parsed, to name it in an error.
+#[derive(Default)]
+struct Seen {
+    kind: Option<String>,
+    name: Option<String>,
+    namespace: Option<String>,
+    /// A field whose error the path tracker cannot locate (see [`Document::visit_map`]).
+    field: Option<(String, String)>,
+}
+
+/// One YAML document, read in one pass: `Ok(None)` for an empty document or a kind we skip.
+struct Document<'a>(&'a mut Seen);
+
+/// The fields of an object, gathered as they come.
+#[derive(Default)]
+struct Parts {
+    metadata: Option<ObjectMeta>,
+    pod_spec: Option<PodSpec>,
+    pod_status: Option<PodStatus>,
+    service_spec: Option<ServiceSpec>,
+    address_type: Option<String>,
+    endpoints: Option<Vec<Endpoint>>,
+    endpoint_ports: Option<Vec<EndpointPort>>,
+}
+
+/// Where a field's value is read from: the map being parsed, or a value kept aside.
+trait FieldValue<'de> {
+    type Error: serde::de::Error;
+    fn read<T: Deserialize<'de>>(self) -> Result<T, Self::Error>;
+}
+
+impl<'de, A: serde::de::MapAccess<'de>> FieldValue<'de> for &mut A {
+    type Error = A::Error;
+    fn read<T: Deserialize<'de>>(self) -> Result<T, A::Error> {
+        self.next_value()
+    }
+}
+
+impl<'de, D: serde::Deserializer<'de>> FieldValue<'de> for Aside<D> {
+    type Error = D::Error;
+    fn read<T: Deserialize<'de>>(self) -> Result<T, D::Error> {
+        T::deserialize(self.0)
+    }
+}
+
+/// A value that came before `kind`, as a deserializer.
+struct Aside<D>(D);
+
+impl Parts {
+    /// Reads the value of `key` for an object of `kind`; `Ok(false)` when this kind does not
+    /// use the key (and the value is left unread).
+    fn read<'de, V: FieldValue<'de>>(
+        &mut self,
+        kind: Kind,
+        key: &str,
+        value: V,
+    ) -> Result<bool, V::Error> {
+        fn put<'de, T: Deserialize<'de>, V: FieldValue<'de>>(
+            slot: &mut Option<T>,
+            value: V,
+        ) -> Result<bool, V::Error> {
+            *slot = Some(value.read()?);
+            Ok(true)
+        }
+        match (kind, key) {
+            (_, "metadata") => put(&mut self.metadata, value),
+            (Kind::Pod, "spec") => put(&mut self.pod_spec, value),
+            (Kind::Pod, "status") => put(&mut self.pod_status, value),
+            (Kind::Service, "spec") => put(&mut self.service_spec, value),
+            (Kind::EndpointSlice, "addressType") => put(&mut self.address_type, value),
+            (Kind::EndpointSlice, "endpoints") => put(&mut self.endpoints, value),
+            (Kind::EndpointSlice, "ports") => put(&mut self.endpoint_ports, value),
+            _ => Ok(false),
+        }
+    }
+
+    fn object(self, kind: Kind) -> Result<Object, Problem> {
+        let metadata = self.metadata.ok_or_else(|| field("metadata", "missing"))?;
+        Ok(match kind {
+            Kind::Namespace => Object::Namespace(Namespace { metadata }),
+            Kind::Pod => Object::Pod(Pod {
+                metadata,
+                spec: self.pod_spec.unwrap_or_default(),
+                status: self.pod_status.unwrap_or_default(),
+            }),
+            Kind::Service => Object::Service(Service {
+                metadata,
+                spec: self.service_spec.unwrap_or_default(),
+            }),
+            Kind::EndpointSlice => Object::EndpointSlice(EndpointSlice {
+                metadata,
+                address_type: self
+                    .address_type
+                    .ok_or_else(|| field("addressType", "missing"))?,
+                endpoints: self.endpoints.unwrap_or_default(),
+                ports: self.endpoint_ports.unwrap_or_default(),
+            }),
+        })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Document<'_> {
+    type Value = Option<Object>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Document<'_> {
+    type Value = Option<Object>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a Kubernetes object (a map with kind and metadata)")
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    /// `kind` usually comes first, so every field is read straight into its type. Fields that
+    /// come before `kind` are kept as YAML values and converted once the kind is known.
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::{Error, IgnoredAny};
+        let seen = self.0;
+        let mut kind: Option<Option<Kind>> = None;
+        let mut parts = Parts::default();
+        let mut early: Vec<(String, serde_yaml::Value)> = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            match (key.as_str(), kind) {
+                ("kind", None) => {
+                    let name: String = map.next_value()?;
+                    kind = Some(Kind::from_name(&name));
+                    seen.kind = Some(name);
+                }
+                ("kind", Some(_)) => return Err(A::Error::duplicate_field("kind")),
+                // A kind we skip: nothing more to read.
+                (_, Some(None)) => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                (_, Some(Some(k))) => {
+                    if !parts.read(k, &key, &mut map)? {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                ("metadata" | "spec" | "status" | "addressType" | "endpoints" | "ports", None) => {
+                    early.push((key, map.next_value()?));
+                }
+                (_, None) => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            if let Some(meta) = parts.metadata.as_ref().filter(|_| seen.name.is_none()) {
+                seen.name = Some(meta.name.clone());
+                seen.namespace = meta.namespace.clone();
+            }
+        }
+        let kind = match kind {
+            None => {
+                seen.field = Some(("kind".to_owned(), "missing".to_owned()));
+                return Err(A::Error::custom("kind is missing"));
+            }
+            Some(None) => return Ok(None),
+            Some(Some(kind)) => kind,
+        };
+        for (key, value) in early {
+            let mut track = serde_path_to_error::Track::new();
+            let read = parts.read(
+                kind,
+                &key,
+                Aside(serde_path_to_error::Deserializer::new(value, &mut track)),
+            );
+            if let Err(e) = read {
+                let path = match track.path().to_string().as_str() {
+                    "." => key,
+                    inner => format!("{key}.{inner}"),
+                };
+                seen.field = Some((path, e.to_string()));
+                return Err(A::Error::custom(e));
+            }
+            if let Some(meta) = parts.metadata.as_ref().filter(|_| seen.name.is_none()) {
+                seen.name = Some(meta.name.clone());
+                seen.namespace = meta.namespace.clone();
+            }
+        }
+        match parts.object(kind) {
+            Ok(object) => Ok(Some(object)),
+            Err(Problem::Field { field, message }) => {
+                seen.field = Some((field, message.clone()));
+                Err(A::Error::custom(message))
+            }
+            Err(other) => Err(A::Error::custom(other)),
+        }
+    }
 }
 
 struct ObjectName<'a> {
@@ -368,17 +630,11 @@ impl fmt::Display for ObjectName<'_> {
             self.kind
         };
         match self.name {
+            Some(name) if kind == "Namespace" => write!(f, "{kind} {name}"),
             Some(name) => write!(f, "{kind} {}/{name}", self.namespace.unwrap_or("default")),
             None => write!(f, "{kind} (document {})", self.index + 1),
         }
     }
-}
-
-fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, Problem> {
-    serde_path_to_error::deserialize(value).map_err(|e| Problem::Field {
-        field: e.path().to_string(),
-        message: e.into_inner().to_string(),
-    })
 }
 
 fn field(field: &str, message: impl Into<String>) -> Problem {
@@ -388,20 +644,28 @@ fn field(field: &str, message: impl Into<String>) -> Problem {
     }
 }
 
-fn validate_name(meta: &ObjectMeta) -> Result<(), Problem> {
+/// Checks what one object alone can get wrong.
+fn validate(object: Object) -> Result<Object, Problem> {
+    let meta = object.metadata();
     if meta.name.is_empty() {
         return Err(field("metadata.name", "must not be empty"));
     }
-    Ok(())
-}
-
-fn validate_pod(pod: Pod) -> Result<Pod, Problem> {
-    validate_name(&pod.metadata)?;
-    Ok(pod)
+    if let Some(value) = meta.annotations.get(OPAQUE_PORTS_ANNOTATION) {
+        PortSet::parse(value).map_err(|message| {
+            field(
+                &format!("metadata.annotations[\"{OPAQUE_PORTS_ANNOTATION}\"]"),
+                message,
+            )
+        })?;
+    }
+    Ok(match object {
+        Object::Namespace(_) | Object::Pod(_) => object,
+        Object::Service(o) => Object::Service(validate_service(o)?),
+        Object::EndpointSlice(o) => Object::EndpointSlice(validate_slice(o)?),
+    })
 }
 
 fn validate_service(svc: Service) -> Result<Service, Problem> {
-    validate_name(&svc.metadata)?;
     let ips = svc
         .spec
         .cluster_ip
@@ -436,7 +700,6 @@ fn validate_service(svc: Service) -> Result<Service, Problem> {
 }
 
 fn validate_slice(slice: EndpointSlice) -> Result<EndpointSlice, Problem> {
-    validate_name(&slice.metadata)?;
     if !slice
         .metadata
         .labels
@@ -510,14 +773,14 @@ mod tests {
         let yaml = "kind: Namespace\nmetadata: {name: shop}\n---\nkind: HTTPRoute\nmetadata: {name: r}\n---\n";
         let objs = parse_file(Path::new("x.yaml"), yaml).unwrap();
         assert_eq!(objs.len(), 1);
-        assert!(matches!(objs[0].object, Object::Namespace(_)));
+        assert!(matches!(objs[0], Object::Namespace(_)));
     }
 
     #[test]
     fn target_port_by_name_or_number() {
         let yaml = "kind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - {port: 80, targetPort: http}\n  - {port: 81, targetPort: 8081}\n";
         let objs = parse_file(Path::new("x.yaml"), yaml).unwrap();
-        let Object::Service(svc) = &objs[0].object else {
+        let Object::Service(svc) = &objs[0] else {
             panic!()
         };
         assert_eq!(

@@ -6,9 +6,10 @@
 
 pub mod manifest;
 pub mod ports;
+pub mod shared;
+pub mod store;
 
 use std::{
-    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -16,8 +17,9 @@ use std::{
     },
 };
 
-use manifest::{IntOrString, Located, ManifestError, Object, Problem};
-use ports::{Declared, PortSet, OPAQUE_PORTS_ANNOTATION};
+use ports::{Declared, PortSet};
+use shared::SharedMap;
+use store::Applied;
 
 use crate::balance::EndpointLoad;
 
@@ -91,6 +93,11 @@ impl ServiceTarget {
         format!("{}.{}.svc.cluster.local", self.name, self.namespace)
     }
 
+    /// `name.namespace.svc.cluster.local:port`, what [`Snapshot::service_named`] looks up.
+    fn name_key(&self) -> String {
+        format!("{}:{}", self.fqdn(), self.port)
+    }
+
     /// The endpoint for the next request, and its load (see [`crate::balance`]).
     pub fn pick_for_request(&self) -> Option<(SocketAddr, &Arc<EndpointLoad>)> {
         let i = crate::balance::pick(&self.loads)?;
@@ -118,17 +125,34 @@ pub enum Destination {
     Passthrough,
 }
 
-#[derive(Debug, Default)]
+/// The desired state at one moment, as the proxy and the reconcilers read it. Cloning it is
+/// cheap and shares every map (see [`shared`]); [`store::Store`] makes the next one.
+#[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    pods: Vec<Arc<Workload>>,
-    pods_by_ip: HashMap<IpAddr, Arc<Workload>>,
-    services: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    pods: SharedMap<(String, String), Arc<Workload>>,
+    pods_by_ip: SharedMap<IpAddr, Arc<Workload>>,
+    services: SharedMap<SocketAddr, Arc<ServiceTarget>>,
     /// The same, by `name.namespace.svc.cluster.local:port`.
-    services_by_name: HashMap<String, Arc<ServiceTarget>>,
+    services_by_name: SharedMap<String, Arc<ServiceTarget>>,
+    /// Endpoints over every Service port.
+    endpoints: usize,
     /// Which snapshot this is, counting from 1 for the first one a source published.
     pub version: u64,
     /// When the source published it.
     pub applied_at: Option<std::time::SystemTime>,
+    /// What the change that made it rebuilt, and how long it took.
+    pub last_apply: Option<LastApply>,
+}
+
+/// The change that made a snapshot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastApply {
+    /// Files (or watch events) it read.
+    pub files: usize,
+    #[serde(flatten)]
+    pub applied: Applied,
+    /// From the first file read to the snapshot published.
+    pub duration_us: u128,
 }
 
 /// What `/state` reports about the snapshot in force.
@@ -141,194 +165,10 @@ pub struct StateSummary {
     /// Service ports (one per cluster IP and port).
     pub service_ports: usize,
     pub endpoints: usize,
+    pub last_apply: Option<LastApply>,
 }
 
 impl Snapshot {
-    /// Builds a snapshot from parsed objects, checking what only shows across objects.
-    pub fn build(objects: Vec<Located>) -> Result<Self, ManifestError> {
-        let mut seen: HashMap<(&'static str, String, String), String> = HashMap::new();
-        let mut namespaces = HashMap::new();
-        let mut pods = Vec::new();
-        let mut pod_ips: HashMap<IpAddr, (String, String)> = HashMap::new();
-        let mut services = Vec::new();
-        let mut slices: HashMap<(String, String), Vec<manifest::EndpointSlice>> = HashMap::new();
-        for Located { file, object } in objects {
-            let (kind, meta) = match &object {
-                Object::Namespace(o) => ("Namespace", &o.metadata),
-                Object::Pod(o) => ("Pod", &o.metadata),
-                Object::Service(o) => ("Service", &o.metadata),
-                Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
-            };
-            let ns = if kind == "Namespace" {
-                ""
-            } else {
-                meta.namespace()
-            };
-            let key = (kind, ns.to_owned(), meta.name.clone());
-            if let Some(first) = seen.get(&key) {
-                return Err(ManifestError {
-                    file,
-                    object: format!("{kind} {ns}/{}", meta.name),
-                    problem: Problem::Duplicate(first.clone()),
-                });
-            }
-            seen.insert(key, file.clone());
-            match object {
-                Object::Namespace(o) => {
-                    namespaces.insert(o.metadata.name.clone(), o.metadata);
-                }
-                Object::Pod(o) => {
-                    // Only live pods hold an address; a finished pod's IP may be reused.
-                    let live = !o.spec.host_network && !o.status.is_terminal();
-                    let ips = [
-                        o.status.pod_ip4().map(IpAddr::V4),
-                        o.status.pod_ip6().map(IpAddr::V6),
-                    ];
-                    for ip in ips.into_iter().flatten().filter(|_| live) {
-                        let this = format!("{}/{}", o.metadata.namespace(), o.metadata.name);
-                        if let Some((other, other_file)) = pod_ips.get(&ip) {
-                            return Err(ManifestError {
-                                file,
-                                object: format!("Pod {this}"),
-                                problem: Problem::DuplicatePodIp {
-                                    ip,
-                                    other: other.clone(),
-                                    other_file: other_file.clone(),
-                                },
-                            });
-                        }
-                        pod_ips.insert(ip, (this, file.clone()));
-                    }
-                    pods.push(o)
-                }
-                Object::Service(o) => services.push(o),
-                Object::EndpointSlice(o) => {
-                    let svc = o
-                        .metadata
-                        .labels
-                        .get("kubernetes.io/service-name")
-                        .cloned()
-                        .unwrap_or_default();
-                    slices
-                        .entry((o.metadata.namespace().to_owned(), svc))
-                        .or_default()
-                        .push(o);
-                }
-            }
-        }
-
-        let mut snapshot = Snapshot::default();
-        let defaults = Arc::new(PortSet::defaults());
-        let mut ns_opaque: HashMap<&str, Arc<PortSet>> = HashMap::new();
-        for ns in namespaces.values() {
-            if let Some(set) = opaque_ports(&ns.annotations)
-                .map_err(|e| located(&seen, "Namespace", "", &ns.name, e))?
-            {
-                ns_opaque.insert(&ns.name, Arc::new(set));
-            }
-        }
-        for pod in pods.iter().filter(|p| !p.status.is_terminal()) {
-            let meta = &pod.metadata;
-            let ns_meta = namespaces.get(meta.namespace());
-            let (workload, kind) = match owner_workload(&meta.owner_references) {
-                Some((name, kind)) => (name, Some(kind)),
-                None => (
-                    workload_name(&meta.labels).unwrap_or(&meta.name).to_owned(),
-                    None,
-                ),
-            };
-            let opaque_ports = match opaque_ports(&meta.annotations)
-                .map_err(|e| located(&seen, "Pod", meta.namespace(), &meta.name, e))?
-            {
-                Some(set) => Arc::new(set),
-                None => ns_opaque.get(meta.namespace()).unwrap_or(&defaults).clone(),
-            };
-            let enrolled = !pod.spec.host_network
-                && inject_setting(&meta.annotations)
-                    .or_else(|| ns_meta.and_then(|n| inject_setting(&n.annotations)))
-                    .unwrap_or(true);
-            let workload = Arc::new(Workload {
-                namespace: meta.namespace().to_owned(),
-                name: meta.name.clone(),
-                workload,
-                kind,
-                opaque_ports,
-                service_account: pod
-                    .spec
-                    .service_account_name
-                    .clone()
-                    .unwrap_or_else(|| "default".to_owned()),
-                node: pod.spec.node_name.clone(),
-                ip: pod.status.pod_ip4().filter(|_| !pod.spec.host_network),
-                ip6: pod.status.pod_ip6().filter(|_| !pod.spec.host_network),
-                node_ip: match pod.status.host_ip {
-                    Some(IpAddr::V4(ip)) => Some(ip),
-                    _ => None,
-                },
-                enrolled,
-            });
-            let ips = [workload.ip.map(IpAddr::V4), workload.ip6.map(IpAddr::V6)];
-            for ip in ips.into_iter().flatten() {
-                snapshot.pods_by_ip.insert(ip, workload.clone());
-            }
-            snapshot.pods.push(workload);
-        }
-
-        for svc in &services {
-            // Every cluster IP of the Service (both families on a dual-stack cluster), each
-            // with the endpoints of its own family.
-            let mut cluster_ips: Vec<IpAddr> = svc
-                .spec
-                .cluster_ip
-                .iter()
-                .chain(svc.spec.cluster_ips.iter())
-                .filter_map(|ip| ip.parse::<IpAddr>().ok())
-                .collect();
-            cluster_ips.dedup();
-            let ns = svc.metadata.namespace();
-            let svc_opaque = opaque_ports(&svc.metadata.annotations)
-                .map_err(|e| located(&seen, "Service", ns, &svc.metadata.name, e))?;
-            let own_slices = slices.get(&(ns.to_owned(), svc.metadata.name.clone()));
-            for cluster_ip in cluster_ips {
-                for port in svc.spec.ports.iter().filter(|p| p.protocol == "TCP") {
-                    let endpoints = match own_slices {
-                        Some(slices) => {
-                            slice_endpoints(slices, port.name.as_deref(), cluster_ip.is_ipv6())
-                        }
-                        None => selected_endpoints(
-                            &pods,
-                            ns,
-                            svc.spec.selector.as_ref(),
-                            port,
-                            cluster_ip.is_ipv6(),
-                        ),
-                    };
-                    let declared = match &svc_opaque {
-                        Some(set) if set.contains(port.port) => Some(Declared::Opaque),
-                        _ => ports::declared(port.app_protocol.as_deref(), port.name.as_deref()),
-                    };
-                    let target = Arc::new(ServiceTarget {
-                        namespace: ns.to_owned(),
-                        name: svc.metadata.name.clone(),
-                        port: port.port,
-                        loads: endpoints.iter().map(|_| Arc::default()).collect(),
-                        endpoints,
-                        declared,
-                        next: AtomicUsize::new(0),
-                    });
-                    snapshot
-                        .services_by_name
-                        .entry(format!("{}:{}", target.fqdn(), target.port))
-                        .or_insert_with(|| target.clone());
-                    snapshot
-                        .services
-                        .insert(SocketAddr::new(cluster_ip, port.port), target);
-                }
-            }
-        }
-        Ok(snapshot)
-    }
-
     pub fn summary(&self) -> StateSummary {
         StateSummary {
             version: self.version,
@@ -338,14 +178,15 @@ impl Snapshot {
                 .map(|d| d.as_millis()),
             pods: self.pods.len(),
             service_ports: self.services.len(),
-            endpoints: self.services.values().map(|s| s.endpoints.len()).sum(),
+            endpoints: self.endpoints,
+            last_apply: self.last_apply.clone(),
         }
     }
 
     /// The (namespace, workload) of every pod of the snapshot.
     pub fn workloads(&self) -> std::collections::HashSet<(&str, &str)> {
         self.pods
-            .iter()
+            .values()
             .map(|p| (p.namespace.as_str(), p.workload.as_str()))
             .collect()
     }
@@ -356,7 +197,7 @@ impl Snapshot {
 
     /// Enrolled pods with an address, scheduled on `node`.
     pub fn local_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
-        self.pods.iter().filter(move |p| p.is_enrolled_on(node))
+        self.pods.values().filter(move |p| p.is_enrolled_on(node))
     }
 
     /// The Service port named `name.namespace.svc.cluster.local:port`.
@@ -375,145 +216,6 @@ impl Snapshot {
     }
 }
 
-fn inject_setting(annotations: &manifest::Labels) -> Option<bool> {
-    [INJECT_ANNOTATION, LINKERD_INJECT_ANNOTATION]
-        .iter()
-        .find_map(|k| annotations.get(k))
-        .map(|v| v != "disabled")
-}
-
-/// The opaque-ports annotation of an object, validated.
-fn opaque_ports(annotations: &manifest::Labels) -> Result<Option<PortSet>, Problem> {
-    annotations
-        .get(OPAQUE_PORTS_ANNOTATION)
-        .map(|v| PortSet::parse(v))
-        .transpose()
-        .map_err(|message| Problem::Field {
-            field: format!("metadata.annotations[\"{OPAQUE_PORTS_ANNOTATION}\"]"),
-            message,
-        })
-}
-
-/// A [`ManifestError`] for an object found in `files`.
-fn located(
-    files: &HashMap<(&'static str, String, String), String>,
-    kind: &'static str,
-    namespace: &str,
-    name: &str,
-    problem: Problem,
-) -> ManifestError {
-    let key = (kind, namespace.to_owned(), name.to_owned());
-    let object = match namespace {
-        "" => format!("{kind} {name}"),
-        ns => format!("{kind} {ns}/{name}"),
-    };
-    ManifestError {
-        file: files.get(&key).cloned().unwrap_or_default(),
-        object,
-        problem,
-    }
-}
-
-/// The workload a pod's owner names, and its kind: a ReplicaSet stands for the Deployment
-/// whose pod-template hash it appends (`web-5d8f7c9b4` → `web`).
-fn owner_workload(owners: &[manifest::OwnerReference]) -> Option<(String, &'static str)> {
-    let owner = owners.first()?;
-    let kind = match owner.kind.as_str() {
-        "ReplicaSet" => {
-            return Some(match owner.name.rsplit_once('-') {
-                Some((deployment, hash))
-                    if !deployment.is_empty()
-                        && (5..=10).contains(&hash.len())
-                        && hash.bytes().all(|b| b.is_ascii_alphanumeric()) =>
-                {
-                    (deployment.to_owned(), "deployment")
-                }
-                _ => (owner.name.clone(), "replicaset"),
-            })
-        }
-        "StatefulSet" => "statefulset",
-        "DaemonSet" => "daemonset",
-        "Job" => "job",
-        "CronJob" => "cronjob",
-        _ => return None,
-    };
-    Some((owner.name.clone(), kind))
-}
-
-fn workload_name(labels: &manifest::Labels) -> Option<&str> {
-    labels
-        .get("app.kubernetes.io/name")
-        .or_else(|| labels.get("app"))
-        .map(String::as_str)
-}
-
-fn slice_endpoints(
-    slices: &[manifest::EndpointSlice],
-    port_name: Option<&str>,
-    ipv6: bool,
-) -> Vec<SocketAddr> {
-    let family = if ipv6 { "IPv6" } else { "IPv4" };
-    let mut out = Vec::new();
-    for slice in slices.iter().filter(|s| s.address_type == family) {
-        let Some(port) = slice
-            .ports
-            .iter()
-            .find(|p| {
-                p.protocol == "TCP" && p.name.as_deref().unwrap_or("") == port_name.unwrap_or("")
-            })
-            .and_then(|p| p.port)
-        else {
-            continue;
-        };
-        for ep in slice
-            .endpoints
-            .iter()
-            .filter(|e| e.conditions.ready != Some(false))
-        {
-            out.extend(
-                ep.addresses
-                    .iter()
-                    .filter_map(|a| a.parse::<IpAddr>().ok())
-                    .map(|ip| SocketAddr::new(ip, port)),
-            );
-        }
-    }
-    out
-}
-
-/// Without an EndpointSlice, the pods the selector picks (a convenience for hand-written
-/// manifests; a real cluster always has slices).
-fn selected_endpoints(
-    pods: &[manifest::Pod],
-    namespace: &str,
-    selector: Option<&BTreeMap<String, String>>,
-    port: &manifest::ServicePort,
-    ipv6: bool,
-) -> Vec<SocketAddr> {
-    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
-        return Vec::new();
-    };
-    let target = match &port.target_port {
-        None => port.port,
-        Some(IntOrString::Int(p)) => *p,
-        // Named ports need the container spec, which we do not read.
-        Some(IntOrString::String(_)) => return Vec::new(),
-    };
-    pods.iter()
-        .filter(|p| p.metadata.namespace() == namespace && !p.status.is_terminal())
-        .filter(|p| {
-            selector
-                .iter()
-                .all(|(k, v)| p.metadata.labels.get(k) == Some(v))
-        })
-        .filter_map(|p| match ipv6 {
-            true => p.status.pod_ip6().map(IpAddr::V6),
-            false => p.status.pod_ip4().map(IpAddr::V4),
-        })
-        .map(|ip| SocketAddr::new(ip, target))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     #![expect(clippy::unwrap_used, reason = "tests")]
@@ -521,8 +223,18 @@ mod tests {
 
     use super::*;
 
-    fn snapshot(yaml: &str) -> Result<Snapshot, ManifestError> {
-        Snapshot::build(manifest::parse_file(Path::new("t.yaml"), yaml)?)
+    fn snapshot(yaml: &str) -> Result<Snapshot, manifest::ManifestError> {
+        let source: Arc<str> = Arc::from("t.yaml");
+        let changes = manifest::parse_file(Path::new("t.yaml"), yaml)?
+            .into_iter()
+            .map(|object| store::Change::Put {
+                source: source.clone(),
+                object: Box::new(object),
+            })
+            .collect();
+        let mut store = store::Store::default();
+        store.apply(changes)?;
+        Ok(store.snapshot())
     }
 
     const BASE: &str = r#"

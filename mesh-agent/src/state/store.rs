@@ -1,0 +1,666 @@
+//! The incremental core of the desired state: objects in, snapshots out, one change at a time.
+//!
+//! A source (the manifest directory; the Kubernetes watchers later) hands [`Store::apply`] a
+//! transaction of per-object changes. The store checks it against everything it holds (no
+//! object defined twice, no address claimed twice) and either rejects it whole, changing
+//! nothing, or applies it and rebuilds only what the changed objects feed: a Pod's workload, the
+//! Service ports whose endpoints it can be, every pod of a changed Namespace. The snapshot is
+//! built of [`SharedMap`]s, so publishing it copies pointers, and an untouched Service keeps
+//! the very same `Arc` (and with it its balancer's load figures) from one snapshot to the next.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::AtomicUsize, Arc},
+};
+
+use super::{
+    manifest::{self, Kind, ManifestError, Object, ObjectKey, Problem},
+    ports::{self, Declared, PortSet, OPAQUE_PORTS_ANNOTATION},
+    ServiceTarget, Snapshot, Workload,
+};
+
+/// One change of a transaction.
+#[derive(Debug)]
+pub enum Change {
+    /// Creates or replaces the object (named by its kind, namespace and name), as defined in
+    /// `source` (a file, or `kube` later).
+    Put {
+        source: Arc<str>,
+        object: Box<Object>,
+    },
+    Remove(ObjectKey),
+}
+
+/// What one transaction rebuilt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Applied {
+    /// Objects put or removed.
+    pub objects: usize,
+    /// Pods whose workload was rebuilt.
+    pub pods_rebuilt: usize,
+    /// Services whose ports were rebuilt.
+    pub services_rebuilt: usize,
+}
+
+#[derive(Debug)]
+struct Stored {
+    source: Arc<str>,
+    /// Boxed: the kinds differ in size, and the map's slack is paid at the largest.
+    object: Box<Object>,
+}
+
+/// `(namespace, name)` of a Pod or a Service.
+type Name = (String, String);
+
+#[derive(Debug, Default)]
+pub struct Store {
+    objects: HashMap<ObjectKey, Stored>,
+    /// Pod names by namespace.
+    pods_by_ns: HashMap<String, BTreeSet<String>>,
+    /// Services with a selector, by namespace (their endpoints may be pods, when they have no
+    /// EndpointSlice).
+    selecting: HashMap<String, BTreeSet<String>>,
+    /// EndpointSlice names by the Service they belong to.
+    slices_of: HashMap<Name, BTreeSet<String>>,
+    /// The live pod that holds each pod IP.
+    pod_ips: HashMap<IpAddr, ObjectKey>,
+    /// The Service that holds each cluster IP.
+    cluster_ips: HashMap<IpAddr, ObjectKey>,
+    /// The snapshot addresses each Service's ports are at.
+    placed: HashMap<Name, Vec<SocketAddr>>,
+    snapshot: Snapshot,
+}
+
+#[derive(Default)]
+struct Dirty {
+    pods: BTreeSet<Name>,
+    services: BTreeSet<Name>,
+}
+
+impl Store {
+    /// The snapshot as of the last transaction (cheap: the maps are shared).
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.clone()
+    }
+
+    /// Objects held, of every kind.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// Applies `changes` as one transaction: all of them, or (with the error naming the file,
+    /// object and problem) none.
+    pub fn apply(&mut self, changes: Vec<Change>) -> Result<Applied, ManifestError> {
+        self.check(&changes)?;
+        let mut dirty = Dirty::default();
+        let mut objects = 0;
+        for change in changes {
+            if let Change::Put { source, object } = &change {
+                // Rewritten as it was (the rest of its file changed): nothing to rebuild.
+                let same = |s: &Stored| s.source == *source && *s.object == **object;
+                if self.objects.get(&object.key()).is_some_and(same) {
+                    continue;
+                }
+            }
+            objects += 1;
+            match change {
+                Change::Remove(key) => match self.objects.remove(&key) {
+                    Some(old) => self.unindex(&key, &old.object, &mut dirty),
+                    None => objects -= 1,
+                },
+                Change::Put { source, object } => {
+                    let key = object.key();
+                    if let Some(old) = self.objects.remove(&key) {
+                        self.unindex(&key, &old.object, &mut dirty);
+                    }
+                    self.index(&key, &object, &mut dirty);
+                    self.objects.insert(key, Stored { source, object });
+                }
+            }
+        }
+        let applied = Applied {
+            objects,
+            pods_rebuilt: dirty.pods.len(),
+            services_rebuilt: dirty.services.len(),
+        };
+        for pod in &dirty.pods {
+            self.rebuild_pod(pod);
+        }
+        for svc in &dirty.services {
+            self.rebuild_service(svc);
+        }
+        Ok(applied)
+    }
+
+    /// Checks a transaction against the store without changing anything.
+    fn check(&self, changes: &[Change]) -> Result<(), ManifestError> {
+        let removed: HashSet<&ObjectKey> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Remove(key) => Some(key),
+                Change::Put { .. } => None,
+            })
+            .collect();
+        let puts: Vec<(ObjectKey, &Arc<str>, &Object)> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put { source, object } => Some((object.key(), source, &**object)),
+                Change::Remove(_) => None,
+            })
+            .collect();
+        let fail = |source: &Arc<str>, key: &ObjectKey, problem| ManifestError {
+            file: source.to_string(),
+            object: key.to_string(),
+            problem,
+        };
+        let mut put_by: HashMap<&ObjectKey, &Arc<str>> = HashMap::new();
+        for (key, source, _) in &puts {
+            if let Some(first) = put_by.get(key) {
+                return Err(fail(source, key, Problem::Duplicate(first.to_string())));
+            }
+            if let Some(stored) = self.objects.get(key) {
+                if stored.source != **source && !removed.contains(key) {
+                    return Err(fail(
+                        source,
+                        key,
+                        Problem::Duplicate(stored.source.to_string()),
+                    ));
+                }
+            }
+            put_by.insert(key, source);
+        }
+        // An address held by an object this transaction replaces or removes is free.
+        let leaving = |owner: &ObjectKey| removed.contains(owner) || put_by.contains_key(owner);
+        let mut claims: HashMap<(Kind, IpAddr), (&ObjectKey, &Arc<str>)> = HashMap::new();
+        for (key, source, object) in &puts {
+            let (ips, held) = match object {
+                Object::Pod(pod) => (live_ips(pod), &self.pod_ips),
+                Object::Service(svc) => (cluster_ips(svc), &self.cluster_ips),
+                Object::Namespace(_) | Object::EndpointSlice(_) => continue,
+            };
+            for ip in ips {
+                let other = match claims.get(&(key.kind, ip)) {
+                    Some((other, file)) if *other != key => {
+                        Some(((*other).clone(), file.to_string()))
+                    }
+                    _ => held
+                        .get(&ip)
+                        .filter(|owner| *owner != key && !leaving(owner))
+                        .map(|owner| {
+                            let file = self.objects.get(owner).map(|s| s.source.to_string());
+                            (owner.clone(), file.unwrap_or_default())
+                        }),
+                };
+                if let Some((other, other_file)) = other {
+                    let other = format!("{}/{}", other.namespace, other.name);
+                    let problem = match key.kind {
+                        Kind::Pod => Problem::DuplicatePodIp {
+                            ip,
+                            other,
+                            other_file,
+                        },
+                        _ => Problem::DuplicateClusterIp {
+                            ip,
+                            other,
+                            other_file,
+                        },
+                    };
+                    return Err(fail(source, key, problem));
+                }
+                claims.insert((key.kind, ip), (key, source));
+            }
+        }
+        Ok(())
+    }
+
+    fn index(&mut self, key: &ObjectKey, object: &Object, dirty: &mut Dirty) {
+        match object {
+            Object::Namespace(_) => {}
+            Object::Pod(pod) => {
+                self.pods_by_ns
+                    .entry(key.namespace.clone())
+                    .or_default()
+                    .insert(key.name.clone());
+                for ip in live_ips(pod) {
+                    self.pod_ips.insert(ip, key.clone());
+                }
+            }
+            Object::Service(svc) => {
+                if svc.spec.selector.as_ref().is_some_and(|s| !s.is_empty()) {
+                    self.selecting
+                        .entry(key.namespace.clone())
+                        .or_default()
+                        .insert(key.name.clone());
+                }
+                for ip in cluster_ips(svc) {
+                    self.cluster_ips.insert(ip, key.clone());
+                }
+            }
+            Object::EndpointSlice(slice) => {
+                self.slices_of
+                    .entry((key.namespace.clone(), service_of(slice).to_owned()))
+                    .or_default()
+                    .insert(key.name.clone());
+            }
+        }
+        self.mark(key, object, dirty);
+    }
+
+    fn unindex(&mut self, key: &ObjectKey, object: &Object, dirty: &mut Dirty) {
+        self.mark(key, object, dirty);
+        let forget = |map: &mut HashMap<IpAddr, ObjectKey>, ip: IpAddr| {
+            if map.get(&ip) == Some(key) {
+                map.remove(&ip);
+            }
+        };
+        match object {
+            Object::Namespace(_) => {}
+            Object::Pod(pod) => {
+                remove_from(&mut self.pods_by_ns, &key.namespace, &key.name);
+                for ip in live_ips(pod) {
+                    forget(&mut self.pod_ips, ip);
+                }
+            }
+            Object::Service(svc) => {
+                remove_from(&mut self.selecting, &key.namespace, &key.name);
+                for ip in cluster_ips(svc) {
+                    forget(&mut self.cluster_ips, ip);
+                }
+            }
+            Object::EndpointSlice(slice) => {
+                let of = (key.namespace.clone(), service_of(slice).to_owned());
+                remove_from(&mut self.slices_of, &of, &key.name);
+            }
+        }
+    }
+
+    /// Marks what `object` (a version coming or going) feeds.
+    fn mark(&self, key: &ObjectKey, object: &Object, dirty: &mut Dirty) {
+        match object {
+            Object::Namespace(_) => {
+                for pod in self.pods_by_ns.get(&key.name).into_iter().flatten() {
+                    dirty.pods.insert((key.name.clone(), pod.clone()));
+                }
+            }
+            Object::Pod(pod) => {
+                dirty.pods.insert((key.namespace.clone(), key.name.clone()));
+                // Services that may count this pod among their endpoints.
+                for svc in self.selecting.get(&key.namespace).into_iter().flatten() {
+                    let picks = match self.get(Kind::Service, &key.namespace, svc) {
+                        Some(Object::Service(s)) => selects(s.spec.selector.as_ref(), pod),
+                        _ => false,
+                    };
+                    if picks {
+                        dirty.services.insert((key.namespace.clone(), svc.clone()));
+                    }
+                }
+            }
+            Object::Service(_) => {
+                dirty
+                    .services
+                    .insert((key.namespace.clone(), key.name.clone()));
+            }
+            Object::EndpointSlice(slice) => {
+                dirty
+                    .services
+                    .insert((key.namespace.clone(), service_of(slice).to_owned()));
+            }
+        }
+    }
+
+    fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<&Object> {
+        let key = ObjectKey {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        self.objects.get(&key).map(|s| &*s.object)
+    }
+
+    fn rebuild_pod(&mut self, name: &Name) {
+        let old = self.snapshot.pods.remove(name);
+        let fresh = match self.get(Kind::Pod, &name.0, &name.1) {
+            Some(Object::Pod(pod)) if !pod.status.is_terminal() => {
+                let namespace = match self.get(Kind::Namespace, "", &name.0) {
+                    Some(Object::Namespace(ns)) => Some(&ns.metadata),
+                    _ => None,
+                };
+                Some(workload(pod, namespace))
+            }
+            _ => None,
+        };
+        if let Some(old) = &old {
+            for ip in ips_of(old) {
+                if self
+                    .snapshot
+                    .pods_by_ip
+                    .get(&ip)
+                    .is_some_and(|w| Arc::ptr_eq(w, old))
+                {
+                    self.snapshot.pods_by_ip.remove(&ip);
+                }
+            }
+        }
+        let Some(fresh) = fresh else { return };
+        // Unchanged: the same Arc, so readers comparing pointers see no change.
+        let workload = match old {
+            Some(old) if *old == fresh => old,
+            _ => Arc::new(fresh),
+        };
+        for ip in ips_of(&workload) {
+            self.snapshot.pods_by_ip.insert(ip, workload.clone());
+        }
+        self.snapshot.pods.insert(name.clone(), workload);
+    }
+
+    fn rebuild_service(&mut self, name: &Name) {
+        let mut old: HashMap<SocketAddr, Arc<ServiceTarget>> = HashMap::new();
+        for addr in self.placed.remove(name).unwrap_or_default() {
+            let ours = |t: &Arc<ServiceTarget>| t.namespace == name.0 && t.name == name.1;
+            if self.snapshot.services.get(&addr).is_some_and(ours) {
+                if let Some(t) = self.snapshot.services.remove(&addr) {
+                    self.snapshot.endpoints -= t.endpoints.len();
+                    let by_name = t.name_key();
+                    if self
+                        .snapshot
+                        .services_by_name
+                        .get(&by_name)
+                        .is_some_and(ours)
+                    {
+                        self.snapshot.services_by_name.remove(&by_name);
+                    }
+                    old.insert(addr, t);
+                }
+            }
+        }
+        let Some(Object::Service(svc)) = self.get(Kind::Service, &name.0, &name.1) else {
+            return;
+        };
+        let mut targets = Vec::new();
+        let slices: Vec<&manifest::EndpointSlice> = self
+            .slices_of
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| match self.get(Kind::EndpointSlice, &name.0, s) {
+                Some(Object::EndpointSlice(s)) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let pods: Vec<&manifest::Pod> = match slices.is_empty() {
+            false => Vec::new(),
+            true => self
+                .pods_by_ns
+                .get(&name.0)
+                .into_iter()
+                .flatten()
+                .filter_map(|p| match self.get(Kind::Pod, &name.0, p) {
+                    Some(Object::Pod(p)) => Some(p),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let svc_opaque = opaque_ports(&svc.metadata.annotations);
+        for cluster_ip in cluster_ips(svc) {
+            for port in svc.spec.ports.iter().filter(|p| p.protocol == "TCP") {
+                let endpoints = match slices.is_empty() {
+                    false => slice_endpoints(&slices, port.name.as_deref(), cluster_ip.is_ipv6()),
+                    true => selected_endpoints(
+                        &pods,
+                        svc.spec.selector.as_ref(),
+                        port,
+                        cluster_ip.is_ipv6(),
+                    ),
+                };
+                let declared = match &svc_opaque {
+                    Some(set) if set.contains(port.port) => Some(Declared::Opaque),
+                    _ => ports::declared(port.app_protocol.as_deref(), port.name.as_deref()),
+                };
+                let addr = SocketAddr::new(cluster_ip, port.port);
+                let target = match old.remove(&addr) {
+                    Some(t) if t.endpoints == endpoints && t.declared == declared => t,
+                    _ => Arc::new(ServiceTarget {
+                        namespace: name.0.clone(),
+                        name: name.1.clone(),
+                        port: port.port,
+                        loads: endpoints.iter().map(|_| Arc::default()).collect(),
+                        endpoints,
+                        declared,
+                        next: AtomicUsize::new(0),
+                    }),
+                };
+                targets.push((addr, target));
+            }
+        }
+        let mut addrs = Vec::with_capacity(targets.len());
+        for (addr, target) in targets {
+            self.snapshot.endpoints += target.endpoints.len();
+            let by_name = target.name_key();
+            // Dual-stack: the name leads to the first family listed.
+            if self.snapshot.services_by_name.get(&by_name).is_none() {
+                self.snapshot
+                    .services_by_name
+                    .insert(by_name, target.clone());
+            }
+            self.snapshot.services.insert(addr, target);
+            addrs.push(addr);
+        }
+        self.placed.insert(name.clone(), addrs);
+    }
+}
+
+fn remove_from<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, BTreeSet<String>>,
+    key: &K,
+    name: &str,
+) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(name);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// The addresses a pod holds while it lives (a finished pod's IP may be reused).
+fn live_ips(pod: &manifest::Pod) -> Vec<IpAddr> {
+    if pod.spec.host_network || pod.status.is_terminal() {
+        return Vec::new();
+    }
+    let v4 = pod.status.pod_ip4().map(IpAddr::V4);
+    let v6 = pod.status.pod_ip6().map(IpAddr::V6);
+    v4.into_iter().chain(v6).collect()
+}
+
+fn ips_of(workload: &Workload) -> impl Iterator<Item = IpAddr> {
+    let v4 = workload.ip.map(IpAddr::V4);
+    let v6 = workload.ip6.map(IpAddr::V6);
+    v4.into_iter().chain(v6)
+}
+
+/// Every cluster IP of a Service (both families on a dual-stack cluster).
+fn cluster_ips(svc: &manifest::Service) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = svc
+        .spec
+        .cluster_ip
+        .iter()
+        .chain(svc.spec.cluster_ips.iter())
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .collect();
+    let mut seen = HashSet::new();
+    ips.retain(|ip| seen.insert(*ip));
+    ips
+}
+
+fn service_of(slice: &manifest::EndpointSlice) -> &str {
+    slice
+        .metadata
+        .labels
+        .get("kubernetes.io/service-name")
+        .map_or("", String::as_str)
+}
+
+fn selects(
+    selector: Option<&std::collections::BTreeMap<String, String>>,
+    pod: &manifest::Pod,
+) -> bool {
+    selector.is_some_and(|s| {
+        !s.is_empty() && s.iter().all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
+    })
+}
+
+/// A pod as the mesh sees it, given its Namespace (if defined).
+fn workload(pod: &manifest::Pod, namespace: Option<&manifest::ObjectMeta>) -> Workload {
+    let meta = &pod.metadata;
+    let (workload, kind) = match owner_workload(&meta.owner_references) {
+        Some((name, kind)) => (name, Some(kind)),
+        None => (
+            workload_name(&meta.labels).unwrap_or(&meta.name).to_owned(),
+            None,
+        ),
+    };
+    let opaque_ports = opaque_ports(&meta.annotations)
+        .or_else(|| namespace.and_then(|n| opaque_ports(&n.annotations)))
+        .unwrap_or_else(default_opaque_ports);
+    let enrolled = !pod.spec.host_network
+        && inject_setting(&meta.annotations)
+            .or_else(|| namespace.and_then(|n| inject_setting(&n.annotations)))
+            .unwrap_or(true);
+    Workload {
+        namespace: meta.namespace().to_owned(),
+        name: meta.name.clone(),
+        workload,
+        kind,
+        opaque_ports,
+        service_account: pod
+            .spec
+            .service_account_name
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        node: pod.spec.node_name.clone(),
+        ip: pod.status.pod_ip4().filter(|_| !pod.spec.host_network),
+        ip6: pod.status.pod_ip6().filter(|_| !pod.spec.host_network),
+        node_ip: match pod.status.host_ip {
+            Some(IpAddr::V4(ip)) => Some(ip),
+            _ => None,
+        },
+        enrolled,
+    }
+}
+
+/// Linkerd's default opaque ports, one set shared by every pod that does not say otherwise.
+fn default_opaque_ports() -> Arc<PortSet> {
+    static DEFAULTS: std::sync::OnceLock<Arc<PortSet>> = std::sync::OnceLock::new();
+    DEFAULTS
+        .get_or_init(|| Arc::new(PortSet::defaults()))
+        .clone()
+}
+
+fn inject_setting(annotations: &manifest::Labels) -> Option<bool> {
+    [super::INJECT_ANNOTATION, super::LINKERD_INJECT_ANNOTATION]
+        .iter()
+        .find_map(|k| annotations.get(k))
+        .map(|v| v != "disabled")
+}
+
+/// The opaque-ports annotation of an object (validated when the object was parsed).
+fn opaque_ports(annotations: &manifest::Labels) -> Option<Arc<PortSet>> {
+    let value = annotations.get(OPAQUE_PORTS_ANNOTATION)?;
+    PortSet::parse(value).ok().map(Arc::new)
+}
+
+/// The workload a pod's owner names, and its kind: a ReplicaSet stands for the Deployment
+/// whose pod-template hash it appends (`web-5d8f7c9b4` → `web`).
+fn owner_workload(owners: &[manifest::OwnerReference]) -> Option<(String, &'static str)> {
+    let owner = owners.first()?;
+    let kind = match owner.kind.as_str() {
+        "ReplicaSet" => {
+            return Some(match owner.name.rsplit_once('-') {
+                Some((deployment, hash))
+                    if !deployment.is_empty()
+                        && (5..=10).contains(&hash.len())
+                        && hash.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+                {
+                    (deployment.to_owned(), "deployment")
+                }
+                _ => (owner.name.clone(), "replicaset"),
+            })
+        }
+        "StatefulSet" => "statefulset",
+        "DaemonSet" => "daemonset",
+        "Job" => "job",
+        "CronJob" => "cronjob",
+        _ => return None,
+    };
+    Some((owner.name.clone(), kind))
+}
+
+fn workload_name(labels: &manifest::Labels) -> Option<&str> {
+    labels
+        .get("app.kubernetes.io/name")
+        .or_else(|| labels.get("app"))
+        .map(String::as_str)
+}
+
+fn slice_endpoints(
+    slices: &[&manifest::EndpointSlice],
+    port_name: Option<&str>,
+    ipv6: bool,
+) -> Vec<SocketAddr> {
+    let family = if ipv6 { "IPv6" } else { "IPv4" };
+    let mut out = Vec::new();
+    for slice in slices.iter().filter(|s| s.address_type == family) {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .find(|p| {
+                p.protocol == "TCP" && p.name.as_deref().unwrap_or("") == port_name.unwrap_or("")
+            })
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for ep in slice
+            .endpoints
+            .iter()
+            .filter(|e| e.conditions.ready != Some(false))
+        {
+            out.extend(
+                ep.addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                    .map(|ip| SocketAddr::new(ip, port)),
+            );
+        }
+    }
+    out
+}
+
+/// Without an EndpointSlice, the pods the selector picks (a convenience for hand-written
+/// manifests; a real cluster always has slices).
+fn selected_endpoints(
+    pods: &[&manifest::Pod],
+    selector: Option<&std::collections::BTreeMap<String, String>>,
+    port: &manifest::ServicePort,
+    ipv6: bool,
+) -> Vec<SocketAddr> {
+    let target = match &port.target_port {
+        None => port.port,
+        Some(manifest::IntOrString::Int(p)) => *p,
+        // Named ports need the container spec, which we do not read.
+        Some(manifest::IntOrString::String(_)) => return Vec::new(),
+    };
+    pods.iter()
+        .filter(|p| !p.status.is_terminal() && selects(selector, p))
+        .filter_map(|p| match ipv6 {
+            true => p.status.pod_ip6().map(IpAddr::V6),
+            false => p.status.pod_ip4().map(IpAddr::V4),
+        })
+        .map(|ip| SocketAddr::new(ip, target))
+        .collect()
+}
