@@ -81,9 +81,8 @@ impl Reconciler {
                 .is_some_and(|p| Arc::ptr_eq(p, &snapshot))
             {
                 // Series of workloads that left the cluster go with them.
-                let live = snapshot.workloads();
                 self.metrics
-                    .forget_workloads(|ns, workload| live.contains(&(ns, workload)));
+                    .forget_workloads(|ns, workload| snapshot.has_workload(ns, workload));
                 self.pruned_for = Some(snapshot.clone());
             }
             let complete = self.reconcile(&snapshot).await;

@@ -39,6 +39,10 @@ enum Cmd {
         /// opaque) and write flat profiles to target/bench/profile-*.txt.
         #[arg(long)]
         profile: bool,
+        /// Instead: the desired state of a large cluster (10k Services / 50k endpoints / 20k
+        /// Pods): apply times, memory, idle CPU, and request latency while it churns.
+        #[arg(long, conflicts_with_all = ["quick", "profile"])]
+        scale: bool,
     },
     /// Manage the simulated cluster by hand.
     Testbed {
@@ -74,7 +78,11 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test()
         }
-        Cmd::Bench { quick, profile } => {
+        Cmd::Bench {
+            quick,
+            profile,
+            scale,
+        } => {
             setup::run()?;
             setup::bench_tools()?;
             if profile {
@@ -91,6 +99,9 @@ fn main() -> anyhow::Result<()> {
                 "--bins",
             ]);
             step("build release binaries", cmd)?;
+            if scale {
+                return bench::scale::run(&workspace_root());
+            }
             bench::run(quick, profile, &workspace_root())
         }
         Cmd::Testbed { action } => match action {

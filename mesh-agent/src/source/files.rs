@@ -71,6 +71,14 @@ pub struct ManifestDir {
     dirty: BTreeSet<PathBuf>,
 }
 
+/// One file as read for a transaction.
+struct ReadFile {
+    seen: Option<Fingerprint>,
+    hash: u64,
+    /// `None`: the same bytes as the version in force.
+    objects: Option<Vec<manifest::Object>>,
+}
+
 struct InForce {
     keys: Vec<ObjectKey>,
     /// Of the file's bytes: an identical rewrite is not parsed again.
@@ -199,11 +207,22 @@ impl ManifestDir {
             .filter(|p| !writing.contains(*p))
             .cloned()
             .collect();
+        // Reading and parsing is the bulk of a large apply: spread it over the cores.
+        let present: Vec<bool> = paths
+            .iter()
+            .map(|p| is_manifest_name(p) && p.is_file())
+            .collect();
+        let read: Vec<&PathBuf> = paths
+            .iter()
+            .zip(&present)
+            .filter_map(|(p, here)| here.then_some(p))
+            .collect();
+        let mut parsed = self.read_all(&read).into_iter();
         let mut changes = Vec::new();
         let mut now_in_force: Vec<(&PathBuf, Option<InForce>)> = Vec::new();
-        for path in &paths {
+        for (path, here) in paths.iter().zip(present) {
             let old = self.files.get(path);
-            if !(is_manifest_name(path) && path.is_file()) {
+            if !here {
                 self.attempted.remove(path);
                 if let Some(old) = old {
                     changes.extend(old.keys.iter().cloned().map(Change::Remove));
@@ -211,19 +230,18 @@ impl ManifestDir {
                 }
                 continue;
             }
-            let seen = fingerprint(path);
-            let text = self.read(path)?;
+            let Some(ReadFile {
+                seen,
+                hash,
+                objects,
+            }) = parsed.next().transpose()?
+            else {
+                continue;
+            };
             if let Some(seen) = seen {
                 self.attempted.insert(path.clone(), seen);
             }
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            text.hash(&mut hasher);
-            let hash = hasher.finish();
-            if old.is_some_and(|o| o.hash == hash) {
-                continue;
-            }
-            let objects = manifest::parse_file(path, &text)?;
-            drop(text);
+            let Some(objects) = objects else { continue };
             let source: Arc<str> = Arc::from(path.display().to_string());
             let keys: Vec<ObjectKey> = objects.iter().map(manifest::Object::key).collect();
             if let Some(old) = old {
@@ -262,10 +280,70 @@ impl ManifestDir {
         Ok(Some(snapshot))
     }
 
+    /// Reads, hashes and (when its bytes changed) parses each file, in order; on as many
+    /// threads as there are cores when there are many files.
+    fn read_all(&self, paths: &[&PathBuf]) -> Vec<Result<ReadFile, ManifestError>> {
+        let one = |path: &PathBuf| -> Result<ReadFile, ManifestError> {
+            let seen = fingerprint(path);
+            let text = self.read(path)?;
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            text.hash(&mut hasher);
+            let hash = hasher.finish();
+            let objects = match self.files.get(path) {
+                Some(old) if old.hash == hash => None,
+                _ => Some(manifest::parse_file(path, &text)?),
+            };
+            Ok(ReadFile {
+                seen,
+                hash,
+                objects,
+            })
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        if paths.len() < 64 || threads < 2 {
+            return paths.iter().map(|p| one(p)).collect();
+        }
+        let mut out: Vec<Option<Result<ReadFile, ManifestError>>> = Vec::new();
+        out.resize_with(paths.len(), || None);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let one = &one;
+                    scope.spawn(move || {
+                        let mine = paths.iter().enumerate().skip(t).step_by(threads);
+                        mine.map(|(i, p)| (i, one(p))).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for worker in workers {
+                // A worker that panicked leaves its files unread; they are reported below.
+                for (i, result) in worker.join().unwrap_or_default() {
+                    if let Some(slot) = out.get_mut(i) {
+                        *slot = Some(result);
+                    }
+                }
+            }
+        });
+        out.into_iter()
+            .zip(paths)
+            .map(|(r, p)| {
+                r.unwrap_or_else(|| {
+                    Err(ManifestError {
+                        file: p.display().to_string(),
+                        object: "file".to_owned(),
+                        problem: Problem::Read(std::io::Error::other("the reading thread failed")),
+                    })
+                })
+            })
+            .collect()
+    }
+
     /// Loads the directory once; a failure here stops start-up.
     pub fn initial(&mut self, metrics: &Metrics) -> Result<Arc<Snapshot>, ManifestError> {
         self.resync()?;
-        let snapshot = self.apply(&HashSet::new(), metrics)?;
+        let snapshot = self.apply(&HashSet::new(), metrics);
+        release_freed_memory();
+        let snapshot = snapshot?;
         // An empty directory is a valid (empty) state.
         let snapshot = snapshot.unwrap_or_else(|| {
             self.version += 1;
@@ -339,7 +417,9 @@ impl ManifestDir {
             }
             batch = None;
             let busy: HashSet<PathBuf> = writing.keys().cloned().collect();
-            match self.apply(&busy, &metrics) {
+            let result = self.apply(&busy, &metrics);
+            release_freed_memory();
+            match result {
                 Ok(Some(snapshot)) => {
                     info!(
                         dir = %self.path.display(), version = snapshot.version,
@@ -377,6 +457,16 @@ impl ManifestDir {
     ) -> Result<Option<Snapshot>, ManifestError> {
         self.dirty.insert(path.to_owned());
         self.apply(&HashSet::new(), metrics)
+    }
+}
+
+/// Hands the memory a large apply freed (parse buffers, replaced objects) back to the system:
+/// without it the allocator keeps this thread's peak for good.
+pub fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

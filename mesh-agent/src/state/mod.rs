@@ -134,6 +134,8 @@ pub struct Snapshot {
     services: SharedMap<SocketAddr, Arc<ServiceTarget>>,
     /// The same, by `name.namespace.svc.cluster.local:port`.
     services_by_name: SharedMap<String, Arc<ServiceTarget>>,
+    /// Pods per (namespace, workload).
+    workloads: SharedMap<(String, String), usize>,
     /// Endpoints over every Service port.
     endpoints: usize,
     /// Which snapshot this is, counting from 1 for the first one a source published.
@@ -183,12 +185,11 @@ impl Snapshot {
         }
     }
 
-    /// The (namespace, workload) of every pod of the snapshot.
-    pub fn workloads(&self) -> std::collections::HashSet<(&str, &str)> {
-        self.pods
-            .values()
-            .map(|p| (p.namespace.as_str(), p.workload.as_str()))
-            .collect()
+    /// Whether some pod of the snapshot belongs to this workload.
+    pub fn has_workload(&self, namespace: &str, workload: &str) -> bool {
+        self.workloads
+            .get(&(namespace.to_owned(), workload.to_owned()))
+            .is_some()
     }
 
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {

@@ -335,6 +335,7 @@ impl Store {
             _ => None,
         };
         if let Some(old) = &old {
+            self.count_workload(old, false);
             for ip in ips_of(old) {
                 if self
                     .snapshot
@@ -352,10 +353,28 @@ impl Store {
             Some(old) if *old == fresh => old,
             _ => Arc::new(fresh),
         };
+        self.count_workload(&workload, true);
         for ip in ips_of(&workload) {
             self.snapshot.pods_by_ip.insert(ip, workload.clone());
         }
         self.snapshot.pods.insert(name.clone(), workload);
+    }
+
+    /// Counts a pod in (or out of) its workload.
+    fn count_workload(&mut self, pod: &Workload, add: bool) {
+        let key = (pod.namespace.clone(), pod.workload.clone());
+        let pods = self.snapshot.workloads.get(&key).copied().unwrap_or(0);
+        match (add, pods) {
+            (true, n) => {
+                self.snapshot.workloads.insert(key, n + 1);
+            }
+            (false, 0 | 1) => {
+                self.snapshot.workloads.remove(&key);
+            }
+            (false, n) => {
+                self.snapshot.workloads.insert(key, n - 1);
+            }
+        }
     }
 
     fn rebuild_service(&mut self, name: &Name) {

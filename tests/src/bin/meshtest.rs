@@ -16,7 +16,8 @@
 //! meshtest load ADDR RATE CONNS SECS open-loop HTTP/1.1 keep-alive load at RATE req/s over
 //!                                   CONNS connections; latency measured from each request's
 //!                                   scheduled time (no coordinated omission); prints one line
-//!                                   `count= errors= p50_us= p90_us= p99_us= max_us= rate=`
+//!                                   `count= errors= p50_us= p90_us= p99_us= p999_us= max_us=
+//!                                   rate=`
 //! meshtest hold ADDR N SECS         opens N idle connections and holds them for SECS
 //! meshtest udp-listen PORT WAIT_MS  counts datagrams received until WAIT_MS of silence
 //! meshtest udp-send FROM TO COUNT   sends COUNT datagrams from address FROM to TO
@@ -413,11 +414,12 @@ fn load(addr: &str, rate: &str, conns: &str, secs: &str) -> Result<(), String> {
         all[i]
     };
     println!(
-        "count={} errors={errors} p50_us={} p90_us={} p99_us={} max_us={} rate={:.1}",
+        "count={} errors={errors} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} rate={:.1}",
         all.len(),
         pct(0.50),
         pct(0.90),
         pct(0.99),
+        pct(0.999),
         all.last().copied().unwrap_or(0),
         all.len() as f64 / elapsed
     );

@@ -6,6 +6,7 @@
 //! and iperf3. Scenarios alternate within each repetition.
 
 mod report;
+pub mod scale;
 
 use std::{
     io::{BufRead, BufReader},
