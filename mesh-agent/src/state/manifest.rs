@@ -51,7 +51,7 @@ pub enum Problem {
     },
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
     pub name: String,
@@ -66,7 +66,7 @@ pub struct ObjectMeta {
 }
 
 /// Who owns an object (a Pod's ReplicaSet, StatefulSet, DaemonSet, Job).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
 pub struct OwnerReference {
     pub kind: String,
     pub name: String,
@@ -74,7 +74,7 @@ pub struct OwnerReference {
 
 /// Labels or annotations: a few pairs per object, kept as a flat list (a `BTreeMap` node costs
 /// half a kilobyte even for two entries, which at cluster scale is most of the parsed state).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Labels(Vec<(String, String)>);
 
 impl Labels {
@@ -121,12 +121,12 @@ impl ObjectMeta {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 pub struct Namespace {
     pub metadata: ObjectMeta,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 pub struct Pod {
     pub metadata: ObjectMeta,
     #[serde(default)]
@@ -135,7 +135,7 @@ pub struct Pod {
     pub status: PodStatus,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpec {
     #[serde(default)]
@@ -146,7 +146,7 @@ pub struct PodSpec {
     pub host_network: bool,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatus {
     #[serde(default, rename = "podIP")]
@@ -163,7 +163,7 @@ pub struct PodStatus {
     pub pod_ips: Vec<PodIp>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 pub struct PodIp {
     pub ip: IpAddr,
 }
@@ -198,14 +198,14 @@ impl PodStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 pub struct Service {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: ServiceSpec,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
     /// An IP address, `None` (headless) or absent.
@@ -220,7 +220,7 @@ pub struct ServiceSpec {
     pub selector: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     #[serde(default)]
@@ -234,14 +234,14 @@ pub struct ServicePort {
     pub app_protocol: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(untagged)]
 pub enum IntOrString {
     Int(u16),
     String(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointSlice {
     pub metadata: ObjectMeta,
@@ -252,7 +252,7 @@ pub struct EndpointSlice {
     pub ports: Vec<EndpointPort>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     pub addresses: Vec<String>,
@@ -262,14 +262,14 @@ pub struct Endpoint {
     pub node_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
 pub struct EndpointConditions {
     /// Absent means ready (Kubernetes semantics).
     #[serde(default)]
     pub ready: Option<bool>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 pub struct EndpointPort {
     #[serde(default)]
     pub name: Option<String>,
@@ -284,7 +284,7 @@ fn tcp() -> String {
 }
 
 /// One object of a kind we understand.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Hash)]
 pub enum Object {
     Namespace(Namespace),
     Pod(Pod),

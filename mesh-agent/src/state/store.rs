@@ -43,11 +43,147 @@ pub struct Applied {
     pub services_rebuilt: usize,
 }
 
+/// An object as the store keeps it: only what rebuilding needs, not the parsed manifest
+/// (at cluster scale the manifests were most of the agent's memory).
 #[derive(Debug)]
 struct Stored {
     source: Arc<str>,
-    /// Boxed: the kinds differ in size, and the map's slack is paid at the largest.
-    object: Box<Object>,
+    /// Of the parsed object: putting an identical object again changes nothing.
+    hash: u64,
+    facts: Facts,
+}
+
+#[derive(Debug)]
+enum Facts {
+    Namespace(NamespaceFacts),
+    Pod(Box<PodFacts>),
+    Service(Box<ServiceFacts>),
+    EndpointSlice(Box<SliceFacts>),
+}
+
+/// What a Namespace decides for its pods.
+#[derive(Debug, Clone, Default)]
+struct NamespaceFacts {
+    inject: Option<bool>,
+    opaque: Option<Arc<PortSet>>,
+}
+
+#[derive(Debug)]
+struct PodFacts {
+    /// As in the snapshot (`None` for a finished pod); what its namespace decides is filled in
+    /// again whenever it is rebuilt.
+    workload: Option<Arc<Workload>>,
+    /// For the selectors of Services without EndpointSlices.
+    labels: manifest::Labels,
+    v4: Option<std::net::Ipv4Addr>,
+    v6: Option<std::net::Ipv6Addr>,
+    terminal: bool,
+    host_network: bool,
+    /// The pod's own settings, which win over its namespace's.
+    inject: Option<bool>,
+    opaque: Option<Arc<PortSet>>,
+}
+
+#[derive(Debug)]
+struct ServiceFacts {
+    cluster_ips: Vec<IpAddr>,
+    /// TCP ports only.
+    ports: Vec<PortFacts>,
+    /// `None` when empty.
+    selector: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Debug)]
+struct PortFacts {
+    name: Option<String>,
+    port: u16,
+    target: Option<manifest::IntOrString>,
+    declared: Option<Declared>,
+}
+
+#[derive(Debug)]
+struct SliceFacts {
+    service: String,
+    /// `None` for an FQDN slice (not used).
+    ipv6: Option<bool>,
+    /// (name, port) of its TCP ports.
+    ports: Vec<(Option<String>, u16)>,
+    /// Addresses of its ready endpoints.
+    ready: Vec<IpAddr>,
+}
+
+impl Facts {
+    fn of(object: &Object, namespace: &NamespaceFacts) -> Facts {
+        match object {
+            Object::Namespace(ns) => Facts::Namespace(NamespaceFacts {
+                inject: inject_setting(&ns.metadata.annotations),
+                opaque: opaque_ports(&ns.metadata.annotations),
+            }),
+            Object::Pod(pod) => {
+                let mut facts = PodFacts {
+                    workload: None,
+                    labels: pod.metadata.labels.clone(),
+                    v4: pod.status.pod_ip4(),
+                    v6: pod.status.pod_ip6(),
+                    terminal: pod.status.is_terminal(),
+                    host_network: pod.spec.host_network,
+                    inject: inject_setting(&pod.metadata.annotations),
+                    opaque: opaque_ports(&pod.metadata.annotations),
+                };
+                if !facts.terminal {
+                    facts.workload = Some(Arc::new(workload(pod, &facts, namespace)));
+                }
+                Facts::Pod(Box::new(facts))
+            }
+            Object::Service(svc) => {
+                let svc_opaque = opaque_ports(&svc.metadata.annotations);
+                let declared = |p: &manifest::ServicePort| match &svc_opaque {
+                    Some(set) if set.contains(p.port) => Some(Declared::Opaque),
+                    _ => ports::declared(p.app_protocol.as_deref(), p.name.as_deref()),
+                };
+                let tcp = svc.spec.ports.iter().filter(|p| p.protocol == "TCP");
+                Facts::Service(Box::new(ServiceFacts {
+                    cluster_ips: cluster_ips(svc),
+                    ports: tcp
+                        .map(|p| PortFacts {
+                            name: p.name.clone(),
+                            port: p.port,
+                            target: p.target_port.clone(),
+                            declared: declared(p),
+                        })
+                        .collect(),
+                    selector: svc.spec.selector.clone().filter(|s| !s.is_empty()),
+                }))
+            }
+            Object::EndpointSlice(slice) => Facts::EndpointSlice(Box::new(SliceFacts {
+                service: service_of(slice).to_owned(),
+                ipv6: match slice.address_type.as_str() {
+                    "IPv4" => Some(false),
+                    "IPv6" => Some(true),
+                    _ => None,
+                },
+                ports: slice
+                    .ports
+                    .iter()
+                    .filter(|p| p.protocol == "TCP")
+                    .filter_map(|p| Some((p.name.clone(), p.port?)))
+                    .collect(),
+                ready: slice
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.conditions.ready != Some(false))
+                    .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
+                    .collect(),
+            })),
+        }
+    }
+}
+
+fn hash_of(object: &Object) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    object.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// `(namespace, name)` of a Pod or a Service.
@@ -100,26 +236,34 @@ impl Store {
         let mut dirty = Dirty::default();
         let mut objects = 0;
         for change in changes {
-            if let Change::Put { source, object } = &change {
-                // Rewritten as it was (the rest of its file changed): nothing to rebuild.
-                let same = |s: &Stored| s.source == *source && *s.object == **object;
-                if self.objects.get(&object.key()).is_some_and(same) {
-                    continue;
-                }
-            }
-            objects += 1;
             match change {
-                Change::Remove(key) => match self.objects.remove(&key) {
-                    Some(old) => self.unindex(&key, &old.object, &mut dirty),
-                    None => objects -= 1,
-                },
+                Change::Remove(key) => {
+                    if let Some(old) = self.objects.remove(&key) {
+                        self.unindex(&key, &old.facts, &mut dirty);
+                        objects += 1;
+                    }
+                }
                 Change::Put { source, object } => {
                     let key = object.key();
-                    if let Some(old) = self.objects.remove(&key) {
-                        self.unindex(&key, &old.object, &mut dirty);
+                    let hash = hash_of(&object);
+                    // Rewritten as it was (the rest of its file changed): nothing to rebuild.
+                    let same = |s: &Stored| s.source == source && s.hash == hash;
+                    if self.objects.get(&key).is_some_and(same) {
+                        continue;
                     }
-                    self.index(&key, &object, &mut dirty);
-                    self.objects.insert(key, Stored { source, object });
+                    objects += 1;
+                    if let Some(old) = self.objects.remove(&key) {
+                        self.unindex(&key, &old.facts, &mut dirty);
+                    }
+                    let facts = Facts::of(&object, &self.namespace(&key.namespace));
+                    drop(object);
+                    self.index(&key, &facts, &mut dirty);
+                    let stored = Stored {
+                        source,
+                        hash,
+                        facts,
+                    };
+                    self.objects.insert(key, stored);
                 }
             }
         }
@@ -218,81 +362,81 @@ impl Store {
         Ok(())
     }
 
-    fn index(&mut self, key: &ObjectKey, object: &Object, dirty: &mut Dirty) {
-        match object {
-            Object::Namespace(_) => {}
-            Object::Pod(pod) => {
+    fn index(&mut self, key: &ObjectKey, facts: &Facts, dirty: &mut Dirty) {
+        match facts {
+            Facts::Namespace(_) => {}
+            Facts::Pod(pod) => {
                 self.pods_by_ns
                     .entry(key.namespace.clone())
                     .or_default()
                     .insert(key.name.clone());
-                for ip in live_ips(pod) {
+                for ip in pod.live_ips() {
                     self.pod_ips.insert(ip, key.clone());
                 }
             }
-            Object::Service(svc) => {
-                if svc.spec.selector.as_ref().is_some_and(|s| !s.is_empty()) {
+            Facts::Service(svc) => {
+                if svc.selector.is_some() {
                     self.selecting
                         .entry(key.namespace.clone())
                         .or_default()
                         .insert(key.name.clone());
                 }
-                for ip in cluster_ips(svc) {
-                    self.cluster_ips.insert(ip, key.clone());
+                for ip in &svc.cluster_ips {
+                    self.cluster_ips.insert(*ip, key.clone());
                 }
             }
-            Object::EndpointSlice(slice) => {
+            Facts::EndpointSlice(slice) => {
                 self.slices_of
-                    .entry((key.namespace.clone(), service_of(slice).to_owned()))
+                    .entry((key.namespace.clone(), slice.service.clone()))
                     .or_default()
                     .insert(key.name.clone());
             }
         }
-        self.mark(key, object, dirty);
+        self.mark(key, facts, dirty);
     }
 
-    fn unindex(&mut self, key: &ObjectKey, object: &Object, dirty: &mut Dirty) {
-        self.mark(key, object, dirty);
+    fn unindex(&mut self, key: &ObjectKey, facts: &Facts, dirty: &mut Dirty) {
+        self.mark(key, facts, dirty);
         let forget = |map: &mut HashMap<IpAddr, ObjectKey>, ip: IpAddr| {
             if map.get(&ip) == Some(key) {
                 map.remove(&ip);
             }
         };
-        match object {
-            Object::Namespace(_) => {}
-            Object::Pod(pod) => {
+        match facts {
+            Facts::Namespace(_) => {}
+            Facts::Pod(pod) => {
                 remove_from(&mut self.pods_by_ns, &key.namespace, &key.name);
-                for ip in live_ips(pod) {
+                for ip in pod.live_ips() {
                     forget(&mut self.pod_ips, ip);
                 }
             }
-            Object::Service(svc) => {
+            Facts::Service(svc) => {
                 remove_from(&mut self.selecting, &key.namespace, &key.name);
-                for ip in cluster_ips(svc) {
-                    forget(&mut self.cluster_ips, ip);
+                for ip in &svc.cluster_ips {
+                    forget(&mut self.cluster_ips, *ip);
                 }
             }
-            Object::EndpointSlice(slice) => {
-                let of = (key.namespace.clone(), service_of(slice).to_owned());
+            Facts::EndpointSlice(slice) => {
+                let of = (key.namespace.clone(), slice.service.clone());
                 remove_from(&mut self.slices_of, &of, &key.name);
             }
         }
     }
 
-    /// Marks what `object` (a version coming or going) feeds.
-    fn mark(&self, key: &ObjectKey, object: &Object, dirty: &mut Dirty) {
-        match object {
-            Object::Namespace(_) => {
+    /// Marks what an object (a version coming or going) feeds.
+    fn mark(&self, key: &ObjectKey, facts: &Facts, dirty: &mut Dirty) {
+        match facts {
+            Facts::Namespace(_) => {
                 for pod in self.pods_by_ns.get(&key.name).into_iter().flatten() {
                     dirty.pods.insert((key.name.clone(), pod.clone()));
                 }
             }
-            Object::Pod(pod) => {
+            Facts::Pod(pod) => {
                 dirty.pods.insert((key.namespace.clone(), key.name.clone()));
                 // Services that may count this pod among their endpoints.
                 for svc in self.selecting.get(&key.namespace).into_iter().flatten() {
                     let picks = match self.get(Kind::Service, &key.namespace, svc) {
-                        Some(Object::Service(s)) => selects(s.spec.selector.as_ref(), pod),
+                        Some(Facts::Service(s)) => selects(s.selector.as_ref(), &pod.labels),
                         _ => false,
                     };
                     if picks {
@@ -300,40 +444,38 @@ impl Store {
                     }
                 }
             }
-            Object::Service(_) => {
+            Facts::Service(_) => {
                 dirty
                     .services
                     .insert((key.namespace.clone(), key.name.clone()));
             }
-            Object::EndpointSlice(slice) => {
+            Facts::EndpointSlice(slice) => {
                 dirty
                     .services
-                    .insert((key.namespace.clone(), service_of(slice).to_owned()));
+                    .insert((key.namespace.clone(), slice.service.clone()));
             }
         }
     }
 
-    fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<&Object> {
+    fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<&Facts> {
         let key = ObjectKey {
             kind,
             namespace: namespace.to_owned(),
             name: name.to_owned(),
         };
-        self.objects.get(&key).map(|s| &*s.object)
+        self.objects.get(&key).map(|s| &s.facts)
+    }
+
+    /// What the namespace `name` decides for its pods (nothing, if it is not defined).
+    fn namespace(&self, name: &str) -> NamespaceFacts {
+        match self.get(Kind::Namespace, "", name) {
+            Some(Facts::Namespace(ns)) => ns.clone(),
+            _ => NamespaceFacts::default(),
+        }
     }
 
     fn rebuild_pod(&mut self, name: &Name) {
         let old = self.snapshot.pods.remove(name);
-        let fresh = match self.get(Kind::Pod, &name.0, &name.1) {
-            Some(Object::Pod(pod)) if !pod.status.is_terminal() => {
-                let namespace = match self.get(Kind::Namespace, "", &name.0) {
-                    Some(Object::Namespace(ns)) => Some(&ns.metadata),
-                    _ => None,
-                };
-                Some(workload(pod, namespace))
-            }
-            _ => None,
-        };
         if let Some(old) = &old {
             self.count_workload(old, false);
             for ip in ips_of(old) {
@@ -347,12 +489,37 @@ impl Store {
                 }
             }
         }
-        let Some(fresh) = fresh else { return };
+        let namespace = self.namespace(&name.0);
+        let key = ObjectKey {
+            kind: Kind::Pod,
+            namespace: name.0.clone(),
+            name: name.1.clone(),
+        };
+        let Some(Stored {
+            facts: Facts::Pod(pod),
+            ..
+        }) = self.objects.get_mut(&key)
+        else {
+            return;
+        };
+        let Some(base) = &pod.workload else { return };
+        // What the namespace decides may have changed since the pod was read.
+        let enrolled = pod.enrolled(&namespace);
+        let opaque_ports = pod.opaque_ports(&namespace);
+        let fresh = match base.enrolled == enrolled && base.opaque_ports == opaque_ports {
+            true => base.clone(),
+            false => Arc::new(Workload {
+                enrolled,
+                opaque_ports,
+                ..(**base).clone()
+            }),
+        };
         // Unchanged: the same Arc, so readers comparing pointers see no change.
         let workload = match old {
-            Some(old) if *old == fresh => old,
-            _ => Arc::new(fresh),
+            Some(old) if *old == *fresh => old,
+            _ => fresh,
         };
+        pod.workload = Some(workload.clone());
         self.count_workload(&workload, true);
         for ip in ips_of(&workload) {
             self.snapshot.pods_by_ip.insert(ip, workload.clone());
@@ -397,21 +564,20 @@ impl Store {
                 }
             }
         }
-        let Some(Object::Service(svc)) = self.get(Kind::Service, &name.0, &name.1) else {
+        let Some(Facts::Service(svc)) = self.get(Kind::Service, &name.0, &name.1) else {
             return;
         };
-        let mut targets = Vec::new();
-        let slices: Vec<&manifest::EndpointSlice> = self
+        let slices: Vec<&SliceFacts> = self
             .slices_of
             .get(name)
             .into_iter()
             .flatten()
             .filter_map(|s| match self.get(Kind::EndpointSlice, &name.0, s) {
-                Some(Object::EndpointSlice(s)) => Some(s),
+                Some(Facts::EndpointSlice(s)) => Some(&**s),
                 _ => None,
             })
             .collect();
-        let pods: Vec<&manifest::Pod> = match slices.is_empty() {
+        let pods: Vec<&PodFacts> = match slices.is_empty() {
             false => Vec::new(),
             true => self
                 .pods_by_ns
@@ -419,27 +585,20 @@ impl Store {
                 .into_iter()
                 .flatten()
                 .filter_map(|p| match self.get(Kind::Pod, &name.0, p) {
-                    Some(Object::Pod(p)) => Some(p),
+                    Some(Facts::Pod(p)) => Some(&**p),
                     _ => None,
                 })
                 .collect(),
         };
-        let svc_opaque = opaque_ports(&svc.metadata.annotations);
-        for cluster_ip in cluster_ips(svc) {
-            for port in svc.spec.ports.iter().filter(|p| p.protocol == "TCP") {
+        let mut targets = Vec::new();
+        for &cluster_ip in &svc.cluster_ips {
+            for port in &svc.ports {
+                let ipv6 = cluster_ip.is_ipv6();
                 let endpoints = match slices.is_empty() {
-                    false => slice_endpoints(&slices, port.name.as_deref(), cluster_ip.is_ipv6()),
-                    true => selected_endpoints(
-                        &pods,
-                        svc.spec.selector.as_ref(),
-                        port,
-                        cluster_ip.is_ipv6(),
-                    ),
+                    false => slice_endpoints(&slices, port.name.as_deref(), ipv6),
+                    true => selected_endpoints(&pods, svc.selector.as_ref(), port, ipv6),
                 };
-                let declared = match &svc_opaque {
-                    Some(set) if set.contains(port.port) => Some(Declared::Opaque),
-                    _ => ports::declared(port.app_protocol.as_deref(), port.name.as_deref()),
-                };
+                let declared = port.declared;
                 let addr = SocketAddr::new(cluster_ip, port.port);
                 let target = match old.remove(&addr) {
                     Some(t) if t.endpoints == endpoints && t.declared == declared => t,
@@ -526,15 +685,35 @@ fn service_of(slice: &manifest::EndpointSlice) -> &str {
 
 fn selects(
     selector: Option<&std::collections::BTreeMap<String, String>>,
-    pod: &manifest::Pod,
+    labels: &manifest::Labels,
 ) -> bool {
-    selector.is_some_and(|s| {
-        !s.is_empty() && s.iter().all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
-    })
+    selector.is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
-/// A pod as the mesh sees it, given its Namespace (if defined).
-fn workload(pod: &manifest::Pod, namespace: Option<&manifest::ObjectMeta>) -> Workload {
+impl PodFacts {
+    /// The addresses the pod holds while it lives (a finished pod's IP may be reused).
+    fn live_ips(&self) -> Vec<IpAddr> {
+        if self.host_network || self.terminal {
+            return Vec::new();
+        }
+        let v4 = self.v4.map(IpAddr::V4);
+        v4.into_iter().chain(self.v6.map(IpAddr::V6)).collect()
+    }
+
+    fn enrolled(&self, namespace: &NamespaceFacts) -> bool {
+        !self.host_network && self.inject.or(namespace.inject).unwrap_or(true)
+    }
+
+    fn opaque_ports(&self, namespace: &NamespaceFacts) -> Arc<PortSet> {
+        self.opaque
+            .clone()
+            .or_else(|| namespace.opaque.clone())
+            .unwrap_or_else(default_opaque_ports)
+    }
+}
+
+/// A pod as the mesh sees it, given what its namespace decides.
+fn workload(pod: &manifest::Pod, facts: &PodFacts, namespace: &NamespaceFacts) -> Workload {
     let meta = &pod.metadata;
     let (workload, kind) = match owner_workload(&meta.owner_references) {
         Some((name, kind)) => (name, Some(kind)),
@@ -543,32 +722,25 @@ fn workload(pod: &manifest::Pod, namespace: Option<&manifest::ObjectMeta>) -> Wo
             None,
         ),
     };
-    let opaque_ports = opaque_ports(&meta.annotations)
-        .or_else(|| namespace.and_then(|n| opaque_ports(&n.annotations)))
-        .unwrap_or_else(default_opaque_ports);
-    let enrolled = !pod.spec.host_network
-        && inject_setting(&meta.annotations)
-            .or_else(|| namespace.and_then(|n| inject_setting(&n.annotations)))
-            .unwrap_or(true);
     Workload {
         namespace: meta.namespace().to_owned(),
         name: meta.name.clone(),
         workload,
         kind,
-        opaque_ports,
+        opaque_ports: facts.opaque_ports(namespace),
         service_account: pod
             .spec
             .service_account_name
             .clone()
             .unwrap_or_else(|| "default".to_owned()),
         node: pod.spec.node_name.clone(),
-        ip: pod.status.pod_ip4().filter(|_| !pod.spec.host_network),
-        ip6: pod.status.pod_ip6().filter(|_| !pod.spec.host_network),
+        ip: facts.v4.filter(|_| !facts.host_network),
+        ip6: facts.v6.filter(|_| !facts.host_network),
         node_ip: match pod.status.host_ip {
             Some(IpAddr::V4(ip)) => Some(ip),
             _ => None,
         },
-        enrolled,
+        enrolled: facts.enrolled(namespace),
     }
 }
 
@@ -626,36 +798,18 @@ fn workload_name(labels: &manifest::Labels) -> Option<&str> {
         .map(String::as_str)
 }
 
-fn slice_endpoints(
-    slices: &[&manifest::EndpointSlice],
-    port_name: Option<&str>,
-    ipv6: bool,
-) -> Vec<SocketAddr> {
-    let family = if ipv6 { "IPv6" } else { "IPv4" };
+fn slice_endpoints(slices: &[&SliceFacts], port_name: Option<&str>, ipv6: bool) -> Vec<SocketAddr> {
     let mut out = Vec::new();
-    for slice in slices.iter().filter(|s| s.address_type == family) {
-        let Some(port) = slice
+    for slice in slices.iter().filter(|s| s.ipv6 == Some(ipv6)) {
+        let wanted = port_name.unwrap_or("");
+        let Some(&(_, port)) = slice
             .ports
             .iter()
-            .find(|p| {
-                p.protocol == "TCP" && p.name.as_deref().unwrap_or("") == port_name.unwrap_or("")
-            })
-            .and_then(|p| p.port)
+            .find(|(name, _)| name.as_deref().unwrap_or("") == wanted)
         else {
             continue;
         };
-        for ep in slice
-            .endpoints
-            .iter()
-            .filter(|e| e.conditions.ready != Some(false))
-        {
-            out.extend(
-                ep.addresses
-                    .iter()
-                    .filter_map(|a| a.parse::<IpAddr>().ok())
-                    .map(|ip| SocketAddr::new(ip, port)),
-            );
-        }
+        out.extend(slice.ready.iter().map(|ip| SocketAddr::new(*ip, port)));
     }
     out
 }
@@ -663,22 +817,22 @@ fn slice_endpoints(
 /// Without an EndpointSlice, the pods the selector picks (a convenience for hand-written
 /// manifests; a real cluster always has slices).
 fn selected_endpoints(
-    pods: &[&manifest::Pod],
+    pods: &[&PodFacts],
     selector: Option<&std::collections::BTreeMap<String, String>>,
-    port: &manifest::ServicePort,
+    port: &PortFacts,
     ipv6: bool,
 ) -> Vec<SocketAddr> {
-    let target = match &port.target_port {
+    let target = match &port.target {
         None => port.port,
         Some(manifest::IntOrString::Int(p)) => *p,
         // Named ports need the container spec, which we do not read.
         Some(manifest::IntOrString::String(_)) => return Vec::new(),
     };
     pods.iter()
-        .filter(|p| !p.status.is_terminal() && selects(selector, p))
+        .filter(|p| !p.terminal && selects(selector, &p.labels))
         .filter_map(|p| match ipv6 {
-            true => p.status.pod_ip6().map(IpAddr::V6),
-            false => p.status.pod_ip4().map(IpAddr::V4),
+            true => p.v6.map(IpAddr::V6),
+            false => p.v4.map(IpAddr::V4),
         })
         .map(|ip| SocketAddr::new(ip, target))
         .collect()

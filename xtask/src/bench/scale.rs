@@ -154,10 +154,26 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     bed.spawn(web)?;
     let dir = bed.manifests_dir();
 
-    // The agent with the testbed's few objects, for the baseline.
-    println!("==> baseline: the agent with the testbed's own 5 objects");
+    let load = |target: &str| -> anyhow::Result<std::process::Child> {
+        let mut cmd = bed.pod_command("client", &meshtest)?;
+        let (rate, secs) = (RATE.to_string(), LOAD_SECS.to_string());
+        cmd.args(["load", target, &rate, "4", &secs])
+            .stdout(Stdio::piped());
+        Ok(cmd.spawn()?)
+    };
+    let finish = |child: std::process::Child| -> anyhow::Result<String> {
+        Ok(String::from_utf8_lossy(&child.wait_with_output()?.stdout).into_owned())
+    };
+
+    // Baselines: the machine's own noise (no agents), then the agents with the testbed's few
+    // objects.
+    println!("==> baseline: {RATE} req/s for {LOAD_SECS} s, no agents, client -> web pod");
+    let web_pod = format!("{}:8080", bed.pod("web").ip);
+    let direct = finish(load(&web_pod)?)?;
+    println!("==> baseline: the agents with the testbed's own 5 objects");
     let (mut n1, mut n2, _) = start_agents(&bed)?;
     let base_rss = settled_rss_mib(n1.pid().context("n1 pid")?);
+    let small = finish(load(WEB_SVC)?)?;
     n1.stop()?;
     n2.stop()?;
 
@@ -225,19 +241,13 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let rss_after_reloads = settled_rss_mib(pid);
 
     println!("==> {RATE} req/s for {LOAD_SECS} s through the mesh, state quiet");
-    let load = |secs: u32| -> anyhow::Result<std::process::Child> {
-        let mut cmd = bed.pod_command("client", &meshtest)?;
-        cmd.args(["load", WEB_SVC, &RATE.to_string(), "4", &secs.to_string()])
-            .stdout(Stdio::piped());
-        Ok(cmd.spawn()?)
-    };
-    let quiet = String::from_utf8_lossy(&load(LOAD_SECS)?.wait_with_output()?.stdout).into_owned();
+    let quiet = finish(load(WEB_SVC)?)?;
 
     println!(
         "==> {RATE} req/s for {LOAD_SECS} s through the mesh, state changing every {CHURN_EVERY:?}"
     );
     let applies_before = n1.metric("mesh_state_apply_duration_seconds_count", &[])?;
-    let child = load(LOAD_SECS)?;
+    let child = load(WEB_SVC)?;
     let until = Instant::now() + Duration::from_secs(u64::from(LOAD_SECS));
     let mut k = 0u32;
     while Instant::now() < until {
@@ -257,8 +267,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         k += 1;
         std::thread::sleep(CHURN_EVERY);
     }
-    let out = child.wait_with_output()?;
-    let churned = String::from_utf8_lossy(&out.stdout).into_owned();
+    let churned = finish(child)?;
     let applies = n1.metric("mesh_state_apply_duration_seconds_count", &[])? - applies_before;
     let rss_after_churn = settled_rss_mib(pid);
 
@@ -293,6 +302,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             "written_to_in_force_ms": stats(&change_ms), "apply_ms": stats(&apply_ms),
             "last": rebuilt,
         },
+        "load_direct": loads(&direct),
+        "load_small_state": loads(&small),
         "load_quiet": loads(&quiet),
         "load_during_churn": { "changes_written": k, "snapshots_built": applies, "load": loads(&churned) },
     });
@@ -359,9 +370,26 @@ fn markdown(r: &Value) -> String {
         f(&r["idle_cpu_pct"]),
         check(f(&r["idle_cpu_pct"]) < 1.0)
     );
+    for (what, l) in [
+        ("no agents (client -> web pod)", &r["load_direct"]),
+        (
+            "through the mesh, testbed state only",
+            &r["load_small_state"],
+        ),
+    ] {
+        let _ = writeln!(
+            s,
+            "| 200 req/s {what}: p50 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} ms ({} errors) | |",
+            ms(&l["p50_us"]),
+            ms(&l["p99_us"]),
+            ms(&l["p999_us"]),
+            ms(&l["max_us"]),
+            l["errors"]
+        );
+    }
     let _ = writeln!(
         s,
-        "| 200 req/s through the mesh, state quiet: p50 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} ms ({} errors) | |",
+        "| 200 req/s through the mesh, large state quiet: p50 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} ms ({} errors) | |",
         ms(&quiet["p50_us"]),
         ms(&quiet["p99_us"]),
         ms(&quiet["p999_us"]),
