@@ -13,6 +13,7 @@ use mesh_agent::{
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
@@ -122,6 +123,22 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One malloc arena per core (glibc's default allows eight per core). Each new thread that
+/// allocates gets an arena of its own while it can; the desired-state thread and its parse
+/// helpers then scatter a large state's parse garbage over arenas that the long-lived state
+/// keeps pinned: at 10k Services that was a quarter of the agent's RSS. Threads beyond the
+/// cores share, which their per-thread caches make cheap.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, i32::try_from(cores).unwrap_or(i32::MAX));
+        }
+    }
 }
 
 /// A node proxy holds two sockets per proxied connection: lift the soft descriptor limit to

@@ -79,8 +79,8 @@ struct ReadFile {
     objects: Option<Vec<manifest::Object>>,
 }
 
+/// A file in force (the objects it defines are in the store, by source).
 struct InForce {
-    keys: Vec<ObjectKey>,
     /// Of the file's bytes: an identical rewrite is not parsed again.
     hash: u64,
 }
@@ -224,8 +224,10 @@ impl ManifestDir {
             let old = self.files.get(path);
             if !here {
                 self.attempted.remove(path);
-                if let Some(old) = old {
-                    changes.extend(old.keys.iter().cloned().map(Change::Remove));
+                if old.is_some() {
+                    let source = path.display().to_string();
+                    let keys = self.store.keys_of(&source).iter().cloned();
+                    changes.extend(keys.map(Change::Remove));
                     now_in_force.push((path, None));
                 }
                 continue;
@@ -243,17 +245,17 @@ impl ManifestDir {
             }
             let Some(objects) = objects else { continue };
             let source: Arc<str> = Arc::from(path.display().to_string());
-            let keys: Vec<ObjectKey> = objects.iter().map(manifest::Object::key).collect();
-            if let Some(old) = old {
-                let kept: HashSet<&ObjectKey> = keys.iter().collect();
-                let gone = old.keys.iter().filter(|k| !kept.contains(k));
+            if old.is_some() {
+                let kept: HashSet<ObjectKey> = objects.iter().map(manifest::Object::key).collect();
+                let gone = self.store.keys_of(&source).iter();
+                let gone = gone.filter(|k| !kept.contains(*k));
                 changes.extend(gone.cloned().map(Change::Remove));
             }
             changes.extend(objects.into_iter().map(|object| Change::Put {
                 source: source.clone(),
                 object: Box::new(object),
             }));
-            now_in_force.push((path, Some(InForce { keys, hash })));
+            now_in_force.push((path, Some(InForce { hash })));
         }
         if now_in_force.is_empty() {
             self.dirty.retain(|p| writing.contains(p));

@@ -326,8 +326,8 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
     pub kind: Kind,
-    pub namespace: String,
-    pub name: String,
+    pub namespace: std::sync::Arc<str>,
+    pub name: std::sync::Arc<str>,
 }
 
 impl fmt::Display for ObjectKey {
@@ -364,10 +364,10 @@ impl Object {
         ObjectKey {
             kind,
             namespace: match kind {
-                Kind::Namespace => String::new(),
-                _ => meta.namespace().to_owned(),
+                Kind::Namespace => "".into(),
+                _ => meta.namespace().into(),
             },
-            name: meta.name.clone(),
+            name: meta.name.as_str().into(),
         }
     }
 }

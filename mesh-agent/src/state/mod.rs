@@ -62,7 +62,9 @@ pub struct ServiceTarget {
     pub port: u16,
     pub endpoints: Vec<SocketAddr>,
     /// The load of each endpoint (same order), for per-request balancing.
-    pub loads: Box<[Arc<EndpointLoad>]>,
+    /// Made at the first request balanced over them: most Service ports of a large cluster are
+    /// never called from a given node, and 50k load figures would be megabytes for nothing.
+    loads: std::sync::OnceLock<Box<[Arc<EndpointLoad>]>>,
     /// The protocol the port declares (`appProtocol`, Istio port name, or the Service's
     /// opaque-ports annotation).
     pub declared: Option<Declared>,
@@ -100,8 +102,11 @@ impl ServiceTarget {
 
     /// The endpoint for the next request, and its load (see [`crate::balance`]).
     pub fn pick_for_request(&self) -> Option<(SocketAddr, &Arc<EndpointLoad>)> {
-        let i = crate::balance::pick(&self.loads)?;
-        Some((*self.endpoints.get(i)?, self.loads.get(i)?))
+        let loads = self
+            .loads
+            .get_or_init(|| self.endpoints.iter().map(|_| Arc::default()).collect());
+        let i = crate::balance::pick(loads)?;
+        Some((*self.endpoints.get(i)?, loads.get(i)?))
     }
 
     /// The next endpoint for a connection, round robin.
@@ -129,7 +134,7 @@ pub enum Destination {
 /// cheap and shares every map (see [`shared`]); [`store::Store`] makes the next one.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    pods: SharedMap<(String, String), Arc<Workload>>,
+    pods: SharedMap<store::Name, Arc<Workload>>,
     pods_by_ip: SharedMap<IpAddr, Arc<Workload>>,
     services: SharedMap<SocketAddr, Arc<ServiceTarget>>,
     /// The same, by `name.namespace.svc.cluster.local:port`.

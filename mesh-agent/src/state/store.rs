@@ -103,7 +103,7 @@ struct PortFacts {
 
 #[derive(Debug)]
 struct SliceFacts {
-    service: String,
+    service: Arc<str>,
     /// `None` for an FQDN slice (not used).
     ipv6: Option<bool>,
     /// (name, port) of its TCP ports.
@@ -156,7 +156,7 @@ impl Facts {
                 }))
             }
             Object::EndpointSlice(slice) => Facts::EndpointSlice(Box::new(SliceFacts {
-                service: service_of(slice).to_owned(),
+                service: service_of(slice).into(),
                 ipv6: match slice.address_type.as_str() {
                     "IPv4" => Some(false),
                     "IPv6" => Some(true),
@@ -187,18 +187,67 @@ fn hash_of(object: &Object) -> u64 {
 }
 
 /// `(namespace, name)` of a Pod or a Service.
-type Name = (String, String);
+pub type Name = (Arc<str>, Arc<str>);
+
+/// Objects by kind, namespace and name (looked up by `&str`, no key built).
+#[derive(Debug, Default)]
+struct Objects([ByNamespace; 4]);
+
+/// Objects of one kind: namespace → name → object.
+type ByNamespace = HashMap<Arc<str>, HashMap<Arc<str>, Stored>>;
+
+impl Objects {
+    fn of(&self, kind: Kind) -> &ByNamespace {
+        &self.0[kind as usize]
+    }
+
+    fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<&Stored> {
+        self.of(kind).get(namespace)?.get(name)
+    }
+
+    fn get_mut(&mut self, kind: Kind, namespace: &str, name: &str) -> Option<&mut Stored> {
+        self.0[kind as usize].get_mut(namespace)?.get_mut(name)
+    }
+
+    fn insert(&mut self, key: &ObjectKey, stored: Stored) {
+        self.0[key.kind as usize]
+            .entry(key.namespace.clone())
+            .or_default()
+            .insert(key.name.clone(), stored);
+    }
+
+    fn remove(&mut self, key: &ObjectKey) -> Option<Stored> {
+        let names = self.0[key.kind as usize].get_mut(&key.namespace)?;
+        let stored = names.remove(&key.name);
+        if names.is_empty() {
+            self.0[key.kind as usize].remove(&key.namespace);
+        }
+        stored
+    }
+
+    fn len(&self) -> usize {
+        self.0
+            .iter()
+            .flat_map(|k| k.values())
+            .map(HashMap::len)
+            .sum()
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Store {
-    objects: HashMap<ObjectKey, Stored>,
+    objects: Objects,
+    /// Every namespace name, once: keys share them.
+    namespaces: HashSet<Arc<str>>,
+    /// The objects each source (file) defines.
+    by_source: HashMap<Arc<str>, Vec<ObjectKey>>,
     /// Pod names by namespace.
-    pods_by_ns: HashMap<String, BTreeSet<String>>,
+    pods_by_ns: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
     /// Services with a selector, by namespace (their endpoints may be pods, when they have no
     /// EndpointSlice).
-    selecting: HashMap<String, BTreeSet<String>>,
-    /// EndpointSlice names by the Service they belong to.
-    slices_of: HashMap<Name, BTreeSet<String>>,
+    selecting: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
+    /// EndpointSlice names by the Service they belong to (usually one).
+    slices_of: HashMap<Name, Vec<Arc<str>>>,
     /// The live pod that holds each pod IP.
     pod_ips: HashMap<IpAddr, ObjectKey>,
     /// The Service that holds each cluster IP.
@@ -226,7 +275,33 @@ impl Store {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.objects.is_empty()
+        self.len() == 0
+    }
+
+    /// The objects `source` defines.
+    pub fn keys_of(&self, source: &str) -> &[ObjectKey] {
+        self.by_source.get(source).map_or(&[], Vec::as_slice)
+    }
+
+    /// `object`'s key, its namespace shared with every other key of that namespace.
+    fn key_of(&mut self, object: &Object) -> ObjectKey {
+        let mut key = object.key();
+        match self.namespaces.get(&key.namespace) {
+            Some(ns) => key.namespace = ns.clone(),
+            None => {
+                self.namespaces.insert(key.namespace.clone());
+            }
+        }
+        key
+    }
+
+    fn forget_source(&mut self, source: &Arc<str>, key: &ObjectKey) {
+        if let Some(keys) = self.by_source.get_mut(source) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_source.remove(source);
+            }
+        }
     }
 
     /// Applies `changes` as one transaction: all of them, or (with the error naming the file,
@@ -239,21 +314,37 @@ impl Store {
             match change {
                 Change::Remove(key) => {
                     if let Some(old) = self.objects.remove(&key) {
+                        self.forget_source(&old.source, &key);
                         self.unindex(&key, &old.facts, &mut dirty);
                         objects += 1;
                     }
                 }
                 Change::Put { source, object } => {
-                    let key = object.key();
+                    let key = self.key_of(&object);
                     let hash = hash_of(&object);
                     // Rewritten as it was (the rest of its file changed): nothing to rebuild.
                     let same = |s: &Stored| s.source == source && s.hash == hash;
-                    if self.objects.get(&key).is_some_and(same) {
+                    let old = self.objects.get(key.kind, &key.namespace, &key.name);
+                    if old.is_some_and(same) {
                         continue;
                     }
                     objects += 1;
-                    if let Some(old) = self.objects.remove(&key) {
-                        self.unindex(&key, &old.facts, &mut dirty);
+                    match self.objects.remove(&key) {
+                        Some(old) => {
+                            if old.source != source {
+                                self.forget_source(&old.source, &key);
+                                self.by_source
+                                    .entry(source.clone())
+                                    .or_default()
+                                    .push(key.clone());
+                            }
+                            self.unindex(&key, &old.facts, &mut dirty);
+                        }
+                        None => self
+                            .by_source
+                            .entry(source.clone())
+                            .or_default()
+                            .push(key.clone()),
                     }
                     let facts = Facts::of(&object, &self.namespace(&key.namespace));
                     drop(object);
@@ -263,7 +354,7 @@ impl Store {
                         hash,
                         facts,
                     };
-                    self.objects.insert(key, stored);
+                    self.objects.insert(&key, stored);
                 }
             }
         }
@@ -307,7 +398,7 @@ impl Store {
             if let Some(first) = put_by.get(key) {
                 return Err(fail(source, key, Problem::Duplicate(first.to_string())));
             }
-            if let Some(stored) = self.objects.get(key) {
+            if let Some(stored) = self.objects.get(key.kind, &key.namespace, &key.name) {
                 if stored.source != **source && !removed.contains(key) {
                     return Err(fail(
                         source,
@@ -336,7 +427,10 @@ impl Store {
                         .get(&ip)
                         .filter(|owner| *owner != key && !leaving(owner))
                         .map(|owner| {
-                            let file = self.objects.get(owner).map(|s| s.source.to_string());
+                            let file = self
+                                .objects
+                                .get(owner.kind, &owner.namespace, &owner.name)
+                                .map(|s| s.source.to_string());
                             (owner.clone(), file.unwrap_or_default())
                         }),
                 };
@@ -386,10 +480,13 @@ impl Store {
                 }
             }
             Facts::EndpointSlice(slice) => {
-                self.slices_of
+                let slices = self
+                    .slices_of
                     .entry((key.namespace.clone(), slice.service.clone()))
-                    .or_default()
-                    .insert(key.name.clone());
+                    .or_default();
+                if !slices.contains(&key.name) {
+                    slices.push(key.name.clone());
+                }
             }
         }
         self.mark(key, facts, dirty);
@@ -418,7 +515,12 @@ impl Store {
             }
             Facts::EndpointSlice(slice) => {
                 let of = (key.namespace.clone(), slice.service.clone());
-                remove_from(&mut self.slices_of, &of, &key.name);
+                if let Some(slices) = self.slices_of.get_mut(&of) {
+                    slices.retain(|s| *s != key.name);
+                    if slices.is_empty() {
+                        self.slices_of.remove(&of);
+                    }
+                }
             }
         }
     }
@@ -458,12 +560,7 @@ impl Store {
     }
 
     fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<&Facts> {
-        let key = ObjectKey {
-            kind,
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        };
-        self.objects.get(&key).map(|s| &s.facts)
+        self.objects.get(kind, namespace, name).map(|s| &s.facts)
     }
 
     /// What the namespace `name` decides for its pods (nothing, if it is not defined).
@@ -490,15 +587,10 @@ impl Store {
             }
         }
         let namespace = self.namespace(&name.0);
-        let key = ObjectKey {
-            kind: Kind::Pod,
-            namespace: name.0.clone(),
-            name: name.1.clone(),
-        };
         let Some(Stored {
             facts: Facts::Pod(pod),
             ..
-        }) = self.objects.get_mut(&key)
+        }) = self.objects.get_mut(Kind::Pod, &name.0, &name.1)
         else {
             return;
         };
@@ -547,7 +639,7 @@ impl Store {
     fn rebuild_service(&mut self, name: &Name) {
         let mut old: HashMap<SocketAddr, Arc<ServiceTarget>> = HashMap::new();
         for addr in self.placed.remove(name).unwrap_or_default() {
-            let ours = |t: &Arc<ServiceTarget>| t.namespace == name.0 && t.name == name.1;
+            let ours = |t: &Arc<ServiceTarget>| *t.namespace == *name.0 && *t.name == *name.1;
             if self.snapshot.services.get(&addr).is_some_and(ours) {
                 if let Some(t) = self.snapshot.services.remove(&addr) {
                     self.snapshot.endpoints -= t.endpoints.len();
@@ -603,10 +695,10 @@ impl Store {
                 let target = match old.remove(&addr) {
                     Some(t) if t.endpoints == endpoints && t.declared == declared => t,
                     _ => Arc::new(ServiceTarget {
-                        namespace: name.0.clone(),
-                        name: name.1.clone(),
+                        namespace: name.0.to_string(),
+                        name: name.1.to_string(),
                         port: port.port,
-                        loads: endpoints.iter().map(|_| Arc::default()).collect(),
+                        loads: Default::default(),
                         endpoints,
                         declared,
                         next: AtomicUsize::new(0),
@@ -633,7 +725,7 @@ impl Store {
 }
 
 fn remove_from<K: std::hash::Hash + Eq>(
-    map: &mut HashMap<K, BTreeSet<String>>,
+    map: &mut HashMap<K, BTreeSet<Arc<str>>>,
     key: &K,
     name: &str,
 ) {

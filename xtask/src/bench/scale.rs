@@ -120,11 +120,12 @@ fn next_version(agent: &Agent, version: u64) -> anyhow::Result<Value> {
 }
 
 fn start_agents(bed: &Testbed) -> anyhow::Result<(Agent, Agent, Duration)> {
+    // One after the other: on a real cluster each agent has its node's cores to itself.
     let started = Instant::now();
     let mut n1 = Agent::start(bed, "n1", &["--log-level", "warn"])?;
-    let mut n2 = Agent::start(bed, "n2", &["--log-level", "warn"])?;
     n1.wait_ready(Duration::from_secs(60))?;
     let ready = started.elapsed();
+    let mut n2 = Agent::start(bed, "n2", &["--log-level", "warn"])?;
     n2.wait_ready(Duration::from_secs(60))?;
     Ok((n1, n2, ready))
 }
@@ -150,7 +151,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     };
     let bed = Testbed::up(&spec).context("bringing the testbed up")?;
     let mut web = bed.pod_command("web", &meshtest)?;
-    web.args(["serve", "8080", "web"]).stdout(Stdio::null());
+    web.args(["http", "8080", "web"]).stdout(Stdio::null());
     bed.spawn(web)?;
     let dir = bed.manifests_dir();
 
