@@ -40,7 +40,7 @@ use crate::{
     metrics::Metrics,
     state::{
         manifest::{self, ManifestError, ObjectKey, Problem},
-        store::{Change, Store},
+        store::{Change, Parsed, Store},
         LastApply, Snapshot,
     },
 };
@@ -76,7 +76,7 @@ struct ReadFile {
     seen: Option<Fingerprint>,
     hash: u64,
     /// `None`: the same bytes as the version in force.
-    objects: Option<Vec<manifest::Object>>,
+    objects: Option<Vec<Parsed>>,
 }
 
 /// A file in force (the objects it defines are in the store, by source).
@@ -246,14 +246,14 @@ impl ManifestDir {
             let Some(objects) = objects else { continue };
             let source: Arc<str> = Arc::from(path.display().to_string());
             if old.is_some() {
-                let kept: HashSet<ObjectKey> = objects.iter().map(manifest::Object::key).collect();
+                let kept: HashSet<&ObjectKey> = objects.iter().map(Parsed::key).collect();
                 let gone = self.store.keys_of(&source).iter();
-                let gone = gone.filter(|k| !kept.contains(*k));
+                let gone = gone.filter(|k| !kept.contains(k));
                 changes.extend(gone.cloned().map(Change::Remove));
             }
             changes.extend(objects.into_iter().map(|object| Change::Put {
                 source: source.clone(),
-                object: Box::new(object),
+                object,
             }));
             now_in_force.push((path, Some(InForce { hash })));
         }
@@ -293,7 +293,12 @@ impl ManifestDir {
             let hash = hasher.finish();
             let objects = match self.files.get(path) {
                 Some(old) if old.hash == hash => None,
-                _ => Some(manifest::parse_file(path, &text)?),
+                _ => Some(
+                    manifest::parse_file(path, &text)?
+                        .iter()
+                        .map(Parsed::new)
+                        .collect(),
+                ),
             };
             Ok(ReadFile {
                 seen,

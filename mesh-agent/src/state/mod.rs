@@ -233,10 +233,7 @@ mod tests {
         let source: Arc<str> = Arc::from("t.yaml");
         let changes = manifest::parse_file(Path::new("t.yaml"), yaml)?
             .into_iter()
-            .map(|object| store::Change::Put {
-                source: source.clone(),
-                object: Box::new(object),
-            })
+            .map(|object| store::Change::put(&source, &object))
             .collect();
         let mut store = store::Store::default();
         store.apply(changes)?;

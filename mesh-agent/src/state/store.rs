@@ -27,9 +27,42 @@ pub enum Change {
     /// `source` (a file, or `kube` later).
     Put {
         source: Arc<str>,
-        object: Box<Object>,
+        object: Parsed,
     },
     Remove(ObjectKey),
+}
+
+/// An object reduced to what the store keeps, as soon as it is parsed (on the thread that
+/// parsed it): the full manifests of a large state are never all alive at once.
+#[derive(Debug)]
+pub struct Parsed {
+    key: ObjectKey,
+    hash: u64,
+    facts: Facts,
+}
+
+impl Parsed {
+    pub fn new(object: &Object) -> Parsed {
+        Parsed {
+            key: object.key(),
+            hash: hash_of(object),
+            // What its namespace decides is filled in when the store rebuilds it.
+            facts: Facts::of(object, &NamespaceFacts::default()),
+        }
+    }
+
+    pub fn key(&self) -> &ObjectKey {
+        &self.key
+    }
+}
+
+impl Change {
+    pub fn put(source: &Arc<str>, object: &Object) -> Change {
+        Change::Put {
+            source: source.clone(),
+            object: Parsed::new(object),
+        }
+    }
 }
 
 /// What one transaction rebuilt.
@@ -283,9 +316,8 @@ impl Store {
         self.by_source.get(source).map_or(&[], Vec::as_slice)
     }
 
-    /// `object`'s key, its namespace shared with every other key of that namespace.
-    fn key_of(&mut self, object: &Object) -> ObjectKey {
-        let mut key = object.key();
+    /// `key` with its namespace shared with every other key of that namespace.
+    fn interned(&mut self, mut key: ObjectKey) -> ObjectKey {
         match self.namespaces.get(&key.namespace) {
             Some(ns) => key.namespace = ns.clone(),
             None => {
@@ -320,8 +352,8 @@ impl Store {
                     }
                 }
                 Change::Put { source, object } => {
-                    let key = self.key_of(&object);
-                    let hash = hash_of(&object);
+                    let Parsed { key, hash, facts } = object;
+                    let key = self.interned(key);
                     // Rewritten as it was (the rest of its file changed): nothing to rebuild.
                     let same = |s: &Stored| s.source == source && s.hash == hash;
                     let old = self.objects.get(key.kind, &key.namespace, &key.name);
@@ -346,8 +378,6 @@ impl Store {
                             .or_default()
                             .push(key.clone()),
                     }
-                    let facts = Facts::of(&object, &self.namespace(&key.namespace));
-                    drop(object);
                     self.index(&key, &facts, &mut dirty);
                     let stored = Stored {
                         source,
@@ -381,10 +411,10 @@ impl Store {
                 Change::Put { .. } => None,
             })
             .collect();
-        let puts: Vec<(ObjectKey, &Arc<str>, &Object)> = changes
+        let puts: Vec<(&ObjectKey, &Arc<str>, &Facts)> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Put { source, object } => Some((object.key(), source, &**object)),
+                Change::Put { source, object } => Some((&object.key, source, &object.facts)),
                 Change::Remove(_) => None,
             })
             .collect();
@@ -394,12 +424,12 @@ impl Store {
             problem,
         };
         let mut put_by: HashMap<&ObjectKey, &Arc<str>> = HashMap::new();
-        for (key, source, _) in &puts {
+        for &(key, source, _) in &puts {
             if let Some(first) = put_by.get(key) {
                 return Err(fail(source, key, Problem::Duplicate(first.to_string())));
             }
             if let Some(stored) = self.objects.get(key.kind, &key.namespace, &key.name) {
-                if stored.source != **source && !removed.contains(key) {
+                if stored.source != *source && !removed.contains(key) {
                     return Err(fail(
                         source,
                         key,
@@ -412,11 +442,11 @@ impl Store {
         // An address held by an object this transaction replaces or removes is free.
         let leaving = |owner: &ObjectKey| removed.contains(owner) || put_by.contains_key(owner);
         let mut claims: HashMap<(Kind, IpAddr), (&ObjectKey, &Arc<str>)> = HashMap::new();
-        for (key, source, object) in &puts {
+        for &(key, source, object) in &puts {
             let (ips, held) = match object {
-                Object::Pod(pod) => (live_ips(pod), &self.pod_ips),
-                Object::Service(svc) => (cluster_ips(svc), &self.cluster_ips),
-                Object::Namespace(_) | Object::EndpointSlice(_) => continue,
+                Facts::Pod(pod) => (pod.live_ips(), &self.pod_ips),
+                Facts::Service(svc) => (svc.cluster_ips.clone(), &self.cluster_ips),
+                Facts::Namespace(_) | Facts::EndpointSlice(_) => continue,
             };
             for ip in ips {
                 let other = match claims.get(&(key.kind, ip)) {
@@ -735,16 +765,6 @@ fn remove_from<K: std::hash::Hash + Eq>(
             map.remove(key);
         }
     }
-}
-
-/// The addresses a pod holds while it lives (a finished pod's IP may be reused).
-fn live_ips(pod: &manifest::Pod) -> Vec<IpAddr> {
-    if pod.spec.host_network || pod.status.is_terminal() {
-        return Vec::new();
-    }
-    let v4 = pod.status.pod_ip4().map(IpAddr::V4);
-    let v6 = pod.status.pod_ip6().map(IpAddr::V6);
-    v4.into_iter().chain(v6).collect()
 }
 
 fn ips_of(workload: &Workload) -> impl Iterator<Item = IpAddr> {
