@@ -404,3 +404,58 @@ fn a_storm_of_file_writes_ends_in_the_final_state_with_few_builds() {
         0.0
     );
 }
+
+/// Service `svc-{i}` at 10.100.x.y:80 with a slice of five endpoints elsewhere in the cluster,
+/// or, given `to`, of that one endpoint.
+fn scale_service(i: u32, to: Option<&str>) -> String {
+    let endpoints: String = match to {
+        Some(ip) => format!("- addresses: [{ip}]\n"),
+        None => (0..5)
+            .map(|k| format!("- addresses: [10.64.{}.{}]\n", i % 200, k + 1))
+            .collect(),
+    };
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: scale}}\nspec:\n  clusterIP: 10.100.{}.{}\n  ports: [{{name: http, port: 80}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x7k2p\n  namespace: scale\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{endpoints}",
+        i / 250,
+        i % 250 + 1
+    )
+}
+
+#[test]
+fn one_service_changed_among_10k_is_applied_alone_and_routes() {
+    let _serial = serial();
+    let bed = bed();
+    let dir = bed.manifests_dir();
+    let file = |f: u32, to: Option<&str>| -> String {
+        (f * 50..f * 50 + 50)
+            .map(|i| scale_service(i, to.filter(|_| i == 4242)))
+            .collect()
+    };
+    for f in 0..200 {
+        std::fs::write(dir.join(format!("scale-{f:03}.yaml")), file(f, None)).expect("write");
+    }
+    let (n1, _n2) = agents(&bed);
+    let state = || n1.admin("/state").expect("admin /state").body;
+    assert!(state().contains("\"service_ports\": 10001,"), "{}", state());
+    let svc = "10.100.16.243:80";
+    assert_ne!(fetch_from_pod(&bed, "client", svc).status, 200);
+
+    // svc-4242's endpoints become the web pod; its 49 neighbours in the file are rewritten as
+    // they were.
+    let web = bed.pod("web").ip.to_string();
+    std::fs::write(dir.join(".scale.tmp"), file(84, Some(&web))).expect("write");
+    std::fs::rename(dir.join(".scale.tmp"), dir.join("scale-084.yaml")).expect("rename");
+    eventually("version 2", || state().contains("\"version\": 2,"));
+    let applied = state();
+    for expected in [
+        "\"files\": 1,",
+        "\"objects\": 1,",
+        "\"pods_rebuilt\": 0,",
+        "\"services_rebuilt\": 1,",
+    ] {
+        assert!(applied.contains(expected), "{expected} not in {applied}");
+    }
+    let got = fetch_from_pod(&bed, "client", svc);
+    assert_eq!(got.status, 200);
+    assert!(got.body.starts_with("hello from web\n"), "{}", got.body);
+}

@@ -53,6 +53,10 @@ pub const MAX_DELAY: Duration = Duration::from_millis(200);
 pub const RESYNC: Duration = Duration::from_secs(60);
 /// How often, while inotify is unavailable (the directory is missing, or out of watches).
 const UNWATCHED_RESYNC: Duration = Duration::from_secs(1);
+/// The nice value of the desired-state thread.
+const BACKGROUND_NICE: libc::c_int = 10;
+/// Freed memory is handed back to the system after an apply that read this much.
+const TRIM_AFTER_BYTES: usize = 1 << 20;
 /// A file modified and not closed for this long is read anyway.
 pub const WRITER_GRACE: Duration = Duration::from_secs(10);
 
@@ -69,11 +73,14 @@ pub struct ManifestDir {
     attempted: HashMap<PathBuf, Fingerprint>,
     /// Files whose content on disk may differ from what is in force.
     dirty: BTreeSet<PathBuf>,
+    /// Bytes the last apply read.
+    read_bytes: usize,
 }
 
 /// One file as read for a transaction.
 struct ReadFile {
     seen: Option<Fingerprint>,
+    bytes: usize,
     hash: u64,
     /// `None`: the same bytes as the version in force.
     objects: Option<Vec<Parsed>>,
@@ -113,6 +120,7 @@ impl ManifestDir {
             files: HashMap::new(),
             attempted: HashMap::new(),
             dirty: BTreeSet::new(),
+            read_bytes: 0,
         }
     }
 
@@ -201,6 +209,7 @@ impl ManifestDir {
 
     fn try_apply(&mut self, writing: &HashSet<PathBuf>) -> Result<Option<Snapshot>, ManifestError> {
         let started = Instant::now();
+        self.read_bytes = 0;
         let paths: Vec<PathBuf> = self
             .dirty
             .iter()
@@ -234,6 +243,7 @@ impl ManifestDir {
             }
             let Some(ReadFile {
                 seen,
+                bytes,
                 hash,
                 objects,
             }) = parsed.next().transpose()?
@@ -243,6 +253,7 @@ impl ManifestDir {
             if let Some(seen) = seen {
                 self.attempted.insert(path.clone(), seen);
             }
+            self.read_bytes += bytes;
             let Some(objects) = objects else { continue };
             let source: Arc<str> = Arc::from(path.display().to_string());
             if old.is_some() {
@@ -302,6 +313,7 @@ impl ManifestDir {
             };
             Ok(ReadFile {
                 seen,
+                bytes: text.len(),
                 hash,
                 objects,
             })
@@ -365,6 +377,13 @@ impl ManifestDir {
     /// Follows the directory and publishes each new valid snapshot until `tx` has no
     /// receivers.
     fn watch(mut self, tx: watch::Sender<Arc<Snapshot>>, metrics: Arc<Metrics>) {
+        // On a busy node, the proxy comes first: this thread (and the parse helpers it
+        // starts, which inherit it) yields the CPU to the proxy's workers.
+        // SAFETY: plain syscalls on this thread.
+        unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
+        }
         let mut notifier = Notifier::new(&self.path);
         // Files modified but not closed yet, since when.
         let mut writing: HashMap<PathBuf, Instant> = HashMap::new();
@@ -425,7 +444,11 @@ impl ManifestDir {
             batch = None;
             let busy: HashSet<PathBuf> = writing.keys().cloned().collect();
             let result = self.apply(&busy, &metrics);
-            release_freed_memory();
+            // Trimming walks the heap under the allocator's lock, which the proxy's workers
+            // share: worth it only after reading a lot.
+            if self.read_bytes >= TRIM_AFTER_BYTES {
+                release_freed_memory();
+            }
             match result {
                 Ok(Some(snapshot)) => {
                     info!(
