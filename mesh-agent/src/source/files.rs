@@ -55,8 +55,8 @@ pub const RESYNC: Duration = Duration::from_secs(60);
 const UNWATCHED_RESYNC: Duration = Duration::from_secs(1);
 /// The nice value of the desired-state thread.
 const BACKGROUND_NICE: libc::c_int = 10;
-/// Freed memory is handed back to the system after an apply that read this much.
-const TRIM_AFTER_BYTES: usize = 1 << 20;
+/// Freed memory is handed back to the system once no change came for this long.
+const TRIM_WHEN_QUIET: Duration = Duration::from_millis(500);
 /// A file modified and not closed for this long is read anyway.
 pub const WRITER_GRACE: Duration = Duration::from_secs(10);
 
@@ -287,6 +287,7 @@ impl ManifestDir {
         snapshot.applied_at = Some(SystemTime::now());
         snapshot.last_apply = Some(LastApply {
             files,
+            bytes_read: self.read_bytes,
             applied,
             duration_us: started.elapsed().as_micros(),
         });
@@ -390,6 +391,8 @@ impl ManifestDir {
         // The first and the latest change of the batch being gathered.
         let mut batch: Option<(Instant, Instant)> = None;
         let mut next_resync = Instant::now() + notifier.resync_interval();
+        // When to hand freed memory back (see below).
+        let mut trim_due: Option<Instant> = None;
         loop {
             if tx.is_closed() {
                 return;
@@ -401,6 +404,9 @@ impl ManifestDir {
             }
             for since in writing.values() {
                 deadline = deadline.min(*since + WRITER_GRACE);
+            }
+            if let Some(due) = trim_due {
+                deadline = deadline.min(due);
             }
             let seen = notifier.wait(deadline.saturating_duration_since(now));
             let now = Instant::now();
@@ -437,6 +443,12 @@ impl ManifestDir {
             if touched {
                 batch = Some((batch.map_or(now, |b| b.0), now));
             }
+            // Trimming walks the heap under the allocator's lock, which the proxy's workers
+            // share: done once things are quiet, not after each apply of a storm.
+            if batch.is_none() && trim_due.is_some_and(|due| now >= due) {
+                release_freed_memory();
+                trim_due = None;
+            }
             let Some((first, last)) = batch else { continue };
             if now < last + QUIET && now < first + MAX_DELAY {
                 continue;
@@ -444,11 +456,7 @@ impl ManifestDir {
             batch = None;
             let busy: HashSet<PathBuf> = writing.keys().cloned().collect();
             let result = self.apply(&busy, &metrics);
-            // Trimming walks the heap under the allocator's lock, which the proxy's workers
-            // share: worth it only after reading a lot.
-            if self.read_bytes >= TRIM_AFTER_BYTES {
-                release_freed_memory();
-            }
+            trim_due = Some(Instant::now() + TRIM_WHEN_QUIET);
             match result {
                 Ok(Some(snapshot)) => {
                     info!(

@@ -156,6 +156,8 @@ pub struct Snapshot {
 pub struct LastApply {
     /// Files (or watch events) it read.
     pub files: usize,
+    /// Bytes of them.
+    pub bytes_read: usize,
     #[serde(flatten)]
     pub applied: Applied,
     /// From the first file read to the snapshot published.

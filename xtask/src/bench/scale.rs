@@ -130,8 +130,10 @@ fn start_agents(bed: &Testbed) -> anyhow::Result<(Agent, Agent, Duration)> {
     Ok((n1, n2, ready))
 }
 
+/// RSS once the agent has handed freed memory back (it does half a second after the last
+/// change).
 fn settled_rss_mib(pid: u32) -> f64 {
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(2));
     rss_kib(pid).0 as f64 / 1024.0
 }
 
