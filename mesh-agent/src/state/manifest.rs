@@ -85,6 +85,10 @@ impl Labels {
     pub fn contains_key(&self, key: &str) -> bool {
         self.get(key).is_some()
     }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
 }
 
 impl<'de> Deserialize<'de> for Labels {

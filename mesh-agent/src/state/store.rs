@@ -107,7 +107,7 @@ struct PodFacts {
     /// again whenever it is rebuilt.
     workload: Option<Arc<Workload>>,
     /// For the selectors of Services without EndpointSlices.
-    labels: manifest::Labels,
+    labels: PackedLabels,
     v4: Option<std::net::Ipv4Addr>,
     v6: Option<std::net::Ipv6Addr>,
     terminal: bool,
@@ -155,7 +155,7 @@ impl Facts {
             Object::Pod(pod) => {
                 let mut facts = PodFacts {
                     workload: None,
-                    labels: pod.metadata.labels.clone(),
+                    labels: PackedLabels::new(&pod.metadata.labels),
                     v4: pod.status.pod_ip4(),
                     v6: pod.status.pod_ip6(),
                     terminal: pod.status.is_terminal(),
@@ -797,9 +797,39 @@ fn service_of(slice: &manifest::EndpointSlice) -> &str {
 
 fn selects(
     selector: Option<&std::collections::BTreeMap<String, String>>,
-    labels: &manifest::Labels,
+    labels: &PackedLabels,
 ) -> bool {
-    selector.is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    selector
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v.as_str())))
+}
+
+/// A pod's labels in one allocation, `key\0value\0key\0value`: kept only to match Service
+/// selectors, and a Vec of String pairs per pod was megabytes at cluster scale. Labels holding
+/// a NUL (which Kubernetes does not allow) are left out rather than let them forge pairs.
+#[derive(Debug)]
+struct PackedLabels(Box<str>);
+
+impl PackedLabels {
+    fn new(labels: &manifest::Labels) -> Self {
+        let mut packed = String::new();
+        for (k, v) in labels
+            .iter()
+            .filter(|(k, v)| !k.contains('\0') && !v.contains('\0'))
+        {
+            packed.extend([k, "\0", v, "\0"]);
+        }
+        PackedLabels(packed.into_boxed_str())
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        let mut parts = self.0.split('\0');
+        while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+            if k == key {
+                return Some(v);
+            }
+        }
+        None
+    }
 }
 
 impl PodFacts {
@@ -948,4 +978,121 @@ fn selected_endpoints(
         })
         .map(|ip| SocketAddr::new(ip, target))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use std::path::Path;
+
+    use super::*;
+    use crate::state::Destination;
+
+    fn puts(source: &str, yaml: &str) -> Vec<Change> {
+        let source: Arc<str> = Arc::from(source);
+        manifest::parse_file(Path::new(&*source), yaml)
+            .unwrap()
+            .iter()
+            .map(|o| Change::put(&source, o))
+            .collect()
+    }
+
+    fn endpoints(store: &Store, addr: &str) -> Vec<String> {
+        match store.snapshot().resolve(addr.parse().unwrap()) {
+            Destination::Service(t) => t.endpoints.iter().map(ToString::to_string).collect(),
+            _ => panic!("{addr} is not a service"),
+        }
+    }
+
+    const PODS: &str = "kind: Pod\nmetadata: {name: a, namespace: shop, labels: {app: web}}\nspec: {nodeName: n1}\nstatus: {podIP: 10.1.1.2}\n---\nkind: Pod\nmetadata: {name: b, namespace: shop, labels: {app: db}}\nspec: {nodeName: n1}\nstatus: {podIP: 10.1.1.3}\n";
+    const SVC: &str = "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n";
+
+    #[test]
+    fn a_pod_relabelled_joins_the_service_that_selects_it() {
+        let mut store = Store::default();
+        store.apply(puts("pods.yaml", PODS)).unwrap();
+        store.apply(puts("svc.yaml", SVC)).unwrap();
+        assert_eq!(endpoints(&store, "10.96.0.10:80"), ["10.1.1.2:8080"]);
+        let relabelled = PODS.replace("app: db", "app: web");
+        let applied = store.apply(puts("pods.yaml", &relabelled)).unwrap();
+        // Only b changed; the Service it now feeds was rebuilt with it.
+        assert_eq!(
+            applied,
+            Applied {
+                objects: 1,
+                pods_rebuilt: 1,
+                services_rebuilt: 1
+            }
+        );
+        assert_eq!(
+            endpoints(&store, "10.96.0.10:80"),
+            ["10.1.1.2:8080", "10.1.1.3:8080"]
+        );
+    }
+
+    #[test]
+    fn a_namespace_change_reaches_its_pods_and_only_them() {
+        let mut store = Store::default();
+        store.apply(puts("pods.yaml", PODS)).unwrap();
+        let before = store.snapshot();
+        let ns = "kind: Namespace\nmetadata: {name: shop, annotations: {linkerd.io/inject: disabled, config.linkerd.io/opaque-ports: \"8080\"}}\n";
+        let applied = store.apply(puts("ns.yaml", ns)).unwrap();
+        assert_eq!((applied.objects, applied.pods_rebuilt), (1, 2));
+        let after = store.snapshot();
+        let pod = after.pod_by_ip("10.1.1.2".parse().unwrap()).unwrap();
+        assert!(!pod.enrolled && pod.opaque_ports.contains(8080));
+        assert!(
+            before
+                .pod_by_ip("10.1.1.2".parse().unwrap())
+                .unwrap()
+                .enrolled
+        );
+        // Removing the Namespace gives the pods their defaults back.
+        let key = ObjectKey {
+            kind: Kind::Namespace,
+            namespace: "".into(),
+            name: "shop".into(),
+        };
+        store.apply(vec![Change::Remove(key)]).unwrap();
+        let pod = store.snapshot();
+        let pod = pod.pod_by_ip("10.1.1.2".parse().unwrap()).unwrap().clone();
+        assert!(pod.enrolled && !pod.opaque_ports.contains(8080));
+    }
+
+    #[test]
+    fn a_rejected_transaction_changes_nothing() {
+        let mut store = Store::default();
+        store.apply(puts("pods.yaml", PODS)).unwrap();
+        store.apply(puts("svc.yaml", SVC)).unwrap();
+        let mut changes = puts("svc.yaml", &SVC.replace("8080", "9090"));
+        // ...together with a Service that takes web's cluster IP.
+        changes.extend(puts("other.yaml", &SVC.replace("name: web", "name: thief")));
+        let err = store.apply(changes).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "other.yaml: Service shop/thief: cluster IP 10.96.0.10 is also claimed by Service shop/web (in svc.yaml); a cluster IP belongs to one Service"
+        );
+        assert_eq!(endpoints(&store, "10.96.0.10:80"), ["10.1.1.2:8080"]);
+        assert_eq!(store.keys_of("other.yaml"), []);
+    }
+
+    #[test]
+    fn packed_labels_match_selectors_and_refuse_forged_pairs() {
+        let yaml = "kind: Pod\nmetadata: {name: a, labels: {app: web, tier: \"x\\0app\\0db\"}}\n";
+        let pod = manifest::parse_file(Path::new("p.yaml"), yaml).unwrap();
+        let manifest::Object::Pod(pod) = &pod[0] else {
+            panic!()
+        };
+        let packed = PackedLabels::new(&pod.metadata.labels);
+        assert_eq!(packed.get("app"), Some("web"));
+        assert_eq!(packed.get("tier"), None);
+        let selector = |k: &str, v: &str| {
+            let s: std::collections::BTreeMap<String, String> =
+                [(k.to_owned(), v.to_owned())].into();
+            selects(Some(&s), &packed)
+        };
+        assert!(selector("app", "web"));
+        assert!(!selector("app", "db"));
+        assert!(!selects(None, &packed));
+    }
 }
