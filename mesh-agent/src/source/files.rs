@@ -67,7 +67,7 @@ pub struct ManifestDir {
     /// The version of the last snapshot published.
     version: u64,
     store: Store,
-    /// What each file in force defined.
+    /// The files in force (what they define is in the store, by source).
     files: HashMap<PathBuf, InForce>,
     /// How each file looked when last read, accepted or not.
     attempted: HashMap<PathBuf, Fingerprint>,
@@ -86,7 +86,7 @@ struct ReadFile {
     objects: Option<Vec<Parsed>>,
 }
 
-/// A file in force (the objects it defines are in the store, by source).
+/// A file in force.
 struct InForce {
     /// Of the file's bytes: an identical rewrite is not parsed again.
     hash: u64,
@@ -256,12 +256,14 @@ impl ManifestDir {
             self.read_bytes += bytes;
             let Some(objects) = objects else { continue };
             let source: Arc<str> = Arc::from(path.display().to_string());
-            if old.is_some() {
-                let kept: HashSet<&ObjectKey> = objects.iter().map(Parsed::key).collect();
-                let gone = self.store.keys_of(&source).iter();
-                let gone = gone.filter(|k| !kept.contains(k));
-                changes.extend(gone.cloned().map(Change::Remove));
-            }
+            // What the file no longer defines goes.
+            let kept: HashSet<&ObjectKey> = objects.iter().map(Parsed::key).collect();
+            let gone = self.store.keys_of(&source).iter();
+            changes.extend(
+                gone.filter(|k| !kept.contains(k))
+                    .cloned()
+                    .map(Change::Remove),
+            );
             changes.extend(objects.into_iter().map(|object| Change::Put {
                 source: source.clone(),
                 object,

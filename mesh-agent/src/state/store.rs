@@ -342,7 +342,12 @@ impl Store {
         self.check(&changes)?;
         let mut dirty = Dirty::default();
         let mut objects = 0;
-        for change in changes {
+        // Removals first: an object one source drops and another defines, in the same
+        // transaction, moves rather than vanishes.
+        let (removes, puts): (Vec<Change>, Vec<Change>) = changes
+            .into_iter()
+            .partition(|c| matches!(c, Change::Remove(_)));
+        for change in removes.into_iter().chain(puts) {
             match change {
                 Change::Remove(key) => {
                     if let Some(old) = self.objects.remove(&key) {
@@ -1074,6 +1079,23 @@ mod tests {
         );
         assert_eq!(endpoints(&store, "10.96.0.10:80"), ["10.1.1.2:8080"]);
         assert_eq!(store.keys_of("other.yaml"), []);
+    }
+
+    #[test]
+    fn an_object_moved_to_a_file_read_first_stays() {
+        let mut store = Store::default();
+        store.apply(puts("b.yaml", SVC)).unwrap();
+        // a.yaml now defines the Service, and b.yaml no longer does: the file layer gives the
+        // Put before the Remove, in file order.
+        let mut changes = puts("a.yaml", SVC);
+        changes.extend(store.keys_of("b.yaml").iter().cloned().map(Change::Remove));
+        store.apply(changes).unwrap();
+        assert_eq!(store.keys_of("a.yaml").len(), 1);
+        assert_eq!(store.keys_of("b.yaml"), []);
+        assert!(matches!(
+            store.snapshot().resolve("10.96.0.10:80".parse().unwrap()),
+            Destination::Service(_)
+        ));
     }
 
     #[test]
