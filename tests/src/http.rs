@@ -13,16 +13,24 @@ pub struct Response {
     pub body: String,
     /// What `getpeername()` returned on the client socket.
     pub peer: SocketAddr,
+    /// The response's header lines, names lowercased, in order.
+    pub headers: Vec<(String, String)>,
 }
 
 /// `GET path` on `addr` with `Connection: close`; reads the response to EOF.
 pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
+    get_with(addr, path, &[])
+}
+
+/// [`get`] with extra request headers.
+pub fn get_with(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let peer = stream.peer_addr()?;
+    let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
@@ -40,10 +48,17 @@ pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
                 format!("bad status line in {head:?}"),
             )
         })?;
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
     Ok(Response {
         status,
         body: body.to_owned(),
         peer,
+        headers,
     })
 }
 

@@ -565,3 +565,73 @@ fn expect_100_continue_is_answered_through_the_mesh() {
     let secs: f64 = kv["time"].parse().unwrap();
     assert!(secs < 10.0, "curl waited {secs} s for 100 Continue");
 }
+
+/// Services `api-a` (10.96.0.21) and `api-c` (10.96.0.22), one pod each, and an HTTPRoute on
+/// `api`: `x-canary: yes` → api-c with header filters, `/split` → api-a 3 : api-c 1, exactly
+/// `/` → `root` (api-a unless changed).
+fn routes(bed: &Testbed, root: &str) -> String {
+    let mut yaml = String::new();
+    for (name, ip) in [("api-a", "10.96.0.21"), ("api-c", "10.96.0.22")] {
+        yaml += &format!(
+            "---\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [{}]}}]\n",
+            bed.pod(name).ip
+        );
+    }
+    yaml + &format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: api-routes, namespace: default}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: api, port: 80}}]\n  rules:\n  - matches: [{{headers: [{{name: x-canary, value: \"yes\"}}]}}]\n    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {{set: [{{name: x-routed, value: canary}}]}}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {{add: [{{name: x-route, value: canary}}]}}\n    backendRefs: [{{name: api-c, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /split}}}}]\n    backendRefs: [{{name: api-a, port: 80, weight: 3}}, {{name: api-c, port: 80, weight: 1}}]\n  - matches: [{{path: {{type: Exact, value: /}}}}]\n    backendRefs: [{{name: {root}, port: 80}}]\n"
+    )
+}
+
+#[test]
+fn an_httproute_on_a_service_routes_splits_filters_and_answers_404() {
+    let _serial = serial();
+    let bed = l7_bed();
+    let file = bed.manifests_dir().join("routes.yaml");
+    std::fs::write(&file, routes(&bed, "api-a")).unwrap();
+    let (n1, _n2) = agents(&bed);
+    let get = |path: &str, headers: &[&str]| {
+        let mut cmd = bed.pod_command("client", meshtest()).unwrap();
+        cmd.args(["get", API_SVC, path]).args(headers);
+        must_succeed(cmd, "GET through the route")
+    };
+
+    // By header, to api-c, with the rule's request and response header filters. (At `/` the
+    // exact path match would win: the spec ranks path before headers.)
+    let canary = get("/c", &["x-canary:yes"]);
+    assert!(canary.contains("hello from api-c"), "{canary}");
+    assert!(canary.contains("header.x-route=canary\n"), "{canary}");
+    let seen = get("/headers", &["x-canary:yes"]);
+    assert!(seen.contains("x-routed: canary"), "{seen}");
+    // By exact path, to api-a; by prefix, split 3 : 1 exactly over one keep-alive connection.
+    assert!(get("/", &[]).contains("hello from api-a"));
+    let split = meshtest_in(&bed, "client", &["h1-many", API_SVC, "/split/x", "400"]);
+    assert_eq!(
+        (num(&split, "from.api-a"), num(&split, "from.api-c")),
+        (300, 100),
+        "{split:?}"
+    );
+    // No rule takes it: 404 from the proxy, counted as such.
+    let none = meshtest_in(&bed, "client", &["status", API_SVC, "/splitx", "2"]);
+    assert_eq!(num(&none, "status.404"), 2, "{none:?}");
+    let no_route = [("response_code", "404"), ("response_flags", "NR")];
+    assert_eq!(metric(&n1, "istio_requests_total", &no_route), 2.0);
+
+    // A broken route is refused and the routes in force stay.
+    std::fs::write(
+        bed.manifests_dir().join("broken-route.yaml"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: broken, namespace: default}\nspec:\n  parentRefs: [{kind: Service, name: api}]\n  rules:\n  - matches: [{path: {type: RegularExpression, value: \"/(\"}}]\n",
+    )
+    .unwrap();
+    eventually("the broken route to be refused", || {
+        n1.log_text()
+            .contains("HTTPRoute default/broken: field spec.rules[0].matches[0].path.value")
+    });
+    assert!(get("/", &[]).contains("hello from api-a"));
+    std::fs::remove_file(bed.manifests_dir().join("broken-route.yaml")).unwrap();
+
+    // A changed route applies to new requests without a restart.
+    std::fs::write(&file, routes(&bed, "api-c")).unwrap();
+    eventually("the changed route", || {
+        get("/", &[]).contains("hello from api-c")
+    });
+}

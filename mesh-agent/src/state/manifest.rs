@@ -63,6 +63,8 @@ pub struct ObjectMeta {
     pub annotations: Labels,
     #[serde(default)]
     pub owner_references: Vec<OwnerReference>,
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 /// Who owns an object (a Pod's ReplicaSet, StatefulSet, DaemonSet, Job).
@@ -283,6 +285,378 @@ pub struct EndpointPort {
     pub protocol: String,
 }
 
+/// Gateway API `HTTPRoute` (`gateway.networking.k8s.io/v1`); only routes whose parentRef is a
+/// Service (the mesh profile, GAMMA) are used.
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
+pub struct HttpRoute {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: HttpRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<RouteRef>,
+    #[serde(default)]
+    pub rules: Vec<RouteRule>,
+}
+
+/// A `parentRef` or a `backendRef`.
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+pub struct RouteRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
+}
+
+impl RouteRef {
+    /// Whether it names a Service (group `""` or `core`, kind `Service`, the defaults of a
+    /// backendRef).
+    fn is_service(&self, default_kind: &str) -> bool {
+        matches!(self.group.as_deref(), None | Some("" | "core"))
+            && self.kind.as_deref().unwrap_or(default_kind) == "Service"
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<RouteMatch>,
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
+    #[serde(default)]
+    pub backend_refs: Vec<RouteRef>,
+    #[serde(default)]
+    pub timeouts: Option<RouteTimeouts>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatch {
+    #[serde(default)]
+    pub path: Option<TypedValue>,
+    #[serde(default)]
+    pub headers: Vec<TypedValue>,
+    #[serde(default)]
+    pub query_params: Vec<TypedValue>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// `{type, name, value}` of path, header and query matches.
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+pub struct TypedValue {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteFilter {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub request_header_modifier: Option<HeaderModifierSpec>,
+    #[serde(default)]
+    pub response_header_modifier: Option<HeaderModifierSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+pub struct HeaderModifierSpec {
+    #[serde(default)]
+    pub set: Vec<TypedValue>,
+    #[serde(default)]
+    pub add: Vec<TypedValue>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTimeouts {
+    #[serde(default)]
+    pub request: Option<String>,
+    #[serde(default)]
+    pub backend_request: Option<String>,
+}
+
+impl HttpRoute {
+    /// The route as the proxy uses it; every error names its field.
+    pub fn compile(&self) -> Result<crate::route::HttpRoute, Problem> {
+        use crate::route::{self as r, PathMatch, ValueMatch};
+        let ns = self.metadata.namespace();
+        let id = format!("{ns}/{}", self.metadata.name);
+        let parents = self
+            .spec
+            .parent_refs
+            .iter()
+            .filter(|p| p.is_service("Gateway"))
+            .map(|p| r::Parent {
+                namespace: p.namespace.clone().unwrap_or_else(|| ns.to_owned()),
+                name: p.name.clone(),
+                port: p.port,
+            })
+            .collect();
+        let mut rules = Vec::new();
+        for (i, rule) in self.spec.rules.iter().enumerate() {
+            let at = |f: &str| format!("spec.rules[{i}].{f}");
+            let mut matches = Vec::new();
+            for (j, m) in rule.matches.iter().enumerate() {
+                let at = |f: &str| at(&format!("matches[{j}].{f}"));
+                let path = match &m.path {
+                    None => PathMatch::default(),
+                    Some(p) => {
+                        let value = p.value.as_deref().unwrap_or("/");
+                        if !value.starts_with('/') && p.kind.as_deref() != Some("RegularExpression")
+                        {
+                            return Err(field(
+                                &at("path.value"),
+                                format!("{value:?} does not start with /"),
+                            ));
+                        }
+                        match p.kind.as_deref().unwrap_or("PathPrefix") {
+                            "Exact" => PathMatch::Exact(value.to_owned()),
+                            "PathPrefix" => {
+                                PathMatch::Prefix(value.trim_end_matches('/').to_owned())
+                            }
+                            "RegularExpression" => PathMatch::Regex(
+                                anchored(value).map_err(|e| field(&at("path.value"), e))?,
+                            ),
+                            other => {
+                                return Err(field(
+                                    &at("path.type"),
+                                    format!(
+                                        "{other:?} is not Exact, PathPrefix or RegularExpression"
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                };
+                let value_match = |v: &TypedValue, at: String| -> Result<ValueMatch, Problem> {
+                    let value = v.value.clone().unwrap_or_default();
+                    match v.kind.as_deref().unwrap_or("Exact") {
+                        "Exact" => Ok(ValueMatch::Exact(value)),
+                        "RegularExpression" => anchored(&value)
+                            .map(ValueMatch::Regex)
+                            .map_err(|e| field(&format!("{at}.value"), e)),
+                        other => Err(field(
+                            &format!("{at}.type"),
+                            format!("{other:?} is not Exact or RegularExpression"),
+                        )),
+                    }
+                };
+                let mut headers = Vec::new();
+                for (k, h) in m.headers.iter().enumerate() {
+                    let at = at(&format!("headers[{k}]"));
+                    let name = h.name.as_deref().unwrap_or_default();
+                    let name =
+                        hyper::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                            field(
+                                &format!("{at}.name"),
+                                format!("{name:?} is not a header name"),
+                            )
+                        })?;
+                    headers.push(r::HeaderMatch {
+                        name,
+                        value: value_match(h, at)?,
+                    });
+                }
+                let mut query = Vec::new();
+                for (k, q) in m.query_params.iter().enumerate() {
+                    let at = at(&format!("queryParams[{k}]"));
+                    let name = q
+                        .name
+                        .clone()
+                        .filter(|n| !n.is_empty())
+                        .ok_or_else(|| field(&format!("{at}.name"), "missing"))?;
+                    query.push(r::QueryMatch {
+                        name,
+                        value: value_match(q, at)?,
+                    });
+                }
+                let method = match &m.method {
+                    None => None,
+                    Some(name) => {
+                        Some(hyper::Method::from_bytes(name.as_bytes()).map_err(|_| {
+                            field(&at("method"), format!("{name:?} is not a method"))
+                        })?)
+                    }
+                };
+                matches.push(r::Match {
+                    path,
+                    headers,
+                    query,
+                    method,
+                });
+            }
+            // No matches: everything (a path prefix of "/").
+            if matches.is_empty() {
+                matches.push(r::Match::default());
+            }
+            let filters = compile_filters(&rule.filters, &at("filters"))?;
+            let mut backends = Vec::new();
+            for (k, b) in rule.backend_refs.iter().enumerate() {
+                let at = at(&format!("backendRefs[{k}]"));
+                if !b.is_service("Service") {
+                    return Err(field(
+                        &at,
+                        format!(
+                            "{}/{} is not a Service (only Services can be backends)",
+                            b.group.as_deref().unwrap_or(""),
+                            b.kind.as_deref().unwrap_or("Service")
+                        ),
+                    ));
+                }
+                backends.push(r::Backend {
+                    service: format!(
+                        "{}.{}.svc.cluster.local",
+                        b.name,
+                        b.namespace.as_deref().unwrap_or(ns)
+                    ),
+                    port: b.port,
+                    weight: b.weight.unwrap_or(1),
+                    filters: compile_filters(&b.filters, &format!("{at}.filters"))?,
+                });
+            }
+            if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
+                return Err(field(
+                    &at("backendRefs"),
+                    "every weight is 0: nothing could be sent anywhere",
+                ));
+            }
+            let duration =
+                |v: &Option<String>, f: &str| -> Result<Option<std::time::Duration>, Problem> {
+                    v.as_deref()
+                        .map(|d| parse_duration(d).map_err(|e| field(&at(f), e)))
+                        .transpose()
+                };
+            let timeouts = r::Timeouts {
+                request: duration(
+                    &rule.timeouts.as_ref().and_then(|t| t.request.clone()),
+                    "timeouts.request",
+                )?,
+                backend_request: duration(
+                    &rule
+                        .timeouts
+                        .as_ref()
+                        .and_then(|t| t.backend_request.clone()),
+                    "timeouts.backendRequest",
+                )?,
+            };
+            rules.push(std::sync::Arc::new(r::Rule::new(
+                id.clone(),
+                rule.name.clone(),
+                matches,
+                filters,
+                backends,
+                timeouts,
+            )));
+        }
+        Ok(r::HttpRoute {
+            namespace: ns.to_owned(),
+            name: self.metadata.name.clone(),
+            created: self.metadata.creation_timestamp.clone(),
+            parents,
+            rules,
+        })
+    }
+}
+
+/// A regular expression matching the whole value, as Gateway API means it.
+fn anchored(pattern: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| format!("{pattern:?} is not a regular expression: {e}"))
+}
+
+fn compile_filters(filters: &[RouteFilter], at: &str) -> Result<crate::route::Filters, Problem> {
+    let mut out = crate::route::Filters::default();
+    for (i, f) in filters.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        let (spec, slot, key) = match f.kind.as_str() {
+            "RequestHeaderModifier" => (&f.request_header_modifier, &mut out.request_headers, "requestHeaderModifier"),
+            "ResponseHeaderModifier" => (&f.response_header_modifier, &mut out.response_headers, "responseHeaderModifier"),
+            other => return Err(field(&format!("{at}.type"), format!("{other:?} is not supported yet (RequestHeaderModifier and ResponseHeaderModifier are); the route is refused rather than applied without it"))),
+        };
+        let spec = spec
+            .as_ref()
+            .ok_or_else(|| field(&format!("{at}.{key}"), "missing"))?;
+        let pair = |v: &TypedValue, at: String| -> Result<(hyper::header::HeaderName, hyper::header::HeaderValue), Problem> {
+            let name = v.name.as_deref().unwrap_or_default();
+            let name = hyper::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| field(&format!("{at}.name"), format!("{name:?} is not a header name")))?;
+            let value = v.value.as_deref().unwrap_or_default();
+            let value = hyper::header::HeaderValue::from_str(value).map_err(|_| field(&format!("{at}.value"), format!("{value:?} is not a header value")))?;
+            Ok((name, value))
+        };
+        for (j, v) in spec.set.iter().enumerate() {
+            slot.set.push(pair(v, format!("{at}.{key}.set[{j}]"))?);
+        }
+        for (j, v) in spec.add.iter().enumerate() {
+            slot.add.push(pair(v, format!("{at}.{key}.add[{j}]"))?);
+        }
+        for (j, name) in spec.remove.iter().enumerate() {
+            slot.remove.push(
+                hyper::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    field(
+                        &format!("{at}.{key}.remove[{j}]"),
+                        format!("{name:?} is not a header name"),
+                    )
+                })?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// A Gateway API duration (`1h`, `30s`, `500ms`, `1h30m`...).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{text:?} is not a duration such as 10s, 500ms or 1h30m");
+    let mut total = std::time::Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let n: u64 = rest
+            .get(..digits)
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(bad)?;
+        rest = rest.get(digits..).unwrap_or_default();
+        let (unit, len) = [("ms", 2), ("h", 1), ("m", 1), ("s", 1)]
+            .into_iter()
+            .find(|(u, _)| rest.starts_with(u))
+            .ok_or_else(bad)?;
+        total += match unit {
+            "ms" => std::time::Duration::from_millis(n),
+            "h" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+            "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
+            _ => std::time::Duration::from_secs(n),
+        };
+        rest = rest.get(len..).unwrap_or_default();
+    }
+    Ok(total)
+}
+
 fn tcp() -> String {
     "TCP".to_owned()
 }
@@ -294,6 +668,7 @@ pub enum Object {
     Pod(Pod),
     Service(Service),
     EndpointSlice(EndpointSlice),
+    HttpRoute(HttpRoute),
 }
 
 /// The kinds of [`Object`].
@@ -303,6 +678,7 @@ pub enum Kind {
     Pod,
     Service,
     EndpointSlice,
+    HttpRoute,
 }
 
 impl Kind {
@@ -312,6 +688,7 @@ impl Kind {
             "Pod" => Kind::Pod,
             "Service" => Kind::Service,
             "EndpointSlice" => Kind::EndpointSlice,
+            "HTTPRoute" => Kind::HttpRoute,
             _ => return None,
         })
     }
@@ -322,6 +699,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::HttpRoute => "HTTPRoute",
         }
     }
 }
@@ -350,6 +728,7 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
         }
     }
 
@@ -359,6 +738,7 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::HttpRoute(_) => Kind::HttpRoute,
         }
     }
 
@@ -442,6 +822,7 @@ struct Parts {
     address_type: Option<String>,
     endpoints: Option<Vec<Endpoint>>,
     endpoint_ports: Option<Vec<EndpointPort>>,
+    route_spec: Option<HttpRouteSpec>,
 }
 
 /// Where a field's value is read from: the map being parsed, or a value kept aside.
@@ -491,6 +872,7 @@ impl Parts {
             (Kind::EndpointSlice, "addressType") => put(&mut self.address_type, value),
             (Kind::EndpointSlice, "endpoints") => put(&mut self.endpoints, value),
             (Kind::EndpointSlice, "ports") => put(&mut self.endpoint_ports, value),
+            (Kind::HttpRoute, "spec") => put(&mut self.route_spec, value),
             _ => Ok(false),
         }
     }
@@ -515,6 +897,10 @@ impl Parts {
                     .ok_or_else(|| field("addressType", "missing"))?,
                 endpoints: self.endpoints.unwrap_or_default(),
                 ports: self.endpoint_ports.unwrap_or_default(),
+            }),
+            Kind::HttpRoute => Object::HttpRoute(HttpRoute {
+                metadata,
+                spec: self.route_spec.unwrap_or_default(),
             }),
         })
     }
@@ -666,6 +1052,10 @@ fn validate(object: Object) -> Result<Object, Problem> {
         Object::Namespace(_) | Object::Pod(_) => object,
         Object::Service(o) => Object::Service(validate_service(o)?),
         Object::EndpointSlice(o) => Object::EndpointSlice(validate_slice(o)?),
+        Object::HttpRoute(o) => {
+            o.compile()?;
+            Object::HttpRoute(o)
+        }
     })
 }
 
@@ -792,5 +1182,88 @@ mod tests {
             Some(IntOrString::String("http".into()))
         );
         assert_eq!(svc.spec.ports[1].target_port, Some(IntOrString::Int(8081)));
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn route(spec: &str) -> Result<Vec<Object>, String> {
+        let yaml = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n{spec}"
+        );
+        parse_file(Path::new("r.yaml"), &yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_httproute_compiles_with_its_defaults() {
+        let objs = route("  rules:\n  - matches: [{headers: [{name: x-canary, value: \"yes\"}]}]\n    backendRefs: [{name: web-canary, port: 8080, weight: 3}, {name: web}]\n    timeouts: {request: 1m30s, backendRequest: 500ms}\n").unwrap();
+        let Object::HttpRoute(r) = &objs[0] else {
+            panic!("{objs:?}")
+        };
+        let r = r.compile().unwrap();
+        assert_eq!(r.parents[0].namespace, "shop");
+        let rule = &r.rules[0];
+        assert_eq!(rule.route, "shop/r");
+        assert_eq!(
+            rule.backends[0].key(80),
+            "web-canary.shop.svc.cluster.local:8080"
+        );
+        // No port: the one the route is attached on; no weight: 1.
+        assert_eq!(rule.backends[1].key(80), "web.shop.svc.cluster.local:80");
+        assert_eq!(rule.backends[1].weight, 1);
+        assert_eq!(
+            rule.timeouts.request,
+            Some(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(
+            rule.timeouts.backend_request,
+            Some(std::time::Duration::from_millis(500))
+        );
+        // A rule without matches takes every request.
+        let any = route("  rules:\n  - backendRefs: [{name: web}]\n").unwrap();
+        let Object::HttpRoute(any) = &any[0] else {
+            panic!()
+        };
+        assert_eq!(any.compile().unwrap().rules[0].matches.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_route_is_refused_naming_the_field() {
+        let cases = [
+            (
+                "  rules:\n  - matches: [{path: {type: RegularExpression, value: \"/(unclosed\"}}]\n",
+                "field spec.rules[0].matches[0].path.value: \"/(unclosed\" is not a regular expression",
+            ),
+            (
+                "  rules:\n  - backendRefs: [{name: a, weight: 0}, {name: b, weight: 0}]\n",
+                "field spec.rules[0].backendRefs: every weight is 0",
+            ),
+            (
+                "  rules:\n  - backendRefs: [{kind: ConfigMap, name: a}]\n",
+                "field spec.rules[0].backendRefs[0]: /ConfigMap is not a Service",
+            ),
+            (
+                "  rules:\n  - filters: [{type: RequestMirror}]\n",
+                "field spec.rules[0].filters[0].type: \"RequestMirror\" is not supported yet",
+            ),
+            (
+                "  rules:\n  - timeouts: {request: -1s}\n",
+                "field spec.rules[0].timeouts.request: \"-1s\" is not a duration",
+            ),
+            (
+                "  rules:\n  - matches: [{path: {type: Exact, value: nope}}]\n",
+                "field spec.rules[0].matches[0].path.value: \"nope\" does not start with /",
+            ),
+        ];
+        for (spec, want) in cases {
+            let err = route(spec).unwrap_err();
+            assert!(
+                err.starts_with(&format!("r.yaml: HTTPRoute shop/r: {want}")),
+                "{err}"
+            );
+        }
     }
 }

@@ -65,6 +65,9 @@ pub struct ServiceTarget {
     /// Made at the first request balanced over them: most Service ports of a large cluster are
     /// never called from a given node, and 50k load figures would be megabytes for nothing.
     loads: std::sync::OnceLock<Box<[Arc<EndpointLoad>]>>,
+    /// The HTTPRoutes attached to this port, if any: requests are then routed by them, and
+    /// one no rule matches gets 404.
+    pub routes: Option<Arc<crate::route::Table>>,
     /// The protocol the port declares (`appProtocol`, Istio port name, or the Service's
     /// opaque-ports annotation).
     pub declared: Option<Declared>,

@@ -92,6 +92,7 @@ enum Facts {
     Pod(Box<PodFacts>),
     Service(Box<ServiceFacts>),
     EndpointSlice(Box<SliceFacts>),
+    HttpRoute(Arc<crate::route::HttpRoute>),
 }
 
 /// What a Namespace decides for its pods.
@@ -188,6 +189,17 @@ impl Facts {
                     selector: svc.spec.selector.clone().filter(|s| !s.is_empty()),
                 }))
             }
+            // Validated when parsed.
+            Object::HttpRoute(route) => match route.compile() {
+                Ok(route) => Facts::HttpRoute(Arc::new(route)),
+                Err(_) => Facts::HttpRoute(Arc::new(crate::route::HttpRoute {
+                    namespace: route.metadata.namespace().to_owned(),
+                    name: route.metadata.name.clone(),
+                    created: None,
+                    parents: Vec::new(),
+                    rules: Vec::new(),
+                })),
+            },
             Object::EndpointSlice(slice) => Facts::EndpointSlice(Box::new(SliceFacts {
                 service: service_of(slice).into(),
                 ipv6: match slice.address_type.as_str() {
@@ -224,7 +236,7 @@ pub type Name = (Arc<str>, Arc<str>);
 
 /// Objects by kind, namespace and name (looked up by `&str`, no key built).
 #[derive(Debug, Default)]
-struct Objects([ByNamespace; 4]);
+struct Objects([ByNamespace; 5]);
 
 /// Objects of one kind: namespace → name → object.
 type ByNamespace = HashMap<Arc<str>, HashMap<Arc<str>, Stored>>;
@@ -281,6 +293,8 @@ pub struct Store {
     selecting: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
     /// EndpointSlice names by the Service they belong to (usually one).
     slices_of: HashMap<Name, Vec<Arc<str>>>,
+    /// HTTPRoutes (namespace, name) by the Service they attach to.
+    routes_of: HashMap<Name, BTreeSet<Name>>,
     /// The live pod that holds each pod IP.
     pod_ips: HashMap<IpAddr, ObjectKey>,
     /// The Service that holds each cluster IP.
@@ -451,7 +465,7 @@ impl Store {
             let (ips, held) = match object {
                 Facts::Pod(pod) => (pod.live_ips(), &self.pod_ips),
                 Facts::Service(svc) => (svc.cluster_ips.clone(), &self.cluster_ips),
-                Facts::Namespace(_) | Facts::EndpointSlice(_) => continue,
+                Facts::Namespace(_) | Facts::EndpointSlice(_) | Facts::HttpRoute(_) => continue,
             };
             for ip in ips {
                 let other = match claims.get(&(key.kind, ip)) {
@@ -514,6 +528,12 @@ impl Store {
                     self.cluster_ips.insert(*ip, key.clone());
                 }
             }
+            Facts::HttpRoute(route) => {
+                for parent in route_parents(route) {
+                    let name = (key.namespace.clone(), key.name.clone());
+                    self.routes_of.entry(parent).or_default().insert(name);
+                }
+            }
             Facts::EndpointSlice(slice) => {
                 let slices = self
                     .slices_of
@@ -546,6 +566,16 @@ impl Store {
                 remove_from(&mut self.selecting, &key.namespace, &key.name);
                 for ip in &svc.cluster_ips {
                     forget(&mut self.cluster_ips, *ip);
+                }
+            }
+            Facts::HttpRoute(route) => {
+                for parent in route_parents(route) {
+                    if let Some(routes) = self.routes_of.get_mut(&parent) {
+                        routes.remove(&(key.namespace.clone(), key.name.clone()));
+                        if routes.is_empty() {
+                            self.routes_of.remove(&parent);
+                        }
+                    }
                 }
             }
             Facts::EndpointSlice(slice) => {
@@ -591,6 +621,7 @@ impl Store {
                     .services
                     .insert((key.namespace.clone(), slice.service.clone()));
             }
+            Facts::HttpRoute(route) => dirty.services.extend(route_parents(route)),
         }
     }
 
@@ -717,6 +748,19 @@ impl Store {
                 })
                 .collect(),
         };
+        // Producer routes: those in the Service's own namespace. (Consumer routes, for callers
+        // in the route's namespace only, are not applied yet.)
+        let routes: Vec<Arc<crate::route::HttpRoute>> = self
+            .routes_of
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|(ns, _)| *ns == name.0)
+            .filter_map(|(ns, route)| match self.get(Kind::HttpRoute, ns, route) {
+                Some(Facts::HttpRoute(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
         let mut targets = Vec::new();
         for &cluster_ip in &svc.cluster_ips {
             for port in &svc.ports {
@@ -727,8 +771,17 @@ impl Store {
                 };
                 let declared = port.declared;
                 let addr = SocketAddr::new(cluster_ip, port.port);
+                let table = crate::route::Table::new(&routes, port.port);
+                let table = (!table.is_empty()).then(|| Arc::new(table));
                 let target = match old.remove(&addr) {
-                    Some(t) if t.endpoints == endpoints && t.declared == declared => t,
+                    Some(t)
+                        if t.endpoints == endpoints
+                            && t.declared == declared
+                            && t.routes.is_none()
+                            && table.is_none() =>
+                    {
+                        t
+                    }
                     _ => Arc::new(ServiceTarget {
                         namespace: name.0.to_string(),
                         name: name.1.to_string(),
@@ -736,6 +789,7 @@ impl Store {
                         loads: Default::default(),
                         endpoints,
                         declared,
+                        routes: table,
                         next: AtomicUsize::new(0),
                     }),
                 };
@@ -757,6 +811,14 @@ impl Store {
         }
         self.placed.insert(name.clone(), addrs);
     }
+}
+
+/// The Services a route attaches to.
+fn route_parents(route: &crate::route::HttpRoute) -> impl Iterator<Item = Name> + '_ {
+    route
+        .parents
+        .iter()
+        .map(|p| (Arc::from(p.namespace.as_str()), Arc::from(p.name.as_str())))
 }
 
 fn remove_from<K: std::hash::Hash + Eq>(

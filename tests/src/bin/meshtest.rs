@@ -10,7 +10,9 @@
 //! meshtest echo PORT                echoes every byte back on each connection
 //! meshtest stream ADDR SECS         one long-lived connection to an echo server: a line every
 //!                                   100 ms, each echo checked; prints `echoed=N`
-//! meshtest get ADDR [PATH]          one GET; prints status, getpeername() and the body
+//! meshtest get ADDR [PATH [NAME:VALUE]...]  one GET (with those headers); prints status,
+//!                                   getpeername(), `header.NAME=VALUE` per response header
+//!                                   and, after a blank line, the body
 //! meshtest churn ADDR COUNT         COUNT sequential short connections, each a full GET
 //! meshtest loop ADDR INTERVAL_MS    GET forever (demo clients); prints one line per request
 //! meshtest load ADDR RATE CONNS SECS open-loop HTTP/1.1 keep-alive load at RATE req/s over
@@ -85,8 +87,8 @@ fn main() -> ExitCode {
         ["blast", addr, bytes, count] => blast(addr, bytes, count),
         ["echo", port] => echo(port),
         ["stream", addr, secs] => stream(addr, secs),
-        ["get", addr] => get(addr, "/"),
-        ["get", addr, path] => get(addr, path),
+        ["get", addr] => get(addr, "/", &[]),
+        ["get", addr, path, headers @ ..] => get(addr, path, headers),
         ["churn", addr, count] => churn(addr, count),
         ["loop", addr, interval] => run_loop(addr, interval),
         ["load", addr, rate, conns, secs] => load(addr, rate, conns, secs),
@@ -264,10 +266,22 @@ fn answer(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
     stream.flush()
 }
 
-fn get(addr: &str, path: &str) -> Result<(), String> {
+fn get(addr: &str, path: &str, headers: &[&str]) -> Result<(), String> {
     let addr: SocketAddr = parse("address", addr)?;
-    let r = http::get(addr, path).map_err(|e| format!("GET {addr}{path}: {e}"))?;
-    print!("status={}\npeer={}\n\n{}", r.status, r.peer, r.body);
+    let extra = headers
+        .iter()
+        .map(|h| {
+            h.split_once(':')
+                .ok_or(format!("header {h:?} is not NAME:VALUE"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let r = http::get_with(addr, path, &extra).map_err(|e| format!("GET {addr}{path}: {e}"))?;
+    let head: String = r
+        .headers
+        .iter()
+        .map(|(k, v)| format!("header.{k}={v}\n"))
+        .collect();
+    print!("status={}\npeer={}\n{head}\n{}", r.status, r.peer, r.body);
     Ok(())
 }
 

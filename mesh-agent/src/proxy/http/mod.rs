@@ -67,6 +67,10 @@ pub enum Failure {
     UpstreamReset,
     /// The request cannot be forwarded as it is.
     BadRequest,
+    /// HTTPRoutes are attached to the Service and none of their rules matches the request.
+    NoRoute,
+    /// The rule's backend is not a Service port the mesh knows.
+    NoBackend,
 }
 
 impl Failure {
@@ -76,6 +80,8 @@ impl Failure {
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::UpstreamReset => StatusCode::BAD_GATEWAY,
             Failure::BadRequest => StatusCode::BAD_REQUEST,
+            Failure::NoRoute => StatusCode::NOT_FOUND,
+            Failure::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -87,6 +93,8 @@ impl Failure {
             Failure::Timeout => "UT",
             Failure::UpstreamReset => "UC",
             Failure::BadRequest => "DPE",
+            Failure::NoRoute => "NR",
+            Failure::NoBackend => "NC",
         }
     }
 
@@ -98,6 +106,8 @@ impl Failure {
             Failure::Timeout => "timeout",
             Failure::UpstreamReset => "upstream_reset",
             Failure::BadRequest => "bad_request",
+            Failure::NoRoute => "no_route",
+            Failure::NoBackend => "no_backend",
         }
     }
 }

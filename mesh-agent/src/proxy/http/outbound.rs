@@ -36,6 +36,7 @@ use crate::{
         outbound::{connect_from_pod, hop_to, is_host_scoped, Connection, Hop},
         relay::Metered,
     },
+    route::{Head, Rule},
     state::{Destination, Workload},
 };
 
@@ -291,10 +292,47 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             "CONNECT over HTTP/2 is not supported".into(),
         );
     }
-    // Where the request goes. (The route decision: today the destination the client dialled;
-    // routing rules will make this one call on the request head.)
-    let (endpoint, load) = match &client.destination {
-        Destination::Service(svc) => match svc.pick_for_request() {
+    // Where the request goes: the route decision, one pure call on the request head when
+    // HTTPRoutes are attached to the Service, then the backend's endpoint for this request.
+    let mut routed: Option<(Arc<Rule>, usize)> = None;
+    let target = match &client.destination {
+        Destination::Service(svc) => match &svc.routes {
+            None => Some(svc.clone()),
+            Some(table) => {
+                let head = Head {
+                    method: req.method(),
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    headers: req.headers(),
+                };
+                let Some(rule) = table.select(&head).cloned() else {
+                    let detail = format!(
+                        "no rule of the routes of {}:{} matches",
+                        svc.fqdn(),
+                        svc.port
+                    );
+                    return fail(Failure::NoRoute, detail);
+                };
+                let Some((i, backend)) = rule.backend() else {
+                    let detail = format!("route {} has no backend to send to", rule.route);
+                    return fail(Failure::NoBackend, detail);
+                };
+                let key = backend.key(svc.port);
+                let Some(target) = conn.snapshot.service_named(&key).cloned() else {
+                    let detail =
+                        format!("route {}: backend {key} is not a Service port", rule.route);
+                    return fail(Failure::NoBackend, detail);
+                };
+                rule.filters.request_headers.apply(req.headers_mut());
+                backend.filters.request_headers.apply(req.headers_mut());
+                routed = Some((rule, i));
+                Some(target)
+            }
+        },
+        _ => None,
+    };
+    let (endpoint, load) = match &target {
+        Some(svc) => match svc.pick_for_request() {
             Some((endpoint, load)) => (endpoint, Some(load.clone())),
             None => {
                 let detail = format!("service {} has no ready endpoints", svc.fqdn());
@@ -467,6 +505,12 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     }
     let metrics = inputs.metrics.clone();
     relay_response(&mut resp, client_upgrade);
+    if let Some((rule, i)) = &routed {
+        rule.filters.response_headers.apply(resp.headers_mut());
+        if let Some(backend) = rule.backends.get(*i) {
+            backend.filters.response_headers.apply(resp.headers_mut());
+        }
+    }
     let (read, read_at_last_response) = (client.read.clone(), client.read_at_last_response.clone());
     respond(resp, move |status, seen| {
         drop(in_flight);

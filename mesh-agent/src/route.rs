@@ -1,0 +1,547 @@
+//! HTTP routing, as Gateway API's mesh profile (GAMMA) defines it: the rules of the HTTPRoutes
+//! attached to a Service port, and the one pure decision per request of which rule applies.
+//!
+//! A [`Table`] holds every match of every rule attached to one Service port, sorted once by the
+//! spec's precedence; [`Table::select`] walks it and returns the first rule whose match the
+//! request head satisfies. Nothing here does I/O: the proxy calls `select`, then acts on the
+//! rule (backend, filters).
+
+use std::{
+    cmp::Reverse,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use hyper::{
+    header::{HeaderName, HeaderValue},
+    HeaderMap, Method,
+};
+
+/// An HTTPRoute attached to Services, compiled.
+#[derive(Debug)]
+pub struct HttpRoute {
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.creationTimestamp` (RFC 3339, so it sorts as text): older routes win ties.
+    pub created: Option<String>,
+    pub parents: Vec<Parent>,
+    pub rules: Vec<Arc<Rule>>,
+}
+
+/// A Service a route attaches to (`parentRefs` of kind Service).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parent {
+    pub namespace: String,
+    pub name: String,
+    /// Only this port of the Service, or all of them.
+    pub port: Option<u16>,
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    /// The route's `namespace/name`, for metrics and errors.
+    pub route: String,
+    pub name: Option<String>,
+    pub matches: Vec<Match>,
+    pub filters: Filters,
+    pub backends: Vec<Backend>,
+    pub timeouts: Timeouts,
+    /// Spreads requests over the backends by weight (see [`Rule::backend`]).
+    next: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct Match {
+    pub path: PathMatch,
+    pub headers: Vec<HeaderMatch>,
+    pub query: Vec<QueryMatch>,
+    pub method: Option<Method>,
+}
+
+#[derive(Debug)]
+pub enum PathMatch {
+    Exact(String),
+    /// On path elements: `/foo` matches `/foo`, `/foo/` and `/foo/bar`, not `/foobar`. Stored
+    /// without a trailing slash.
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+impl Default for PathMatch {
+    fn default() -> Self {
+        PathMatch::Prefix(String::new())
+    }
+}
+
+#[derive(Debug)]
+pub enum ValueMatch {
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+#[derive(Debug)]
+pub struct HeaderMatch {
+    pub name: HeaderName,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: ValueMatch,
+}
+
+/// A Service port a rule sends to.
+#[derive(Debug)]
+pub struct Backend {
+    /// `name.namespace.svc.cluster.local`.
+    pub service: String,
+    /// The Service's port; the port the route is attached on when not given.
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub filters: Filters,
+}
+
+impl Backend {
+    /// `name.namespace.svc.cluster.local:port`, as the snapshot looks Service ports up, for a
+    /// request that came to `parent_port`.
+    pub fn key(&self, parent_port: u16) -> String {
+        format!("{}:{}", self.service, self.port.unwrap_or(parent_port))
+    }
+}
+
+/// What the `RequestHeaderModifier` and `ResponseHeaderModifier` filters do.
+#[derive(Debug, Default)]
+pub struct Filters {
+    pub request_headers: HeaderModifier,
+    pub response_headers: HeaderModifier,
+}
+
+#[derive(Debug, Default)]
+pub struct HeaderModifier {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timeouts {
+    pub request: Option<Duration>,
+    pub backend_request: Option<Duration>,
+}
+
+/// What routing needs of a request: its head.
+pub struct Head<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+impl HeaderModifier {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Applies the filter: set replaces, add appends, remove removes.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.set {
+            headers.insert(name, value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name, value.clone());
+        }
+        for name in &self.remove {
+            headers.remove(name);
+        }
+    }
+}
+
+impl Rule {
+    pub fn new(
+        route: String,
+        name: Option<String>,
+        matches: Vec<Match>,
+        filters: Filters,
+        backends: Vec<Backend>,
+        timeouts: Timeouts,
+    ) -> Rule {
+        Rule {
+            route,
+            name,
+            matches,
+            filters,
+            backends,
+            timeouts,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// The backend for the next request: each backend gets its weight's share, interleaved
+    /// (a counter scrambled by an odd multiplier visits every slot of a round once). `None`
+    /// when the rule has no backend of non-zero weight (the spec's 500).
+    pub fn backend(&self) -> Option<(usize, &Backend)> {
+        let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
+        if total == 0 {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        // An odd multiplier coprime with the total (the smallest prime that does not divide
+        // it) permutes each round of `total` requests.
+        let step = [7919u64, 7927, 7933, 7937]
+            .into_iter()
+            .find(|p| !total.is_multiple_of(*p))
+            .unwrap_or(1);
+        let mut slot = n.wrapping_mul(step) % total;
+        for (i, b) in self.backends.iter().enumerate() {
+            let w = u64::from(b.weight);
+            if slot < w {
+                return Some((i, b));
+            }
+            slot -= w;
+        }
+        None
+    }
+}
+
+impl Match {
+    fn matches(&self, head: &Head) -> bool {
+        let path_ok = match &self.path {
+            PathMatch::Exact(p) => head.path == p,
+            PathMatch::Prefix(p) => {
+                head.path.starts_with(p.as_str())
+                    && matches!(head.path.as_bytes().get(p.len()), None | Some(b'/'))
+            }
+            PathMatch::Regex(re) => re.is_match(head.path),
+        };
+        path_ok
+            && self.method.as_ref().is_none_or(|m| m == head.method)
+            && self.headers.iter().all(|h| {
+                head.headers
+                    .get(&h.name)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| h.value.matches(v))
+            })
+            && self
+                .query
+                .iter()
+                .all(|q| query_value(head.query, &q.name).is_some_and(|v| q.value.matches(v)))
+    }
+}
+
+impl ValueMatch {
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            ValueMatch::Exact(v) => v == value,
+            ValueMatch::Regex(re) => re.is_match(value),
+        }
+    }
+}
+
+/// The first value of a query parameter (names compare exactly, as the spec says).
+fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find_map(|(k, v)| (k == name).then_some(v))
+}
+
+/// The matches of the routes attached to one Service port, in precedence order.
+#[derive(Debug, Default)]
+pub struct Table {
+    entries: Vec<(Arc<Rule>, usize)>,
+}
+
+/// How a match ranks (smaller first), from the spec: an exact path, then the longest prefix
+/// (regular expressions after prefixes), then a method, then the most header matches, then
+/// the most query matches; ties go to the oldest route, then by namespace/name, then rule and
+/// match order.
+type Rank<'a> = (
+    u8,
+    Reverse<usize>,
+    bool,
+    Reverse<usize>,
+    Reverse<usize>,
+    Option<&'a str>,
+    &'a str,
+    &'a str,
+    usize,
+    usize,
+);
+
+impl Table {
+    /// The table of `port` of a Service, from the routes attached to it.
+    pub fn new(routes: &[Arc<HttpRoute>], port: u16) -> Table {
+        let mut ranked: Vec<(Rank, Arc<Rule>, usize)> = Vec::new();
+        for route in routes {
+            let attached = route
+                .parents
+                .iter()
+                .any(|p| p.port.is_none_or(|p| p == port));
+            if !attached {
+                continue;
+            }
+            for (r, rule) in route.rules.iter().enumerate() {
+                for (m, found) in rule.matches.iter().enumerate() {
+                    let (kind, len) = match &found.path {
+                        PathMatch::Exact(p) => (0, p.len()),
+                        PathMatch::Prefix(p) => (1, p.len()),
+                        PathMatch::Regex(_) => (2, 0),
+                    };
+                    let rank = (
+                        kind,
+                        Reverse(len),
+                        found.method.is_none(),
+                        Reverse(found.headers.len()),
+                        Reverse(found.query.len()),
+                        route.created.as_deref(),
+                        route.namespace.as_str(),
+                        route.name.as_str(),
+                        r,
+                        m,
+                    );
+                    ranked.push((rank, rule.clone(), m));
+                }
+            }
+        }
+        ranked.sort_by(|a, b| a.0.cmp(&b.0));
+        Table {
+            entries: ranked.into_iter().map(|(_, rule, m)| (rule, m)).collect(),
+        }
+    }
+
+    /// Whether any route is attached: then a request no rule matches gets 404.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The rule for a request, or `None` when no match takes it.
+    pub fn select(&self, head: &Head) -> Option<&Arc<Rule>> {
+        self.entries
+            .iter()
+            .find(|(rule, m)| {
+                rule.matches
+                    .get(*m)
+                    .is_some_and(|found| found.matches(head))
+            })
+            .map(|(rule, _)| rule)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn prefix(p: &str) -> Match {
+        Match {
+            path: PathMatch::Prefix(p.trim_end_matches('/').to_owned()),
+            ..Match::default()
+        }
+    }
+
+    fn header(mut m: Match, name: &'static str, value: &str) -> Match {
+        m.headers.push(HeaderMatch {
+            name: HeaderName::from_static(name),
+            value: ValueMatch::Exact(value.to_owned()),
+        });
+        m
+    }
+
+    fn rule(name: &str, matches: Vec<Match>, backends: &[(&str, u32)]) -> Arc<Rule> {
+        let backends = backends
+            .iter()
+            .map(|(s, w)| Backend {
+                service: (*s).to_owned(),
+                port: None,
+                weight: *w,
+                filters: Filters::default(),
+            })
+            .collect();
+        Arc::new(Rule::new(
+            "ns/r".into(),
+            Some(name.into()),
+            matches,
+            Filters::default(),
+            backends,
+            Timeouts::default(),
+        ))
+    }
+
+    fn route(name: &str, created: Option<&str>, rules: Vec<Arc<Rule>>) -> Arc<HttpRoute> {
+        Arc::new(HttpRoute {
+            namespace: "ns".into(),
+            name: name.into(),
+            created: created.map(str::to_owned),
+            parents: vec![Parent {
+                namespace: "ns".into(),
+                name: "echo".into(),
+                port: Some(80),
+            }],
+            rules,
+        })
+    }
+
+    fn pick<'a>(
+        table: &'a Table,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<&'a str> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let head = Head {
+            method: &method,
+            path,
+            query,
+            headers: &map,
+        };
+        table.select(&head).and_then(|r| r.name.as_deref())
+    }
+
+    #[test]
+    fn precedence_follows_the_spec() {
+        // The conformance suite's mesh-matching route, plus what each precedence step decides.
+        let mut exact = Match {
+            path: PathMatch::Exact("/v2/exact".into()),
+            ..Match::default()
+        };
+        exact.method = None;
+        let mut get = prefix("/v2");
+        get.method = Some(Method::GET);
+        let mut q = prefix("/");
+        q.query.push(QueryMatch {
+            name: "debug".into(),
+            value: ValueMatch::Exact("1".into()),
+        });
+        let table = Table::new(
+            &[route(
+                "r",
+                None,
+                vec![
+                    rule(
+                        "v1",
+                        vec![prefix("/"), header(prefix("/"), "version", "one")],
+                        &[],
+                    ),
+                    rule(
+                        "v2",
+                        vec![prefix("/v2"), header(prefix("/"), "version", "two")],
+                        &[],
+                    ),
+                    rule("exact", vec![exact], &[]),
+                    rule("get", vec![get], &[]),
+                    rule("query", vec![q], &[]),
+                ],
+            )],
+            80,
+        );
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Option<&'a str>);
+        let cases: &[Case] = &[
+            ("GET", "/", &[], Some("v1")),
+            ("GET", "/", &[("version", "two")], Some("v2")),
+            ("GET", "/v2", &[("version", "one")], Some("get")),
+            ("POST", "/v2", &[("version", "one")], Some("v2")),
+            ("POST", "/v2/x", &[], Some("v2")),
+            // Prefixes match whole path elements.
+            ("POST", "/v2x", &[], Some("v1")),
+            ("GET", "/v2/exact", &[], Some("exact")),
+            ("GET", "/?debug=1", &[], Some("query")),
+            ("GET", "/?debug=2", &[], Some("v1")),
+            // Header names are case-insensitive, values exact.
+            ("GET", "/", &[("Version", "two")], Some("v2")),
+            ("GET", "/", &[("version", "Two")], Some("v1")),
+        ];
+        for (method, target, headers, want) in cases {
+            assert_eq!(
+                pick(&table, method, target, headers),
+                *want,
+                "{method} {target} {headers:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_oldest_route_then_by_name() {
+        let a = route(
+            "a",
+            Some("2026-01-02T00:00:00Z"),
+            vec![rule("a", vec![prefix("/")], &[])],
+        );
+        let b = route(
+            "b",
+            Some("2026-01-01T00:00:00Z"),
+            vec![rule("b", vec![prefix("/")], &[])],
+        );
+        let c = route(
+            "c",
+            Some("2026-01-01T00:00:00Z"),
+            vec![rule("c", vec![prefix("/")], &[])],
+        );
+        let table = Table::new(&[a, c, b], 80);
+        assert_eq!(pick(&table, "GET", "/", &[]), Some("b"));
+    }
+
+    #[test]
+    fn a_route_for_another_port_is_not_attached() {
+        let r = route("r", None, vec![rule("r", vec![prefix("/")], &[])]);
+        assert!(Table::new(std::slice::from_ref(&r), 8080).is_empty());
+        assert!(!Table::new(&[r], 80).is_empty());
+    }
+
+    #[test]
+    fn weights_split_exactly_and_interleaved() {
+        let r = rule(
+            "split",
+            vec![prefix("/")],
+            &[("a", 80), ("b", 20), ("never", 0)],
+        );
+        let picks: Vec<&str> = (0..2000)
+            .map(|_| r.backend().unwrap().1.service.as_str())
+            .collect();
+        let a = picks.iter().filter(|s| **s == "a").count();
+        assert_eq!((a, 2000 - a), (1600, 400));
+        assert!(!picks.contains(&"never"));
+        // Interleaved: no long runs of one backend.
+        assert!(picks[..10].contains(&"b"), "{:?}", &picks[..10]);
+        let none = rule("none", vec![prefix("/")], &[("a", 0)]);
+        assert!(none.backend().is_none());
+    }
+
+    #[test]
+    fn header_modifiers_set_add_and_remove() {
+        let m = HeaderModifier {
+            set: vec![(
+                HeaderName::from_static("x-set"),
+                HeaderValue::from_static("s"),
+            )],
+            add: vec![(
+                HeaderName::from_static("x-add"),
+                HeaderValue::from_static("b"),
+            )],
+            remove: vec![HeaderName::from_static("x-gone")],
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-set", HeaderValue::from_static("old"));
+        h.insert("x-add", HeaderValue::from_static("a"));
+        h.insert("x-gone", HeaderValue::from_static("1"));
+        m.apply(&mut h);
+        assert_eq!(h.get("x-set").unwrap(), "s");
+        let added: Vec<_> = h.get_all("x-add").iter().collect();
+        assert_eq!(added, ["a", "b"]);
+        assert!(h.get("x-gone").is_none());
+    }
+}
