@@ -113,11 +113,117 @@ impl Backend {
     }
 }
 
-/// What the `RequestHeaderModifier` and `ResponseHeaderModifier` filters do.
+/// What a rule's (or a backend's) filters do.
 #[derive(Debug, Default)]
 pub struct Filters {
     pub request_headers: HeaderModifier,
     pub response_headers: HeaderModifier,
+    /// `URLRewrite`.
+    pub rewrite: Option<Rewrite>,
+    /// `RequestRedirect`: the proxy answers itself.
+    pub redirect: Option<Redirect>,
+}
+
+/// `URLRewrite`: what the backend sees instead of the request's host and path.
+#[derive(Debug, Default)]
+pub struct Rewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+/// `RequestRedirect`.
+#[derive(Debug)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+    pub port: Option<u16>,
+    pub status: u16,
+}
+
+#[derive(Debug)]
+pub enum PathModifier {
+    /// `ReplaceFullPath`.
+    Full(String),
+    /// `ReplacePrefixMatch` (the rule's matches are all path prefixes).
+    Prefix(String),
+}
+
+impl PathModifier {
+    /// The new path of a request for `path` that `matched` took.
+    pub fn apply(&self, matched: &PathMatch, path: &str) -> String {
+        match (self, matched) {
+            (PathModifier::Full(p), _) => p.clone(),
+            (PathModifier::Prefix(p), PathMatch::Prefix(prefix)) => {
+                let rest = path.get(prefix.len()..).unwrap_or_default();
+                let out = format!("{}{rest}", p.trim_end_matches('/'));
+                if out.is_empty() {
+                    "/".to_owned()
+                } else {
+                    out
+                }
+            }
+            // Refused when the route is read; a whole path is the closest meaning.
+            (PathModifier::Prefix(p), _) => p.clone(),
+        }
+    }
+}
+
+impl Redirect {
+    /// The `Location` for a request to `host` (the request's authority) on Service port
+    /// `port`, for `path` and `query`, that `matched` took.
+    pub fn location(
+        &self,
+        matched: &PathMatch,
+        host: &str,
+        port: u16,
+        path: &str,
+        query: Option<&str>,
+    ) -> String {
+        let scheme = self.scheme.as_deref().unwrap_or("http");
+        let host = match &self.hostname {
+            Some(h) => h.as_str(),
+            // Without the request's port: the redirect says its own.
+            None => strip_port(host),
+        };
+        // An explicit port; else the scheme's own when the scheme changes; else the port the
+        // request came to. Well-known ports are left out.
+        let port = self
+            .port
+            .or(if self.scheme.is_some() {
+                None
+            } else {
+                Some(port)
+            })
+            .filter(|p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
+        let path = match &self.path {
+            Some(m) => m.apply(matched, path),
+            None => path.to_owned(),
+        };
+        let mut out = format!("{scheme}://{host}");
+        if let Some(p) = port {
+            out += &format!(":{p}");
+        }
+        out += &path;
+        if let Some(q) = query {
+            out += &format!("?{q}");
+        }
+        out
+    }
+}
+
+/// A host without its `:port` (an IPv6 literal keeps its brackets).
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, p))
+            if !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (h.starts_with('[') || !h.contains(':')) =>
+        {
+            h
+        }
+        _ => host,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -318,16 +424,12 @@ impl Table {
         self.entries.is_empty()
     }
 
-    /// The rule for a request, or `None` when no match takes it.
-    pub fn select(&self, head: &Head) -> Option<&Arc<Rule>> {
-        self.entries
-            .iter()
-            .find(|(rule, m)| {
-                rule.matches
-                    .get(*m)
-                    .is_some_and(|found| found.matches(head))
-            })
-            .map(|(rule, _)| rule)
+    /// The rule for a request and the match that took it, or `None` when no match does.
+    pub fn select(&self, head: &Head) -> Option<(&Arc<Rule>, &Match)> {
+        self.entries.iter().find_map(|(rule, m)| {
+            let found = rule.matches.get(*m)?;
+            found.matches(head).then_some((rule, found))
+        })
     }
 }
 
@@ -409,7 +511,7 @@ mod tests {
             query,
             headers: &map,
         };
-        table.select(&head).and_then(|r| r.name.as_deref())
+        table.select(&head).and_then(|(r, _)| r.name.as_deref())
     }
 
     #[test]
@@ -519,6 +621,73 @@ mod tests {
         assert!(picks[..10].contains(&"b"), "{:?}", &picks[..10]);
         let none = rule("none", vec![prefix("/")], &[("a", 0)]);
         assert!(none.backend().is_none());
+    }
+
+    #[test]
+    fn rewrites_and_redirects_as_the_conformance_suite_expects() {
+        let prefix = |p: &str| PathMatch::Prefix(p.trim_end_matches('/').to_owned());
+        let replace = |to: &str| PathModifier::Prefix(to.to_owned());
+        // MeshHTTPRouteRewritePath.
+        let cases = [
+            (
+                replace("/one"),
+                "/prefix/one",
+                "/prefix/one/two",
+                "/one/two",
+            ),
+            (
+                replace("/"),
+                "/strip-prefix",
+                "/strip-prefix/three",
+                "/three",
+            ),
+            (replace("/"), "/strip-prefix", "/strip-prefix", "/"),
+            (
+                PathModifier::Full("/one".into()),
+                "/full/one",
+                "/full/one/two",
+                "/one",
+            ),
+            // faces: /gui/ → /.
+            (replace("/"), "/gui/", "/gui/index.html", "/index.html"),
+        ];
+        for (modifier, matched, path, want) in cases {
+            assert_eq!(modifier.apply(&prefix(matched), path), want, "{path}");
+        }
+        // MeshHTTPRouteRedirect*.
+        let redirect = |scheme: Option<&str>, host: Option<&str>, port: Option<u16>| Redirect {
+            scheme: scheme.map(str::to_owned),
+            hostname: host.map(str::to_owned),
+            path: None,
+            port,
+            status: 302,
+        };
+        let at = |r: &Redirect, path: &str| r.location(&prefix("/"), "echo", 80, path, None);
+        let plain = redirect(None, None, None);
+        assert_eq!(at(&plain, "/redirect"), "http://echo/redirect");
+        let host = redirect(None, Some("example.org"), None);
+        assert_eq!(at(&host, "/h"), "http://example.org/h");
+        let port = redirect(None, None, Some(8083));
+        assert_eq!(at(&port, "/port"), "http://echo:8083/port");
+        let scheme = redirect(Some("https"), None, None);
+        assert_eq!(at(&scheme, "/scheme"), "https://echo/scheme");
+        let path = Redirect {
+            path: Some(replace("/replacement-prefix")),
+            ..redirect(None, None, None)
+        };
+        let lemon = path.location(
+            &prefix("/original-prefix"),
+            "echo",
+            80,
+            "/original-prefix/lemon",
+            None,
+        );
+        assert_eq!(lemon, "http://echo/replacement-prefix/lemon");
+        // The request's port is left out of the host; a non-default Service port is kept.
+        let kept = plain.location(&prefix("/"), "echo-v1:8080", 8080, "/x", Some("a=1"));
+        assert_eq!(kept, "http://echo-v1:8080/x?a=1");
+        assert_eq!(strip_port("[fd00::1]:80"), "[fd00::1]");
+        assert_eq!(strip_port("fd00::1"), "fd00::1");
     }
 
     #[test]

@@ -568,7 +568,8 @@ fn expect_100_continue_is_answered_through_the_mesh() {
 
 /// Services `api-a` (10.96.0.21) and `api-c` (10.96.0.22), one pod each, and an HTTPRoute on
 /// `api`: `x-canary: yes` → api-c with header filters, `/split` → api-a 3 : api-c 1, exactly
-/// `/` → `root` (api-a unless changed).
+/// `/` → `root` (api-a unless changed), `/gui/` rewritten to `/`, `/old` redirected to
+/// example.org, `/slow` with a 300 ms timeout.
 fn routes(bed: &Testbed, root: &str) -> String {
     let mut yaml = String::new();
     for (name, ip) in [("api-a", "10.96.0.21"), ("api-c", "10.96.0.22")] {
@@ -578,7 +579,7 @@ fn routes(bed: &Testbed, root: &str) -> String {
         );
     }
     yaml + &format!(
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: api-routes, namespace: default}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: api, port: 80}}]\n  rules:\n  - matches: [{{headers: [{{name: x-canary, value: \"yes\"}}]}}]\n    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {{set: [{{name: x-routed, value: canary}}]}}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {{add: [{{name: x-route, value: canary}}]}}\n    backendRefs: [{{name: api-c, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /split}}}}]\n    backendRefs: [{{name: api-a, port: 80, weight: 3}}, {{name: api-c, port: 80, weight: 1}}]\n  - matches: [{{path: {{type: Exact, value: /}}}}]\n    backendRefs: [{{name: {root}, port: 80}}]\n"
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: api-routes, namespace: default}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: api, port: 80}}]\n  rules:\n  - matches: [{{headers: [{{name: x-canary, value: \"yes\"}}]}}]\n    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {{set: [{{name: x-routed, value: canary}}]}}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {{add: [{{name: x-route, value: canary}}]}}\n    backendRefs: [{{name: api-c, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /split}}}}]\n    backendRefs: [{{name: api-a, port: 80, weight: 3}}, {{name: api-c, port: 80, weight: 1}}]\n  - matches: [{{path: {{type: Exact, value: /}}}}]\n    backendRefs: [{{name: {root}, port: 80}}]\n  - matches: [{{path: {{value: /gui/}}}}]\n    filters: [{{type: URLRewrite, urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /}}}}}}]\n    backendRefs: [{{name: api-a, port: 80}}]\n  - matches: [{{path: {{value: /old}}}}]\n    filters: [{{type: RequestRedirect, requestRedirect: {{hostname: example.org, statusCode: 301}}}}]\n  - matches: [{{path: {{value: /slow}}}}]\n    timeouts: {{request: 300ms}}\n    backendRefs: [{{name: api-a, port: 80}}]\n"
     )
 }
 
@@ -610,6 +611,22 @@ fn an_httproute_on_a_service_routes_splits_filters_and_answers_404() {
         (300, 100),
         "{split:?}"
     );
+    // The prefix rewritten: the backend sees `/index.html`.
+    let gui = get("/gui/index.html", &[]);
+    assert!(gui.contains("path=/index.html\n"), "{gui}");
+    // Redirected by the proxy itself.
+    let moved = get("/old/page?x=1", &[]);
+    assert!(moved.starts_with("status=301\n"), "{moved}");
+    assert!(
+        moved.contains("header.location=http://example.org/old/page?x=1\n"),
+        "{moved}"
+    );
+    // A backend slower than the route's timeout: 504, flagged UT.
+    let slow = get("/slow/3000", &[]);
+    assert!(slow.starts_with("status=504\n"), "{slow}");
+    let timed_out = [("response_code", "504"), ("response_flags", "UT")];
+    assert_eq!(metric(&n1, "istio_requests_total", &timed_out), 1.0);
+
     // No rule takes it: 404 from the proxy, counted as such.
     let none = meshtest_in(&bed, "client", &["status", API_SVC, "/splitx", "2"]);
     assert_eq!(num(&none, "status.404"), 2, "{none:?}");

@@ -378,6 +378,80 @@ pub struct RouteFilter {
     pub request_header_modifier: Option<HeaderModifierSpec>,
     #[serde(default)]
     pub response_header_modifier: Option<HeaderModifierSpec>,
+    #[serde(default)]
+    pub url_rewrite: Option<UrlRewriteSpec>,
+    #[serde(default)]
+    pub request_redirect: Option<RedirectSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+pub struct UrlRewriteSpec {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathModifierSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedirectSpec {
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathModifierSpec>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub status_code: Option<u16>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathModifierSpec {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub replace_full_path: Option<String>,
+    #[serde(default)]
+    pub replace_prefix_match: Option<String>,
+}
+
+fn path_modifier(
+    spec: &Option<PathModifierSpec>,
+    at: &str,
+) -> Result<Option<crate::route::PathModifier>, Problem> {
+    use crate::route::PathModifier;
+    let Some(spec) = spec else { return Ok(None) };
+    let (value, key, make): (_, _, fn(String) -> PathModifier) = match spec.kind.as_str() {
+        "ReplaceFullPath" => (
+            &spec.replace_full_path,
+            "replaceFullPath",
+            PathModifier::Full,
+        ),
+        "ReplacePrefixMatch" => (
+            &spec.replace_prefix_match,
+            "replacePrefixMatch",
+            PathModifier::Prefix,
+        ),
+        other => {
+            return Err(field(
+                &format!("{at}.path.type"),
+                format!("{other:?} is not ReplaceFullPath or ReplacePrefixMatch"),
+            ))
+        }
+    };
+    let value = value
+        .clone()
+        .ok_or_else(|| field(&format!("{at}.path.{key}"), "missing"))?;
+    if !value.starts_with('/') {
+        return Err(field(
+            &format!("{at}.path.{key}"),
+            format!("{value:?} does not start with /"),
+        ));
+    }
+    Ok(Some(make(value)))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
@@ -513,7 +587,30 @@ impl HttpRoute {
             if matches.is_empty() {
                 matches.push(r::Match::default());
             }
-            let filters = compile_filters(&rule.filters, &at("filters"))?;
+            let filters = compile_filters(&rule.filters, &at("filters"), false)?;
+            if filters.rewrite.is_some() && filters.redirect.is_some() {
+                return Err(field(
+                    &at("filters"),
+                    "URLRewrite and RequestRedirect cannot be used together",
+                ));
+            }
+            let by_prefix = [
+                filters.rewrite.as_ref().and_then(|r| r.path.as_ref()),
+                filters.redirect.as_ref().and_then(|r| r.path.as_ref()),
+            ];
+            let replaces_prefix = by_prefix
+                .iter()
+                .any(|p| matches!(p, Some(crate::route::PathModifier::Prefix(_))));
+            if replaces_prefix
+                && !matches
+                    .iter()
+                    .all(|m| matches!(m.path, PathMatch::Prefix(_)))
+            {
+                return Err(field(
+                    &at("filters"),
+                    "ReplacePrefixMatch needs every match of the rule to be a PathPrefix",
+                ));
+            }
             let mut backends = Vec::new();
             for (k, b) in rule.backend_refs.iter().enumerate() {
                 let at = at(&format!("backendRefs[{k}]"));
@@ -535,7 +632,7 @@ impl HttpRoute {
                     ),
                     port: b.port,
                     weight: b.weight.unwrap_or(1),
-                    filters: compile_filters(&b.filters, &format!("{at}.filters"))?,
+                    filters: compile_filters(&b.filters, &format!("{at}.filters"), true)?,
                 });
             }
             if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
@@ -588,14 +685,74 @@ fn anchored(pattern: &str) -> Result<regex::Regex, String> {
         .map_err(|e| format!("{pattern:?} is not a regular expression: {e}"))
 }
 
-fn compile_filters(filters: &[RouteFilter], at: &str) -> Result<crate::route::Filters, Problem> {
+/// A rule's filters (`backend`: a backendRef's, which cannot rewrite or redirect).
+fn compile_filters(
+    filters: &[RouteFilter],
+    at: &str,
+    backend: bool,
+) -> Result<crate::route::Filters, Problem> {
     let mut out = crate::route::Filters::default();
     for (i, f) in filters.iter().enumerate() {
         let at = format!("{at}[{i}]");
+        match f.kind.as_str() {
+            "URLRewrite" | "RequestRedirect" if backend => {
+                return Err(field(
+                    &format!("{at}.type"),
+                    format!(
+                        "{:?} is only supported on a rule, not on a backendRef",
+                        f.kind
+                    ),
+                ))
+            }
+            "URLRewrite" => {
+                let spec = f
+                    .url_rewrite
+                    .as_ref()
+                    .ok_or_else(|| field(&format!("{at}.urlRewrite"), "missing"))?;
+                out.rewrite = Some(crate::route::Rewrite {
+                    hostname: spec.hostname.clone(),
+                    path: path_modifier(&spec.path, &format!("{at}.urlRewrite"))?,
+                });
+                continue;
+            }
+            "RequestRedirect" => {
+                let spec = f
+                    .request_redirect
+                    .as_ref()
+                    .ok_or_else(|| field(&format!("{at}.requestRedirect"), "missing"))?;
+                let at = format!("{at}.requestRedirect");
+                if let Some(s) = spec
+                    .scheme
+                    .as_deref()
+                    .filter(|s| !matches!(*s, "http" | "https"))
+                {
+                    return Err(field(
+                        &format!("{at}.scheme"),
+                        format!("{s:?} is not http or https"),
+                    ));
+                }
+                let status = spec.status_code.unwrap_or(302);
+                if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+                    return Err(field(
+                        &format!("{at}.statusCode"),
+                        format!("{status} is not 301, 302, 303, 307 or 308"),
+                    ));
+                }
+                out.redirect = Some(crate::route::Redirect {
+                    scheme: spec.scheme.clone(),
+                    hostname: spec.hostname.clone(),
+                    path: path_modifier(&spec.path, &at)?,
+                    port: spec.port,
+                    status,
+                });
+                continue;
+            }
+            _ => {}
+        }
         let (spec, slot, key) = match f.kind.as_str() {
             "RequestHeaderModifier" => (&f.request_header_modifier, &mut out.request_headers, "requestHeaderModifier"),
             "ResponseHeaderModifier" => (&f.response_header_modifier, &mut out.response_headers, "responseHeaderModifier"),
-            other => return Err(field(&format!("{at}.type"), format!("{other:?} is not supported yet (RequestHeaderModifier and ResponseHeaderModifier are); the route is refused rather than applied without it"))),
+            other => return Err(field(&format!("{at}.type"), format!("{other:?} is not supported yet (RequestHeaderModifier, ResponseHeaderModifier, URLRewrite and RequestRedirect are); the route is refused rather than applied without it"))),
         };
         let spec = spec
             .as_ref()
@@ -1164,7 +1321,7 @@ mod tests {
 
     #[test]
     fn multi_document_and_unknown_kinds() {
-        let yaml = "kind: Namespace\nmetadata: {name: shop}\n---\nkind: HTTPRoute\nmetadata: {name: r}\n---\n";
+        let yaml = "kind: Namespace\nmetadata: {name: shop}\n---\nkind: ConfigMap\nmetadata: {name: r}\n---\n";
         let objs = parse_file(Path::new("x.yaml"), yaml).unwrap();
         assert_eq!(objs.len(), 1);
         assert!(matches!(objs[0], Object::Namespace(_)));
@@ -1252,6 +1409,14 @@ mod route_tests {
             (
                 "  rules:\n  - timeouts: {request: -1s}\n",
                 "field spec.rules[0].timeouts.request: \"-1s\" is not a duration",
+            ),
+            (
+                "  rules:\n  - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 304}}]\n",
+                "field spec.rules[0].filters[0].requestRedirect.statusCode: 304 is not 301, 302, 303, 307 or 308",
+            ),
+            (
+                "  rules:\n  - matches: [{path: {type: Exact, value: /a}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]\n",
+                "field spec.rules[0].filters: ReplacePrefixMatch needs every match of the rule to be a PathPrefix",
             ),
             (
                 "  rules:\n  - matches: [{path: {type: Exact, value: nope}}]\n",

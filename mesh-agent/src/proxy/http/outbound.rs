@@ -36,7 +36,7 @@ use crate::{
         outbound::{connect_from_pod, hop_to, is_host_scoped, Connection, Hop},
         relay::Metered,
     },
-    route::{Head, Rule},
+    route::{Head, PathMatch, Rewrite, Rule},
     state::{Destination, Workload},
 };
 
@@ -269,6 +269,63 @@ fn destination_labels(labels: &mut RequestLabels, dst: Option<&Arc<Workload>>, d
     }
 }
 
+/// The request's authority: `Host`, or the URI's (HTTP/2).
+fn authority<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+/// Applies a `URLRewrite`: the new path (the query kept) and host.
+fn rewrite_request<B>(req: &mut Request<B>, rewrite: &Rewrite, matched: &PathMatch) {
+    let mut parts = req.uri().clone().into_parts();
+    if let Some(modifier) = &rewrite.path {
+        let path = modifier.apply(matched, req.uri().path());
+        let target = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        parts.path_and_query = target.parse().ok().or(parts.path_and_query);
+    }
+    if let Some(host) = &rewrite.hostname {
+        if parts.authority.is_some() {
+            parts.authority = host.parse().ok().or(parts.authority);
+        }
+        if let Ok(value) = HeaderValue::from_str(host) {
+            req.headers_mut().insert(hyper::header::HOST, value);
+        }
+    }
+    if let Ok(uri) = hyper::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// The proxy's own answer to a request a route redirects: the status and `Location`.
+fn answer(
+    client: &Client,
+    grpc: bool,
+    started: Instant,
+    status: u16,
+    location: &str,
+) -> Response<Body> {
+    let metrics = &client.conn.inputs.metrics;
+    let mut labels = client.labels.clone();
+    if grpc {
+        labels.protocol = "grpc";
+    }
+    let series = metrics.http.series(labels);
+    metrics.http.request(&series);
+    let mut resp = Response::new(Body::full(hyper::body::Bytes::new()));
+    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::FOUND);
+    if let Ok(value) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(hyper::header::LOCATION, value);
+    }
+    record(metrics, &series, resp.status(), None, "-", started, 0, 0);
+    resp
+}
+
 async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let conn = &client.conn;
@@ -305,7 +362,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                     query: req.uri().query(),
                     headers: req.headers(),
                 };
-                let Some(rule) = table.select(&head).cloned() else {
+                let Some((rule, matched)) = table.select(&head) else {
                     let detail = format!(
                         "no rule of the routes of {}:{} matches",
                         svc.fqdn(),
@@ -313,6 +370,17 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                     );
                     return fail(Failure::NoRoute, detail);
                 };
+                let rule = rule.clone();
+                if let Some(redirect) = &rule.filters.redirect {
+                    let host = authority(&req).unwrap_or_default();
+                    let uri = req.uri();
+                    let location =
+                        redirect.location(&matched.path, &host, svc.port, uri.path(), uri.query());
+                    return answer(client, grpc, started, redirect.status, &location);
+                }
+                if let Some(rewrite) = &rule.filters.rewrite {
+                    rewrite_request(&mut req, rewrite, &matched.path);
+                }
                 let Some((i, backend)) = rule.backend() else {
                     let detail = format!("route {} has no backend to send to", rule.route);
                     return fail(Failure::NoBackend, detail);
@@ -378,106 +446,127 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     // An HTTP/1.1 connection lent for this request, back to its pool once the response has
     // been read.
     let mut checkin = None;
-    let sent = match hop {
-        Hop::Hbone {
-            source,
-            destination,
-            node_ip,
-        } if !upgrade => {
-            // A stream of its own on the pooled HBONE connection, HTTP/2 end to end.
-            if !client_h2 {
-                upgrade_to_h2(&mut req, &conn.orig.to_string());
+    // The route's timeout bounds the wait for the response head (its body is not cut).
+    let deadline = routed.as_ref().and_then(|(rule, _)| {
+        let t = rule.timeouts;
+        match (t.request, t.backend_request) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    });
+    let send = async {
+        match hop {
+            Hop::Hbone {
+                source,
+                destination,
+                node_ip,
+            } if !upgrade => {
+                // A stream of its own on the pooled HBONE connection, HTTP/2 end to end.
+                if !client_h2 {
+                    upgrade_to_h2(&mut req, &conn.orig.to_string());
+                }
+                for (name, value) in dest.hbone_headers.iter() {
+                    req.headers_mut().insert(name, value.clone());
+                }
+                inputs
+                    .hbone
+                    .request(&source, &destination, node_ip, req)
+                    .await
+                    .map(|(resp, slot)| {
+                        stream_slot = Some(slot);
+                        resp
+                    })
+                    .map_err(|e| {
+                        // A stream that broke after the connection was there is a reset (502);
+                        // no connection to the peer agent is an unavailable endpoint (503).
+                        let failure = match e {
+                            crate::proxy::hbone::Error::Http2 { .. } => Failure::UpstreamReset,
+                            _ => Failure::Unavailable,
+                        };
+                        SendError::new(failure, e.to_string())
+                    })
             }
-            for (name, value) in dest.hbone_headers.iter() {
-                req.headers_mut().insert(name, value.clone());
-            }
-            inputs
-                .hbone
-                .request(&source, &destination, node_ip, req)
-                .await
-                .map(|(resp, slot)| {
-                    stream_slot = Some(slot);
+            Hop::Hbone {
+                source,
+                destination,
+                node_ip,
+            } => {
+                // An upgrade: HTTP/1.1 in a tunnel of its own.
+                let forwarded_for = conn.source.address_for(endpoint);
+                let key = Key {
+                    route: Route::Hbone {
+                        source: source.clone(),
+                        destination: destination.clone(),
+                        node: node_ip,
+                        endpoint,
+                        client: forwarded_for,
+                    },
+                    h2: false,
+                };
+                let tunnel = TunnelRequest {
+                    baggage: client.baggage.clone(),
+                    forwarded_for,
+                    protocol: Protocol::Http1,
+                };
+                let (hbone, tunnel, source, destination) =
+                    (&inputs.hbone, &tunnel, &source, &destination);
+                let dial = move || async move {
+                    hbone
+                        .connect(source, destination, node_ip, endpoint, tunnel)
+                        .await
+                        .map(|t| Box::new(t) as BoxIo)
+                        .map_err(|e| SendError::new(Failure::Unavailable, e.to_string()))
+                };
+                pool.send(&key, dial, req).await.map(|(resp, back)| {
+                    checkin = Some(back);
                     resp
                 })
-                .map_err(|e| {
-                    // A stream that broke after the connection was there is a reset (502);
-                    // no connection to the peer agent is an unavailable endpoint (503).
-                    let failure = match e {
-                        crate::proxy::hbone::Error::Http2 { .. } => Failure::UpstreamReset,
-                        _ => Failure::Unavailable,
-                    };
-                    SendError::new(failure, e.to_string())
+            }
+            Hop::Local { pod, client: from } => {
+                let key = Key {
+                    route: Route::InPod {
+                        endpoint,
+                        client: Some(from),
+                    },
+                    h2: client_h2 && !upgrade,
+                };
+                let pod = &pod;
+                let dial = move || async move {
+                    connected(crate::proxy::deliver_in_pod(pod, from, endpoint), endpoint).await
+                };
+                pool.send(&key, dial, req).await.map(|(resp, back)| {
+                    checkin = Some(back);
+                    resp
                 })
+            }
+            Hop::LocalDirect | Hop::Direct => {
+                let key = Key {
+                    route: Route::FromPod {
+                        netns: conn.source.netns.cookie,
+                        endpoint,
+                    },
+                    h2: client_h2 && !upgrade,
+                };
+                let netns = &conn.source.netns;
+                let dial = move || async move {
+                    connected(connect_from_pod(netns, endpoint), endpoint).await
+                };
+                pool.send(&key, dial, req).await.map(|(resp, back)| {
+                    checkin = Some(back);
+                    resp
+                })
+            }
         }
-        Hop::Hbone {
-            source,
-            destination,
-            node_ip,
-        } => {
-            // An upgrade: HTTP/1.1 in a tunnel of its own.
-            let forwarded_for = conn.source.address_for(endpoint);
-            let key = Key {
-                route: Route::Hbone {
-                    source: source.clone(),
-                    destination: destination.clone(),
-                    node: node_ip,
-                    endpoint,
-                    client: forwarded_for,
-                },
-                h2: false,
-            };
-            let tunnel = TunnelRequest {
-                baggage: client.baggage.clone(),
-                forwarded_for,
-                protocol: Protocol::Http1,
-            };
-            let (hbone, tunnel, source, destination) =
-                (&inputs.hbone, &tunnel, &source, &destination);
-            let dial = move || async move {
-                hbone
-                    .connect(source, destination, node_ip, endpoint, tunnel)
-                    .await
-                    .map(|t| Box::new(t) as BoxIo)
-                    .map_err(|e| SendError::new(Failure::Unavailable, e.to_string()))
-            };
-            pool.send(&key, dial, req).await.map(|(resp, back)| {
-                checkin = Some(back);
-                resp
-            })
-        }
-        Hop::Local { pod, client: from } => {
-            let key = Key {
-                route: Route::InPod {
-                    endpoint,
-                    client: Some(from),
-                },
-                h2: client_h2 && !upgrade,
-            };
-            let pod = &pod;
-            let dial = move || async move {
-                connected(crate::proxy::deliver_in_pod(pod, from, endpoint), endpoint).await
-            };
-            pool.send(&key, dial, req).await.map(|(resp, back)| {
-                checkin = Some(back);
-                resp
-            })
-        }
-        Hop::LocalDirect | Hop::Direct => {
-            let key = Key {
-                route: Route::FromPod {
-                    netns: conn.source.netns.cookie,
-                    endpoint,
-                },
-                h2: client_h2 && !upgrade,
-            };
-            let netns = &conn.source.netns;
-            let dial =
-                move || async move { connected(connect_from_pod(netns, endpoint), endpoint).await };
-            pool.send(&key, dial, req).await.map(|(resp, back)| {
-                checkin = Some(back);
-                resp
-            })
-        }
+    };
+    let sent = match deadline {
+        Some(limit) => match tokio::time::timeout(limit, send).await {
+            Ok(sent) => sent,
+            Err(_) => Err(SendError::new(
+                Failure::Timeout,
+                format!("no response within the route's timeout of {limit:?}"),
+            )),
+        },
+        None => send.await,
     };
 
     let mut resp = match sent {
