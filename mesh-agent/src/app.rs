@@ -303,7 +303,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
         let state = state_rx.clone();
         Arc::new(move |path: &str| match path {
             "/certs" => json(&identities.list()),
-            "/config_dump" => json(&config),
+            "/config_dump" => {
+                let snapshot = state.borrow().clone();
+                let routes: std::collections::BTreeMap<&String, serde_json::Value> = snapshot
+                    .routed_services()
+                    .filter_map(|(name, t)| Some((name, t.routes.as_ref()?.describe())))
+                    .collect();
+                json(&serde_json::json!({ "config": config, "routes": routes }))
+            }
             "/state" => json(&state.borrow().summary()),
             _ => (
                 StatusCode::NOT_FOUND,

@@ -424,6 +424,52 @@ impl Table {
         self.entries.is_empty()
     }
 
+    /// The table as `/config_dump` shows it: each match in the order requests are tried.
+    pub fn describe(&self) -> serde_json::Value {
+        let value = |v: &ValueMatch| match v {
+            ValueMatch::Exact(v) => format!("= {v}"),
+            ValueMatch::Regex(re) => format!("~ {}", re.as_str()),
+        };
+        let filters = |f: &Filters| {
+            let mut names = Vec::new();
+            if !f.request_headers.is_empty() {
+                names.push("RequestHeaderModifier");
+            }
+            if !f.response_headers.is_empty() {
+                names.push("ResponseHeaderModifier");
+            }
+            if f.rewrite.is_some() {
+                names.push("URLRewrite");
+            }
+            if f.redirect.is_some() {
+                names.push("RequestRedirect");
+            }
+            names
+        };
+        let entries = self.entries.iter().filter_map(|(rule, m)| {
+            let found = rule.matches.get(*m)?;
+            let path = match &found.path {
+                PathMatch::Exact(p) => format!("Exact {p}"),
+                PathMatch::Prefix(p) => format!("PathPrefix {p}/"),
+                PathMatch::Regex(re) => format!("RegularExpression {}", re.as_str()),
+            };
+            Some(serde_json::json!({
+                "route": rule.route,
+                "rule": rule.name,
+                "path": path,
+                "method": found.method.as_ref().map(Method::as_str),
+                "headers": found.headers.iter().map(|h| format!("{} {}", h.name, value(&h.value))).collect::<Vec<_>>(),
+                "query": found.query.iter().map(|q| format!("{} {}", q.name, value(&q.value))).collect::<Vec<_>>(),
+                "filters": filters(&rule.filters),
+                "backends": rule.backends.iter().map(|b| serde_json::json!({
+                    "service": b.service, "port": b.port, "weight": b.weight, "filters": filters(&b.filters),
+                })).collect::<Vec<_>>(),
+                "timeout_ms": rule.timeouts.request.or(rule.timeouts.backend_request).map(|d| d.as_millis()),
+            }))
+        });
+        serde_json::Value::Array(entries.collect())
+    }
+
     /// The rule for a request and the match that took it, or `None` when no match does.
     pub fn select(&self, head: &Head) -> Option<(&Arc<Rule>, &Match)> {
         self.entries.iter().find_map(|(rule, m)| {

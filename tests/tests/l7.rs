@@ -596,6 +596,28 @@ fn an_httproute_on_a_service_routes_splits_filters_and_answers_404() {
         must_succeed(cmd, "GET through the route")
     };
 
+    // The routes in force, in the order requests try them.
+    let dump = n1.admin("/config_dump").unwrap().body;
+    let in_force = dump.split("\"routes\"").nth(1).expect("a routes section");
+    assert!(
+        in_force.contains("\"api.default.svc.cluster.local:80\": ["),
+        "{in_force}"
+    );
+    let order: Vec<usize> = [
+        "Exact /\"",
+        "PathPrefix /split/",
+        "PathPrefix /gui/",
+        "PathPrefix /\"",
+    ]
+    .iter()
+    .map(|p| {
+        in_force
+            .find(p)
+            .unwrap_or_else(|| panic!("{p} not in {in_force}"))
+    })
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{in_force}");
+
     // By header, to api-c, with the rule's request and response header filters. (At `/` the
     // exact path match would win: the spec ranks path before headers.)
     let canary = get("/c", &["x-canary:yes"]);

@@ -211,6 +211,13 @@ impl Snapshot {
         self.pods.values().filter(move |p| p.is_enrolled_on(node))
     }
 
+    /// Service ports with HTTPRoutes attached, by `name.namespace.svc.cluster.local:port`.
+    pub fn routed_services(&self) -> impl Iterator<Item = (&String, &Arc<ServiceTarget>)> {
+        self.services_by_name
+            .iter()
+            .filter(|(_, t)| t.routes.is_some())
+    }
+
     /// The Service port named `name.namespace.svc.cluster.local:port`.
     pub fn service_named(&self, name: &str) -> Option<&Arc<ServiceTarget>> {
         self.services_by_name.get(name)
