@@ -803,12 +803,13 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
             .into_iter()
             .find(|(u, _)| rest.starts_with(u))
             .ok_or_else(bad)?;
-        total += match unit {
+        let part = match unit {
             "ms" => std::time::Duration::from_millis(n),
             "h" => std::time::Duration::from_secs(n.saturating_mul(3600)),
             "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
             _ => std::time::Duration::from_secs(n),
         };
+        total = total.checked_add(part).ok_or_else(bad)?;
         rest = rest.get(len..).unwrap_or_default();
     }
     Ok(total)
@@ -1409,6 +1410,10 @@ mod route_tests {
             (
                 "  rules:\n  - timeouts: {request: -1s}\n",
                 "field spec.rules[0].timeouts.request: \"-1s\" is not a duration",
+            ),
+            (
+                "  rules:\n  - timeouts: {request: 18446744073709551615h1h}\n",
+                "field spec.rules[0].timeouts.request: \"18446744073709551615h1h\" is not a duration",
             ),
             (
                 "  rules:\n  - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 304}}]\n",
