@@ -305,10 +305,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
             "/certs" => json(&identities.list()),
             "/config_dump" => {
                 let snapshot = state.borrow().clone();
-                let routes: std::collections::BTreeMap<&String, serde_json::Value> = snapshot
-                    .routed_services()
-                    .filter_map(|(name, t)| Some((name, t.routes.as_ref()?.describe())))
-                    .collect();
+                let mut routes = std::collections::BTreeMap::new();
+                for (name, t) in snapshot.routed_services() {
+                    if let Some(table) = &t.routes {
+                        routes.insert(name.clone(), table.describe());
+                    }
+                    for (ns, table) in &t.consumer_routes {
+                        routes.insert(format!("{name} (callers in {ns})"), table.describe());
+                    }
+                }
                 json(&serde_json::json!({ "config": config, "routes": routes }))
             }
             "/state" => json(&state.borrow().summary()),

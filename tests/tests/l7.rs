@@ -19,14 +19,21 @@ const API_ID: &str = "spiffe://cluster.local/ns/default/sa/api";
 
 /// n1: client, api-c; n2: api-a, api-b. Each api pod serves `meshtest http 8080 <name>`.
 fn l7_bed() -> Testbed {
+    l7_bed_with(Vec::new())
+}
+
+/// [`l7_bed`] with more pods.
+fn l7_bed_with(extra: Vec<PodSpec>) -> Testbed {
+    let mut pods = vec![
+        PodSpec::new("client", 0, "client"),
+        PodSpec::new("api-a", 1, "api"),
+        PodSpec::new("api-b", 1, "api"),
+        PodSpec::new("api-c", 0, "api"),
+    ];
+    pods.extend(extra);
     let spec = TestbedSpec {
         nodes: 2,
-        pods: vec![
-            PodSpec::new("client", 0, "client"),
-            PodSpec::new("api-a", 1, "api"),
-            PodSpec::new("api-b", 1, "api"),
-            PodSpec::new("api-c", 0, "api"),
-        ],
+        pods,
         services: vec![ServiceSpec {
             name: "api".into(),
             namespace: "default".into(),
@@ -673,4 +680,52 @@ fn an_httproute_on_a_service_routes_splits_filters_and_answers_404() {
     eventually("the changed route", || {
         get("/", &[]).contains("hello from api-c")
     });
+}
+
+#[test]
+fn a_consumer_route_applies_to_callers_in_its_namespace_only() {
+    let _serial = serial();
+    let consumer = PodSpec {
+        namespace: "shop".into(),
+        ..PodSpec::new("consumer", 0, "consumer")
+    };
+    let bed = l7_bed_with(vec![consumer]);
+    // The producer's route sends `/` to api-a; the shop namespace's own route for `api` sends
+    // everything to api-c and marks the response.
+    std::fs::write(
+        bed.manifests_dir().join("routes.yaml"),
+        routes(&bed, "api-a")
+            + "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop-view, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: api, namespace: default, port: 80}]\n  rules:\n  - filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-view, value: shop}]}}]\n    backendRefs: [{name: api-c, namespace: default, port: 80}]\n",
+    )
+    .unwrap();
+    let (n1, _n2) = agents(&bed);
+    let get = |pod: &str, path: &str| {
+        let mut cmd = bed.pod_command(pod, meshtest()).unwrap();
+        cmd.args(["get", API_SVC, path]);
+        must_succeed(cmd, "GET through the routes")
+    };
+    let producer_side = get("client", "/");
+    assert!(
+        producer_side.contains("hello from api-a"),
+        "{producer_side}"
+    );
+    assert!(!producer_side.contains("header.x-view"), "{producer_side}");
+    // For shop, its route replaces the producer's: even `/split` (the producer's 3 : 1 rule)
+    // and `/nothing` (a 404 for others) go to api-c.
+    for path in ["/", "/split", "/nothing"] {
+        let shop_side = get("consumer", path);
+        assert!(
+            shop_side.contains("hello from api-c"),
+            "{path}: {shop_side}"
+        );
+        assert!(
+            shop_side.contains("header.x-view=shop\n"),
+            "{path}: {shop_side}"
+        );
+    }
+    let dump = n1.admin("/config_dump").unwrap().body;
+    assert!(
+        dump.contains("\"api.default.svc.cluster.local:80 (callers in shop)\": ["),
+        "{dump}"
+    );
 }

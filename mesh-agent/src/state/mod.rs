@@ -68,6 +68,9 @@ pub struct ServiceTarget {
     /// The HTTPRoutes attached to this port, if any: requests are then routed by them, and
     /// one no rule matches gets 404.
     pub routes: Option<Arc<crate::route::Table>>,
+    /// Consumer routes: per caller namespace, the HTTPRoutes of that namespace attached to this
+    /// port, which replace the Service's own for callers there (GAMMA).
+    pub consumer_routes: Vec<(String, Arc<crate::route::Table>)>,
     /// The protocol the port declares (`appProtocol`, Istio port name, or the Service's
     /// opaque-ports annotation).
     pub declared: Option<Declared>,
@@ -96,6 +99,16 @@ impl ServiceTarget {
     /// `name.namespace.svc.cluster.local`, as Istio labels metrics.
     pub fn fqdn(&self) -> String {
         format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+
+    /// The routes for a caller in `namespace`: its namespace's consumer routes if it has any,
+    /// else the Service's own.
+    pub fn routes_for(&self, namespace: &str) -> Option<&Arc<crate::route::Table>> {
+        self.consumer_routes
+            .iter()
+            .find(|(ns, _)| ns == namespace)
+            .map(|(_, t)| t)
+            .or(self.routes.as_ref())
     }
 
     /// `name.namespace.svc.cluster.local:port`, what [`Snapshot::service_named`] looks up.
@@ -215,7 +228,7 @@ impl Snapshot {
     pub fn routed_services(&self) -> impl Iterator<Item = (&String, &Arc<ServiceTarget>)> {
         self.services_by_name
             .iter()
-            .filter(|(_, t)| t.routes.is_some())
+            .filter(|(_, t)| t.routes.is_some() || !t.consumer_routes.is_empty())
     }
 
     /// The Service port named `name.namespace.svc.cluster.local:port`.

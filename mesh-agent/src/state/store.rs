@@ -9,7 +9,7 @@
 //! the very same `Arc` (and with it its balancer's load figures) from one snapshot to the next.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{atomic::AtomicUsize, Arc},
 };
@@ -748,19 +748,16 @@ impl Store {
                 })
                 .collect(),
         };
-        // Producer routes: those in the Service's own namespace. (Consumer routes, for callers
-        // in the route's namespace only, are not applied yet.)
-        let routes: Vec<Arc<crate::route::HttpRoute>> = self
-            .routes_of
-            .get(name)
-            .into_iter()
-            .flatten()
-            .filter(|(ns, _)| *ns == name.0)
-            .filter_map(|(ns, route)| match self.get(Kind::HttpRoute, ns, route) {
-                Some(Facts::HttpRoute(r)) => Some(r.clone()),
-                _ => None,
-            })
-            .collect();
+        // Producer routes are those in the Service's own namespace; a route in another
+        // namespace is a consumer route, for callers in that namespace only.
+        let mut by_namespace: BTreeMap<Arc<str>, Vec<Arc<crate::route::HttpRoute>>> =
+            BTreeMap::new();
+        for (ns, route) in self.routes_of.get(name).into_iter().flatten() {
+            if let Some(Facts::HttpRoute(r)) = self.get(Kind::HttpRoute, ns, route) {
+                by_namespace.entry(ns.clone()).or_default().push(r.clone());
+            }
+        }
+        let routes = by_namespace.remove(&name.0).unwrap_or_default();
         let mut targets = Vec::new();
         for &cluster_ip in &svc.cluster_ips {
             for port in &svc.ports {
@@ -773,12 +770,20 @@ impl Store {
                 let addr = SocketAddr::new(cluster_ip, port.port);
                 let table = crate::route::Table::new(&routes, port.port);
                 let table = (!table.is_empty()).then(|| Arc::new(table));
+                let consumer_routes: Vec<(String, Arc<crate::route::Table>)> = by_namespace
+                    .iter()
+                    .map(|(ns, r)| (ns.to_string(), crate::route::Table::new(r, port.port)))
+                    .filter(|(_, t)| !t.is_empty())
+                    .map(|(ns, t)| (ns, Arc::new(t)))
+                    .collect();
                 let target = match old.remove(&addr) {
                     Some(t)
                         if t.endpoints == endpoints
                             && t.declared == declared
                             && t.routes.is_none()
-                            && table.is_none() =>
+                            && table.is_none()
+                            && t.consumer_routes.is_empty()
+                            && consumer_routes.is_empty() =>
                     {
                         t
                     }
@@ -790,6 +795,7 @@ impl Store {
                         endpoints,
                         declared,
                         routes: table,
+                        consumer_routes,
                         next: AtomicUsize::new(0),
                     }),
                 };

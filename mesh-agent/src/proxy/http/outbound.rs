@@ -353,7 +353,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     // HTTPRoutes are attached to the Service, then the backend's endpoint for this request.
     let mut routed: Option<(Arc<Rule>, usize)> = None;
     let target = match &client.destination {
-        Destination::Service(svc) => match &svc.routes {
+        Destination::Service(svc) => match svc.routes_for(&client.labels.source_namespace) {
             None => Some(svc.clone()),
             Some(table) => {
                 let head = Head {
