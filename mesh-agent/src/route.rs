@@ -51,6 +51,10 @@ pub struct Rule {
     pub timeouts: Timeouts,
     /// Spreads requests over the backends by weight (see [`Rule::backend`]).
     next: AtomicU64,
+    /// The backends' total weight, and the multiplier that scrambles [`Rule::next`] over it:
+    /// fixed when the rule is made, not worked out per request.
+    total_weight: u64,
+    step: u64,
 }
 
 #[derive(Debug, Default)]
@@ -275,6 +279,13 @@ impl Rule {
         backends: Vec<Backend>,
         timeouts: Timeouts,
     ) -> Rule {
+        let total_weight: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+        // An odd multiplier coprime with the total (the smallest of these primes that does not
+        // divide it) permutes each round of `total_weight` requests.
+        let step = [7919u64, 7927, 7933, 7937]
+            .into_iter()
+            .find(|p| !total_weight.is_multiple_of(*p))
+            .unwrap_or(1);
         Rule {
             route,
             name,
@@ -283,6 +294,8 @@ impl Rule {
             backends,
             timeouts,
             next: AtomicU64::new(0),
+            total_weight,
+            step,
         }
     }
 
@@ -290,18 +303,11 @@ impl Rule {
     /// (a counter scrambled by an odd multiplier visits every slot of a round once). `None`
     /// when the rule has no backend of non-zero weight (the spec's 500).
     pub fn backend(&self) -> Option<(usize, &Backend)> {
-        let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
-        if total == 0 {
+        if self.total_weight == 0 {
             return None;
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        // An odd multiplier coprime with the total (the smallest prime that does not divide
-        // it) permutes each round of `total` requests.
-        let step = [7919u64, 7927, 7933, 7937]
-            .into_iter()
-            .find(|p| !total.is_multiple_of(*p))
-            .unwrap_or(1);
-        let mut slot = n.wrapping_mul(step) % total;
+        let mut slot = n.wrapping_mul(self.step) % self.total_weight;
         for (i, b) in self.backends.iter().enumerate() {
             let w = u64::from(b.weight);
             if slot < w {

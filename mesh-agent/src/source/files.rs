@@ -24,7 +24,6 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    hash::{Hash as _, Hasher as _},
     io::Read as _,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
@@ -40,7 +39,7 @@ use crate::{
     metrics::Metrics,
     state::{
         manifest::{self, ManifestError, ObjectKey, Problem},
-        store::{Change, Parsed, Store},
+        store::{hash_of, Change, Parsed, Store},
         LastApply, Snapshot,
     },
 };
@@ -73,8 +72,6 @@ pub struct ManifestDir {
     attempted: HashMap<PathBuf, Fingerprint>,
     /// Files whose content on disk may differ from what is in force.
     dirty: BTreeSet<PathBuf>,
-    /// Bytes the last apply read.
-    read_bytes: usize,
 }
 
 /// One file as read for a transaction.
@@ -120,7 +117,6 @@ impl ManifestDir {
             files: HashMap::new(),
             attempted: HashMap::new(),
             dirty: BTreeSet::new(),
-            read_bytes: 0,
         }
     }
 
@@ -209,7 +205,7 @@ impl ManifestDir {
 
     fn try_apply(&mut self, writing: &HashSet<PathBuf>) -> Result<Option<Snapshot>, ManifestError> {
         let started = Instant::now();
-        self.read_bytes = 0;
+        let mut read_bytes = 0;
         let paths: Vec<PathBuf> = self
             .dirty
             .iter()
@@ -253,7 +249,7 @@ impl ManifestDir {
             if let Some(seen) = seen {
                 self.attempted.insert(path.clone(), seen);
             }
-            self.read_bytes += bytes;
+            read_bytes += bytes;
             let Some(objects) = objects else { continue };
             let source: Arc<str> = Arc::from(path.display().to_string());
             // What the file no longer defines goes.
@@ -289,7 +285,7 @@ impl ManifestDir {
         snapshot.applied_at = Some(SystemTime::now());
         snapshot.last_apply = Some(LastApply {
             files,
-            bytes_read: self.read_bytes,
+            bytes_read: read_bytes,
             applied,
             duration_us: started.elapsed().as_micros(),
         });
@@ -302,9 +298,7 @@ impl ManifestDir {
         let one = |path: &PathBuf| -> Result<ReadFile, ManifestError> {
             let seen = fingerprint(path);
             let text = self.read(path)?;
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            text.hash(&mut hasher);
-            let hash = hasher.finish();
+            let hash = hash_of(text.as_str());
             let objects = match self.files.get(path) {
                 Some(old) if old.hash == hash => None,
                 _ => Some(
@@ -484,13 +478,15 @@ impl ManifestDir {
             .spawn(move || self.watch(tx, metrics))
     }
 
-    /// The store behind the snapshots (for tests and figures).
-    pub fn store(&self) -> &Store {
+    /// The store behind the snapshots.
+    #[cfg(test)]
+    fn store(&self) -> &Store {
         &self.store
     }
 
     /// Marks `path` changed and applies what is dirty, as the watcher does after a batch.
-    pub fn apply_now(
+    #[cfg(test)]
+    fn apply_now(
         &mut self,
         path: &Path,
         metrics: &Metrics,
@@ -502,7 +498,7 @@ impl ManifestDir {
 
 /// Hands the memory a large apply freed (parse buffers, replaced objects) back to the system:
 /// without it the allocator keeps this thread's peak for good.
-pub fn release_freed_memory() {
+fn release_freed_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     #[cfg(target_env = "gnu")]
     unsafe {

@@ -46,8 +46,7 @@ impl Parsed {
         Parsed {
             key: object.key(),
             hash: hash_of(object),
-            // What its namespace decides is filled in when the store rebuilds it.
-            facts: Facts::of(object, &NamespaceFacts::default()),
+            facts: Facts::of(object),
         }
     }
 
@@ -147,7 +146,7 @@ struct SliceFacts {
 }
 
 impl Facts {
-    fn of(object: &Object, namespace: &NamespaceFacts) -> Facts {
+    fn of(object: &Object) -> Facts {
         match object {
             Object::Namespace(ns) => Facts::Namespace(NamespaceFacts {
                 inject: inject_setting(&ns.metadata.annotations),
@@ -164,8 +163,10 @@ impl Facts {
                     inject: inject_setting(&pod.metadata.annotations),
                     opaque: opaque_ports(&pod.metadata.annotations),
                 };
+                // What its namespace decides is filled in when the store rebuilds it.
                 if !facts.terminal {
-                    facts.workload = Some(Arc::new(workload(pod, &facts, namespace)));
+                    let unknown = NamespaceFacts::default();
+                    facts.workload = Some(Arc::new(workload(pod, &facts, &unknown)));
                 }
                 Facts::Pod(Box::new(facts))
             }
@@ -224,10 +225,11 @@ impl Facts {
     }
 }
 
-fn hash_of(object: &Object) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
+/// A 64-bit hash of a value (a file's text, an object), to tell an unchanged one.
+pub fn hash_of<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
+    use std::hash::Hasher as _;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    object.hash(&mut hasher);
+    value.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -269,14 +271,6 @@ impl Objects {
         }
         stored
     }
-
-    fn len(&self) -> usize {
-        self.0
-            .iter()
-            .flat_map(|k| k.values())
-            .map(HashMap::len)
-            .sum()
-    }
 }
 
 #[derive(Debug, Default)]
@@ -314,15 +308,6 @@ impl Store {
     /// The snapshot as of the last transaction (cheap: the maps are shared).
     pub fn snapshot(&self) -> Snapshot {
         self.snapshot.clone()
-    }
-
-    /// Objects held, of every kind.
-    pub fn len(&self) -> usize {
-        self.objects.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The objects `source` defines.

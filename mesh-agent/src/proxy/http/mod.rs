@@ -184,11 +184,9 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
         || (req.version() <= Version::HTTP_11 && req.headers().contains_key(UPGRADE))
 }
 
-/// Prepares an HTTP/1.x request to travel as HTTP/2: absolute URI from its `Host`, marked
-/// with [`ORIG_PROTO`].
-pub fn upgrade_to_h2(req: &mut Request<Body>, fallback_authority: &str) {
-    let authority = req
-        .uri()
+/// A request's authority: its URI's (HTTP/2, or an absolute-form target), else its `Host`.
+pub fn authority<B>(req: &Request<B>) -> Option<String> {
+    req.uri()
         .authority()
         .map(|a| a.as_str().to_owned())
         .or_else(|| {
@@ -197,7 +195,12 @@ pub fn upgrade_to_h2(req: &mut Request<Body>, fallback_authority: &str) {
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_owned)
         })
-        .unwrap_or_else(|| fallback_authority.to_owned());
+}
+
+/// Prepares an HTTP/1.x request to travel as HTTP/2: absolute URI from its `Host`, marked
+/// with [`ORIG_PROTO`].
+pub fn upgrade_to_h2(req: &mut Request<Body>, fallback_authority: &str) {
+    let authority = authority(req).unwrap_or_else(|| fallback_authority.to_owned());
     let path = req
         .uri()
         .path_and_query()

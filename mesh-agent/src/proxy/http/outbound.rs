@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    connected, finish_failed, is_grpc, is_upgrade,
+    authority, connected, finish_failed, is_grpc, is_upgrade,
     pool::{BoxIo, Key, Route, SendError},
     record, relay_response, respond, serve_connection, strip_hop_by_hop, upgrade_to_h2, Body,
     Failure, ServeLimits, Upgrade, DST_CANONICAL, ORIG_PROTO,
@@ -73,6 +73,20 @@ type SeriesKey = (std::net::SocketAddr, &'static str, bool);
 const MAX_SERIES_PER_CONNECTION: usize = 256;
 
 impl Client {
+    /// The series of a request the proxy answers itself before a destination is known
+    /// (refused, unrouted, redirected), labelled with the client's side only; the request is
+    /// counted.
+    fn answered_here(&self, grpc: bool) -> Arc<Series> {
+        let metrics = &self.conn.inputs.metrics;
+        let mut labels = self.labels.clone();
+        if grpc {
+            labels.protocol = "grpc";
+        }
+        let series = metrics.http.series(labels);
+        metrics.http.request(&series);
+        series
+    }
+
     /// What requests to `endpoint` (the pod `dst`, if known) over a hop of `security` are
     /// labelled with and send along.
     fn destination_for(
@@ -269,15 +283,6 @@ fn destination_labels(labels: &mut RequestLabels, dst: Option<&Arc<Workload>>, d
     }
 }
 
-/// The request's authority: `Host`, or the URI's (HTTP/2).
-fn authority<B>(req: &Request<B>) -> Option<String> {
-    req.headers()
-        .get(hyper::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-}
-
 /// Applies a `URLRewrite`: the new path (the query kept) and host.
 fn rewrite_request<B>(req: &mut Request<B>, rewrite: &Rewrite, matched: &PathMatch) {
     let mut parts = req.uri().clone().into_parts();
@@ -311,12 +316,7 @@ fn answer(
     location: &str,
 ) -> Response<Body> {
     let metrics = &client.conn.inputs.metrics;
-    let mut labels = client.labels.clone();
-    if grpc {
-        labels.protocol = "grpc";
-    }
-    let series = metrics.http.series(labels);
-    metrics.http.request(&series);
+    let series = client.answered_here(grpc);
     let mut resp = Response::new(Body::full(hyper::body::Bytes::new()));
     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::FOUND);
     if let Ok(value) = HeaderValue::from_str(location) {
@@ -335,12 +335,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     let upgrade = is_upgrade(&req);
     // Refused before a destination is known: rare, labelled with the client's side only.
     let fail = |failure: Failure, detail: String| {
-        let mut labels = client.labels.clone();
-        if grpc {
-            labels.protocol = "grpc";
-        }
-        let series = inputs.metrics.http.series(labels);
-        inputs.metrics.http.request(&series);
+        let series = client.answered_here(grpc);
         finish_failed(&inputs.metrics, &series, failure, &detail, started)
     };
     if upgrade && req.version() == Version::HTTP_2 {
