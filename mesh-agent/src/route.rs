@@ -20,9 +20,10 @@ use hyper::{
     HeaderMap, Method,
 };
 
-/// An HTTPRoute attached to Services, compiled.
+/// An HTTPRoute or a GRPCRoute attached to Services, compiled.
 #[derive(Debug)]
 pub struct HttpRoute {
+    pub kind: RouteKind,
     pub namespace: String,
     pub name: String,
     /// `metadata.creationTimestamp` (RFC 3339, so it sorts as text): older routes win ties.
@@ -40,9 +41,27 @@ pub struct Parent {
     pub port: Option<u16>,
 }
 
+/// Which Gateway API kind a route was written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteKind {
+    #[default]
+    Http,
+    Grpc,
+}
+
+impl RouteKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Grpc => "GRPCRoute",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Rule {
-    /// The route's `namespace/name`, for metrics and errors.
+    /// The route's kind and `namespace/name`, for metrics and errors.
+    pub kind: RouteKind,
     pub route: String,
     pub name: Option<String>,
     pub matches: Vec<Match>,
@@ -287,6 +306,7 @@ impl Rule {
             .find(|p| !total_weight.is_multiple_of(*p))
             .unwrap_or(1);
         Rule {
+            kind: RouteKind::Http,
             route,
             name,
             matches,
@@ -297,6 +317,12 @@ impl Rule {
             total_weight,
             step,
         }
+    }
+
+    /// The rule as part of a route of `kind`.
+    pub fn with_kind(mut self, kind: RouteKind) -> Rule {
+        self.kind = kind;
+        self
     }
 
     /// The backend for the next request: each backend gets its weight's share, interleaved
@@ -460,6 +486,7 @@ impl Table {
                 PathMatch::Regex(re) => format!("RegularExpression {}", re.as_str()),
             };
             Some(serde_json::json!({
+                "kind": rule.kind.name(),
                 "route": rule.route,
                 "rule": rule.name,
                 "path": path,
@@ -527,6 +554,7 @@ mod tests {
 
     fn route(name: &str, created: Option<&str>, rules: Vec<Arc<Rule>>) -> Arc<HttpRoute> {
         Arc::new(HttpRoute {
+            kind: RouteKind::Http,
             namespace: "ns".into(),
             name: name.into(),
             created: created.map(str::to_owned),

@@ -476,6 +476,13 @@ pub struct RouteTimeouts {
 impl HttpRoute {
     /// The route as the proxy uses it; every error names its field.
     pub fn compile(&self) -> Result<crate::route::HttpRoute, Problem> {
+        self.compile_as(crate::route::RouteKind::Http)
+    }
+
+    fn compile_as(
+        &self,
+        kind: crate::route::RouteKind,
+    ) -> Result<crate::route::HttpRoute, Problem> {
         use crate::route::{self as r, PathMatch, ValueMatch};
         let ns = self.metadata.namespace();
         let id = format!("{ns}/{}", self.metadata.name);
@@ -660,22 +667,182 @@ impl HttpRoute {
                     "timeouts.backendRequest",
                 )?,
             };
-            rules.push(std::sync::Arc::new(r::Rule::new(
-                id.clone(),
-                rule.name.clone(),
-                matches,
-                filters,
-                backends,
-                timeouts,
-            )));
+            rules.push(std::sync::Arc::new(
+                r::Rule::new(
+                    id.clone(),
+                    rule.name.clone(),
+                    matches,
+                    filters,
+                    backends,
+                    timeouts,
+                )
+                .with_kind(kind),
+            ));
         }
         Ok(r::HttpRoute {
+            kind,
             namespace: ns.to_owned(),
             name: self.metadata.name.clone(),
             created: self.metadata.creation_timestamp.clone(),
             parents,
             rules,
         })
+    }
+}
+
+/// Gateway API `GRPCRoute` (`gateway.networking.k8s.io/v1`) attached to Services: compiled into
+/// the same rules as an HTTPRoute (a gRPC method is the path `/service/method` of an HTTP/2
+/// POST), so one table and one decision serve both kinds.
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
+pub struct GrpcRoute {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: GrpcRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<RouteRef>,
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
+    #[serde(default)]
+    pub backend_refs: Vec<RouteRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+pub struct GrpcRouteMatch {
+    #[serde(default)]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default)]
+    pub headers: Vec<TypedValue>,
+}
+
+/// `{type, service, method}`: either may be left out (any service, any method), not both.
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+pub struct GrpcMethodMatch {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+impl GrpcRoute {
+    /// The route as the proxy uses it; every error names its field in GRPCRoute terms.
+    pub fn compile(&self) -> Result<crate::route::HttpRoute, Problem> {
+        let mut rules = Vec::with_capacity(self.spec.rules.len());
+        for (i, rule) in self.spec.rules.iter().enumerate() {
+            let at = |f: &str| format!("spec.rules[{i}].{f}");
+            let mut matches = Vec::with_capacity(rule.matches.len());
+            for (j, m) in rule.matches.iter().enumerate() {
+                let path = m
+                    .method
+                    .as_ref()
+                    .map(|method| grpc_path(method, &at(&format!("matches[{j}].method"))))
+                    .transpose()?;
+                matches.push(RouteMatch {
+                    path,
+                    headers: m.headers.clone(),
+                    query_params: Vec::new(),
+                    method: None,
+                });
+            }
+            let gateway_filters = |filters: &[RouteFilter], at: String| {
+                filters.iter().enumerate().try_for_each(|(k, f)| match f.kind.as_str() {
+                    "RequestHeaderModifier" | "ResponseHeaderModifier" => Ok(()),
+                    other => Err(field(
+                        &format!("{at}[{k}].type"),
+                        format!("{other:?} is not supported for a GRPCRoute (RequestHeaderModifier and ResponseHeaderModifier are); the route is refused rather than applied without it"),
+                    )),
+                })
+            };
+            gateway_filters(&rule.filters, at("filters"))?;
+            for (k, b) in rule.backend_refs.iter().enumerate() {
+                gateway_filters(&b.filters, at(&format!("backendRefs[{k}].filters")))?;
+            }
+            rules.push(RouteRule {
+                name: rule.name.clone(),
+                matches,
+                filters: rule.filters.clone(),
+                backend_refs: rule.backend_refs.clone(),
+                timeouts: None,
+            });
+        }
+        let as_http = HttpRoute {
+            metadata: self.metadata.clone(),
+            spec: HttpRouteSpec {
+                parent_refs: self.spec.parent_refs.clone(),
+                rules,
+            },
+        };
+        as_http.compile_as(crate::route::RouteKind::Grpc)
+    }
+}
+
+/// The HTTP/2 path match of a gRPC method match: `/service/method` exactly, `/service/` as a
+/// prefix, or a regular expression over the whole path.
+fn grpc_path(m: &GrpcMethodMatch, at: &str) -> Result<TypedValue, Problem> {
+    let (service, method) = (m.service.as_deref(), m.method.as_deref());
+    if service.is_none() && method.is_none() {
+        return Err(field(at, "neither service nor method is given"));
+    }
+    let typed = |kind: &str, value: String| TypedValue {
+        kind: Some(kind.to_owned()),
+        name: None,
+        value: Some(value),
+    };
+    match m.kind.as_deref().unwrap_or("Exact") {
+        "Exact" => {
+            for (name, value) in [("service", service), ("method", method)] {
+                if let Some(v) = value.filter(|v| v.is_empty() || v.contains('/')) {
+                    return Err(field(
+                        &format!("{at}.{name}"),
+                        format!("{v:?} is not a gRPC {name} name"),
+                    ));
+                }
+            }
+            Ok(match (service, method) {
+                (Some(s), Some(m)) => typed("Exact", format!("/{s}/{m}")),
+                (Some(s), None) => typed("PathPrefix", format!("/{s}")),
+                (None, m) => typed(
+                    "RegularExpression",
+                    format!("/[^/]+/{}", regex::escape(m.unwrap_or_default())),
+                ),
+            })
+        }
+        "RegularExpression" => {
+            for (name, value) in [("service", service), ("method", method)] {
+                if let Some(v) = value {
+                    anchored(v).map_err(|e| field(&format!("{at}.{name}"), e))?;
+                }
+            }
+            Ok(typed(
+                "RegularExpression",
+                format!(
+                    "/(?:{})/(?:{})",
+                    service.unwrap_or("[^/]+"),
+                    method.unwrap_or("[^/]+")
+                ),
+            ))
+        }
+        other => Err(field(
+            &format!("{at}.type"),
+            format!("{other:?} is not Exact or RegularExpression"),
+        )),
     }
 }
 
@@ -827,6 +994,7 @@ pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     HttpRoute(HttpRoute),
+    GrpcRoute(GrpcRoute),
 }
 
 /// The kinds of [`Object`].
@@ -837,6 +1005,7 @@ pub enum Kind {
     Service,
     EndpointSlice,
     HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
@@ -847,6 +1016,7 @@ impl Kind {
             "Service" => Kind::Service,
             "EndpointSlice" => Kind::EndpointSlice,
             "HTTPRoute" => Kind::HttpRoute,
+            "GRPCRoute" => Kind::GrpcRoute,
             _ => return None,
         })
     }
@@ -858,6 +1028,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 }
@@ -887,6 +1058,7 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
+            Object::GrpcRoute(o) => &o.metadata,
         }
     }
 
@@ -897,6 +1069,7 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::HttpRoute(_) => Kind::HttpRoute,
+            Object::GrpcRoute(_) => Kind::GrpcRoute,
         }
     }
 
@@ -981,6 +1154,7 @@ struct Parts {
     endpoints: Option<Vec<Endpoint>>,
     endpoint_ports: Option<Vec<EndpointPort>>,
     route_spec: Option<HttpRouteSpec>,
+    grpc_route_spec: Option<GrpcRouteSpec>,
 }
 
 /// Where a field's value is read from: the map being parsed, or a value kept aside.
@@ -1031,6 +1205,7 @@ impl Parts {
             (Kind::EndpointSlice, "endpoints") => put(&mut self.endpoints, value),
             (Kind::EndpointSlice, "ports") => put(&mut self.endpoint_ports, value),
             (Kind::HttpRoute, "spec") => put(&mut self.route_spec, value),
+            (Kind::GrpcRoute, "spec") => put(&mut self.grpc_route_spec, value),
             _ => Ok(false),
         }
     }
@@ -1059,6 +1234,10 @@ impl Parts {
             Kind::HttpRoute => Object::HttpRoute(HttpRoute {
                 metadata,
                 spec: self.route_spec.unwrap_or_default(),
+            }),
+            Kind::GrpcRoute => Object::GrpcRoute(GrpcRoute {
+                metadata,
+                spec: self.grpc_route_spec.unwrap_or_default(),
             }),
         })
     }
@@ -1213,6 +1392,10 @@ fn validate(object: Object) -> Result<Object, Problem> {
         Object::HttpRoute(o) => {
             o.compile()?;
             Object::HttpRoute(o)
+        }
+        Object::GrpcRoute(o) => {
+            o.compile()?;
+            Object::GrpcRoute(o)
         }
     })
 }
@@ -1432,6 +1615,98 @@ mod route_tests {
             let err = route(spec).unwrap_err();
             assert!(
                 err.starts_with(&format!("r.yaml: HTTPRoute shop/r: {want}")),
+                "{err}"
+            );
+        }
+    }
+
+    fn grpc_route(spec: &str) -> Result<crate::route::HttpRoute, String> {
+        let yaml = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo, port: 7070}}]\n{spec}"
+        );
+        let objs = parse_file(Path::new("g.yaml"), &yaml).map_err(|e| e.to_string())?;
+        let Object::GrpcRoute(r) = &objs[0] else {
+            panic!("{objs:?}")
+        };
+        Ok(r.compile().unwrap())
+    }
+
+    /// A gRPC call as routing sees it: an HTTP/2 POST to `/service/method`.
+    fn grpc_call(table: &crate::route::Table, path: &str, test_case: &str) -> Option<String> {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("x-test-case", test_case.parse().unwrap());
+        let head = crate::route::Head {
+            method: &hyper::Method::POST,
+            path,
+            query: None,
+            headers: &headers,
+        };
+        table
+            .select(&head)
+            .map(|(rule, _)| rule.backends[0].service.clone())
+    }
+
+    #[test]
+    fn a_grpcroute_routes_by_service_method_and_metadata() {
+        let route = grpc_route(concat!(
+            "  rules:\n",
+            "  - matches: [{method: {service: proto.Echo, method: Echo}}]\n",
+            "    backendRefs: [{name: exact, port: 7070}]\n",
+            "  - matches: [{method: {service: proto.Echo}}]\n",
+            "    backendRefs: [{name: service, port: 7070}]\n",
+            "  - matches: [{method: {type: RegularExpression, service: \"proto\\\\..*\", method: \"Ping|Pong\"}}]\n",
+            "    backendRefs: [{name: regex, port: 7070}]\n",
+            "  - matches: [{headers: [{name: x-test-case, value: set}]}]\n",
+            "    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-header-set, value: v}]}}]\n",
+            "    backendRefs: [{name: metadata, port: 7070, weight: 70}, {name: none, port: 7070, weight: 0}]\n",
+        ))
+        .unwrap();
+        assert_eq!(route.kind, crate::route::RouteKind::Grpc);
+        assert_eq!(route.rules[0].kind.name(), "GRPCRoute");
+        let table = crate::route::Table::new(&[std::sync::Arc::new(route)], 7070);
+        let svc = |s: &str| Some(format!("{s}.shop.svc.cluster.local"));
+        assert_eq!(grpc_call(&table, "/proto.Echo/Echo", ""), svc("exact"));
+        assert_eq!(grpc_call(&table, "/proto.Echo/Other", ""), svc("service"));
+        // `proto.Echoes` is another service, not a longer name of `proto.Echo`.
+        assert_eq!(grpc_call(&table, "/proto.Echoes/Echo", ""), None);
+        assert_eq!(grpc_call(&table, "/proto.Other/Pong", ""), svc("regex"));
+        assert_eq!(grpc_call(&table, "/other.Svc/Pong", ""), None);
+        assert_eq!(grpc_call(&table, "/other.Svc/Any", "set"), svc("metadata"));
+        assert_eq!(grpc_call(&table, "/other.Svc/Any", "unset"), None);
+    }
+
+    #[test]
+    fn a_bad_grpcroute_is_refused_naming_the_grpc_field() {
+        let cases = [
+            (
+                "  rules:\n  - matches: [{method: {type: Exact}}]\n",
+                "field spec.rules[0].matches[0].method: neither service nor method is given",
+            ),
+            (
+                "  rules:\n  - matches: [{method: {service: a/b}}]\n",
+                "field spec.rules[0].matches[0].method.service: \"a/b\" is not a gRPC service name",
+            ),
+            (
+                "  rules:\n  - matches: [{method: {type: RegularExpression, method: \"(\"}}]\n",
+                "field spec.rules[0].matches[0].method.method: \"(\" is not a regular expression",
+            ),
+            (
+                "  rules:\n  - matches: [{method: {type: Prefix, service: a}}]\n",
+                "field spec.rules[0].matches[0].method.type: \"Prefix\" is not Exact or RegularExpression",
+            ),
+            (
+                "  rules:\n  - filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]\n",
+                "field spec.rules[0].filters[0].type: \"URLRewrite\" is not supported for a GRPCRoute",
+            ),
+            (
+                "  rules:\n  - backendRefs: [{name: a, filters: [{type: RequestMirror}]}]\n",
+                "field spec.rules[0].backendRefs[0].filters[0].type: \"RequestMirror\" is not supported for a GRPCRoute",
+            ),
+        ];
+        for (spec, want) in cases {
+            let err = grpc_route(spec).unwrap_err();
+            assert!(
+                err.starts_with(&format!("g.yaml: GRPCRoute shop/g: {want}")),
                 "{err}"
             );
         }

@@ -190,17 +190,8 @@ impl Facts {
                     selector: svc.spec.selector.clone().filter(|s| !s.is_empty()),
                 }))
             }
-            // Validated when parsed.
-            Object::HttpRoute(route) => match route.compile() {
-                Ok(route) => Facts::HttpRoute(Arc::new(route)),
-                Err(_) => Facts::HttpRoute(Arc::new(crate::route::HttpRoute {
-                    namespace: route.metadata.namespace().to_owned(),
-                    name: route.metadata.name.clone(),
-                    created: None,
-                    parents: Vec::new(),
-                    rules: Vec::new(),
-                })),
-            },
+            Object::HttpRoute(route) => route_facts(&route.metadata, route.compile()),
+            Object::GrpcRoute(route) => route_facts(&route.metadata, route.compile()),
             Object::EndpointSlice(slice) => Facts::EndpointSlice(Box::new(SliceFacts {
                 service: service_of(slice).into(),
                 ipv6: match slice.address_type.as_str() {
@@ -287,8 +278,8 @@ pub struct Store {
     selecting: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
     /// EndpointSlice names by the Service they belong to (usually one).
     slices_of: HashMap<Name, Vec<Arc<str>>>,
-    /// HTTPRoutes (namespace, name) by the Service they attach to.
-    routes_of: HashMap<Name, BTreeSet<Name>>,
+    /// HTTPRoutes and GRPCRoutes by the Service they attach to.
+    routes_of: HashMap<Name, BTreeSet<ObjectKey>>,
     /// The live pod that holds each pod IP.
     pod_ips: HashMap<IpAddr, ObjectKey>,
     /// The Service that holds each cluster IP.
@@ -515,8 +506,10 @@ impl Store {
             }
             Facts::HttpRoute(route) => {
                 for parent in route_parents(route) {
-                    let name = (key.namespace.clone(), key.name.clone());
-                    self.routes_of.entry(parent).or_default().insert(name);
+                    self.routes_of
+                        .entry(parent)
+                        .or_default()
+                        .insert(key.clone());
                 }
             }
             Facts::EndpointSlice(slice) => {
@@ -556,7 +549,7 @@ impl Store {
             Facts::HttpRoute(route) => {
                 for parent in route_parents(route) {
                     if let Some(routes) = self.routes_of.get_mut(&parent) {
-                        routes.remove(&(key.namespace.clone(), key.name.clone()));
+                        routes.remove(key);
                         if routes.is_empty() {
                             self.routes_of.remove(&parent);
                         }
@@ -737,9 +730,12 @@ impl Store {
         // namespace is a consumer route, for callers in that namespace only.
         let mut by_namespace: BTreeMap<Arc<str>, Vec<Arc<crate::route::HttpRoute>>> =
             BTreeMap::new();
-        for (ns, route) in self.routes_of.get(name).into_iter().flatten() {
-            if let Some(Facts::HttpRoute(r)) = self.get(Kind::HttpRoute, ns, route) {
-                by_namespace.entry(ns.clone()).or_default().push(r.clone());
+        for route in self.routes_of.get(name).into_iter().flatten() {
+            if let Some(Facts::HttpRoute(r)) = self.get(route.kind, &route.namespace, &route.name) {
+                by_namespace
+                    .entry(route.namespace.clone())
+                    .or_default()
+                    .push(r.clone());
             }
         }
         let routes = by_namespace.remove(&name.0).unwrap_or_default();
@@ -802,6 +798,24 @@ impl Store {
         }
         self.placed.insert(name.clone(), addrs);
     }
+}
+
+/// What the store keeps of a route: the compiled route (validated when parsed, so an error
+/// here leaves an empty route).
+fn route_facts(
+    meta: &manifest::ObjectMeta,
+    compiled: Result<crate::route::HttpRoute, manifest::Problem>,
+) -> Facts {
+    Facts::HttpRoute(Arc::new(compiled.unwrap_or_else(|_| {
+        crate::route::HttpRoute {
+            kind: crate::route::RouteKind::Http,
+            namespace: meta.namespace().to_owned(),
+            name: meta.name.clone(),
+            created: None,
+            parents: Vec::new(),
+            rules: Vec::new(),
+        }
+    })))
 }
 
 /// The Services a route attaches to.

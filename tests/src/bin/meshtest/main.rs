@@ -67,6 +67,16 @@
 //! meshtest ws ADDR BYTES            websocket-style upgrade of GET /, then writes BYTES while
 //!                                   checking the echo; prints `status=101`, `echoed=`
 //! ```
+//!
+//! The Gateway API mesh conformance suite's echo app (see `echo.rs`):
+//!
+//! ```text
+//! meshtest echo-server NAME         HTTP/1.1 + h2c on 8080 and gRPC on 7070, answering what
+//!                                   they received as `Key=Value` lines, `Hostname=NAME`
+//! meshtest echo-client URL [--method=M] [-H NAME:VALUE]... [--count=N]
+//!                                   http://HOST[:PORT]/PATH or grpc://HOST:PORT; HOST resolved
+//!                                   as the pod resolves names; prints the echo client's blocks
+//! ```
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -77,6 +87,8 @@ use std::{
 };
 
 use mesh_agent_tests::http;
+
+mod echo;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -106,6 +118,8 @@ fn main() -> ExitCode {
         ["upload", addr, bytes] => l7::upload(addr, bytes),
         ["chunks", addr, n, ms] => l7::chunks(addr, n, ms),
         ["ws", addr, bytes] => l7::ws(addr, bytes),
+        ["echo-server", name] => echo::server(name),
+        ["echo-client", args @ ..] => echo::client(args),
         _ => Err("usage: see `meshtest` source header".to_owned()),
     };
     match result {
@@ -667,7 +681,7 @@ mod l7 {
     const CHUNK: usize = 64 * 1024;
 
     /// Runs `f` on a fresh 2-thread runtime.
-    fn block_on(f: impl Future<Output = Result<(), String>>) -> Result<(), String> {
+    pub(crate) fn block_on(f: impl Future<Output = Result<(), String>>) -> Result<(), String> {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -700,7 +714,7 @@ mod l7 {
 
     /// A body fed frame by frame through a channel; it ends when the sender is dropped. Data
     /// produced on the fly (with backpressure: the channel is bounded), and trailers.
-    struct Frames(mpsc::Receiver<Frame<Bytes>>);
+    pub(crate) struct Frames(mpsc::Receiver<Frame<Bytes>>);
 
     impl Body for Frames {
         type Data = Bytes;
@@ -714,7 +728,7 @@ mod l7 {
         }
     }
 
-    fn frames(capacity: usize) -> (mpsc::Sender<Frame<Bytes>>, Frames) {
+    pub(crate) fn frames(capacity: usize) -> (mpsc::Sender<Frame<Bytes>>, Frames) {
         let (tx, rx) = mpsc::channel(capacity);
         (tx, Frames(rx))
     }
@@ -836,7 +850,7 @@ mod l7 {
     }
 
     /// One gRPC message frame (uncompressed) carrying `payload`.
-    fn grpc_message(payload: &[u8]) -> Bytes {
+    pub(crate) fn grpc_message(payload: &[u8]) -> Bytes {
         let mut message = Vec::with_capacity(5 + payload.len());
         message.push(0);
         message.extend_from_slice(&(payload.len() as u32).to_be_bytes());
