@@ -60,6 +60,57 @@ pub fn command_in(cmd: &mut Command, name: &str, cgroup: Option<&Path>) -> io::R
     Ok(())
 }
 
+/// Makes `cmd` see `hosts` as `/etc/hosts` and `resolv` as `/etc/resolv.conf`, in a mount
+/// namespace of its own (what `ip netns exec` does with `/etc/netns/NAME/`): names resolve in a
+/// pod as cluster DNS would answer them, and nothing changes for the rest of the machine.
+pub fn command_with_files(cmd: &mut Command, hosts: &Path, resolv: &Path) -> io::Result<()> {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt};
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL in a path"))
+    };
+    let (hosts, resolv) = (c(hosts)?, c(resolv)?);
+    let (etc_hosts, etc_resolv, root) = (
+        c(Path::new("/etc/hosts"))?,
+        c(Path::new("/etc/resolv.conf"))?,
+        c(Path::new("/"))?,
+    );
+    // SAFETY: only unshare and mount (syscalls) run between fork and exec, on strings made
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Nothing mounted here propagates back to the machine's namespace.
+            let flags = libc::MS_REC | libc::MS_PRIVATE;
+            if libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            for (from, to) in [(&hosts, &etc_hosts), (&resolv, &etc_resolv)] {
+                if libc::mount(
+                    from.as_ptr(),
+                    to.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Makes `cmd` run on CPU `cpu` only (what `taskset -c` does).
 pub fn pin(cmd: &mut Command, cpu: usize) {
     // SAFETY: sched_setaffinity is async-signal-safe; the set is built before fork.

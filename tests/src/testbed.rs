@@ -35,6 +35,8 @@ pub struct PodSpec {
     pub namespace: String,
     pub service_account: String,
     pub app: String,
+    /// Labels besides `app`.
+    pub labels: Vec<(String, String)>,
     pub annotations: Vec<(String, String)>,
 }
 
@@ -46,8 +48,19 @@ impl PodSpec {
             namespace: "default".to_owned(),
             service_account: app.to_owned(),
             app: app.to_owned(),
+            labels: Vec::new(),
             annotations: Vec::new(),
         }
+    }
+
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        namespace.clone_into(&mut self.namespace);
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     pub fn annotate(mut self, key: &str, value: &str) -> Self {
@@ -573,6 +586,10 @@ impl Testbed {
             for (k, v) in &s.annotations {
                 let _ = write!(annotations, "\n    {k}: {v:?}");
             }
+            let mut labels = String::new();
+            for (k, v) in &s.labels {
+                let _ = write!(labels, "\n    {k}: {v:?}");
+            }
             let annotations = if annotations.is_empty() {
                 " {}".to_owned()
             } else {
@@ -584,7 +601,7 @@ impl Testbed {
                 .unwrap_or_default();
             let _ = write!(
                 pods,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    app: {}\n  annotations:{annotations}\nspec:\n  nodeName: {node}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: meshtest\nstatus:\n  phase: Running\n  hostIP: {}\n  podIP: {}\n  podIPs:\n  - ip: {}\n{ip6}",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    app: {}{labels}\n  annotations:{annotations}\nspec:\n  nodeName: {node}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: meshtest\nstatus:\n  phase: Running\n  hostIP: {}\n  podIP: {}\n  podIPs:\n  - ip: {}\n{ip6}",
                 s.name, s.namespace, s.app, s.service_account, self.nodes[s.node].ip, pod.ip, pod.ip
             );
         }
@@ -688,7 +705,8 @@ impl Testbed {
         create_pod_network(pod, &self.nodes[pod.spec.node])
     }
 
-    /// A command that will run inside pod `name` (its network namespace and cgroup).
+    /// A command that will run inside pod `name` (its network namespace and cgroup; and the
+    /// names [`Testbed::publish_names`] published).
     pub fn pod_command(
         &self,
         name: &str,
@@ -697,7 +715,59 @@ impl Testbed {
         let pod = self.pod(name);
         let mut cmd = Command::new(program);
         netns::command_in(&mut cmd, &pod.netns, Some(&pod.cgroup))?;
+        let (hosts, resolv) = self.name_files(name);
+        if hosts.exists() {
+            netns::command_with_files(&mut cmd, &hosts, &resolv)?;
+        }
         Ok(cmd)
+    }
+
+    /// The `/etc/hosts` and `/etc/resolv.conf` pod `name` sees once names are published.
+    fn name_files(&self, name: &str) -> (PathBuf, PathBuf) {
+        let dir = self.dir.join("pods").join(name);
+        (dir.join("hosts"), dir.join("resolv.conf"))
+    }
+
+    /// Makes Services resolvable by name inside every pod, as cluster DNS answers them:
+    /// `name.namespace.svc.cluster.local`, `name.namespace.svc`, `name.namespace`, and `name`
+    /// alone in pods of the same namespace. `extra` are Services (namespace, name, cluster IP)
+    /// written into the manifests by the test rather than listed in the testbed's spec. DNS
+    /// itself points at the pod's own loopback, so a name not published fails at once and no
+    /// query leaves the testbed.
+    pub fn publish_names(&self, extra: &[(&str, &str, IpAddr)]) -> io::Result<()> {
+        let mut services: Vec<(&str, &str, IpAddr)> = self
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.namespace.as_str(),
+                    s.name.as_str(),
+                    IpAddr::V4(s.cluster_ip),
+                )
+            })
+            .collect();
+        services.extend_from_slice(extra);
+        for pod in &self.pods {
+            let ns = pod.spec.namespace.as_str();
+            let mut hosts = format!("127.0.0.1\tlocalhost\n{}\t{}\n", pod.ip, pod.spec.name);
+            for (svc_ns, svc, ip) in &services {
+                let short = if *svc_ns == ns { *svc } else { "" };
+                let _ = writeln!(
+                    hosts,
+                    "{ip}\t{svc}.{svc_ns}.svc.cluster.local {svc}.{svc_ns}.svc {svc}.{svc_ns} {short}"
+                );
+            }
+            let resolv = format!(
+                "nameserver 127.0.0.1\nsearch {ns}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 attempts:1 timeout:1\n"
+            );
+            let (hosts_file, resolv_file) = self.name_files(&pod.spec.name);
+            if let Some(dir) = hosts_file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(hosts_file, hosts)?;
+            std::fs::write(resolv_file, resolv)?;
+        }
+        Ok(())
     }
 
     /// A command that will run in node `name`'s host network.

@@ -997,7 +997,7 @@ pub enum Object {
     GrpcRoute(GrpcRoute),
 }
 
-/// The kinds of [`Object`].
+/// The kinds of [`Object`]; `GrpcRoute` stays last (see [`Kind::COUNT`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Namespace,
@@ -1009,6 +1009,9 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// How many kinds there are (`kind as usize` indexes arrays of this length).
+    pub const COUNT: usize = Kind::GrpcRoute as usize + 1;
+
     fn from_name(kind: &str) -> Option<Kind> {
         Some(match kind {
             "Namespace" => Kind::Namespace,

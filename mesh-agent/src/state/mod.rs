@@ -308,6 +308,39 @@ spec:
     }
 
     #[test]
+    fn an_httproute_and_a_grpcroute_of_one_name_both_attach() {
+        let route = |kind: &str, path: &str| {
+            format!("---\napiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{kind: Service, group: \"\", name: web}}]\n  rules: [{{matches: [{path}], backendRefs: [{{name: web}}]}}]\n")
+        };
+        let yaml = format!(
+            "{BASE}{}{}",
+            route("HTTPRoute", "{path: {type: Exact, value: /h}}"),
+            route("GRPCRoute", "{method: {service: s, method: m}}")
+        );
+        let s = snapshot(&yaml).unwrap();
+        let Destination::Service(svc) = s.resolve("10.96.0.10:80".parse().unwrap()) else {
+            panic!("not a service");
+        };
+        let kinds: Vec<String> = svc
+            .routes
+            .as_ref()
+            .unwrap()
+            .describe()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["kind"].as_str().unwrap(),
+                    e["path"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(kinds, ["GRPCRoute Exact /s/m", "HTTPRoute Exact /h"]);
+    }
+
+    #[test]
     fn endpoint_slices_win_and_unready_is_skipped() {
         let yaml = format!(
             "{BASE}---\nkind: EndpointSlice\nmetadata: {{name: web-x, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 9090}}]\nendpoints:\n- addresses: [10.1.2.2]\n- addresses: [10.1.1.3]\n  conditions: {{ready: false}}\n"

@@ -229,7 +229,7 @@ pub type Name = (Arc<str>, Arc<str>);
 
 /// Objects by kind, namespace and name (looked up by `&str`, no key built).
 #[derive(Debug, Default)]
-struct Objects([ByNamespace; 5]);
+struct Objects([ByNamespace; Kind::COUNT]);
 
 /// Objects of one kind: namespace → name → object.
 type ByNamespace = HashMap<Arc<str>, HashMap<Arc<str>, Stored>>;
