@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod podnet;
 pub mod proxy;
 pub mod reconcile;
+pub mod retry;
 pub mod route;
 pub mod source;
 pub mod state;

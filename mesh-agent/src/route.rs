@@ -47,6 +47,8 @@ pub enum RouteKind {
     #[default]
     Http,
     Grpc,
+    /// The catch-all route of a Service whose own annotations ask for retries or timeouts.
+    Default,
 }
 
 impl RouteKind {
@@ -54,6 +56,7 @@ impl RouteKind {
         match self {
             RouteKind::Http => "HTTPRoute",
             RouteKind::Grpc => "GRPCRoute",
+            RouteKind::Default => "default",
         }
     }
 }
@@ -68,6 +71,8 @@ pub struct Rule {
     pub filters: Filters,
     pub backends: Vec<Backend>,
     pub timeouts: Timeouts,
+    /// Retries (Linkerd annotations, Istio `retries`), with their budget.
+    pub retry: Option<crate::retry::RetryPolicy>,
     /// Spreads requests over the backends by weight (see [`Rule::backend`]).
     next: AtomicU64,
     /// The backends' total weight, and the multiplier that scrambles [`Rule::next`] over it:
@@ -313,6 +318,7 @@ impl Rule {
             filters,
             backends,
             timeouts,
+            retry: None,
             next: AtomicU64::new(0),
             total_weight,
             step,
@@ -322,6 +328,12 @@ impl Rule {
     /// The rule as part of a route of `kind`.
     pub fn with_kind(mut self, kind: RouteKind) -> Rule {
         self.kind = kind;
+        self
+    }
+
+    /// The rule's requests retried as `retry` says.
+    pub fn with_retry(mut self, retry: Option<crate::retry::RetryPolicy>) -> Rule {
+        self.retry = retry;
         self
     }
 
@@ -498,6 +510,12 @@ impl Table {
                     "service": b.service, "port": b.port, "weight": b.weight, "filters": filters(&b.filters),
                 })).collect::<Vec<_>>(),
                 "timeout_ms": rule.timeouts.request.or(rule.timeouts.backend_request).map(|d| d.as_millis()),
+                "retry": rule.retry.as_ref().map(|r| serde_json::json!({
+                    "limit": r.limit,
+                    "statuses": r.on.statuses.iter().map(|(lo, hi)| format!("{lo}-{hi}")).collect::<Vec<_>>(),
+                    "grpc": r.on.grpc,
+                    "per_try_timeout_ms": r.per_try_timeout.map(|d| d.as_millis()),
+                })),
             }))
         });
         serde_json::Value::Array(entries.collect())

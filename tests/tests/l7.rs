@@ -729,3 +729,91 @@ fn a_consumer_route_applies_to_callers_in_its_namespace_only() {
         "{dump}"
     );
 }
+
+/// Requests served by each api pod so far (their `/stats`), summed.
+fn api_served(bed: &Testbed) -> u64 {
+    ["api-a", "api-b", "api-c"]
+        .iter()
+        .map(|pod| {
+            let stats = meshtest_in(bed, "client", &["get", &remote_stats(bed, pod), "/stats"]);
+            num(&stats, "requests")
+        })
+        .sum()
+}
+
+fn remote_stats(bed: &Testbed, pod: &str) -> String {
+    format!("{}:8080", bed.pod(pod).ip)
+}
+
+#[test]
+fn linkerd_retry_annotations_retry_failures_within_the_budget() {
+    let _serial = serial();
+    let bed = l7_bed();
+    let (n1, _n2) = agents(&bed);
+    // Each api pod answers exactly every fifth `/flaky/20` request with 503.
+    let run = |count: u64| {
+        let before = api_served(&bed);
+        let got = meshtest_in(
+            &bed,
+            "client",
+            &["status", API_SVC, "/flaky/20", &count.to_string()],
+        );
+        (num(&got, "status.200"), api_served(&bed) - before, got)
+    };
+    let (ok, served, got) = run(1000);
+    assert!(
+        (780..=820).contains(&ok),
+        "without retries ~80% succeed: {got:?}"
+    );
+    assert_eq!(served, 1000, "without retries each request is sent once");
+
+    // The Service asks for retries of 5xx, up to 3 a request (Linkerd's annotations).
+    let dir = bed.manifests_dir();
+    let services = std::fs::read_to_string(dir.join("services.yaml")).unwrap();
+    let annotated = services.replacen(
+        "  name: api\n  namespace: default\n",
+        "  name: api\n  namespace: default\n  annotations:\n    retry.linkerd.io/http: 5xx\n    retry.linkerd.io/limit: \"3\"\n",
+        1,
+    );
+    assert_ne!(annotated, services);
+    std::fs::write(dir.join("services.yaml"), annotated).unwrap();
+    eventually("the Service's retry policy in force", || {
+        let Ok(dump) = n1.admin("/config_dump") else {
+            return false;
+        };
+        let dump: serde_json::Value = serde_json::from_str(&dump.body).unwrap();
+        let rule = &dump["routes"]["api.default.svc.cluster.local:80"][0];
+        rule["kind"] == "default" && rule["retry"]["limit"] == 3
+    });
+    let (ok, served, got) = run(1000);
+    assert!(ok >= 990, "with retries >= 99% succeed: {got:?}");
+    // A backend failing 20% of what it receives makes 1.25x the floor of any near-100%
+    // success; each pod's 1-in-5 cycle may begin mid-way (one more failure each).
+    assert!(
+        served <= 1250 + 3,
+        "the backends received {served} requests for 1000 (at most 1.25x)"
+    );
+    let retries = metric(
+        &n1,
+        "outbound_http_route_retry_requests_total",
+        &[
+            ("parent_name", "api"),
+            ("route_kind", "default"),
+            ("route_name", "api"),
+        ],
+    );
+    assert_eq!(
+        retries as u64,
+        served - 1000,
+        "every request beyond the first attempts is a counted retry"
+    );
+    let statuses = metric(
+        &n1,
+        "outbound_http_route_request_statuses_total",
+        &[("parent_name", "api"), ("http_status", "200")],
+    );
+    assert_eq!(
+        statuses as u64, ok,
+        "the route counts the answers its callers got"
+    );
+}

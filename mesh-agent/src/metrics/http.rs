@@ -236,6 +236,48 @@ struct Remembered {
     workloads: [String; 4],
 }
 
+/// Labels of the route metrics, as Linkerd's `outbound_http_route_*`: the Service the request
+/// was for (the route's parent) and the route that took it.
+const ROUTE: [&str; 6] = [
+    "parent_namespace",
+    "parent_name",
+    "parent_port",
+    "route_kind",
+    "route_namespace",
+    "route_name",
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct RouteLabels {
+    pub parent_namespace: String,
+    pub parent_name: String,
+    pub parent_port: String,
+    pub route_kind: &'static str,
+    pub route_namespace: String,
+    pub route_name: String,
+}
+
+impl RouteLabels {
+    fn values(&self) -> Vec<&str> {
+        vec![
+            &self.parent_namespace,
+            &self.parent_name,
+            &self.parent_port,
+            self.route_kind,
+            &self.route_namespace,
+            &self.route_name,
+        ]
+    }
+}
+
+/// What became of a retry a route asked for.
+#[derive(Debug, Clone, Copy)]
+pub enum RetryResult {
+    Retried = 0,
+    LimitExceeded = 1,
+    Overflow = 2,
+}
+
 pub struct HttpMetrics {
     dialect: Dialect,
     request_total: IntCounterVec,
@@ -247,6 +289,11 @@ pub struct HttpMetrics {
     istio_response_bytes: HistogramVec,
     /// Linkerd's `outbound_http_errors_total` and `inbound_http_errors_total`, by `error`.
     errors: [IntCounterVec; 2],
+    /// Per route (Linkerd's `outbound_http_route_*`): statuses answered, requests per backend,
+    /// retries made, retries refused by the limit and by the budget.
+    route_statuses: IntCounterVec,
+    route_backend_requests: IntCounterVec,
+    route_retries: [IntCounterVec; 3],
     series: Mutex<HashMap<u64, Remembered>>,
     hasher: std::hash::RandomState,
 }
@@ -327,9 +374,48 @@ impl HttpMetrics {
                     &["error"],
                 )?,
             ],
+            route_statuses: IntCounterVec::new(
+                Opts::new(
+                    "outbound_http_route_request_statuses_total",
+                    "Requests routed by a route, by the status answered.",
+                ),
+                &ROUTE.iter().copied().chain(["http_status", "error"]).collect::<Vec<_>>(),
+            )?,
+            route_backend_requests: IntCounterVec::new(
+                Opts::new(
+                    "outbound_http_route_backend_requests_total",
+                    "Requests (attempts) a route sent to each of its backends.",
+                ),
+                &ROUTE
+                    .iter()
+                    .copied()
+                    .chain(["backend_namespace", "backend_name", "backend_port"])
+                    .collect::<Vec<_>>(),
+            )?,
+            route_retries: [
+                ("outbound_http_route_retry_requests_total", "Retries a route made."),
+                (
+                    "outbound_http_route_retry_limit_exceeded_total",
+                    "Requests a route would have retried again but for the retry limit.",
+                ),
+                (
+                    "outbound_http_route_retry_overflow_total",
+                    "Requests a route would have retried but for the retry budget (or a body too large to replay).",
+                ),
+            ]
+            .map(|(name, help)| IntCounterVec::new(Opts::new(name, help), &ROUTE))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?
+            .try_into()
+            .map_err(|_| prometheus::Error::Msg("three retry counters".into()))?,
             series: Mutex::default(),
             hasher: std::hash::RandomState::new(),
         };
+        registry.register(Box::new(m.route_statuses.clone()))?;
+        registry.register(Box::new(m.route_backend_requests.clone()))?;
+        for c in &m.route_retries {
+            registry.register(Box::new(c.clone()))?;
+        }
         if dialect.linkerd() {
             registry.register(Box::new(m.request_total.clone()))?;
             registry.register(Box::new(m.response_total.clone()))?;
@@ -388,6 +474,28 @@ impl HttpMetrics {
             request_total,
             responses: Mutex::default(),
         })
+    }
+
+    /// A routed request's answer (its status, or the proxy's own error).
+    pub fn route_status(&self, route: &RouteLabels, status: u16, error: &str) {
+        let mut values = route.values();
+        let status = status.to_string();
+        values.extend([status.as_str(), error]);
+        self.route_statuses.with_label_values(&values).inc();
+    }
+
+    /// An attempt of a routed request sent to a backend (`namespace`, `name`, `port`).
+    pub fn route_backend(&self, route: &RouteLabels, backend: [&str; 3]) {
+        let mut values = route.values();
+        values.extend(backend);
+        self.route_backend_requests.with_label_values(&values).inc();
+    }
+
+    /// What became of a routed request's retry.
+    pub fn retry(&self, route: &RouteLabels, result: RetryResult) {
+        self.route_retries[result as usize]
+            .with_label_values(&route.values())
+            .inc();
     }
 
     /// A request's head was received and is being forwarded (Linkerd's `request_total`).

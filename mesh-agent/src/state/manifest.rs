@@ -486,6 +486,7 @@ impl HttpRoute {
         use crate::route::{self as r, PathMatch, ValueMatch};
         let ns = self.metadata.namespace();
         let id = format!("{ns}/{}", self.metadata.name);
+        let linkerd = LinkerdPolicy::of(&self.metadata)?;
         let parents = self
             .spec
             .parent_refs
@@ -654,18 +655,19 @@ impl HttpRoute {
                         .map(|d| parse_duration(d).map_err(|e| field(&at(f), e)))
                         .transpose()
                 };
+            // Linkerd's annotations win over the route's fields.
             let timeouts = r::Timeouts {
-                request: duration(
+                request: linkerd.request.or(duration(
                     &rule.timeouts.as_ref().and_then(|t| t.request.clone()),
                     "timeouts.request",
-                )?,
-                backend_request: duration(
+                )?),
+                backend_request: linkerd.response.or(duration(
                     &rule
                         .timeouts
                         .as_ref()
                         .and_then(|t| t.backend_request.clone()),
                     "timeouts.backendRequest",
-                )?,
+                )?),
             };
             rules.push(std::sync::Arc::new(
                 r::Rule::new(
@@ -676,7 +678,8 @@ impl HttpRoute {
                     backends,
                     timeouts,
                 )
-                .with_kind(kind),
+                .with_kind(kind)
+                .with_retry(linkerd.retry()),
             ));
         }
         Ok(r::HttpRoute {
@@ -843,6 +846,94 @@ fn grpc_path(m: &GrpcMethodMatch, at: &str) -> Result<TypedValue, Problem> {
             &format!("{at}.type"),
             format!("{other:?} is not Exact or RegularExpression"),
         )),
+    }
+}
+
+/// What Linkerd's traffic annotations on a route or a Service ask for (`retry.linkerd.io/*`,
+/// `timeout.linkerd.io/*`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct LinkerdPolicy {
+    pub retry_on: Option<crate::retry::RetryOn>,
+    pub retry_limit: Option<u32>,
+    pub retry_timeout: Option<std::time::Duration>,
+    /// `timeout.linkerd.io/request`: the whole request.
+    pub request: Option<std::time::Duration>,
+    /// `timeout.linkerd.io/response`: each attempt's wait for its response.
+    pub response: Option<std::time::Duration>,
+}
+
+impl LinkerdPolicy {
+    /// Reads the annotations; an error names the annotation.
+    pub fn of(meta: &ObjectMeta) -> Result<LinkerdPolicy, Problem> {
+        let get = |key: &str| meta.annotations.get(key).map(String::as_str);
+        let at = |key: &str| format!("metadata.annotations[\"{key}\"]");
+        let duration = |key: &str| {
+            get(key)
+                .map(|v| parse_duration(v).map_err(|e| field(&at(key), e)))
+                .transpose()
+        };
+        let http = get("retry.linkerd.io/http")
+            .map(|v| {
+                crate::retry::RetryOn::parse_http(v)
+                    .map_err(|e| field(&at("retry.linkerd.io/http"), e))
+            })
+            .transpose()?;
+        let grpc = get("retry.linkerd.io/grpc")
+            .map(|v| {
+                crate::retry::RetryOn::parse_grpc(v)
+                    .map_err(|e| field(&at("retry.linkerd.io/grpc"), e))
+            })
+            .transpose()?;
+        let retry_on = match (http, grpc) {
+            (None, None) => None,
+            (http, grpc) => {
+                let mut on = http.unwrap_or(crate::retry::RetryOn {
+                    connect_failure: true,
+                    ..Default::default()
+                });
+                on.grpc = grpc.unwrap_or_default();
+                Some(on)
+            }
+        };
+        let retry_limit = get("retry.linkerd.io/limit")
+            .map(|v| {
+                v.trim().parse::<u32>().map_err(|_| {
+                    field(
+                        &at("retry.linkerd.io/limit"),
+                        format!("{v:?} is not a number of retries"),
+                    )
+                })
+            })
+            .transpose()?;
+        if let Some(v) = get("timeout.linkerd.io/idle") {
+            return Err(field(
+                &at("timeout.linkerd.io/idle"),
+                format!("{v:?}: idle timeouts are not supported yet; the object is refused rather than applied without it"),
+            ));
+        }
+        Ok(LinkerdPolicy {
+            retry_on,
+            retry_limit,
+            retry_timeout: duration("retry.linkerd.io/timeout")?,
+            request: duration("timeout.linkerd.io/request")?,
+            response: duration("timeout.linkerd.io/response")?,
+        })
+    }
+
+    /// The retry policy it gives a rule (a budget of the rule's own), if it asks for retries.
+    pub fn retry(&self) -> Option<crate::retry::RetryPolicy> {
+        let on = self.retry_on.clone()?;
+        Some(crate::retry::RetryPolicy {
+            on,
+            // Linkerd's default: one retry.
+            limit: self.retry_limit.unwrap_or(1),
+            per_try_timeout: self.retry_timeout,
+            budget: crate::retry::Budget::default(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == LinkerdPolicy::default()
     }
 }
 
@@ -1404,6 +1495,7 @@ fn validate(object: Object) -> Result<Object, Problem> {
 }
 
 fn validate_service(svc: Service) -> Result<Service, Problem> {
+    LinkerdPolicy::of(&svc.metadata)?;
     let ips = svc
         .spec
         .cluster_ip

@@ -124,6 +124,9 @@ struct ServiceFacts {
     ports: Vec<PortFacts>,
     /// `None` when empty.
     selector: Option<std::collections::BTreeMap<String, String>>,
+    /// What Linkerd's annotations on the Service ask of requests no route of its own covers:
+    /// one catch-all rule sending to the Service itself with those retries and timeouts.
+    default_route: Option<Arc<crate::route::HttpRoute>>,
 }
 
 #[derive(Debug)]
@@ -188,6 +191,7 @@ impl Facts {
                         })
                         .collect(),
                     selector: svc.spec.selector.clone().filter(|s| !s.is_empty()),
+                    default_route: default_route(svc),
                 }))
             }
             Object::HttpRoute(route) => route_facts(&route.metadata, route.compile()),
@@ -738,7 +742,10 @@ impl Store {
                     .push(r.clone());
             }
         }
-        let routes = by_namespace.remove(&name.0).unwrap_or_default();
+        let mut routes = by_namespace.remove(&name.0).unwrap_or_default();
+        if routes.is_empty() {
+            routes.extend(svc.default_route.clone());
+        }
         let mut targets = Vec::new();
         for &cluster_ip in &svc.cluster_ips {
             for port in &svc.ports {
@@ -798,6 +805,50 @@ impl Store {
         }
         self.placed.insert(name.clone(), addrs);
     }
+}
+
+/// The Service's default route when Linkerd annotations on it ask for retries or timeouts.
+fn default_route(svc: &manifest::Service) -> Option<Arc<crate::route::HttpRoute>> {
+    use crate::route as r;
+    // Validated when parsed.
+    let policy = manifest::LinkerdPolicy::of(&svc.metadata).ok()?;
+    if policy.is_empty() {
+        return None;
+    }
+    let ns = svc.metadata.namespace();
+    let name = &svc.metadata.name;
+    let backend = r::Backend {
+        service: format!("{name}.{ns}.svc.cluster.local"),
+        port: None,
+        weight: 1,
+        filters: r::Filters::default(),
+    };
+    let timeouts = r::Timeouts {
+        request: policy.request,
+        backend_request: policy.response,
+    };
+    let rule = r::Rule::new(
+        format!("{ns}/{name}"),
+        None,
+        vec![r::Match::default()],
+        r::Filters::default(),
+        vec![backend],
+        timeouts,
+    )
+    .with_kind(r::RouteKind::Default)
+    .with_retry(policy.retry());
+    Some(Arc::new(r::HttpRoute {
+        kind: r::RouteKind::Default,
+        namespace: ns.to_owned(),
+        name: name.clone(),
+        created: None,
+        parents: vec![r::Parent {
+            namespace: ns.to_owned(),
+            name: name.clone(),
+            port: None,
+        }],
+        rules: vec![Arc::new(rule)],
+    }))
 }
 
 /// What the store keeps of a route: the compiled route (validated when parsed, so an error

@@ -28,6 +28,8 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// One attempt's copy of a request body kept for retries.
+    Replay(ReplayAttempt),
 }
 
 pub struct Body {
@@ -109,6 +111,7 @@ impl HttpBody for Body {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Incoming(body) => Pin::new(body).poll_frame(cx),
+            Kind::Replay(attempt) => attempt.poll_frame(cx),
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -136,6 +139,7 @@ impl HttpBody for Body {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Incoming(body) => body.is_end_stream(),
+            Kind::Replay(attempt) => attempt.is_end_stream(),
         }
     }
 
@@ -144,6 +148,154 @@ impl HttpBody for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(body) => body.size_hint(),
+            Kind::Replay(attempt) => attempt.size_hint(),
+        }
+    }
+}
+
+/// A request body kept, up to a limit, as it is sent, so that the request can be sent again
+/// (a retry). Each attempt gets a [`Body`] that gives what was kept, then reads on from the
+/// original. Bodies larger than the limit are sent once, and not kept.
+#[derive(Clone)]
+pub struct Replay(Arc<std::sync::Mutex<ReplayState>>);
+
+struct ReplayState {
+    /// The original body until it ends.
+    source: Option<Body>,
+    /// Its data frames read so far (while within the limit).
+    data: Vec<Bytes>,
+    trailers: Option<hyper::HeaderMap>,
+    bytes: usize,
+    limit: usize,
+    ended: bool,
+    /// Past the limit, or failed: cannot be sent again.
+    spoiled: bool,
+    /// Attempt bodies alive.
+    attempts: usize,
+}
+
+pub struct ReplayAttempt {
+    state: Arc<std::sync::Mutex<ReplayState>>,
+    /// Data frames of `state.data` this attempt has given.
+    next: usize,
+    trailers_sent: bool,
+}
+
+impl Replay {
+    pub fn new(body: Body, limit: usize) -> Replay {
+        let ended = body.is_end_stream();
+        Replay(Arc::new(std::sync::Mutex::new(ReplayState {
+            source: (!ended).then_some(body),
+            data: Vec::new(),
+            trailers: None,
+            bytes: 0,
+            limit,
+            ended,
+            spoiled: false,
+            attempts: 0,
+        })))
+    }
+
+    /// The body of the next attempt.
+    pub fn attempt(&self) -> Body {
+        if let Ok(mut s) = self.0.lock() {
+            s.attempts += 1;
+        }
+        Body::of(Kind::Replay(ReplayAttempt {
+            state: self.0.clone(),
+            next: 0,
+            trailers_sent: false,
+        }))
+    }
+
+    /// Whether another attempt would send the whole body: everything read so far was kept,
+    /// and either the body has ended or no earlier attempt is still reading it.
+    pub fn can_replay(&self) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|s| !s.spoiled && (s.ended || s.attempts == 0))
+    }
+}
+
+impl Drop for ReplayAttempt {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.attempts -= 1;
+        }
+    }
+}
+
+impl ReplayAttempt {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Ok(mut guard) = self.state.lock() else {
+            return Poll::Ready(None);
+        };
+        let s = &mut *guard;
+        if let Some(data) = s.data.get(self.next) {
+            self.next += 1;
+            return Poll::Ready(Some(Ok(Frame::data(data.clone()))));
+        }
+        if s.ended {
+            if !self.trailers_sent {
+                self.trailers_sent = true;
+                if let Some(t) = &s.trailers {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t.clone()))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        let Some(source) = s.source.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(source).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    s.bytes += data.len();
+                    if s.bytes > s.limit {
+                        s.spoiled = true;
+                        s.data = Vec::new();
+                    }
+                    if !s.spoiled {
+                        s.data.push(data.clone());
+                    }
+                    self.next = s.data.len();
+                } else if let Some(t) = frame.trailers_ref() {
+                    s.trailers = Some(t.clone());
+                    self.trailers_sent = true;
+                }
+            }
+            Poll::Ready(None) => {
+                s.ended = true;
+                s.source = None;
+                self.trailers_sent = true;
+            }
+            Poll::Ready(Some(Err(_))) => s.spoiled = true,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state.lock().is_ok_and(|s| {
+            s.ended && self.next >= s.data.len() && (self.trailers_sent || s.trailers.is_none())
+        })
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let Ok(s) = self.state.lock() else {
+            return SizeHint::default();
+        };
+        match (&s.source, s.ended, s.spoiled) {
+            (_, true, false) => {
+                let left: usize = s.data.iter().skip(self.next).map(Bytes::len).sum();
+                SizeHint::with_exact(left as u64)
+            }
+            (Some(source), false, _) if self.next == 0 && s.data.is_empty() => source.size_hint(),
+            _ => SizeHint::default(),
         }
     }
 }
@@ -180,6 +332,33 @@ mod tests {
         assert_eq!(seen.len(), 1);
         assert!(seen[0].complete);
         assert_eq!(seen[0].bytes, 5);
+    }
+
+    #[tokio::test]
+    async fn a_replayed_body_gives_every_attempt_the_same_bytes() {
+        let replay = Replay::new(Body::full(Bytes::from_static(b"abcd")), 16);
+        assert!(replay.can_replay(), "nothing read yet, no attempt alive");
+        let first = replay.attempt();
+        assert_eq!(first.size_hint().exact(), Some(4));
+        assert!(!replay.can_replay(), "the first attempt is still reading");
+        assert_eq!(&first.collect().await.unwrap().to_bytes()[..], b"abcd");
+        assert!(replay.can_replay());
+        let again = replay.attempt();
+        assert_eq!(again.size_hint().exact(), Some(4));
+        assert_eq!(&again.collect().await.unwrap().to_bytes()[..], b"abcd");
+        // An attempt dropped before reading anything leaves the body whole for the next.
+        let fresh = Replay::new(Body::full(Bytes::from_static(b"xy")), 16);
+        drop(fresh.attempt());
+        assert!(fresh.can_replay());
+        assert_eq!(
+            &fresh.attempt().collect().await.unwrap().to_bytes()[..],
+            b"xy"
+        );
+        // Past the limit: sent once, never again.
+        let big = Replay::new(Body::full(Bytes::from(vec![7u8; 32])), 16);
+        let sent = big.attempt().collect().await.unwrap().to_bytes();
+        assert_eq!(sent.len(), 32);
+        assert!(!big.can_replay());
     }
 
     #[test]

@@ -19,14 +19,17 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    authority, connected, finish_failed, is_grpc, is_upgrade,
-    pool::{BoxIo, Key, Route, SendError},
+    authority,
+    body::Replay,
+    connected, finish_failed, grpc_status, is_grpc, is_upgrade,
+    pool::{BoxIo, Checkin, Key, Route, SendError},
     record, relay_response, respond, serve_connection, strip_hop_by_hop, upgrade_to_h2, Body,
     Failure, ServeLimits, Upgrade, DST_CANONICAL, ORIG_PROTO,
 };
 use crate::{
+    balance::InFlight,
     metrics::{
-        http::{Outcome, RequestLabels, Series},
+        http::{Outcome, RequestLabels, RetryResult, RouteLabels, Series},
         ConnectionLabels, Metrics,
     },
     proxy::{
@@ -37,7 +40,7 @@ use crate::{
         relay::Metered,
     },
     route::{Head, PathMatch, Rewrite, Rule},
-    state::{Destination, Workload},
+    state::{Destination, ServiceTarget, Workload},
 };
 
 /// One client connection served as HTTP.
@@ -326,87 +329,83 @@ fn answer(
     resp
 }
 
-async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
+/// The labels of a request's route metrics: the Service dialled and the route's rule.
+fn route_labels(rule: &Rule, parent: &ServiceTarget) -> RouteLabels {
+    let (route_namespace, route_name) = rule.route.split_once('/').unwrap_or(("", &rule.route));
+    RouteLabels {
+        parent_namespace: parent.namespace.clone(),
+        parent_name: parent.name.clone(),
+        parent_port: parent.port.to_string(),
+        route_kind: rule.kind.name(),
+        route_namespace: route_namespace.to_owned(),
+        route_name: route_name.to_owned(),
+    }
+}
+
+/// Request bodies up to this size are kept to be sent again when a rule retries.
+const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// One attempt's answer, with what must live until its body is relayed.
+struct Sent {
+    resp: Response<Incoming>,
+    in_flight: Option<InFlight>,
+    stream_slot: Option<crate::limits::Slot>,
+    checkin: Option<Checkin>,
+    series: Arc<Series>,
+    inbound_series: Option<Arc<Series>>,
+    request_bytes: Arc<AtomicU64>,
+}
+
+impl Sent {
+    /// Counts an answer that is retried rather than relayed.
+    fn record_dropped(self, metrics: &Metrics, started: Instant) {
+        let status = self.resp.status();
+        let grpc = grpc_status(self.resp.headers());
+        let sent = self.request_bytes.load(Ordering::Relaxed);
+        if let Some(f) = &self.in_flight {
+            f.responded();
+        }
+        for l in std::iter::once(&self.series).chain(self.inbound_series.as_ref()) {
+            record(metrics, l, status, grpc, "RT", started, sent, 0);
+        }
+    }
+}
+
+/// Sends `req` once: to an endpoint of `target` picked for it (or where the client dialled),
+/// over the hop to that endpoint. A failure comes back as the answer the client would get,
+/// already counted.
+async fn attempt(
+    client: &Client,
+    target: Option<&Arc<ServiceTarget>>,
+    req: Request<Body>,
+    upgrade: bool,
+    per_try: Option<std::time::Duration>,
+) -> Result<Sent, (Failure, Response<Body>)> {
     let started = Instant::now();
     let conn = &client.conn;
     let inputs = &conn.inputs;
-    let mut req = req.map(Body::incoming);
     let grpc = is_grpc(&req);
-    let upgrade = is_upgrade(&req);
-    // Refused before a destination is known: rare, labelled with the client's side only.
-    let fail = |failure: Failure, detail: String| {
-        let series = client.answered_here(grpc);
-        finish_failed(&inputs.metrics, &series, failure, &detail, started)
-    };
-    if upgrade && req.version() == Version::HTTP_2 {
-        return fail(
-            Failure::BadRequest,
-            "CONNECT over HTTP/2 is not supported".into(),
-        );
-    }
-    // Where the request goes: the route decision, one pure call on the request head when
-    // HTTPRoutes are attached to the Service, then the backend's endpoint for this request.
-    let mut routed: Option<(Arc<Rule>, usize)> = None;
-    let target = match &client.destination {
-        Destination::Service(svc) => match svc.routes_for(&client.labels.source_namespace) {
-            None => Some(svc.clone()),
-            Some(table) => {
-                let head = Head {
-                    method: req.method(),
-                    path: req.uri().path(),
-                    query: req.uri().query(),
-                    headers: req.headers(),
-                };
-                let Some((rule, matched)) = table.select(&head) else {
-                    let detail = format!(
-                        "no rule of the routes of {}:{} matches",
-                        svc.fqdn(),
-                        svc.port
-                    );
-                    return fail(Failure::NoRoute, detail);
-                };
-                let rule = rule.clone();
-                if let Some(redirect) = &rule.filters.redirect {
-                    let host = authority(&req).unwrap_or_default();
-                    let uri = req.uri();
-                    let location =
-                        redirect.location(&matched.path, &host, svc.port, uri.path(), uri.query());
-                    return answer(client, grpc, started, redirect.status, &location);
-                }
-                if let Some(rewrite) = &rule.filters.rewrite {
-                    rewrite_request(&mut req, rewrite, &matched.path);
-                }
-                let Some((i, backend)) = rule.backend() else {
-                    let detail = format!("route {} has no backend to send to", rule.route);
-                    return fail(Failure::NoBackend, detail);
-                };
-                let key = backend.key(svc.port);
-                let Some(target) = conn.snapshot.service_named(&key).cloned() else {
-                    let detail =
-                        format!("route {}: backend {key} is not a Service port", rule.route);
-                    return fail(Failure::NoBackend, detail);
-                };
-                rule.filters.request_headers.apply(req.headers_mut());
-                backend.filters.request_headers.apply(req.headers_mut());
-                routed = Some((rule, i));
-                Some(target)
-            }
-        },
-        _ => None,
-    };
-    let (endpoint, load) = match &target {
+    let (endpoint, load) = match target {
         Some(svc) => match svc.pick_for_request() {
             Some((endpoint, load)) => (endpoint, Some(load.clone())),
             None => {
                 let detail = format!("service {} has no ready endpoints", svc.fqdn());
-                return fail(Failure::NoEndpoints, detail);
+                let series = client.answered_here(grpc);
+                let failure = Failure::NoEndpoints;
+                let resp = finish_failed(&inputs.metrics, &series, failure, &detail, started);
+                return Err((failure, resp));
             }
         },
-        _ => (conn.orig.0, None),
+        None => (conn.orig.0, None),
     };
     if is_host_scoped(endpoint.ip()) {
         let detail = format!("endpoint {endpoint} is a host-scoped address");
-        return fail(Failure::Unavailable, detail);
+        let series = client.answered_here(grpc);
+        let failure = Failure::Unavailable;
+        return Err((
+            failure,
+            finish_failed(&inputs.metrics, &series, failure, &detail, started),
+        ));
     }
     let dst = conn.snapshot.pod_by_ip(endpoint.ip());
     let hop = hop_to(inputs, &conn.source, endpoint, dst);
@@ -416,19 +415,6 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     // A same-node delivery is this agent's inbound side too.
     if let Some(s) = &inbound_series {
         inputs.metrics.http.request(s);
-    }
-
-    let client_upgrade = Upgrade::take(&mut req);
-    strip_hop_by_hop(req.headers_mut(), upgrade);
-    // Headers only agents may set between themselves: a pod's own are dropped.
-    req.headers_mut().remove(DST_CANONICAL);
-    req.headers_mut().remove(ORIG_PROTO);
-    for name in crate::proxy::hbone::AGENT_HEADERS {
-        req.headers_mut().remove(name);
-    }
-    if let Some(v) = &client.canonical {
-        req.headers_mut()
-            .insert(HeaderName::from_static(DST_CANONICAL), v.clone());
     }
     let request_bytes = Arc::new(AtomicU64::new(0));
     let mut req = req.map(|b| b.counted(request_bytes.clone()));
@@ -441,14 +427,6 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     // An HTTP/1.1 connection lent for this request, back to its pool once the response has
     // been read.
     let mut checkin = None;
-    // The route's timeout bounds the wait for the response head (its body is not cut).
-    let deadline = routed.as_ref().and_then(|(rule, _)| {
-        let t = rule.timeouts;
-        match (t.request, t.backend_request) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    });
     let send = async {
         match hop {
             Hop::Hbone {
@@ -553,19 +531,32 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             }
         }
     };
-    let sent = match deadline {
+
+    let sent = match per_try {
         Some(limit) => match tokio::time::timeout(limit, send).await {
             Ok(sent) => sent,
             Err(_) => Err(SendError::new(
                 Failure::Timeout,
-                format!("no response within the route's timeout of {limit:?}"),
+                format!("no response within the attempt's timeout of {limit:?}"),
             )),
         },
         None => send.await,
     };
-
-    let mut resp = match sent {
-        Ok(resp) => resp,
+    match sent {
+        Ok(resp) => {
+            if let Some(f) = &in_flight {
+                f.responded();
+            }
+            Ok(Sent {
+                resp,
+                in_flight,
+                stream_slot,
+                checkin,
+                series,
+                inbound_series,
+                request_bytes,
+            })
+        }
         Err(e) => {
             drop(in_flight);
             let resp = finish_failed(&inputs.metrics, &series, e.failure, &e.detail, started);
@@ -581,12 +572,214 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                     0,
                 );
             }
-            return resp;
+            Err((e.failure, resp))
+        }
+    }
+}
+
+async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let conn = &client.conn;
+    let inputs = &conn.inputs;
+    let mut req = req.map(Body::incoming);
+    let grpc = is_grpc(&req);
+    let upgrade = is_upgrade(&req);
+    // Refused before a destination is known: rare, labelled with the client's side only.
+    let fail = |failure: Failure, detail: String| {
+        let series = client.answered_here(grpc);
+        finish_failed(&inputs.metrics, &series, failure, &detail, started)
+    };
+    if upgrade && req.version() == Version::HTTP_2 {
+        return fail(
+            Failure::BadRequest,
+            "CONNECT over HTTP/2 is not supported".into(),
+        );
+    }
+    // Where the request goes: the route decision, one pure call on the request head when
+    // HTTPRoutes are attached to the Service, then the backend's endpoint for this request.
+    let mut routed: Option<(Arc<Rule>, usize)> = None;
+    let target = match &client.destination {
+        Destination::Service(svc) => match svc.routes_for(&client.labels.source_namespace) {
+            None => Some(svc.clone()),
+            Some(table) => {
+                let head = Head {
+                    method: req.method(),
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    headers: req.headers(),
+                };
+                let Some((rule, matched)) = table.select(&head) else {
+                    let detail = format!(
+                        "no rule of the routes of {}:{} matches",
+                        svc.fqdn(),
+                        svc.port
+                    );
+                    return fail(Failure::NoRoute, detail);
+                };
+                let rule = rule.clone();
+                if let Some(redirect) = &rule.filters.redirect {
+                    let host = authority(&req).unwrap_or_default();
+                    let uri = req.uri();
+                    let location =
+                        redirect.location(&matched.path, &host, svc.port, uri.path(), uri.query());
+                    return answer(client, grpc, started, redirect.status, &location);
+                }
+                if let Some(rewrite) = &rule.filters.rewrite {
+                    rewrite_request(&mut req, rewrite, &matched.path);
+                }
+                let Some((i, backend)) = rule.backend() else {
+                    let detail = format!("route {} has no backend to send to", rule.route);
+                    return fail(Failure::NoBackend, detail);
+                };
+                let key = backend.key(svc.port);
+                let Some(target) = conn.snapshot.service_named(&key).cloned() else {
+                    let detail =
+                        format!("route {}: backend {key} is not a Service port", rule.route);
+                    return fail(Failure::NoBackend, detail);
+                };
+                rule.filters.request_headers.apply(req.headers_mut());
+                backend.filters.request_headers.apply(req.headers_mut());
+                routed = Some((rule, i));
+                Some(target)
+            }
+        },
+        _ => None,
+    };
+    let client_upgrade = Upgrade::take(&mut req);
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    // Headers only agents may set between themselves: a pod's own are dropped.
+    req.headers_mut().remove(DST_CANONICAL);
+    req.headers_mut().remove(ORIG_PROTO);
+    for name in crate::proxy::hbone::AGENT_HEADERS {
+        req.headers_mut().remove(name);
+    }
+    if let Some(v) = &client.canonical {
+        req.headers_mut()
+            .insert(HeaderName::from_static(DST_CANONICAL), v.clone());
+    }
+    // Route timeouts bound the wait for the response head (the body is not cut).
+    let rule = routed.as_ref().map(|(rule, _)| rule.clone());
+    let route = match (&rule, &client.destination) {
+        (Some(rule), Destination::Service(parent)) => Some(route_labels(rule, parent)),
+        _ => None,
+    };
+    let timeouts = rule.as_ref().map(|r| r.timeouts).unwrap_or_default();
+    let retry = rule
+        .as_ref()
+        .and_then(|r| r.retry.as_ref())
+        .filter(|_| !upgrade);
+    // Without retries the route's timeout bounds the one attempt; with them, `request`
+    // bounds them all and `backendRequest` (or the retry timeout) each one.
+    let (overall, per_try) = match retry {
+        Some(r) => (
+            timeouts.request,
+            r.per_try_timeout.or(timeouts.backend_request),
+        ),
+        None => (
+            None,
+            match (timeouts.request, timeouts.backend_request) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        ),
+    };
+    let (parts, body) = req.into_parts();
+    // A request a rule retries keeps its body (up to REPLAY_LIMIT) to send it again.
+    let (replay, mut body) = match retry {
+        Some(r) => {
+            r.budget.request(started);
+            (Some(Replay::new(body, REPLAY_LIMIT)), None)
+        }
+        None => (None, Some(body)),
+    };
+    let attempts = async {
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let body = match (&replay, body.take()) {
+                (Some(r), _) => r.attempt(),
+                (None, Some(b)) => b,
+                (None, None) => unreachable!("one attempt without a retry policy"),
+            };
+            let req = Request::from_parts(parts.clone(), body);
+            if let (Some(route), Some(backend)) = (&route, &target) {
+                let port = backend.port.to_string();
+                inputs
+                    .metrics
+                    .http
+                    .route_backend(route, [&backend.namespace, &backend.name, &port]);
+            }
+            let result = attempt(client, target.as_ref(), req, upgrade, per_try).await;
+            let Some(policy) = retry else {
+                return (result, tries);
+            };
+            let again = match &result {
+                Ok(sent) => policy.on.status(
+                    sent.resp.status().as_u16(),
+                    grpc_status(sent.resp.headers()),
+                ),
+                Err((failure, _)) => {
+                    policy.on.connect_failure || policy.on.status(failure.status().as_u16(), None)
+                }
+            };
+            if !again {
+                return (result, tries);
+            }
+            let metrics = &inputs.metrics.http;
+            if tries > policy.limit {
+                if let Some(route) = &route {
+                    metrics.retry(route, RetryResult::LimitExceeded);
+                }
+                return (result, tries);
+            }
+            let replayable = replay.as_ref().is_some_and(Replay::can_replay);
+            if !replayable || !policy.budget.try_retry(Instant::now()) {
+                if let Some(route) = &route {
+                    metrics.retry(route, RetryResult::Overflow);
+                }
+                return (result, tries);
+            }
+            if let Some(route) = &route {
+                metrics.retry(route, RetryResult::Retried);
+            }
+            // This attempt's answer is counted on its own series, and dropped.
+            if let Ok(sent) = result {
+                sent.record_dropped(&inputs.metrics, started);
+            }
         }
     };
-    if let Some(f) = &in_flight {
-        f.responded();
+    let result = match overall {
+        Some(limit) => match tokio::time::timeout(limit, attempts).await {
+            Ok((result, _)) => result,
+            Err(_) => {
+                let detail = format!("no response within the route's timeout of {limit:?}");
+                let series = client.answered_here(grpc);
+                let failure = Failure::Timeout;
+                let resp = finish_failed(&inputs.metrics, &series, failure, &detail, started);
+                Err((failure, resp))
+            }
+        },
+        None => attempts.await.0,
+    };
+    if let Some(route) = &route {
+        let (status, error) = match &result {
+            Ok(sent) => (sent.resp.status().as_u16(), ""),
+            Err((failure, resp)) => (resp.status().as_u16(), failure.error()),
+        };
+        inputs.metrics.http.route_status(route, status, error);
     }
+    let Sent {
+        mut resp,
+        in_flight,
+        stream_slot,
+        checkin,
+        series,
+        inbound_series,
+        request_bytes,
+    } = match result {
+        Ok(sent) => sent,
+        Err((_, resp)) => return resp,
+    };
     let metrics = inputs.metrics.clone();
     relay_response(&mut resp, client_upgrade);
     if let Some((rule, i)) = &routed {

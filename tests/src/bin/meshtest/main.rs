@@ -45,6 +45,8 @@
 //! ```text
 //! meshtest http [IP:]PORT NAME      HTTP/1.1 and h2c (prior knowledge) on one port; by path:
 //!     /status/N                     status N, body `NAME`
+//!     /flaky/P                      503 for exactly P% of the requests to /flaky (evenly
+//!                                   spread), else 200 `hello from NAME`
 //!     /grpc/N                       gRPC: one message (`NAME`), trailers `grpc-status: N`
 //!                                   (and `grpc-message: test` if N != 0)
 //!     /grpc-trailers-only/N         gRPC trailers-only: `grpc-status: N` header, empty body
@@ -161,6 +163,8 @@ fn serve(port: &str, name: &str) -> Result<(), String> {
 }
 
 static SERVED: AtomicU64 = AtomicU64::new(0);
+/// Requests to `/flaky/P` so far.
+static FLAKY: AtomicU64 = AtomicU64::new(0);
 
 fn sink(port: &str) -> Result<(), String> {
     static CONNS: AtomicU64 = AtomicU64::new(0);
@@ -671,7 +675,7 @@ mod l7 {
         sync::mpsc,
     };
 
-    use super::{listen_addr, parse, SERVED};
+    use super::{listen_addr, parse, FLAKY, SERVED};
 
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     /// Limit on one request/response exchange of the counting clients, and on each read of
@@ -795,6 +799,16 @@ mod l7 {
                 let code = StatusCode::from_u16(parse("status", code)?)
                     .map_err(|e| format!("status {code}: {e}"))?;
                 text(code, format!("{name}\n"))
+            }
+            ["flaky", percent] => {
+                // The n-th flaky request fails when floor(n * P / 100) steps up: exactly P% of
+                // them, evenly spread.
+                let p: u64 = parse("percent", percent)?;
+                let n = FLAKY.fetch_add(1, Ordering::SeqCst);
+                match (n + 1) * p / 100 > n * p / 100 {
+                    true => text(StatusCode::SERVICE_UNAVAILABLE, format!("{name} failed\n")),
+                    false => text(StatusCode::OK, format!("hello from {name}\n")),
+                }
             }
             ["grpc", code] => grpc(name, parse("grpc status", code)?),
             ["grpc-trailers-only", code] => grpc_trailers_only(parse("grpc status", code)?),
