@@ -314,7 +314,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
                         routes.insert(format!("{name} (callers in {ns})"), table.describe());
                     }
                 }
-                json(&serde_json::json!({ "config": config, "routes": routes }))
+                let traffic: std::collections::BTreeMap<_, _> = snapshot
+                    .policed_services()
+                    .map(|(name, t)| (name.clone(), t.describe_traffic()))
+                    .collect();
+                json(&serde_json::json!({ "config": config, "routes": routes, "traffic": traffic }))
             }
             "/state" => json(&state.borrow().summary()),
             _ => (

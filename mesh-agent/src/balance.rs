@@ -28,12 +28,24 @@ const RTT_FLOOR: Duration = Duration::from_millis(5);
 /// slow on every response keeps its estimate up.
 const DECAY: Duration = Duration::from_millis(250);
 
-/// The load of one endpoint.
+/// The load of one endpoint, and its health as outlier detection sees it.
 #[derive(Debug)]
 pub struct EndpointLoad {
     pending: AtomicU32,
     /// (estimate in ns, when it was last updated).
     estimate: Mutex<(f64, Instant)>,
+    outlier: Mutex<OutlierState>,
+}
+
+#[derive(Debug, Default)]
+struct OutlierState {
+    /// Consecutive 5xx answers (and failures to answer), and consecutive gateway errors.
+    errors_5xx: u32,
+    errors_gateway: u32,
+    /// Until when it is ejected.
+    ejected_until: Option<Instant>,
+    /// How many times it has been ejected: each ejection lasts that many base times.
+    ejections: u32,
 }
 
 impl Default for EndpointLoad {
@@ -41,8 +53,110 @@ impl Default for EndpointLoad {
         Self {
             pending: AtomicU32::new(0),
             estimate: Mutex::new((DEFAULT_RTT.as_nanos() as f64, Instant::now())),
+            outlier: Mutex::default(),
         }
     }
+}
+
+/// How requests are spread over a Service's endpoints: P2C over peak-EWMA (the default, as
+/// Linkerd), or the simple policies of Istio's DestinationRule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Policy {
+    #[default]
+    PeakEwma,
+    RoundRobin,
+    /// Istio's LEAST_REQUEST: two random choices, the fewer requests in flight.
+    LeastRequest,
+    Random,
+}
+
+/// Istio's `outlierDetection`: endpoints that fail in a row are left out for a while.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outlier {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway: Option<u32>,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for Outlier {
+    /// Istio's defaults: 5 consecutive 5xx, 30 s, at most 10% (but always at least one).
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: Some(5),
+            consecutive_gateway: None,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
+impl EndpointLoad {
+    /// Whether outlier detection has it ejected at `now`.
+    fn ejected(&self, now: Instant) -> bool {
+        self.outlier
+            .lock()
+            .is_ok_and(|o| o.ejected_until.is_some_and(|t| now < t))
+    }
+
+    /// How many times it has been ejected.
+    pub fn ejections(&self) -> u32 {
+        self.outlier.lock().map_or(0, |o| o.ejections)
+    }
+}
+
+/// Records the answer of endpoint `i` of `loads` (`status`, or 503/502/504 for a failure to
+/// answer); `true` when this ejected it.
+pub fn observe_outcome(
+    loads: &[Arc<EndpointLoad>],
+    i: usize,
+    status: u16,
+    outlier: &Outlier,
+    now: Instant,
+) -> bool {
+    let Some(load) = loads.get(i) else {
+        return false;
+    };
+    let tripped = {
+        let Ok(mut o) = load.outlier.lock() else {
+            return false;
+        };
+        if (500..600).contains(&status) {
+            o.errors_5xx += 1;
+        } else {
+            o.errors_5xx = 0;
+        }
+        if matches!(status, 502..=504) {
+            o.errors_gateway += 1;
+        } else {
+            o.errors_gateway = 0;
+        }
+        let already = o.ejected_until.is_some_and(|t| now < t);
+        !already
+            && (outlier
+                .consecutive_5xx
+                .is_some_and(|n| n > 0 && o.errors_5xx >= n)
+                || outlier
+                    .consecutive_gateway
+                    .is_some_and(|n| n > 0 && o.errors_gateway >= n))
+    };
+    if !tripped {
+        return false;
+    }
+    // At most the share allowed, but always at least one endpoint.
+    let ejected = loads.iter().filter(|l| l.ejected(now)).count();
+    let allowed = (loads.len() * outlier.max_ejection_percent as usize / 100).max(1);
+    if ejected >= allowed {
+        return false;
+    }
+    let Ok(mut o) = load.outlier.lock() else {
+        return false;
+    };
+    o.ejections += 1;
+    o.ejected_until = Some(now + outlier.base_ejection * o.ejections);
+    o.errors_5xx = 0;
+    o.errors_gateway = 0;
+    true
 }
 
 impl EndpointLoad {
@@ -107,6 +221,64 @@ impl Drop for InFlight {
     }
 }
 
+/// The endpoint (index of `loads`) for the next request under `policy`, leaving out ejected
+/// endpoints (unless every one is); `next` is the round-robin counter.
+pub fn pick_with(
+    policy: Policy,
+    loads: &[Arc<EndpointLoad>],
+    next: &std::sync::atomic::AtomicUsize,
+) -> Option<usize> {
+    let now = Instant::now();
+    let ejected: Vec<usize> = match loads.iter().any(|l| l.ejected(now)) {
+        true => (0..loads.len())
+            .filter(|&i| loads[i].ejected(now))
+            .collect(),
+        false => Vec::new(),
+    };
+    let eligible: Vec<usize> = match ejected.len() {
+        // The common case: nothing ejected, every endpoint.
+        0 => return pick_among(policy, loads, next, None),
+        n if n == loads.len() => (0..loads.len()).collect(),
+        _ => (0..loads.len()).filter(|i| !ejected.contains(i)).collect(),
+    };
+    pick_among(policy, loads, next, Some(&eligible))
+}
+
+fn pick_among(
+    policy: Policy,
+    loads: &[Arc<EndpointLoad>],
+    next: &std::sync::atomic::AtomicUsize,
+    only: Option<&[usize]>,
+) -> Option<usize> {
+    let n = only.map_or(loads.len(), <[usize]>::len);
+    let at = |k: usize| only.map_or(Some(k), |o| o.get(k).copied());
+    if n == 0 {
+        return None;
+    }
+    match policy {
+        Policy::RoundRobin => at(next.fetch_add(1, Ordering::Relaxed) % n),
+        Policy::Random => at(random_below(n)),
+        Policy::PeakEwma | Policy::LeastRequest if n == 1 => at(0),
+        Policy::PeakEwma | Policy::LeastRequest => {
+            let a = random_below(n);
+            let b = (a + 1 + random_below(n - 1)) % n;
+            let (a, b) = (at(a)?, at(b)?);
+            let now = Instant::now();
+            let cost = |i: usize| -> Option<f64> {
+                let l = loads.get(i)?;
+                Some(match policy {
+                    Policy::LeastRequest => f64::from(l.pending.load(Ordering::Relaxed)),
+                    _ => l.cost(now),
+                })
+            };
+            Some(match cost(a)?.partial_cmp(&cost(b)?) {
+                Some(std::cmp::Ordering::Greater) => b,
+                _ => a,
+            })
+        }
+    }
+}
+
 /// The index of the endpoint (of `loads`) the next request should go to; `None` if empty.
 pub fn pick(loads: &[Arc<EndpointLoad>]) -> Option<usize> {
     match loads.len() {
@@ -152,6 +324,7 @@ fn random_below(n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     fn loads(n: usize) -> Vec<Arc<EndpointLoad>> {
@@ -192,6 +365,75 @@ mod tests {
         assert!(counts[2] > 600, "{counts:?}");
         drop(held);
         assert_eq!(l[1].pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_failing_endpoint_is_ejected_for_longer_each_time_within_the_cap() {
+        let l = loads(3);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let outlier = Outlier {
+            consecutive_5xx: Some(3),
+            consecutive_gateway: None,
+            base_ejection: Duration::from_secs(10),
+            max_ejection_percent: 50,
+        };
+        let t0 = Instant::now();
+        assert!(!observe_outcome(&l, 0, 500, &outlier, t0));
+        assert!(
+            !observe_outcome(&l, 0, 200, &outlier, t0),
+            "a success resets the count"
+        );
+        let tripped: Vec<bool> = (0..3)
+            .map(|_| observe_outcome(&l, 0, 503, &outlier, t0))
+            .collect();
+        assert_eq!(tripped, [false, false, true]);
+        assert!(l[0].ejected(t0 + Duration::from_secs(9)));
+        assert!(!l[0].ejected(t0 + Duration::from_secs(10)));
+        // While ejected it gets nothing; round robin goes over the other two.
+        let picks: Vec<usize> = (0..4)
+            .map(|_| pick_with(Policy::RoundRobin, &l, &next).unwrap())
+            .collect();
+        assert!(picks.iter().all(|&i| i != 0), "{picks:?}");
+        // 50% of 3 is one endpoint: a second one failing stays in.
+        for _ in 0..3 {
+            assert!(!observe_outcome(&l, 1, 503, &outlier, t0));
+        }
+        // Readmitted, it fails again: twice the base time.
+        let t1 = t0 + Duration::from_secs(10);
+        for _ in 0..3 {
+            observe_outcome(&l, 0, 503, &outlier, t1);
+        }
+        assert!(l[0].ejected(t1 + Duration::from_secs(19)));
+        assert!(!l[0].ejected(t1 + Duration::from_secs(20)));
+        assert_eq!(l[0].ejections(), 2);
+    }
+
+    #[test]
+    fn the_simple_policies() {
+        let l = loads(3);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let rr: Vec<usize> = (0..6)
+            .map(|_| pick_with(Policy::RoundRobin, &l, &next).unwrap())
+            .collect();
+        assert_eq!(rr, [0, 1, 2, 0, 1, 2]);
+        let held: Vec<_> = (0..5).map(|_| l[0].start()).collect();
+        let mut counts = [0u32; 3];
+        for _ in 0..300 {
+            counts[pick_with(Policy::LeastRequest, &l, &next).unwrap()] += 1;
+        }
+        assert!(
+            counts[0] < 120,
+            "the busy endpoint loses every comparison: {counts:?}"
+        );
+        drop(held);
+        let mut counts = [0u32; 3];
+        for _ in 0..3000 {
+            counts[pick_with(Policy::Random, &l, &next).unwrap()] += 1;
+        }
+        assert!(
+            counts.iter().all(|c| (850..=1150).contains(c)),
+            "{counts:?}"
+        );
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub enum RouteKind {
     Grpc,
     /// The catch-all route of a Service whose own annotations ask for retries or timeouts.
     Default,
+    /// Istio's `VirtualService`: rules tried in the order written.
+    VirtualService,
 }
 
 impl RouteKind {
@@ -57,6 +59,7 @@ impl RouteKind {
             RouteKind::Http => "HTTPRoute",
             RouteKind::Grpc => "GRPCRoute",
             RouteKind::Default => "default",
+            RouteKind::VirtualService => "VirtualService",
         }
     }
 }
@@ -73,6 +76,8 @@ pub struct Rule {
     pub timeouts: Timeouts,
     /// Retries (Linkerd annotations, Istio `retries`), with their budget.
     pub retry: Option<crate::retry::RetryPolicy>,
+    /// Istio's fault injection.
+    pub fault: Option<Fault>,
     /// Spreads requests over the backends by weight (see [`Rule::backend`]).
     next: AtomicU64,
     /// The backends' total weight, and the multiplier that scrambles [`Rule::next`] over it:
@@ -95,6 +100,8 @@ pub enum PathMatch {
     /// On path elements: `/foo` matches `/foo`, `/foo/` and `/foo/bar`, not `/foobar`. Stored
     /// without a trailing slash.
     Prefix(String),
+    /// A plain string prefix (Istio's `uri.prefix`): `/gui/` matches `/gui/x`, not `/gui`.
+    StringPrefix(String),
     Regex(regex::Regex),
 }
 
@@ -107,6 +114,8 @@ impl Default for PathMatch {
 #[derive(Debug)]
 pub enum ValueMatch {
     Exact(String),
+    /// Istio's `prefix`.
+    Prefix(String),
     Regex(regex::Regex),
 }
 
@@ -131,6 +140,8 @@ pub struct Backend {
     pub port: Option<u16>,
     pub weight: u32,
     pub filters: Filters,
+    /// An Istio subset of the Service's endpoints (a DestinationRule's `subsets`).
+    pub subset: Option<String>,
 }
 
 impl Backend {
@@ -191,7 +202,17 @@ impl PathModifier {
                     out
                 }
             }
-            // Refused when the route is read; a whole path is the closest meaning.
+            // Istio: the matched prefix replaced, as a plain string.
+            (PathModifier::Prefix(p), PathMatch::StringPrefix(prefix)) => {
+                let rest = path.get(prefix.len()..).unwrap_or_default();
+                let out = format!("{p}{rest}");
+                if out.starts_with('/') {
+                    out
+                } else {
+                    format!("/{out}")
+                }
+            }
+            // Gateway API refuses this when the route is read; Istio means the whole path.
             (PathModifier::Prefix(p), _) => p.clone(),
         }
     }
@@ -267,6 +288,49 @@ pub struct Timeouts {
     pub backend_request: Option<Duration>,
 }
 
+/// Istio's `fault`: some requests delayed, some answered with an error instead of sent.
+#[derive(Debug, Default)]
+pub struct Fault {
+    pub delay: Option<(Duration, Share)>,
+    pub abort: Option<(Abort, Share)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    Http(u16),
+    Grpc(u32),
+}
+
+/// A share of requests, spread evenly: request `n` is in when `floor((n + 1) p)` steps up
+/// past `floor(n p)`, so exactly `p` of any run of requests is, without randomness.
+#[derive(Debug)]
+pub struct Share {
+    /// Parts per million.
+    ppm: u64,
+    next: AtomicU64,
+}
+
+impl Share {
+    /// `percent` of requests (clamped to 0–100).
+    pub fn percent(percent: f64) -> Share {
+        Share {
+            ppm: (percent.clamp(0.0, 100.0) * 10_000.0).round() as u64,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    pub fn percent_value(&self) -> f64 {
+        self.ppm as f64 / 10_000.0
+    }
+
+    /// Whether the next request is in the share.
+    pub fn hit(&self) -> bool {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let ppm = self.ppm;
+        (n + 1).wrapping_mul(ppm) / 1_000_000 > n.wrapping_mul(ppm) / 1_000_000
+    }
+}
+
 /// What routing needs of a request: its head.
 pub struct Head<'a> {
     pub method: &'a Method,
@@ -319,6 +383,7 @@ impl Rule {
             backends,
             timeouts,
             retry: None,
+            fault: None,
             next: AtomicU64::new(0),
             total_weight,
             step,
@@ -328,6 +393,12 @@ impl Rule {
     /// The rule as part of a route of `kind`.
     pub fn with_kind(mut self, kind: RouteKind) -> Rule {
         self.kind = kind;
+        self
+    }
+
+    /// Faults injected into the rule's requests.
+    pub fn with_fault(mut self, fault: Option<Fault>) -> Rule {
+        self.fault = fault;
         self
     }
 
@@ -365,6 +436,7 @@ impl Match {
                 head.path.starts_with(p.as_str())
                     && matches!(head.path.as_bytes().get(p.len()), None | Some(b'/'))
             }
+            PathMatch::StringPrefix(p) => head.path.starts_with(p.as_str()),
             PathMatch::Regex(re) => re.is_match(head.path),
         };
         path_ok
@@ -386,6 +458,7 @@ impl ValueMatch {
     fn matches(&self, value: &str) -> bool {
         match self {
             ValueMatch::Exact(v) => v == value,
+            ValueMatch::Prefix(p) => value.starts_with(p.as_str()),
             ValueMatch::Regex(re) => re.is_match(value),
         }
     }
@@ -437,16 +510,19 @@ impl Table {
             for (r, rule) in route.rules.iter().enumerate() {
                 for (m, found) in rule.matches.iter().enumerate() {
                     let (kind, len) = match &found.path {
+                        // Istio's rules are tried in the order written.
+                        _ if route.kind == RouteKind::VirtualService => (0, 0),
                         PathMatch::Exact(p) => (0, p.len()),
-                        PathMatch::Prefix(p) => (1, p.len()),
+                        PathMatch::Prefix(p) | PathMatch::StringPrefix(p) => (1, p.len()),
                         PathMatch::Regex(_) => (2, 0),
                     };
+                    let in_order = route.kind == RouteKind::VirtualService;
                     let rank = (
                         kind,
                         Reverse(len),
-                        found.method.is_none(),
-                        Reverse(found.headers.len()),
-                        Reverse(found.query.len()),
+                        !in_order && found.method.is_none(),
+                        Reverse(if in_order { 0 } else { found.headers.len() }),
+                        Reverse(if in_order { 0 } else { found.query.len() }),
                         route.created.as_deref(),
                         route.namespace.as_str(),
                         route.name.as_str(),
@@ -472,6 +548,7 @@ impl Table {
     pub fn describe(&self) -> serde_json::Value {
         let value = |v: &ValueMatch| match v {
             ValueMatch::Exact(v) => format!("= {v}"),
+            ValueMatch::Prefix(v) => format!("^= {v}"),
             ValueMatch::Regex(re) => format!("~ {}", re.as_str()),
         };
         let filters = |f: &Filters| {
@@ -495,6 +572,7 @@ impl Table {
             let path = match &found.path {
                 PathMatch::Exact(p) => format!("Exact {p}"),
                 PathMatch::Prefix(p) => format!("PathPrefix {p}/"),
+                PathMatch::StringPrefix(p) => format!("prefix {p}"),
                 PathMatch::Regex(re) => format!("RegularExpression {}", re.as_str()),
             };
             Some(serde_json::json!({
@@ -510,6 +588,10 @@ impl Table {
                     "service": b.service, "port": b.port, "weight": b.weight, "filters": filters(&b.filters),
                 })).collect::<Vec<_>>(),
                 "timeout_ms": rule.timeouts.request.or(rule.timeouts.backend_request).map(|d| d.as_millis()),
+                "fault": rule.fault.as_ref().map(|f| serde_json::json!({
+                    "delay": f.delay.as_ref().map(|(d, share)| serde_json::json!({"ms": d.as_millis(), "percent": share.percent_value()})),
+                    "abort": f.abort.as_ref().map(|(a, share)| serde_json::json!({"status": format!("{a:?}"), "percent": share.percent_value()})),
+                })),
                 "retry": rule.retry.as_ref().map(|r| serde_json::json!({
                     "limit": r.limit,
                     "statuses": r.on.statuses.iter().map(|(lo, hi)| format!("{lo}-{hi}")).collect::<Vec<_>>(),
@@ -535,6 +617,21 @@ mod tests {
     #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
+    #[test]
+    fn a_share_takes_exactly_its_percentage_spread_out() {
+        let half = Share::percent(50.0);
+        let hits: Vec<bool> = (0..6).map(|_| half.hit()).collect();
+        assert_eq!(hits, [false, true, false, true, false, true]);
+        let fifth = Share::percent(20.0);
+        assert_eq!((0..1000).filter(|_| fifth.hit()).count(), 200);
+        let all = Share::percent(100.0);
+        assert!((0..100).all(|_| all.hit()));
+        let none = Share::percent(0.0);
+        assert!(!(0..100).any(|_| none.hit()));
+        let odd = Share::percent(0.1);
+        assert_eq!((0..10_000).filter(|_| odd.hit()).count(), 10);
+    }
+
     fn prefix(p: &str) -> Match {
         Match {
             path: PathMatch::Prefix(p.trim_end_matches('/').to_owned()),
@@ -558,6 +655,7 @@ mod tests {
                 port: None,
                 weight: *w,
                 filters: Filters::default(),
+                subset: None,
             })
             .collect();
         Arc::new(Rule::new(

@@ -294,6 +294,7 @@ pub struct HttpMetrics {
     route_statuses: IntCounterVec,
     route_backend_requests: IntCounterVec,
     route_retries: [IntCounterVec; 3],
+    ejections: IntCounterVec,
     series: Mutex<HashMap<u64, Remembered>>,
     hasher: std::hash::RandomState,
 }
@@ -408,9 +409,17 @@ impl HttpMetrics {
             .collect::<Result<Vec<_>, _>>()?
             .try_into()
             .map_err(|_| prometheus::Error::Msg("three retry counters".into()))?,
+            ejections: IntCounterVec::new(
+                Opts::new(
+                    "outbound_http_outlier_ejections_total",
+                    "Endpoints outlier detection ejected (Istio DestinationRule).",
+                ),
+                &["service_namespace", "service_name"],
+            )?,
             series: Mutex::default(),
             hasher: std::hash::RandomState::new(),
         };
+        registry.register(Box::new(m.ejections.clone()))?;
         registry.register(Box::new(m.route_statuses.clone()))?;
         registry.register(Box::new(m.route_backend_requests.clone()))?;
         for c in &m.route_retries {
@@ -489,6 +498,11 @@ impl HttpMetrics {
         let mut values = route.values();
         values.extend(backend);
         self.route_backend_requests.with_label_values(&values).inc();
+    }
+
+    /// Outlier detection ejected an endpoint of the Service.
+    pub fn ejection(&self, namespace: &str, name: &str) {
+        self.ejections.with_label_values(&[namespace, name]).inc();
     }
 
     /// What became of a routed request's retry.

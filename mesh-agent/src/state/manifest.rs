@@ -641,6 +641,7 @@ impl HttpRoute {
                     port: b.port,
                     weight: b.weight.unwrap_or(1),
                     filters: compile_filters(&b.filters, &format!("{at}.filters"), true)?,
+                    subset: None,
                 });
             }
             if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
@@ -938,7 +939,7 @@ impl LinkerdPolicy {
 }
 
 /// A regular expression matching the whole value, as Gateway API means it.
-fn anchored(pattern: &str) -> Result<regex::Regex, String> {
+pub(crate) fn anchored(pattern: &str) -> Result<regex::Regex, String> {
     regex::Regex::new(&format!("^(?:{pattern})$"))
         .map_err(|e| format!("{pattern:?} is not a regular expression: {e}"))
 }
@@ -1043,7 +1044,7 @@ fn compile_filters(
 }
 
 /// A Gateway API duration (`1h`, `30s`, `500ms`, `1h30m`...).
-fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let bad = || format!("{text:?} is not a duration such as 10s, 500ms or 1h30m");
     let mut total = std::time::Duration::ZERO;
     let mut rest = text;
@@ -1086,9 +1087,11 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     HttpRoute(HttpRoute),
     GrpcRoute(GrpcRoute),
+    VirtualService(super::istio::VirtualService),
+    DestinationRule(Box<super::istio::DestinationRule>),
 }
 
-/// The kinds of [`Object`]; `GrpcRoute` stays last (see [`Kind::COUNT`]).
+/// The kinds of [`Object`]; `DestinationRule` stays last (see [`Kind::COUNT`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Namespace,
@@ -1097,11 +1100,13 @@ pub enum Kind {
     EndpointSlice,
     HttpRoute,
     GrpcRoute,
+    VirtualService,
+    DestinationRule,
 }
 
 impl Kind {
     /// How many kinds there are (`kind as usize` indexes arrays of this length).
-    pub const COUNT: usize = Kind::GrpcRoute as usize + 1;
+    pub const COUNT: usize = Kind::DestinationRule as usize + 1;
 
     fn from_name(kind: &str) -> Option<Kind> {
         Some(match kind {
@@ -1111,6 +1116,8 @@ impl Kind {
             "EndpointSlice" => Kind::EndpointSlice,
             "HTTPRoute" => Kind::HttpRoute,
             "GRPCRoute" => Kind::GrpcRoute,
+            "VirtualService" => Kind::VirtualService,
+            "DestinationRule" => Kind::DestinationRule,
             _ => return None,
         })
     }
@@ -1123,6 +1130,8 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 }
@@ -1153,6 +1162,8 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
             Object::GrpcRoute(o) => &o.metadata,
+            Object::VirtualService(o) => &o.metadata,
+            Object::DestinationRule(o) => &o.metadata,
         }
     }
 
@@ -1164,6 +1175,8 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::GrpcRoute(_) => Kind::GrpcRoute,
+            Object::VirtualService(_) => Kind::VirtualService,
+            Object::DestinationRule(_) => Kind::DestinationRule,
         }
     }
 
@@ -1249,6 +1262,8 @@ struct Parts {
     endpoint_ports: Option<Vec<EndpointPort>>,
     route_spec: Option<HttpRouteSpec>,
     grpc_route_spec: Option<GrpcRouteSpec>,
+    virtual_service_spec: Option<super::istio::VirtualServiceSpec>,
+    destination_rule_spec: Option<super::istio::DestinationRuleSpec>,
 }
 
 /// Where a field's value is read from: the map being parsed, or a value kept aside.
@@ -1300,6 +1315,8 @@ impl Parts {
             (Kind::EndpointSlice, "ports") => put(&mut self.endpoint_ports, value),
             (Kind::HttpRoute, "spec") => put(&mut self.route_spec, value),
             (Kind::GrpcRoute, "spec") => put(&mut self.grpc_route_spec, value),
+            (Kind::VirtualService, "spec") => put(&mut self.virtual_service_spec, value),
+            (Kind::DestinationRule, "spec") => put(&mut self.destination_rule_spec, value),
             _ => Ok(false),
         }
     }
@@ -1333,6 +1350,16 @@ impl Parts {
                 metadata,
                 spec: self.grpc_route_spec.unwrap_or_default(),
             }),
+            Kind::VirtualService => Object::VirtualService(super::istio::VirtualService {
+                metadata,
+                spec: self.virtual_service_spec.unwrap_or_default(),
+            }),
+            Kind::DestinationRule => {
+                Object::DestinationRule(Box::new(super::istio::DestinationRule {
+                    metadata,
+                    spec: self.destination_rule_spec.unwrap_or_default(),
+                }))
+            }
         })
     }
 }
@@ -1458,7 +1485,7 @@ impl fmt::Display for ObjectName<'_> {
     }
 }
 
-fn field(field: &str, message: impl Into<String>) -> Problem {
+pub(crate) fn field(field: &str, message: impl Into<String>) -> Problem {
     Problem::Field {
         field: field.to_owned(),
         message: message.into(),
@@ -1490,6 +1517,14 @@ fn validate(object: Object) -> Result<Object, Problem> {
         Object::GrpcRoute(o) => {
             o.compile()?;
             Object::GrpcRoute(o)
+        }
+        Object::VirtualService(o) => {
+            o.compile()?;
+            Object::VirtualService(o)
+        }
+        Object::DestinationRule(o) => {
+            o.compile()?;
+            Object::DestinationRule(o)
         }
     })
 }

@@ -4,6 +4,7 @@
 //! publish it on a `watch` channel; the proxy and the reconcilers only read it. A connection
 //! keeps the snapshot it started with.
 
+pub mod istio;
 pub mod manifest;
 pub mod ports;
 pub mod shared;
@@ -74,6 +75,12 @@ pub struct ServiceTarget {
     /// The protocol the port declares (`appProtocol`, Istio port name, or the Service's
     /// opaque-ports annotation).
     pub declared: Option<Declared>,
+    /// What an Istio DestinationRule asks: balancing, outlier ejection, a request limit.
+    pub traffic: istio::TrafficPolicy,
+    /// Its Istio subsets, by name (each with the endpoints of its pods).
+    pub subsets: Vec<(String, Arc<ServiceTarget>)>,
+    /// Requests in flight, against `traffic.max_requests`.
+    active: Arc<std::sync::atomic::AtomicU32>,
     next: AtomicUsize,
 }
 
@@ -116,13 +123,96 @@ impl ServiceTarget {
         format!("{}:{}", self.fqdn(), self.port)
     }
 
-    /// The endpoint for the next request, and its load (see [`crate::balance`]).
+    /// A Service port with no routes, subsets or traffic policy of its own yet.
+    pub fn new(
+        name: &store::Name,
+        port: u16,
+        endpoints: Vec<SocketAddr>,
+        declared: Option<Declared>,
+        traffic: istio::TrafficPolicy,
+    ) -> ServiceTarget {
+        ServiceTarget {
+            namespace: name.0.to_string(),
+            name: name.1.to_string(),
+            port,
+            endpoints,
+            loads: Default::default(),
+            routes: None,
+            consumer_routes: Vec::new(),
+            declared,
+            traffic,
+            subsets: Vec::new(),
+            active: Arc::default(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn loads(&self) -> &[Arc<EndpointLoad>] {
+        self.loads
+            .get_or_init(|| self.endpoints.iter().map(|_| Arc::default()).collect())
+    }
+
+    /// The endpoint for the next request, and its load (see [`crate::balance`]), by the
+    /// DestinationRule's policy (P2C over peak-EWMA without one), leaving out ejected
+    /// endpoints.
     pub fn pick_for_request(&self) -> Option<(SocketAddr, &Arc<EndpointLoad>)> {
-        let loads = self
-            .loads
-            .get_or_init(|| self.endpoints.iter().map(|_| Arc::default()).collect());
-        let i = crate::balance::pick(loads)?;
+        let loads = self.loads();
+        let i = crate::balance::pick_with(self.traffic.balance, loads, &self.next)?;
         Some((*self.endpoints.get(i)?, loads.get(i)?))
+    }
+
+    /// Records the answer `load`'s endpoint gave (a status, or the proxy's own for a failure
+    /// to answer), for outlier detection; `true` when it was ejected for it.
+    pub fn observe(&self, load: &Arc<EndpointLoad>, status: u16) -> bool {
+        let Some(outlier) = &self.traffic.outlier else {
+            return false;
+        };
+        let loads = self.loads();
+        let Some(i) = loads.iter().position(|l| Arc::ptr_eq(l, load)) else {
+            return false;
+        };
+        crate::balance::observe_outcome(loads, i, status, outlier, std::time::Instant::now())
+    }
+
+    /// A place among the requests in flight, if the DestinationRule's limit leaves one.
+    pub fn admit(&self) -> Option<Admitted> {
+        let limit = self.traffic.max_requests.unwrap_or(u32::MAX);
+        let now = self.active.fetch_add(1, Ordering::Relaxed);
+        let admitted = Admitted(self.active.clone());
+        (now < limit).then_some(admitted)
+    }
+
+    /// Its DestinationRule's policy and subsets, as `/config_dump` shows them.
+    pub fn describe_traffic(&self) -> serde_json::Value {
+        let policy = |t: &istio::TrafficPolicy| {
+            serde_json::json!({
+                "balance": format!("{:?}", t.balance),
+                "outlier": t.outlier.as_ref().map(|o| serde_json::json!({
+                    "consecutive_5xx": o.consecutive_5xx,
+                    "consecutive_gateway": o.consecutive_gateway,
+                    "base_ejection_ms": o.base_ejection.as_millis(),
+                    "max_ejection_percent": o.max_ejection_percent,
+                })),
+                "max_requests": t.max_requests,
+            })
+        };
+        let mut out = policy(&self.traffic);
+        out["subsets"] = self
+            .subsets
+            .iter()
+            .map(|(name, t)| {
+                let mut p = policy(&t.traffic);
+                p["name"] = name.clone().into();
+                p["endpoints"] = t.endpoints.iter().map(|e| e.to_string()).collect();
+                p
+            })
+            .collect();
+        out
+    }
+
+    /// Its subset `name`.
+    pub fn subset(&self, name: &str) -> Option<&Arc<ServiceTarget>> {
+        self.subsets.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }
 
     /// The next endpoint for a connection, round robin.
@@ -132,6 +222,16 @@ impl ServiceTarget {
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
         self.endpoints.get(i).copied()
+    }
+}
+
+/// A request counted against a Service's limit until dropped.
+#[derive(Debug)]
+pub struct Admitted(Arc<std::sync::atomic::AtomicU32>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -229,6 +329,13 @@ impl Snapshot {
         self.services_by_name
             .iter()
             .filter(|(_, t)| t.routes.is_some() || !t.consumer_routes.is_empty())
+    }
+
+    /// Service ports with an Istio DestinationRule in force (a traffic policy or subsets).
+    pub fn policed_services(&self) -> impl Iterator<Item = (&String, &Arc<ServiceTarget>)> {
+        self.services_by_name
+            .iter()
+            .filter(|(_, t)| t.traffic != istio::TrafficPolicy::default() || !t.subsets.is_empty())
     }
 
     /// The Service port named `name.namespace.svc.cluster.local:port`.

@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::{atomic::AtomicUsize, Arc},
+    sync::Arc,
 };
 
 use super::{
@@ -92,6 +92,8 @@ enum Facts {
     Service(Box<ServiceFacts>),
     EndpointSlice(Box<SliceFacts>),
     HttpRoute(Arc<crate::route::HttpRoute>),
+    /// Istio's DestinationRule (validated when parsed; `None` if it failed there).
+    DestinationRule(Option<Arc<super::istio::CompiledRule>>),
 }
 
 /// What a Namespace decides for its pods.
@@ -196,6 +198,8 @@ impl Facts {
             }
             Object::HttpRoute(route) => route_facts(&route.metadata, route.compile()),
             Object::GrpcRoute(route) => route_facts(&route.metadata, route.compile()),
+            Object::VirtualService(vs) => route_facts(&vs.metadata, vs.compile()),
+            Object::DestinationRule(dr) => Facts::DestinationRule(dr.compile().ok().map(Arc::new)),
             Object::EndpointSlice(slice) => Facts::EndpointSlice(Box::new(SliceFacts {
                 service: service_of(slice).into(),
                 ipv6: match slice.address_type.as_str() {
@@ -445,7 +449,10 @@ impl Store {
             let (ips, held) = match object {
                 Facts::Pod(pod) => (pod.live_ips(), &self.pod_ips),
                 Facts::Service(svc) => (svc.cluster_ips.clone(), &self.cluster_ips),
-                Facts::Namespace(_) | Facts::EndpointSlice(_) | Facts::HttpRoute(_) => continue,
+                Facts::Namespace(_)
+                | Facts::EndpointSlice(_)
+                | Facts::HttpRoute(_)
+                | Facts::DestinationRule(_) => continue,
             };
             for ip in ips {
                 let other = match claims.get(&(key.kind, ip)) {
@@ -516,6 +523,11 @@ impl Store {
                         .insert(key.clone());
                 }
             }
+            Facts::DestinationRule(rule) => {
+                for host in rule_host(rule) {
+                    self.routes_of.entry(host).or_default().insert(key.clone());
+                }
+            }
             Facts::EndpointSlice(slice) => {
                 let slices = self
                     .slices_of
@@ -550,8 +562,13 @@ impl Store {
                     forget(&mut self.cluster_ips, *ip);
                 }
             }
-            Facts::HttpRoute(route) => {
-                for parent in route_parents(route) {
+            Facts::HttpRoute(_) | Facts::DestinationRule(_) => {
+                let attached: Vec<Name> = match facts {
+                    Facts::HttpRoute(route) => route_parents(route).collect(),
+                    Facts::DestinationRule(rule) => rule_host(rule).collect(),
+                    _ => Vec::new(),
+                };
+                for parent in attached {
                     if let Some(routes) = self.routes_of.get_mut(&parent) {
                         routes.remove(key);
                         if routes.is_empty() {
@@ -604,6 +621,7 @@ impl Store {
                     .insert((key.namespace.clone(), slice.service.clone()));
             }
             Facts::HttpRoute(route) => dirty.services.extend(route_parents(route)),
+            Facts::DestinationRule(rule) => dirty.services.extend(rule_host(rule)),
         }
     }
 
@@ -684,6 +702,17 @@ impl Store {
         }
     }
 
+    /// Whether the live pod at `ip` carries every one of `labels`.
+    fn pod_labels_match(&self, ip: IpAddr, labels: &BTreeMap<String, String>) -> bool {
+        let Some(key) = self.pod_ips.get(&ip) else {
+            return false;
+        };
+        match self.get(Kind::Pod, &key.namespace, &key.name) {
+            Some(Facts::Pod(pod)) => selects(Some(labels), &pod.labels),
+            _ => false,
+        }
+    }
+
     fn rebuild_service(&mut self, name: &Name) {
         let mut old: HashMap<SocketAddr, Arc<ServiceTarget>> = HashMap::new();
         for addr in self.placed.remove(name).unwrap_or_default() {
@@ -734,18 +763,41 @@ impl Store {
         // namespace is a consumer route, for callers in that namespace only.
         let mut by_namespace: BTreeMap<Arc<str>, Vec<Arc<crate::route::HttpRoute>>> =
             BTreeMap::new();
+        // Istio's VirtualServices apply to every caller, whatever their namespace.
+        let mut virtual_services = Vec::new();
+        let mut rules: Vec<&Arc<super::istio::CompiledRule>> = Vec::new();
         for route in self.routes_of.get(name).into_iter().flatten() {
-            if let Some(Facts::HttpRoute(r)) = self.get(route.kind, &route.namespace, &route.name) {
-                by_namespace
+            match self.get(route.kind, &route.namespace, &route.name) {
+                Some(Facts::DestinationRule(Some(rule))) => rules.push(rule),
+                Some(Facts::HttpRoute(r)) if route.kind == Kind::VirtualService => {
+                    virtual_services.push(r.clone());
+                }
+                Some(Facts::HttpRoute(r)) => by_namespace
                     .entry(route.namespace.clone())
                     .or_default()
-                    .push(r.clone());
+                    .push(r.clone()),
+                _ => {}
             }
         }
         let mut routes = by_namespace.remove(&name.0).unwrap_or_default();
-        if routes.is_empty() {
-            routes.extend(svc.default_route.clone());
+        let routes = producer_routes(name, &mut routes, virtual_services, svc);
+        // Of several DestinationRules for one Service, the oldest applies (as Istio).
+        rules.sort_by(|a, b| {
+            (a.created.as_deref(), &a.namespace, &a.name).cmp(&(
+                b.created.as_deref(),
+                &b.namespace,
+                &b.name,
+            ))
+        });
+        for later in rules.iter().skip(1) {
+            tracing::warn!(
+                service = %format_args!("{}/{}", name.0, name.1),
+                rule = %format_args!("{}/{}", later.namespace, later.name),
+                "DestinationRule not applied: an older one is for this Service"
+            );
         }
+        let rule = rules.first().copied();
+        let traffic = rule.map(|r| r.policy.clone()).unwrap_or_default();
         let mut targets = Vec::new();
         for &cluster_ip in &svc.cluster_ips {
             for port in &svc.ports {
@@ -764,6 +816,22 @@ impl Store {
                     .filter(|(_, t)| !t.is_empty())
                     .map(|(ns, t)| (ns, Arc::new(t)))
                     .collect();
+                // Istio subsets: the endpoints whose pods carry the subset's labels.
+                let subsets: Vec<(String, Arc<ServiceTarget>)> = rule
+                    .map(|r| r.subsets.as_slice())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|(subset, labels, policy)| {
+                        let members = endpoints
+                            .iter()
+                            .filter(|e| self.pod_labels_match(e.ip(), labels))
+                            .copied()
+                            .collect();
+                        let target =
+                            ServiceTarget::new(name, port.port, members, declared, policy.clone());
+                        (subset.clone(), Arc::new(target))
+                    })
+                    .collect();
                 let target = match old.remove(&addr) {
                     Some(t)
                         if t.endpoints == endpoints
@@ -771,20 +839,18 @@ impl Store {
                             && t.routes.is_none()
                             && table.is_none()
                             && t.consumer_routes.is_empty()
-                            && consumer_routes.is_empty() =>
+                            && consumer_routes.is_empty()
+                            && t.traffic == traffic
+                            && t.subsets.is_empty()
+                            && subsets.is_empty() =>
                     {
                         t
                     }
                     _ => Arc::new(ServiceTarget {
-                        namespace: name.0.to_string(),
-                        name: name.1.to_string(),
-                        port: port.port,
-                        loads: Default::default(),
-                        endpoints,
-                        declared,
                         routes: table,
                         consumer_routes,
-                        next: AtomicUsize::new(0),
+                        subsets,
+                        ..ServiceTarget::new(name, port.port, endpoints, declared, traffic.clone())
                     }),
                 };
                 targets.push((addr, target));
@@ -807,6 +873,50 @@ impl Store {
     }
 }
 
+/// The routes a Service's own callers get, by the documented rule for combining the three
+/// sources: Gateway API routes in the Service's namespace win; without them, the oldest
+/// VirtualService for the Service (then by namespace and name) applies; without either, the
+/// Service's Linkerd annotations make a default route. A source that loses is reported.
+fn producer_routes(
+    name: &Name,
+    gateway_api: &mut Vec<Arc<crate::route::HttpRoute>>,
+    mut virtual_services: Vec<Arc<crate::route::HttpRoute>>,
+    svc: &ServiceFacts,
+) -> Vec<Arc<crate::route::HttpRoute>> {
+    virtual_services.sort_by(|a, b| {
+        (a.created.as_deref(), &a.namespace, &a.name).cmp(&(
+            b.created.as_deref(),
+            &b.namespace,
+            &b.name,
+        ))
+    });
+    let shadowed = |by: &str, routes: &[Arc<crate::route::HttpRoute>]| {
+        for r in routes {
+            tracing::warn!(
+                service = %format_args!("{}/{}", name.0, name.1),
+                route = %format_args!("{} {}/{}", r.kind.name(), r.namespace, r.name),
+                "not applied: {by} already routes this Service"
+            );
+        }
+    };
+    if !gateway_api.is_empty() {
+        shadowed("Gateway API routes", &virtual_services);
+        return std::mem::take(gateway_api);
+    }
+    if !virtual_services.is_empty() {
+        let first = virtual_services.remove(0);
+        shadowed(
+            &format!(
+                "the older VirtualService {}/{}",
+                first.namespace, first.name
+            ),
+            &virtual_services,
+        );
+        return vec![first];
+    }
+    svc.default_route.clone().into_iter().collect()
+}
+
 /// The Service's default route when Linkerd annotations on it ask for retries or timeouts.
 fn default_route(svc: &manifest::Service) -> Option<Arc<crate::route::HttpRoute>> {
     use crate::route as r;
@@ -822,6 +932,7 @@ fn default_route(svc: &manifest::Service) -> Option<Arc<crate::route::HttpRoute>
         port: None,
         weight: 1,
         filters: r::Filters::default(),
+        subset: None,
     };
     let timeouts = r::Timeouts {
         request: policy.request,
@@ -867,6 +978,13 @@ fn route_facts(
             rules: Vec::new(),
         }
     })))
+}
+
+/// The Service a DestinationRule is for.
+fn rule_host(rule: &Option<Arc<super::istio::CompiledRule>>) -> impl Iterator<Item = Name> + '_ {
+    rule.iter()
+        .filter_map(|r| r.host.as_ref())
+        .map(|(ns, name)| (Arc::from(ns.as_str()), Arc::from(name.as_str())))
 }
 
 /// The Services a route attaches to.

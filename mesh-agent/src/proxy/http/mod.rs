@@ -71,12 +71,17 @@ pub enum Failure {
     NoRoute,
     /// The rule's backend is not a Service port the mesh knows.
     NoBackend,
+    /// The Service's limit on requests in flight (a DestinationRule's connection pool) is
+    /// reached.
+    Overflow,
 }
 
 impl Failure {
     pub fn status(self) -> StatusCode {
         match self {
-            Failure::NoEndpoints | Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::NoEndpoints | Failure::Unavailable | Failure::Overflow => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::UpstreamReset => StatusCode::BAD_GATEWAY,
             Failure::BadRequest => StatusCode::BAD_REQUEST,
@@ -95,6 +100,7 @@ impl Failure {
             Failure::BadRequest => "DPE",
             Failure::NoRoute => "NR",
             Failure::NoBackend => "NC",
+            Failure::Overflow => "UO",
         }
     }
 
@@ -108,6 +114,7 @@ impl Failure {
             Failure::BadRequest => "bad_request",
             Failure::NoRoute => "no_route",
             Failure::NoBackend => "no_backend",
+            Failure::Overflow => "overflow",
         }
     }
 }

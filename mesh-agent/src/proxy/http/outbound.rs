@@ -39,8 +39,8 @@ use crate::{
         outbound::{connect_from_pod, hop_to, is_host_scoped, Connection, Hop},
         relay::Metered,
     },
-    route::{Head, PathMatch, Rewrite, Rule},
-    state::{Destination, ServiceTarget, Workload},
+    route::{Abort, Head, PathMatch, Rewrite, Rule},
+    state::{Admitted, Destination, ServiceTarget, Workload},
 };
 
 /// One client connection served as HTTP.
@@ -354,6 +354,8 @@ struct Sent {
     series: Arc<Series>,
     inbound_series: Option<Arc<Series>>,
     request_bytes: Arc<AtomicU64>,
+    /// Its place under the Service's limit on requests in flight.
+    admitted: Option<Admitted>,
 }
 
 impl Sent {
@@ -385,6 +387,20 @@ async fn attempt(
     let conn = &client.conn;
     let inputs = &conn.inputs;
     let grpc = is_grpc(&req);
+    // A DestinationRule's limit on requests in flight: more are refused at once.
+    let admitted = match target.map(|t| t.admit()) {
+        Some(None) => {
+            let detail = "the Service's limit on requests in flight is reached".to_owned();
+            let series = client.answered_here(grpc);
+            let failure = Failure::Overflow;
+            return Err((
+                failure,
+                finish_failed(&inputs.metrics, &series, failure, &detail, started),
+            ));
+        }
+        Some(Some(a)) => Some(a),
+        None => None,
+    };
     let (endpoint, load) = match target {
         Some(svc) => match svc.pick_for_request() {
             Some((endpoint, load)) => (endpoint, Some(load.clone())),
@@ -542,6 +558,17 @@ async fn attempt(
         },
         None => send.await,
     };
+    // Outlier detection sees every answer, and every failure to answer.
+    let status = match &sent {
+        Ok(resp) => resp.status().as_u16(),
+        Err(e) => e.failure.status().as_u16(),
+    };
+    if let (Some(svc), Some(load)) = (target, &load) {
+        if svc.observe(load, status) {
+            tracing::info!(service = %svc.fqdn(), %endpoint, status, "endpoint ejected (outlier detection)");
+            inputs.metrics.http.ejection(&svc.namespace, &svc.name);
+        }
+    }
     match sent {
         Ok(resp) => {
             if let Some(f) = &in_flight {
@@ -555,6 +582,7 @@ async fn attempt(
                 series,
                 inbound_series,
                 request_bytes,
+                admitted,
             })
         }
         Err(e) => {
@@ -575,6 +603,48 @@ async fn attempt(
             Err((e.failure, resp))
         }
     }
+}
+
+/// The proxy's own answer to a request a fault aborts: the status (for gRPC, a trailers-only
+/// answer with the gRPC status), flagged `FI` as Envoy does.
+fn aborted(client: &Client, grpc: bool, started: Instant, abort: Abort) -> Response<Body> {
+    let metrics = &client.conn.inputs.metrics;
+    let series = client.answered_here(grpc);
+    let mut resp = Response::new(Body::full(hyper::body::Bytes::from_static(
+        b"fault filter abort\n",
+    )));
+    let grpc_code = match abort {
+        Abort::Http(code) => {
+            *resp.status_mut() =
+                hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::SERVICE_UNAVAILABLE);
+            None
+        }
+        Abort::Grpc(code) => {
+            *resp.body_mut() = Body::empty();
+            let headers = resp.headers_mut();
+            headers.insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(code));
+            headers.insert(
+                "grpc-message",
+                HeaderValue::from_static("fault filter abort"),
+            );
+            Some(code)
+        }
+    };
+    record(
+        metrics,
+        &series,
+        resp.status(),
+        grpc_code,
+        "FI",
+        started,
+        0,
+        0,
+    );
+    resp
 }
 
 async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
@@ -624,6 +694,18 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                         redirect.location(&matched.path, &host, svc.port, uri.path(), uri.query());
                     return answer(client, grpc, started, redirect.status, &location);
                 }
+                if let Some(fault) = &rule.fault {
+                    if let Some((delay, share)) = &fault.delay {
+                        if share.hit() {
+                            tokio::time::sleep(*delay).await;
+                        }
+                    }
+                    if let Some((abort, share)) = &fault.abort {
+                        if share.hit() {
+                            return aborted(client, grpc, started, *abort);
+                        }
+                    }
+                }
                 if let Some(rewrite) = &rule.filters.rewrite {
                     rewrite_request(&mut req, rewrite, &matched.path);
                 }
@@ -632,10 +714,23 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                     return fail(Failure::NoBackend, detail);
                 };
                 let key = backend.key(svc.port);
-                let Some(target) = conn.snapshot.service_named(&key).cloned() else {
+                let Some(service) = conn.snapshot.service_named(&key) else {
                     let detail =
                         format!("route {}: backend {key} is not a Service port", rule.route);
                     return fail(Failure::NoBackend, detail);
+                };
+                let target = match &backend.subset {
+                    None => service.clone(),
+                    Some(subset) => match service.subset(subset) {
+                        Some(t) => t.clone(),
+                        None => {
+                            let detail = format!(
+                                "route {}: no DestinationRule defines subset {subset} of {key}",
+                                rule.route
+                            );
+                            return fail(Failure::NoBackend, detail);
+                        }
+                    },
                 };
                 rule.filters.request_headers.apply(req.headers_mut());
                 backend.filters.request_headers.apply(req.headers_mut());
@@ -776,6 +871,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
         series,
         inbound_series,
         request_bytes,
+        admitted,
     } = match result {
         Ok(sent) => sent,
         Err((_, resp)) => return resp,
@@ -793,6 +889,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
         drop(in_flight);
         drop(stream_slot);
         drop(checkin);
+        drop(admitted);
         read_at_last_response.store(read.load(Ordering::Relaxed), Ordering::Relaxed);
         let request_bytes = request_bytes.load(Ordering::Relaxed);
         let flags = if seen.complete { "-" } else { "UC" };

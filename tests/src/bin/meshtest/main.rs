@@ -57,6 +57,8 @@
 //!     /stats                        `requests=N` (requests served before)
 //!     `upgrade: websocket` (any)    101, then echoes the upgraded connection until EOF
 //!     anything else                 `hello from NAME`, `path=`, `client=` (as `serve`), `proto=`
+//!   options after NAME: `delay=MS` (every answer but /stats waits MS first), `fail=P` (P% of
+//!   them, evenly spread, are 503 `NAME failed`)
 //! meshtest h1-many ADDR PATH COUNT  COUNT sequential GETs on one keep-alive connection; counts
 //! meshtest h2-many ADDR PATH STREAMS  STREAMS concurrent GETs on one h2c connection; counts
 //! meshtest status ADDR PATHS COUNT  like h1-many, PATHS comma-separated and used round-robin;
@@ -113,7 +115,7 @@ fn main() -> ExitCode {
         ["read-banner", addr] => read_banner(addr),
         ["raw", addr, what] => raw(addr, what),
         ["trickle", addr, secs] => trickle(addr, secs),
-        ["http", port, name] => l7::serve(port, name),
+        ["http", port, name, options @ ..] => l7::serve(port, name, options),
         ["h1-many", addr, path, count] => l7::h1_many(addr, path, count),
         ["h2-many", addr, path, streams] => l7::h2_many(addr, path, streams),
         ["status", addr, paths, count] => l7::status(addr, paths, count),
@@ -165,6 +167,8 @@ fn serve(port: &str, name: &str) -> Result<(), String> {
 static SERVED: AtomicU64 = AtomicU64::new(0);
 /// Requests to `/flaky/P` so far.
 static FLAKY: AtomicU64 = AtomicU64::new(0);
+/// Requests a `fail=P` server has considered failing so far.
+static FAILED: AtomicU64 = AtomicU64::new(0);
 
 fn sink(port: &str) -> Result<(), String> {
     static CONNS: AtomicU64 = AtomicU64::new(0);
@@ -675,7 +679,7 @@ mod l7 {
         sync::mpsc,
     };
 
-    use super::{listen_addr, parse, FLAKY, SERVED};
+    use super::{listen_addr, parse, FAILED, FLAKY, SERVED};
 
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     /// Limit on one request/response exchange of the counting clients, and on each read of
@@ -742,9 +746,24 @@ mod l7 {
 
     type ResBody = BoxBody<Bytes, Infallible>;
 
-    pub fn serve(port: &str, name: &str) -> Result<(), String> {
+    /// How a server misbehaves on purpose (`delay=MS`, `fail=P`).
+    #[derive(Clone, Copy, Default)]
+    struct Quirks {
+        delay: Duration,
+        fail_percent: u64,
+    }
+
+    pub fn serve(port: &str, name: &str, options: &[&str]) -> Result<(), String> {
         let addr = listen_addr(port)?;
         let name: Arc<str> = Arc::from(name);
+        let mut quirks = Quirks::default();
+        for option in options {
+            match option.split_once('=') {
+                Some(("delay", ms)) => quirks.delay = Duration::from_millis(parse("delay", ms)?),
+                Some(("fail", p)) => quirks.fail_percent = parse("fail", p)?,
+                _ => return Err(format!("{option}: not delay=MS or fail=P")),
+            }
+        }
         block_on(async move {
             let listener = TcpListener::bind(addr)
                 .await
@@ -763,7 +782,7 @@ mod l7 {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let name = name.clone();
-                        async move { Ok::<_, Infallible>(handle(req, &name, peer).await) }
+                        async move { Ok::<_, Infallible>(handle(req, &name, peer, quirks).await) }
                     });
                     let _ = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -773,7 +792,24 @@ mod l7 {
         })
     }
 
-    async fn handle(req: Request<Incoming>, name: &str, peer: SocketAddr) -> Response<ResBody> {
+    async fn handle(
+        req: Request<Incoming>,
+        name: &str,
+        peer: SocketAddr,
+        quirks: Quirks,
+    ) -> Response<ResBody> {
+        if req.uri().path() != "/stats" {
+            if !quirks.delay.is_zero() {
+                tokio::time::sleep(quirks.delay).await;
+            }
+            if quirks.fail_percent > 0 {
+                let (n, p) = (FAILED.fetch_add(1, Ordering::SeqCst), quirks.fail_percent);
+                if (n + 1) * p / 100 > n * p / 100 {
+                    SERVED.fetch_add(1, Ordering::SeqCst);
+                    return text(StatusCode::SERVICE_UNAVAILABLE, format!("{name} failed\n"));
+                }
+            }
+        }
         respond(req, name, peer)
             .await
             .unwrap_or_else(|e| text(StatusCode::BAD_REQUEST, format!("error={e}\n")))
@@ -1030,6 +1066,8 @@ mod l7 {
         headers: HeaderMap,
         body: Bytes,
         trailers: Option<HeaderMap>,
+        /// From the request sent to the response's end.
+        latency: Duration,
     }
 
     impl Reply {
@@ -1045,6 +1083,7 @@ mod l7 {
                 headers: parts.headers,
                 body: collected.to_bytes(),
                 trailers,
+                latency: Duration::ZERO,
             })
         }
 
@@ -1076,10 +1115,20 @@ mod l7 {
         from: BTreeMap<String, u64>,
         status: BTreeMap<u16, u64>,
         grpc_status: BTreeMap<String, u64>,
+        /// Replies that took a second or more, and the quickest and slowest.
+        slow: u64,
+        min_ms: Option<u128>,
+        max_ms: u128,
     }
 
     impl Tally {
         fn record(&mut self, reply: &Reply) {
+            let ms = reply.latency.as_millis();
+            if reply.latency >= Duration::from_secs(1) {
+                self.slow += 1;
+            }
+            self.min_ms = Some(self.min_ms.map_or(ms, |m| m.min(ms)));
+            self.max_ms = self.max_ms.max(ms);
             if reply.status.is_success() {
                 self.ok += 1;
             } else {
@@ -1099,6 +1148,9 @@ mod l7 {
             println!("ok={}", self.ok);
             println!("errors={}", self.errors);
             println!("connects={}", self.connects);
+            println!("slow={}", self.slow);
+            println!("min_ms={}", self.min_ms.unwrap_or(0));
+            println!("max_ms={}", self.max_ms);
             for (name, n) in &self.from {
                 println!("from.{name}={n}");
             }
@@ -1126,7 +1178,12 @@ mod l7 {
         tally.connects += 1;
         for (i, path) in paths.iter().cycle().take(count).enumerate() {
             let request = h1_get(host, path)?;
-            let reply = within(async { Reply::read(h1_send(&mut sender, request).await?).await });
+            let sent = Instant::now();
+            let reply = within(async {
+                let mut reply = Reply::read(h1_send(&mut sender, request).await?).await?;
+                reply.latency = sent.elapsed();
+                Ok(reply)
+            });
             match reply.await {
                 Ok(reply) => tally.record(&reply),
                 Err(e) => {
@@ -1204,11 +1261,14 @@ mod l7 {
                 .map_err(|e| format!("GET {uri}: {e}"))?;
             let mut sender = sender.clone();
             tasks.push(tokio::spawn(within(async move {
+                let sent = Instant::now();
                 let response = sender
                     .send_request(request)
                     .await
                     .map_err(|e| format!("request: {e}"))?;
-                Reply::read(response).await
+                let mut reply = Reply::read(response).await?;
+                reply.latency = sent.elapsed();
+                Ok(reply)
             })));
         }
         let mut first_error = None;
