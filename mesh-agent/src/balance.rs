@@ -222,12 +222,17 @@ impl Drop for InFlight {
 }
 
 /// The endpoint (index of `loads`) for the next request under `policy`, leaving out ejected
-/// endpoints (unless every one is); `next` is the round-robin counter.
+/// endpoints (unless every one is) when `outliers` (outlier detection is on); `next` is the
+/// round-robin counter.
 pub fn pick_with(
     policy: Policy,
     loads: &[Arc<EndpointLoad>],
     next: &std::sync::atomic::AtomicUsize,
+    outliers: bool,
 ) -> Option<usize> {
+    if !outliers {
+        return pick_among(policy, loads, next, None);
+    }
     let now = Instant::now();
     let ejected: Vec<usize> = match loads.iter().any(|l| l.ejected(now)) {
         true => (0..loads.len())
@@ -279,25 +284,15 @@ fn pick_among(
     }
 }
 
-/// The index of the endpoint (of `loads`) the next request should go to; `None` if empty.
+/// The index of the endpoint (of `loads`) the next request should go to by P2C over
+/// peak-EWMA; `None` if empty.
 pub fn pick(loads: &[Arc<EndpointLoad>]) -> Option<usize> {
-    match loads.len() {
-        0 => None,
-        1 => Some(0),
-        n => {
-            let a = random_below(n);
-            // A second, distinct endpoint.
-            let b = (a + 1 + random_below(n - 1)) % n;
-            let now = Instant::now();
-            let (ca, cb) = (loads.get(a)?.cost(now), loads.get(b)?.cost(now));
-            Some(match ca.partial_cmp(&cb) {
-                Some(std::cmp::Ordering::Less) => a,
-                Some(std::cmp::Ordering::Greater) => b,
-                // Equal: `a` was as random as `b`.
-                _ => a,
-            })
-        }
-    }
+    pick_among(
+        Policy::PeakEwma,
+        loads,
+        &std::sync::atomic::AtomicUsize::new(0),
+        None,
+    )
 }
 
 /// A uniform-enough random number in `0..n` (xorshift per thread, seeded from the std hasher's
@@ -391,7 +386,7 @@ mod tests {
         assert!(!l[0].ejected(t0 + Duration::from_secs(10)));
         // While ejected it gets nothing; round robin goes over the other two.
         let picks: Vec<usize> = (0..4)
-            .map(|_| pick_with(Policy::RoundRobin, &l, &next).unwrap())
+            .map(|_| pick_with(Policy::RoundRobin, &l, &next, true).unwrap())
             .collect();
         assert!(picks.iter().all(|&i| i != 0), "{picks:?}");
         // 50% of 3 is one endpoint: a second one failing stays in.
@@ -413,13 +408,13 @@ mod tests {
         let l = loads(3);
         let next = std::sync::atomic::AtomicUsize::new(0);
         let rr: Vec<usize> = (0..6)
-            .map(|_| pick_with(Policy::RoundRobin, &l, &next).unwrap())
+            .map(|_| pick_with(Policy::RoundRobin, &l, &next, true).unwrap())
             .collect();
         assert_eq!(rr, [0, 1, 2, 0, 1, 2]);
         let held: Vec<_> = (0..5).map(|_| l[0].start()).collect();
         let mut counts = [0u32; 3];
         for _ in 0..300 {
-            counts[pick_with(Policy::LeastRequest, &l, &next).unwrap()] += 1;
+            counts[pick_with(Policy::LeastRequest, &l, &next, true).unwrap()] += 1;
         }
         assert!(
             counts[0] < 120,
@@ -428,7 +423,7 @@ mod tests {
         drop(held);
         let mut counts = [0u32; 3];
         for _ in 0..3000 {
-            counts[pick_with(Policy::Random, &l, &next).unwrap()] += 1;
+            counts[pick_with(Policy::Random, &l, &next, true).unwrap()] += 1;
         }
         assert!(
             counts.iter().all(|c| (850..=1150).contains(c)),

@@ -8,6 +8,7 @@
 
 use std::{
     cmp::Reverse,
+    collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -476,6 +477,85 @@ fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 #[derive(Debug, Default)]
 pub struct Table {
     entries: Vec<(Arc<Rule>, usize)>,
+    /// For large tables, which entries a path can match at all.
+    index: Option<Index>,
+}
+
+/// Tables with more entries than this are indexed; below it a scan is as fast.
+const INDEX_FROM: usize = 16;
+
+/// The entries of a table by what their path match needs: an exact path and a path prefix
+/// are looked up, the regular expressions run as one set, and the rest (Istio's string
+/// prefixes) are always candidates. A request is checked only against its candidates, in
+/// precedence order, so selection among a thousand routes costs a few lookups.
+#[derive(Debug)]
+struct Index {
+    exact: HashMap<String, Vec<u32>>,
+    prefix: HashMap<String, Vec<u32>>,
+    regex: Option<(regex::RegexSet, Vec<u32>)>,
+    other: Vec<u32>,
+}
+
+impl Index {
+    fn new(entries: &[(Arc<Rule>, usize)]) -> Index {
+        let mut index = Index {
+            exact: HashMap::new(),
+            prefix: HashMap::new(),
+            regex: None,
+            other: Vec::new(),
+        };
+        let mut patterns = Vec::new();
+        let mut regex_entries = Vec::new();
+        for (i, (rule, m)) in entries.iter().enumerate() {
+            let i = i as u32;
+            match rule.matches.get(*m).map(|m| &m.path) {
+                Some(PathMatch::Exact(p)) => index.exact.entry(p.clone()).or_default().push(i),
+                Some(PathMatch::Prefix(p)) => index.prefix.entry(p.clone()).or_default().push(i),
+                Some(PathMatch::Regex(re)) => {
+                    patterns.push(re.as_str().to_owned());
+                    regex_entries.push(i);
+                }
+                _ => index.other.push(i),
+            }
+        }
+        if !patterns.is_empty() {
+            match regex::RegexSet::new(&patterns) {
+                Ok(set) => index.regex = Some((set, regex_entries)),
+                // Each compiled on its own already; should the set not build, check them one
+                // by one.
+                Err(_) => index.other.extend(regex_entries),
+            }
+        }
+        index.other.sort_unstable();
+        index
+    }
+
+    /// The entries a request for `path` may match, in precedence order.
+    fn candidates(&self, path: &str) -> Vec<u32> {
+        let mut out = Vec::with_capacity(8);
+        if let Some(hits) = self.exact.get(path) {
+            out.extend_from_slice(hits);
+        }
+        if !self.prefix.is_empty() {
+            // Every prefix on a path-element boundary: "", "/a", "/a/b", ...
+            let bytes = path.as_bytes();
+            let ends = (1..bytes.len())
+                .filter(|&i| bytes[i] == b'/')
+                .chain(std::iter::once(bytes.len()));
+            for end in std::iter::once(0).chain(ends) {
+                if let Some(hits) = path.get(..end).and_then(|p| self.prefix.get(p)) {
+                    out.extend_from_slice(hits);
+                }
+            }
+        }
+        if let Some((set, entries)) = &self.regex {
+            out.extend(set.matches(path).iter().filter_map(|k| entries.get(k)));
+        }
+        out.extend_from_slice(&self.other);
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 /// How a match ranks (smaller first), from the spec: an exact path, then the longest prefix
@@ -534,8 +614,11 @@ impl Table {
             }
         }
         ranked.sort_by(|a, b| a.0.cmp(&b.0));
+        let entries: Vec<(Arc<Rule>, usize)> =
+            ranked.into_iter().map(|(_, rule, m)| (rule, m)).collect();
         Table {
-            entries: ranked.into_iter().map(|(_, rule, m)| (rule, m)).collect(),
+            index: (entries.len() > INDEX_FROM).then(|| Index::new(&entries)),
+            entries,
         }
     }
 
@@ -605,10 +688,21 @@ impl Table {
 
     /// The rule for a request and the match that took it, or `None` when no match does.
     pub fn select(&self, head: &Head) -> Option<(&Arc<Rule>, &Match)> {
-        self.entries.iter().find_map(|(rule, m)| {
+        fn check<'t>(
+            entry: &'t (Arc<Rule>, usize),
+            head: &Head,
+        ) -> Option<(&'t Arc<Rule>, &'t Match)> {
+            let (rule, m) = entry;
             let found = rule.matches.get(*m)?;
             found.matches(head).then_some((rule, found))
-        })
+        }
+        match &self.index {
+            None => self.entries.iter().find_map(|e| check(e, head)),
+            Some(index) => index
+                .candidates(head.path)
+                .into_iter()
+                .find_map(|i| self.entries.get(i as usize).and_then(|e| check(e, head))),
+        }
     }
 }
 
@@ -616,6 +710,75 @@ impl Table {
 mod tests {
     #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn the_index_of_a_large_table_selects_what_a_scan_selects() {
+        let mut routes = Vec::new();
+        for i in 0..40 {
+            let mut exact = Match {
+                path: PathMatch::Exact(format!("/e/{}", i % 7)),
+                ..Match::default()
+            };
+            if i % 3 == 0 {
+                exact = header(exact, "x-h", &format!("{}", i % 5));
+            }
+            let rules = vec![
+                rule(
+                    &format!("p{i}"),
+                    vec![prefix(&format!("/p/{}", i % 9))],
+                    &[("a", 1)],
+                ),
+                rule(&format!("e{i}"), vec![exact], &[("b", 1)]),
+                rule(
+                    &format!("r{i}"),
+                    vec![Match {
+                        path: PathMatch::Regex(
+                            regex::Regex::new(&format!("^(?:/r/{}/[0-9]+)$", i % 4)).unwrap(),
+                        ),
+                        ..Match::default()
+                    }],
+                    &[("c", 1)],
+                ),
+                rule(
+                    &format!("s{i}"),
+                    vec![Match {
+                        path: PathMatch::StringPrefix(format!("/s{}", i % 3)),
+                        ..Match::default()
+                    }],
+                    &[("d", 1)],
+                ),
+            ];
+            routes.push(route(&format!("r{i:02}"), None, rules));
+        }
+        let table = Table::new(&routes, 80);
+        assert!(table.index.is_some());
+        let paths = [
+            "/", "/e/3", "/e/3/", "/p/4", "/p/4/x/y", "/p/45", "/r/2/77", "/r/2/x", "/s1",
+            "/s10/x", "/p", "/nothing",
+        ];
+        for path in paths {
+            for h in ["0", "1", "4", "none"] {
+                let mut headers = HeaderMap::new();
+                headers.insert("x-h", HeaderValue::from_str(h).unwrap());
+                let head = Head {
+                    method: &Method::GET,
+                    path,
+                    query: None,
+                    headers: &headers,
+                };
+                let indexed = table
+                    .select(&head)
+                    .map(|(r, m)| (r.name.clone(), format!("{:?}", m.path)));
+                let scanned = table.entries.iter().find_map(|(rule, m)| {
+                    let found = rule.matches.get(*m)?;
+                    found
+                        .matches(&head)
+                        .then(|| (rule.name.clone(), format!("{:?}", found.path)))
+                });
+                assert_eq!(indexed, scanned, "{path} x-h={h}");
+            }
+        }
+    }
 
     #[test]
     fn a_share_takes_exactly_its_percentage_spread_out() {

@@ -97,6 +97,8 @@ fn main() -> anyhow::Result<()> {
                 "-p",
                 "mesh-agent-tests",
                 "--bins",
+                "--example",
+                "route_select",
             ]);
             step("build release binaries", cmd)?;
             if scale {

@@ -157,7 +157,8 @@ impl ServiceTarget {
     /// endpoints.
     pub fn pick_for_request(&self) -> Option<(SocketAddr, &Arc<EndpointLoad>)> {
         let loads = self.loads();
-        let i = crate::balance::pick_with(self.traffic.balance, loads, &self.next)?;
+        let outliers = self.traffic.outlier.is_some();
+        let i = crate::balance::pick_with(self.traffic.balance, loads, &self.next, outliers)?;
         Some((*self.endpoints.get(i)?, loads.get(i)?))
     }
 

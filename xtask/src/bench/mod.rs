@@ -69,16 +69,19 @@ enum Scenario {
     /// The mesh with the server's port declared opaque: today's L4 relay, for comparison with
     /// the HTTP-aware path.
     MeshCrossL4,
+    /// HTTP to a Service routed by an HTTPRoute of 10 rules, the last a 2-backend split.
+    MeshCrossRouted,
     SidecarCross,
     DirectSame,
     MeshSame,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 7] = [
         Scenario::DirectCross,
         Scenario::MeshCross,
         Scenario::MeshCrossL4,
+        Scenario::MeshCrossRouted,
         Scenario::SidecarCross,
         Scenario::DirectSame,
         Scenario::MeshSame,
@@ -89,6 +92,9 @@ impl Scenario {
             Scenario::DirectCross => "direct cross-node",
             Scenario::MeshCross => "mesh cross-node",
             Scenario::MeshCrossL4 => "mesh cross-node, opaque (L4)",
+            Scenario::MeshCrossRouted => {
+                "mesh cross-node, routed (HTTPRoute: 10 rules, 2-backend split)"
+            }
             Scenario::SidecarCross => "sidecar cross-node",
             Scenario::DirectSame => "direct same-node",
             Scenario::MeshSame => "mesh same-node",
@@ -100,6 +106,7 @@ impl Scenario {
             Scenario::DirectCross => "direct_cross",
             Scenario::MeshCross => "mesh_cross",
             Scenario::MeshCrossL4 => "mesh_cross_l4",
+            Scenario::MeshCrossRouted => "mesh_cross_routed",
             Scenario::SidecarCross => "sidecar_cross",
             Scenario::DirectSame => "direct_same",
             Scenario::MeshSame => "mesh_same",
@@ -109,7 +116,10 @@ impl Scenario {
     fn mesh(self) -> bool {
         matches!(
             self,
-            Scenario::MeshCross | Scenario::MeshCrossL4 | Scenario::MeshSame
+            Scenario::MeshCross
+                | Scenario::MeshCrossL4
+                | Scenario::MeshCrossRouted
+                | Scenario::MeshSame
         )
     }
 }
@@ -209,7 +219,10 @@ pub fn run(quick: bool, profile: bool, root: &Path) -> anyhow::Result<()> {
         }
     }
     let ebpf = total_ebpf(&runs);
-    let report = report::build(
+    println!("==> route selection among 1,000 routes");
+    let selection = route_selection(root)?;
+    println!("    ns per selection: {selection}");
+    let mut report = report::build(
         &bench.plan_json(),
         &runs,
         idle,
@@ -217,6 +230,7 @@ pub fn run(quick: bool, profile: bool, root: &Path) -> anyhow::Result<()> {
         sidecar_verified,
         started.elapsed(),
     );
+    report::add_route_selection(&mut report, selection);
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
@@ -233,6 +247,42 @@ pub fn run(quick: bool, profile: bool, root: &Path) -> anyhow::Result<()> {
     );
     drop(bench);
     Ok(())
+}
+
+/// The routed scenario's Service (`bench`, in front of pod b) and the two it splits to.
+const ROUTED_SERVICE_IP: &str = "10.96.0.60";
+
+/// Services `bench`, `bench-1` and `bench-2` (each selecting pod b, port 8080) and an HTTPRoute
+/// on `bench` with 10 rules: 9 that a request for `/` does not match (prefixes, an exact path,
+/// a header, a regular expression), ranked before the last, a `/` prefix split 1:1 between
+/// `bench-1` and `bench-2`.
+fn routed_manifests() -> String {
+    let mut yaml = String::new();
+    for (name, ip) in [
+        ("bench", ROUTED_SERVICE_IP),
+        ("bench-1", "10.96.0.61"),
+        ("bench-2", "10.96.0.62"),
+    ] {
+        yaml += &format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {ip}\n  selector: {{app: server}}\n  ports: [{{name: http, port: 8080, targetPort: 8080, appProtocol: http}}]\n");
+    }
+    let mut rules = String::new();
+    for i in 1..=6 {
+        rules += &format!("  - matches: [{{path: {{type: PathPrefix, value: /api/v{i}}}}}]\n    backendRefs: [{{name: bench-1, port: 8080}}]\n");
+    }
+    rules += "  - matches: [{path: {type: Exact, value: /healthz}}]\n    backendRefs: [{name: bench-2, port: 8080}]\n";
+    rules += "  - matches: [{headers: [{name: x-canary, value: \"true\"}]}]\n    backendRefs: [{name: bench-2, port: 8080}]\n";
+    rules += "  - matches: [{path: {type: RegularExpression, value: \"/items/[0-9]+\"}}]\n    backendRefs: [{name: bench-1, port: 8080}]\n";
+    rules += "  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: bench-1, port: 8080, weight: 1}, {name: bench-2, port: 8080, weight: 1}]\n";
+    yaml + &format!("---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: bench, namespace: default}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: bench, port: 8080}}]\n  rules:\n{rules}")
+}
+
+/// The route-selection micro-benchmark (`mesh-agent/examples/route_select.rs`): nanoseconds
+/// per selection among 1,000 routes, by case.
+fn route_selection(root: &Path) -> anyhow::Result<Value> {
+    let out = output_text(Command::new(
+        root.join("target/release/examples/route_select"),
+    ))?;
+    serde_json::from_str(out.trim()).context("route_select output")
 }
 
 /// Waits for `perf record` and writes, as text, where the time goes including callees (by
@@ -452,6 +502,10 @@ impl Bench {
             "  upstream remote {{ server {b}:8443; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:15001;\n    location / {{\n      proxy_pass https://remote; proxy_http_version 1.1; proxy_set_header Connection \"\";\n      proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on;\n      proxy_ssl_certificate {d}/sidecar-a.crt; proxy_ssl_certificate_key {d}/sidecar-a.key;\n      proxy_ssl_trusted_certificate {d}/ca/ca.crt; proxy_ssl_verify on; proxy_ssl_verify_depth 3;\n      proxy_ssl_name server.default.serviceaccount.identity.linkerd.cluster.local;\n    }}\n  }}\n",
             b = self.b
         );
+        std::fs::write(
+            self.bed.manifests_dir().join("routed.yaml"),
+            routed_manifests(),
+        )?;
         self.spawn_nginx("b", &format!("{app}{b_sidecar}"))?;
         self.spawn_nginx("c", &app)?;
         self.spawn_nginx("a", &a_sidecar)?;
@@ -522,6 +576,8 @@ impl Bench {
             Scenario::DirectSame | Scenario::MeshSame => {
                 (format!("{}:8080", self.c), Some(self.c.clone()))
             }
+            // Through the Service and its route to pod b; no bulk stream (the same TCP path).
+            Scenario::MeshCrossRouted => (format!("{ROUTED_SERVICE_IP}:8080"), None),
             Scenario::SidecarCross => ("127.0.0.1:15001".to_owned(), None),
         };
         let startup_peak: Vec<u64> = agents

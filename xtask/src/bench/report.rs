@@ -86,9 +86,10 @@ fn figures(plan: &Value) -> Vec<(String, String)> {
 /// Which baseline a scenario is compared with.
 fn baseline(s: Scenario) -> Option<Scenario> {
     match s {
-        Scenario::MeshCross | Scenario::MeshCrossL4 | Scenario::SidecarCross => {
-            Some(Scenario::DirectCross)
-        }
+        Scenario::MeshCross
+        | Scenario::MeshCrossL4
+        | Scenario::MeshCrossRouted
+        | Scenario::SidecarCross => Some(Scenario::DirectCross),
         Scenario::MeshSame => Some(Scenario::DirectSame),
         _ => None,
     }
@@ -167,6 +168,38 @@ pub fn build(
     report
 }
 
+/// Routed minus unrouted (L7) cross-node p50 at 1000 req/s, within each repetition; the median.
+fn routed_extra_p50(r: &Value) -> Option<f64> {
+    let runs = r["runs"].as_array()?;
+    let p50 = |key: &str, rep: &Value| {
+        runs.iter()
+            .find(|x| x["scenario"] == key && x["rep"] == *rep)
+            .and_then(|x| x["result"]["latency"]["1000"]["p50_us"].as_f64())
+    };
+    let mut diffs: Vec<f64> = runs
+        .iter()
+        .filter(|x| x["scenario"] == "mesh_cross_routed")
+        .filter_map(|x| Some(p50("mesh_cross_routed", &x["rep"])? - p50("mesh_cross", &x["rep"])?))
+        .collect();
+    diffs.sort_by(f64::total_cmp);
+    diffs.get(diffs.len() / 2).copied()
+}
+
+/// Adds the route-selection micro-benchmark and its target to the report.
+pub fn add_route_selection(report: &mut Value, selection: Value) {
+    let worst = selection
+        .as_object()
+        .and_then(|o| o.values().filter_map(Value::as_f64).reduce(f64::max));
+    if let Some(targets) = report["targets"].as_array_mut() {
+        targets.push(json!({
+            "target": "route selection among 1,000 routes < 5 µs (worst case, ns)",
+            "value": worst,
+            "met": worst.map(|ns| ns < 5000.0),
+        }));
+    }
+    report["route_selection_ns"] = selection;
+}
+
 fn median(report: &Value, pointer: &str) -> Option<f64> {
     report.pointer(pointer)?.get("median")?.as_f64()
 }
@@ -209,6 +242,11 @@ fn targets(r: &Value) -> Value {
     let cpu = worst(&|n| fig("mesh_cross", &format!("agent CPU µs/request, {n}")));
     let check = |name: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool| json!({"target": name, "value": value, "met": value.map(ok)});
     json!([
+        check(
+            "routed (10 rules, split) p50 at 1000 req/s within 10 µs of unrouted L7",
+            routed_extra_p50(r),
+            &|v| v <= 10.0
+        ),
         check("cross-node added p50 at 1000 req/s < 150 µs", p50, &|v| v
             < 150.0),
         check(
@@ -300,12 +338,16 @@ pub fn markdown(r: &Value) -> String {
         ("direct_cross", None),
         ("mesh_cross", Some("mesh_cross_vs_direct_cross")),
         ("mesh_cross_l4", Some("mesh_cross_l4_vs_direct_cross")),
+        (
+            "mesh_cross_routed",
+            Some("mesh_cross_routed_vs_direct_cross"),
+        ),
         ("sidecar_cross", Some("sidecar_cross_vs_direct_cross")),
         ("direct_same", None),
         ("mesh_same", Some("mesh_same_vs_direct_same")),
     ];
-    let _ = writeln!(s, "| figure | direct cross-node | mesh cross-node (HTTP) | mesh vs direct | mesh cross-node (opaque L4) | L4 vs direct | sidecar (nginx mTLS) | sidecar vs direct | direct same-node | mesh same-node | mesh vs direct |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "| figure | direct cross-node | mesh cross-node (HTTP) | mesh vs direct | mesh cross-node (opaque L4) | L4 vs direct | mesh cross-node (routed) | routed vs direct | sidecar (nginx mTLS) | sidecar vs direct | direct same-node | mesh same-node | mesh vs direct |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, _) in figures(&r["plan"]) {
         let mut row = format!("| {name} ");
         let mut any = false;
@@ -375,6 +417,14 @@ pub fn markdown(r: &Value) -> String {
         "Sidecar baseline carries mTLS (plaintext to its port refused): {}.\n",
         r["sidecar_mtls_verified_by_refused_plaintext"]
     );
+    if let Some(sel) = r["route_selection_ns"].as_object() {
+        let list: Vec<String> = sel.iter().map(|(k, v)| format!("{k} {v} ns")).collect();
+        let _ = writeln!(
+            s,
+            "Route selection among 1,000 HTTPRoutes (3,000 rules) on one Service port: {}.\n",
+            list.join(", ")
+        );
+    }
     let _ = writeln!(s, "| target | value | met |\n|---|---|---|");
     for t in r["targets"].as_array().into_iter().flatten() {
         let value = t["value"].as_f64().map_or("–".to_owned(), fmt);

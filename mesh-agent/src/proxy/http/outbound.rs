@@ -779,24 +779,25 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
         ),
     };
     let (parts, body) = req.into_parts();
-    // A request a rule retries keeps its body (up to REPLAY_LIMIT) to send it again.
-    let (replay, mut body) = match retry {
+    // A request a rule retries keeps its head, and its body (up to REPLAY_LIMIT), to send
+    // it again; any other is sent as it is, once.
+    let (replay, mut once) = match retry {
         Some(r) => {
             r.budget.request(started);
-            (Some(Replay::new(body, REPLAY_LIMIT)), None)
+            (Some((parts, Replay::new(body, REPLAY_LIMIT))), None)
         }
-        None => (None, Some(body)),
+        None => (None, Some((parts, body))),
     };
     let attempts = async {
         let mut tries = 0u32;
         loop {
             tries += 1;
-            let body = match (&replay, body.take()) {
-                (Some(r), _) => r.attempt(),
-                (None, Some(b)) => b,
+            let (parts, body) = match (&replay, once.take()) {
+                (Some((head, r)), _) => (head.clone(), r.attempt()),
+                (None, Some(request)) => request,
                 (None, None) => unreachable!("one attempt without a retry policy"),
             };
-            let req = Request::from_parts(parts.clone(), body);
+            let req = Request::from_parts(parts, body);
             if let (Some(route), Some(backend)) = (&route, &target) {
                 let port = backend.port.to_string();
                 inputs
@@ -827,7 +828,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                 }
                 return (result, tries);
             }
-            let replayable = replay.as_ref().is_some_and(Replay::can_replay);
+            let replayable = replay.as_ref().is_some_and(|(_, r)| r.can_replay());
             if !replayable || !policy.budget.try_retry(Instant::now()) {
                 if let Some(route) = &route {
                     metrics.retry(route, RetryResult::Overflow);
