@@ -93,18 +93,21 @@ pub fn command_with_files(cmd: &mut Command, hosts: &Path, resolv: &Path) -> io:
             {
                 return Err(io::Error::last_os_error());
             }
-            for (from, to) in [(&hosts, &etc_hosts), (&resolv, &etc_resolv)] {
-                if libc::mount(
+            let bind = |from: &CString, to: &CString| {
+                libc::mount(
                     from.as_ptr(),
                     to.as_ptr(),
                     std::ptr::null(),
                     libc::MS_BIND,
                     std::ptr::null(),
-                ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+                ) == 0
+            };
+            if !bind(&hosts, &etc_hosts) {
+                return Err(io::Error::last_os_error());
             }
+            // Best effort: a machine whose /etc/resolv.conf is a dangling link keeps it (the
+            // testbed's namespaces reach no resolver anyway).
+            let _ = bind(&resolv, &etc_resolv);
             Ok(())
         });
     }

@@ -142,6 +142,7 @@ const GUI_KEY: &str = "faces-gui.faces.svc.cluster.local:80";
 /// 2,000 requests to `color` split within 45–55% between color and color2.
 fn assert_even_color_split(bed: &Testbed) {
     let got = meshtest_in(bed, "client", &["h1-many", COLOR, "/", "2000"]);
+    eprintln!("color split: {got:?}");
     assert_eq!(num(&got, "ok"), 2000, "{got:?}");
     for pod in ["color-a", "color2-a"] {
         let n = num(&got, &format!("from.{pod}"));
@@ -267,6 +268,7 @@ const MY_KEY: &str = "my-service.default.svc.cluster.local:80";
 /// The share (percent) of 2,000 requests to my-service that version 1 answered.
 fn v1_share(bed: &Testbed) -> f64 {
     let got = meshtest_in(bed, "client", &["h1-many", MY_SERVICE, "/", "2000"]);
+    eprintln!("my-service: {got:?}");
     assert_eq!(num(&got, "ok"), 2000, "{got:?}");
     let v1 = num(&got, "from.my-service-v1-a") + num(&got, "from.my-service-v1-b");
     let v2 = num(&got, "from.my-service-v2-a");
@@ -364,6 +366,7 @@ fn my_service_weights_canary_timeout_round_robin_and_fault() {
             r[0]["timeout_ms"] == 3000
         });
         let (took, status) = timed_get(&bed, "/slow/5000");
+        eprintln!("{form} timeout: {status} after {took:?}");
         assert_eq!(status, "504", "{form}: {status}");
         assert!(
             took >= Duration::from_millis(2700) && took <= Duration::from_millis(3300),
@@ -386,6 +389,7 @@ fn my_service_weights_canary_timeout_round_robin_and_fault() {
     let got = meshtest_in(&bed, "client", &["h2-many", MY_SERVICE, "/", "200"]);
     assert_eq!(num(&got, "ok"), 200, "{got:?}");
     let delayed = num(&got, "slow");
+    eprintln!("50% fault: {got:?}");
     assert!(
         (90..=110).contains(&delayed),
         "{delayed} of 200 delayed: {got:?}"
@@ -440,6 +444,7 @@ fn a_slow_endpoint_gets_few_requests_and_a_failing_one_is_ejected_and_readmitted
     // the two others' answers count here; it is measured below.
     let got = meshtest_in(&bed, "client", &["h1-many", API, "/", "2000"]);
     let slow = num(&got, "from.api-b");
+    eprintln!("peak-EWMA with a 50 ms endpoint: {got:?}");
     assert!(slow < 200, "the 50 ms endpoint got {slow} of 2000: {got:?}");
 
     // Istio's outlier detection: 3 consecutive 5xx eject for 3 s (then 6 s).
