@@ -270,6 +270,19 @@ impl RouteLabels {
     }
 }
 
+/// Counters a [`RouteSeries`] keeps resolved, at most (statuses, backends).
+const ROUTE_CACHE: usize = 16;
+
+/// The route metrics of one rule for one parent (see [`HttpMetrics::route_series`]).
+pub struct RouteSeries {
+    labels: RouteLabels,
+    statuses: Mutex<Vec<((u16, &'static str), IntCounter)>>,
+    backends: Mutex<Vec<(BackendKey, IntCounter)>>,
+}
+
+/// A backend Service port: namespace, name, port.
+type BackendKey = (String, String, u16);
+
 /// What became of a retry a route asked for.
 #[derive(Debug, Clone, Copy)]
 pub enum RetryResult {
@@ -485,19 +498,54 @@ impl HttpMetrics {
         })
     }
 
-    /// A routed request's answer (its status, or the proxy's own error).
-    pub fn route_status(&self, route: &RouteLabels, status: u16, error: &str) {
-        let mut values = route.values();
-        let status = status.to_string();
-        values.extend([status.as_str(), error]);
-        self.route_statuses.with_label_values(&values).inc();
+    /// The route metrics of one route rule for one parent, resolved as they are used: a
+    /// connection keeps it for every request the rule takes.
+    pub fn route_series(&self, labels: RouteLabels) -> Arc<RouteSeries> {
+        Arc::new(RouteSeries {
+            labels,
+            statuses: Mutex::default(),
+            backends: Mutex::default(),
+        })
     }
 
-    /// An attempt of a routed request sent to a backend (`namespace`, `name`, `port`).
-    pub fn route_backend(&self, route: &RouteLabels, backend: [&str; 3]) {
-        let mut values = route.values();
-        values.extend(backend);
-        self.route_backend_requests.with_label_values(&values).inc();
+    /// A routed request's answer (its status, or the proxy's own error).
+    pub fn route_status(&self, route: &RouteSeries, status: u16, error: &'static str) {
+        let key = (status, error);
+        if let Ok(mut cache) = route.statuses.lock() {
+            if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
+                c.inc();
+                return;
+            }
+            let mut values = route.labels.values();
+            let code = status.to_string();
+            values.extend([code.as_str(), error]);
+            let counter = self.route_statuses.with_label_values(&values);
+            counter.inc();
+            if cache.len() < ROUTE_CACHE {
+                cache.push((key, counter));
+            }
+        }
+    }
+
+    /// An attempt of a routed request sent to a backend Service port.
+    pub fn route_backend(&self, route: &RouteSeries, namespace: &str, name: &str, port: u16) {
+        if let Ok(mut cache) = route.backends.lock() {
+            let hit = cache
+                .iter()
+                .find(|((ns, n, p), _)| *p == port && ns == namespace && n == name);
+            if let Some((_, c)) = hit {
+                c.inc();
+                return;
+            }
+            let mut values = route.labels.values();
+            let port_text = port.to_string();
+            values.extend([namespace, name, port_text.as_str()]);
+            let counter = self.route_backend_requests.with_label_values(&values);
+            counter.inc();
+            if cache.len() < ROUTE_CACHE {
+                cache.push(((namespace.to_owned(), name.to_owned(), port), counter));
+            }
+        }
     }
 
     /// Outlier detection ejected an endpoint of the Service.
@@ -506,9 +554,9 @@ impl HttpMetrics {
     }
 
     /// What became of a routed request's retry.
-    pub fn retry(&self, route: &RouteLabels, result: RetryResult) {
+    pub fn retry(&self, route: &RouteSeries, result: RetryResult) {
         self.route_retries[result as usize]
-            .with_label_values(&route.values())
+            .with_label_values(&route.labels.values())
             .inc();
     }
 

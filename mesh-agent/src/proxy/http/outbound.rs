@@ -29,7 +29,7 @@ use super::{
 use crate::{
     balance::InFlight,
     metrics::{
-        http::{Outcome, RequestLabels, RetryResult, RouteLabels, Series},
+        http::{Outcome, RequestLabels, RetryResult, RouteLabels, RouteSeries, Series},
         ConnectionLabels, Metrics,
     },
     proxy::{
@@ -59,6 +59,9 @@ struct Client {
     canonical: Option<HeaderValue>,
     /// What this connection has resolved about each destination it sent requests to.
     destinations: Mutex<HashMap<SeriesKey, Arc<Resolved>>>,
+    /// The route metrics of each rule its requests took (the rule kept, so that its address
+    /// names it).
+    routes: Mutex<Vec<(Arc<Rule>, Arc<RouteSeries>)>>,
 }
 
 /// One destination of a client connection, resolved once.
@@ -74,6 +77,8 @@ struct Resolved {
 type SeriesKey = (std::net::SocketAddr, &'static str, bool);
 /// Destinations one connection keeps resolved series for.
 const MAX_SERIES_PER_CONNECTION: usize = 256;
+/// Route rules one connection keeps resolved route metrics for.
+const MAX_ROUTES_PER_CONNECTION: usize = 32;
 
 impl Client {
     /// The series of a request the proxy answers itself before a destination is known
@@ -87,6 +92,28 @@ impl Client {
         }
         let series = metrics.http.series(labels);
         metrics.http.request(&series);
+        series
+    }
+
+    /// The route metrics of requests `rule` takes on this connection (to the Service
+    /// `parent` it dialled).
+    fn route_series(&self, rule: &Arc<Rule>, parent: &ServiceTarget) -> Arc<RouteSeries> {
+        if let Ok(cache) = self.routes.lock() {
+            if let Some((_, s)) = cache.iter().find(|(r, _)| Arc::ptr_eq(r, rule)) {
+                return s.clone();
+            }
+        }
+        let series = self
+            .conn
+            .inputs
+            .metrics
+            .http
+            .route_series(route_labels(rule, parent));
+        if let Ok(mut cache) = self.routes.lock() {
+            if cache.len() < MAX_ROUTES_PER_CONNECTION {
+                cache.push((rule.clone(), series.clone()));
+            }
+        }
         series
     }
 
@@ -166,6 +193,7 @@ pub async fn serve(
         read: io.bytes_read(),
         read_at_last_response: Default::default(),
         destinations: Mutex::default(),
+        routes: Mutex::default(),
     });
     let served = client.clone();
     let limits = ServeLimits {
@@ -755,7 +783,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     // Route timeouts bound the wait for the response head (the body is not cut).
     let rule = routed.as_ref().map(|(rule, _)| rule.clone());
     let route = match (&rule, &client.destination) {
-        (Some(rule), Destination::Service(parent)) => Some(route_labels(rule, parent)),
+        (Some(rule), Destination::Service(parent)) => Some(client.route_series(rule, parent)),
         _ => None,
     };
     let timeouts = rule.as_ref().map(|r| r.timeouts).unwrap_or_default();
@@ -799,11 +827,12 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             };
             let req = Request::from_parts(parts, body);
             if let (Some(route), Some(backend)) = (&route, &target) {
-                let port = backend.port.to_string();
-                inputs
-                    .metrics
-                    .http
-                    .route_backend(route, [&backend.namespace, &backend.name, &port]);
+                inputs.metrics.http.route_backend(
+                    route,
+                    &backend.namespace,
+                    &backend.name,
+                    backend.port,
+                );
             }
             let result = attempt(client, target.as_ref(), req, upgrade, per_try).await;
             let Some(policy) = retry else {
