@@ -287,6 +287,9 @@ pub struct HeaderModifier {
 pub struct Timeouts {
     pub request: Option<Duration>,
     pub backend_request: Option<Duration>,
+    /// Linkerd's `timeout.linkerd.io/idle`: the longest a request's stream (either way) may go
+    /// without data.
+    pub idle: Option<Duration>,
 }
 
 /// Istio's `fault`: some requests delayed, some answered with an error instead of sent.
@@ -671,6 +674,7 @@ impl Table {
                     "service": b.service, "port": b.port, "weight": b.weight, "filters": filters(&b.filters),
                 })).collect::<Vec<_>>(),
                 "timeout_ms": rule.timeouts.request.or(rule.timeouts.backend_request).map(|d| d.as_millis()),
+                "idle_timeout_ms": rule.timeouts.idle.map(|d| d.as_millis()),
                 "fault": rule.fault.as_ref().map(|f| serde_json::json!({
                     "delay": f.delay.as_ref().map(|(d, share)| serde_json::json!({"ms": d.as_millis(), "percent": share.percent_value()})),
                     "abort": f.abort.as_ref().map(|(a, share)| serde_json::json!({"status": format!("{a:?}"), "percent": share.percent_value()})),

@@ -818,3 +818,32 @@ fn linkerd_retry_annotations_retry_failures_within_the_budget() {
         "the route counts the answers its callers got"
     );
 }
+
+#[test]
+fn a_linkerd_idle_timeout_cuts_a_stream_that_goes_quiet() {
+    let _serial = serial();
+    let bed = l7_bed();
+    // Every request to `api` goes to api-a, with a 1 s idle timeout (Linkerd's annotation).
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: api-idle\n  namespace: default\n  annotations: {timeout.linkerd.io/idle: 1s}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: api, port: 80}]\n  rules:\n  - backendRefs: [{name: api, port: 80}]\n";
+    std::fs::write(bed.manifests_dir().join("routes.yaml"), route).unwrap();
+    let (n1, _n2) = agents(&bed);
+    eventually("the idle timeout in force", || {
+        n1.admin("/config_dump").is_ok_and(|d| {
+            let dump: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+            dump["routes"]["api.default.svc.cluster.local:80"][0]["idle_timeout_ms"] == 1000
+        })
+    });
+    // Chunks 300 ms apart keep the stream alive.
+    let got = meshtest_in(&bed, "client", &["chunks", API_SVC, "4", "300"]);
+    assert_eq!(num(&got, "chunks"), 4, "{got:?}");
+    // 2.5 s of silence after the first chunk: the stream is cut, the client sees an error.
+    let mut cmd = bed.pod_command("client", meshtest()).unwrap();
+    cmd.args(["chunks", API_SVC, "2", "2500"]);
+    let out = must_fail(cmd, "a stream quiet for longer than its idle timeout");
+    assert!(!out.contains("chunks="), "{out}");
+    // No response head for 2.5 s: 504.
+    let mut cmd = bed.pod_command("client", meshtest()).unwrap();
+    cmd.args(["get", API_SVC, "/slow/2500"]);
+    let out = must_succeed(cmd, "GET /slow/2500");
+    assert!(out.starts_with("status=504"), "{out}");
+}

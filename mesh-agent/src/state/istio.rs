@@ -545,6 +545,7 @@ impl VirtualService {
                     // Istio: 0s means none.
                     .filter(|d| !d.is_zero()),
                 backend_request: None,
+                idle: None,
             };
             let retry = match &http.retries {
                 // Istio's default: two retries of connection failures, refused streams and

@@ -669,6 +669,7 @@ impl HttpRoute {
                         .and_then(|t| t.backend_request.clone()),
                     "timeouts.backendRequest",
                 )?),
+                idle: linkerd.idle,
             };
             rules.push(std::sync::Arc::new(
                 r::Rule::new(
@@ -861,6 +862,8 @@ pub struct LinkerdPolicy {
     pub request: Option<std::time::Duration>,
     /// `timeout.linkerd.io/response`: each attempt's wait for its response.
     pub response: Option<std::time::Duration>,
+    /// `timeout.linkerd.io/idle`: the longest a stream may go without data.
+    pub idle: Option<std::time::Duration>,
 }
 
 impl LinkerdPolicy {
@@ -906,18 +909,13 @@ impl LinkerdPolicy {
                 })
             })
             .transpose()?;
-        if let Some(v) = get("timeout.linkerd.io/idle") {
-            return Err(field(
-                &at("timeout.linkerd.io/idle"),
-                format!("{v:?}: idle timeouts are not supported yet; the object is refused rather than applied without it"),
-            ));
-        }
         Ok(LinkerdPolicy {
             retry_on,
             retry_limit,
             retry_timeout: duration("retry.linkerd.io/timeout")?,
             request: duration("timeout.linkerd.io/request")?,
             response: duration("timeout.linkerd.io/response")?,
+            idle: duration("timeout.linkerd.io/idle")?,
         })
     }
 

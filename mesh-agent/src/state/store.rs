@@ -937,6 +937,7 @@ fn default_route(svc: &manifest::Service) -> Option<Arc<crate::route::HttpRoute>
     let timeouts = r::Timeouts {
         request: policy.request,
         backend_request: policy.response,
+        idle: policy.idle,
     };
     let rule = r::Rule::new(
         format!("{ns}/{name}"),

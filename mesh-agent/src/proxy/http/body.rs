@@ -24,6 +24,28 @@ pub struct Seen {
 
 type OnEnd = Box<dyn FnOnce(Seen) + Send + Sync>;
 
+/// What a body's frames fail with: the peer's error, or the proxy's own (an idle timeout).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A stream that went longer than its idle timeout without a frame (Linkerd's
+/// `timeout.linkerd.io/idle`); the proxy ends it with this error, which resets it.
+#[derive(Debug)]
+pub struct IdleTimeout(pub std::time::Duration);
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no data for {:?} (the route's idle timeout)", self.0)
+    }
+}
+
+impl std::error::Error for IdleTimeout {}
+
+/// An idle timeout and its timer, reset at every frame.
+struct Idle {
+    limit: std::time::Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
 enum Kind {
     Empty,
     Full(Option<Bytes>),
@@ -40,6 +62,7 @@ pub struct Body {
     /// Shared byte count (a request body counted for its response's record).
     counter: Option<Arc<AtomicU64>>,
     on_end: Option<OnEnd>,
+    idle: Option<Idle>,
 }
 
 impl Body {
@@ -50,7 +73,17 @@ impl Body {
             seen: Seen::default(),
             counter: None,
             on_end: None,
+            idle: None,
         }
+    }
+
+    /// Ends the body with [`IdleTimeout`] if `limit` passes without a frame.
+    pub fn idle_timeout(mut self, limit: std::time::Duration) -> Self {
+        self.idle = Some(Idle {
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+        });
+        self
     }
 
     pub fn empty() -> Self {
@@ -100,19 +133,35 @@ impl Drop for Body {
 
 impl HttpBody for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = match &mut this.kind {
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut this.kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Incoming(body) => Pin::new(body).poll_frame(cx),
+            Kind::Incoming(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
             Kind::Replay(attempt) => attempt.poll_frame(cx),
         };
+        if let Some(idle) = &mut this.idle {
+            match &polled {
+                Poll::Ready(Some(Ok(_))) => {
+                    let next = tokio::time::Instant::now() + idle.limit;
+                    idle.timer.as_mut().reset(next);
+                }
+                Poll::Pending if std::future::Future::poll(idle.timer.as_mut(), cx).is_ready() => {
+                    let limit = idle.limit;
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(Box::new(IdleTimeout(limit)))));
+                }
+                _ => {}
+            }
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -226,10 +275,7 @@ impl Drop for ReplayAttempt {
 }
 
 impl ReplayAttempt {
-    fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let Ok(mut guard) = self.state.lock() else {
             return Poll::Ready(None);
         };

@@ -806,6 +806,11 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             },
         ),
     };
+    // An idle timeout bounds the wait for the head too: nothing comes on the stream then.
+    let per_try = match (per_try, timeouts.idle) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     let (parts, body) = req.into_parts();
     // A request a rule retries keeps its head, and its body (up to REPLAY_LIMIT), to send
     // it again; any other is sent as it is, once.
@@ -824,6 +829,10 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                 (Some((head, r)), _) => (head.clone(), r.attempt()),
                 (None, Some(request)) => request,
                 (None, None) => unreachable!("one attempt without a retry policy"),
+            };
+            let body = match timeouts.idle {
+                Some(limit) => body.idle_timeout(limit),
+                None => body,
             };
             let req = Request::from_parts(parts, body);
             if let (Some(route), Some(backend)) = (&route, &target) {
@@ -915,7 +924,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
         }
     }
     let (read, read_at_last_response) = (client.read.clone(), client.read_at_last_response.clone());
-    respond(resp, move |status, seen| {
+    let resp = respond(resp, move |status, seen| {
         drop(in_flight);
         drop(stream_slot);
         drop(checkin);
@@ -935,5 +944,9 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                 seen.bytes,
             );
         }
-    })
+    });
+    match timeouts.idle {
+        Some(limit) => resp.map(|b| b.idle_timeout(limit)),
+        None => resp,
+    }
 }
