@@ -817,6 +817,12 @@ fn linkerd_retry_annotations_retry_failures_within_the_budget() {
         statuses as u64, ok,
         "the route counts the answers its callers got"
     );
+    let timed = metric(
+        &n1,
+        "outbound_http_route_request_duration_seconds_count",
+        &[("parent_name", "api"), ("route_kind", "default")],
+    );
+    assert_eq!(timed as u64, 1000, "and times each of them once");
 }
 
 #[test]

@@ -270,12 +270,16 @@ impl RouteLabels {
     }
 }
 
+/// Buckets of `outbound_http_route_request_duration_seconds`.
+const ROUTE_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
+
 /// Counters a [`RouteSeries`] keeps resolved, at most (statuses, backends).
 const ROUTE_CACHE: usize = 16;
 
 /// The route metrics of one rule for one parent (see [`HttpMetrics::route_series`]).
 pub struct RouteSeries {
     labels: RouteLabels,
+    duration: Histogram,
     statuses: Mutex<Vec<((u16, &'static str), IntCounter)>>,
     backends: Mutex<Vec<(BackendKey, IntCounter)>>,
 }
@@ -305,6 +309,7 @@ pub struct HttpMetrics {
     /// Per route (Linkerd's `outbound_http_route_*`): statuses answered, requests per backend,
     /// retries made, retries refused by the limit and by the budget.
     route_statuses: IntCounterVec,
+    route_durations: HistogramVec,
     route_backend_requests: IntCounterVec,
     route_retries: [IntCounterVec; 3],
     ejections: IntCounterVec,
@@ -388,6 +393,12 @@ impl HttpMetrics {
                     &["error"],
                 )?,
             ],
+            route_durations: histogram(
+                "outbound_http_route_request_duration_seconds",
+                "From a routed request's head to its response's end, in seconds (Linkerd).",
+                &ROUTE_BUCKETS,
+                &ROUTE,
+            )?,
             route_statuses: IntCounterVec::new(
                 Opts::new(
                     "outbound_http_route_request_statuses_total",
@@ -434,6 +445,7 @@ impl HttpMetrics {
         };
         registry.register(Box::new(m.ejections.clone()))?;
         registry.register(Box::new(m.route_statuses.clone()))?;
+        registry.register(Box::new(m.route_durations.clone()))?;
         registry.register(Box::new(m.route_backend_requests.clone()))?;
         for c in &m.route_retries {
             registry.register(Box::new(c.clone()))?;
@@ -502,6 +514,7 @@ impl HttpMetrics {
     /// connection keeps it for every request the rule takes.
     pub fn route_series(&self, labels: RouteLabels) -> Arc<RouteSeries> {
         Arc::new(RouteSeries {
+            duration: self.route_durations.with_label_values(&labels.values()),
             labels,
             statuses: Mutex::default(),
             backends: Mutex::default(),
@@ -525,6 +538,11 @@ impl HttpMetrics {
                 cache.push((key, counter));
             }
         }
+    }
+
+    /// A routed request ended (its response's end, or the proxy's own answer).
+    pub fn route_duration(&self, route: &RouteSeries, took: std::time::Duration) {
+        route.duration.observe(took.as_secs_f64());
     }
 
     /// An attempt of a routed request sent to a backend Service port.

@@ -913,7 +913,12 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
         admitted,
     } = match result {
         Ok(sent) => sent,
-        Err((_, resp)) => return resp,
+        Err((_, resp)) => {
+            if let Some(route) = &route {
+                inputs.metrics.http.route_duration(route, started.elapsed());
+            }
+            return resp;
+        }
     };
     let metrics = inputs.metrics.clone();
     relay_response(&mut resp, client_upgrade);
@@ -925,6 +930,9 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     }
     let (read, read_at_last_response) = (client.read.clone(), client.read_at_last_response.clone());
     let resp = respond(resp, move |status, seen| {
+        if let Some(route) = &route {
+            metrics.http.route_duration(route, started.elapsed());
+        }
         drop(in_flight);
         drop(stream_slot);
         drop(checkin);
