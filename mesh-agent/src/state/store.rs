@@ -286,7 +286,8 @@ pub struct Store {
     selecting: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
     /// EndpointSlice names by the Service they belong to (usually one).
     slices_of: HashMap<Name, Vec<Arc<str>>>,
-    /// HTTPRoutes and GRPCRoutes by the Service they attach to.
+    /// What attaches to each Service: HTTPRoutes, GRPCRoutes, VirtualServices (by their
+    /// parents or hosts) and DestinationRules (by their host).
     routes_of: HashMap<Name, BTreeSet<ObjectKey>>,
     /// The live pod that holds each pod IP.
     pod_ips: HashMap<IpAddr, ObjectKey>,
