@@ -284,17 +284,6 @@ fn pick_among(
     }
 }
 
-/// The index of the endpoint (of `loads`) the next request should go to by P2C over
-/// peak-EWMA; `None` if empty.
-pub fn pick(loads: &[Arc<EndpointLoad>]) -> Option<usize> {
-    pick_among(
-        Policy::PeakEwma,
-        loads,
-        &std::sync::atomic::AtomicUsize::new(0),
-        None,
-    )
-}
-
 /// A uniform-enough random number in `0..n` (xorshift per thread, seeded from the std hasher's
 /// per-process random keys).
 fn random_below(n: usize) -> usize {
@@ -321,6 +310,17 @@ fn random_below(n: usize) -> usize {
 mod tests {
     #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    /// The index of the endpoint (of `loads`) the next request should go to by P2C over
+    /// peak-EWMA; `None` if empty.
+    fn pick(loads: &[Arc<EndpointLoad>]) -> Option<usize> {
+        pick_among(
+            Policy::PeakEwma,
+            loads,
+            &std::sync::atomic::AtomicUsize::new(0),
+            None,
+        )
+    }
 
     fn loads(n: usize) -> Vec<Arc<EndpointLoad>> {
         (0..n).map(|_| Arc::default()).collect()

@@ -10,7 +10,10 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::Deserialize;
 
-use super::manifest::{anchored, field, parse_duration, ObjectMeta, Problem};
+use super::manifest::{
+    anchored, field, header_name, header_value, parse_duration, redirect_status, ObjectMeta,
+    Problem,
+};
 use crate::route as r;
 
 /// A number that hashes by its bits (for the change detection every object goes through).
@@ -299,26 +302,19 @@ fn value_match(m: &StringMatch, at: &str) -> Result<r::ValueMatch, Problem> {
 }
 
 fn header_modifier(ops: &Option<HeaderOperations>, at: &str) -> Result<r::HeaderModifier, Problem> {
-    use hyper::header::{HeaderName, HeaderValue};
     let mut out = r::HeaderModifier::default();
     let Some(ops) = ops else { return Ok(out) };
-    let name = |n: &str, at: String| {
-        HeaderName::from_bytes(n.as_bytes())
-            .map_err(|_| field(&at, format!("{n:?} is not a header name")))
-    };
-    let value = |v: &str, at: String| {
-        HeaderValue::from_str(v).map_err(|_| field(&at, format!("{v:?} is not a header value")))
-    };
     for (n, v) in &ops.set {
         let at = format!("{at}.set[{n}]");
-        out.set.push((name(n, at.clone())?, value(v, at)?));
+        out.set.push((header_name(n, &at)?, header_value(v, &at)?));
     }
     for (n, v) in &ops.add {
         let at = format!("{at}.add[{n}]");
-        out.add.push((name(n, at.clone())?, value(v, at)?));
+        out.add.push((header_name(n, &at)?, header_value(v, &at)?));
     }
     for (i, n) in ops.remove.iter().enumerate() {
-        out.remove.push(name(n, format!("{at}.remove[{i}]"))?);
+        out.remove
+            .push(header_name(n, &format!("{at}.remove[{i}]"))?);
     }
     Ok(out)
 }
@@ -418,10 +414,8 @@ impl VirtualService {
                 let mut headers = Vec::new();
                 for (name, v) in &m.headers {
                     let at = at(&format!("headers[{name}]"));
-                    let header = hyper::header::HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|_| field(&at, format!("{name:?} is not a header name")))?;
                     headers.push(r::HeaderMatch {
-                        name: header,
+                        name: header_name(name, &at)?,
                         value: value_match(v, &at)?,
                     });
                 }
@@ -476,13 +470,10 @@ impl VirtualService {
             }
             if let Some(rd) = &http.redirect {
                 unsupported(&rd.derive_port, &at("redirect.derivePort"))?;
-                let status = rd.redirect_code.unwrap_or(301);
-                if !matches!(status, 301 | 302 | 303 | 307 | 308) {
-                    return Err(field(
-                        &at("redirect.redirectCode"),
-                        format!("{status} is not 301, 302, 303, 307 or 308"),
-                    ));
-                }
+                let status = redirect_status(
+                    rd.redirect_code.unwrap_or(301),
+                    &at("redirect.redirectCode"),
+                )?;
                 filters.redirect = Some(r::Redirect {
                     scheme: rd.scheme.clone(),
                     hostname: rd.authority.clone(),

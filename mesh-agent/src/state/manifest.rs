@@ -550,14 +550,8 @@ impl HttpRoute {
                 let mut headers = Vec::new();
                 for (k, h) in m.headers.iter().enumerate() {
                     let at = at(&format!("headers[{k}]"));
-                    let name = h.name.as_deref().unwrap_or_default();
                     let name =
-                        hyper::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                            field(
-                                &format!("{at}.name"),
-                                format!("{name:?} is not a header name"),
-                            )
-                        })?;
+                        header_name(h.name.as_deref().unwrap_or_default(), &format!("{at}.name"))?;
                     headers.push(r::HeaderMatch {
                         name,
                         value: value_match(h, at)?,
@@ -936,6 +930,29 @@ impl LinkerdPolicy {
     }
 }
 
+/// A header name from a manifest; the error names field `at`.
+pub(crate) fn header_name(name: &str, at: &str) -> Result<hyper::header::HeaderName, Problem> {
+    hyper::header::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| field(at, format!("{name:?} is not a header name")))
+}
+
+/// A header value from a manifest; the error names field `at`.
+pub(crate) fn header_value(value: &str, at: &str) -> Result<hyper::header::HeaderValue, Problem> {
+    hyper::header::HeaderValue::from_str(value)
+        .map_err(|_| field(at, format!("{value:?} is not a header value")))
+}
+
+/// A redirect's status, if it is one a redirect may have (Gateway API's and Istio's list).
+pub(crate) fn redirect_status(status: u16, at: &str) -> Result<u16, Problem> {
+    match status {
+        301 | 302 | 303 | 307 | 308 => Ok(status),
+        _ => Err(field(
+            at,
+            format!("{status} is not 301, 302, 303, 307 or 308"),
+        )),
+    }
+}
+
 /// A regular expression matching the whole value, as Gateway API means it.
 pub(crate) fn anchored(pattern: &str) -> Result<regex::Regex, String> {
     regex::Regex::new(&format!("^(?:{pattern})$"))
@@ -988,13 +1005,8 @@ fn compile_filters(
                         format!("{s:?} is not http or https"),
                     ));
                 }
-                let status = spec.status_code.unwrap_or(302);
-                if !matches!(status, 301 | 302 | 303 | 307 | 308) {
-                    return Err(field(
-                        &format!("{at}.statusCode"),
-                        format!("{status} is not 301, 302, 303, 307 or 308"),
-                    ));
-                }
+                let status =
+                    redirect_status(spec.status_code.unwrap_or(302), &format!("{at}.statusCode"))?;
                 out.redirect = Some(crate::route::Redirect {
                     scheme: spec.scheme.clone(),
                     hostname: spec.hostname.clone(),
@@ -1015,10 +1027,8 @@ fn compile_filters(
             .as_ref()
             .ok_or_else(|| field(&format!("{at}.{key}"), "missing"))?;
         let pair = |v: &TypedValue, at: String| -> Result<(hyper::header::HeaderName, hyper::header::HeaderValue), Problem> {
-            let name = v.name.as_deref().unwrap_or_default();
-            let name = hyper::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| field(&format!("{at}.name"), format!("{name:?} is not a header name")))?;
-            let value = v.value.as_deref().unwrap_or_default();
-            let value = hyper::header::HeaderValue::from_str(value).map_err(|_| field(&format!("{at}.value"), format!("{value:?} is not a header value")))?;
+            let name = header_name(v.name.as_deref().unwrap_or_default(), &format!("{at}.name"))?;
+            let value = header_value(v.value.as_deref().unwrap_or_default(), &format!("{at}.value"))?;
             Ok((name, value))
         };
         for (j, v) in spec.set.iter().enumerate() {
@@ -1028,14 +1038,8 @@ fn compile_filters(
             slot.add.push(pair(v, format!("{at}.{key}.add[{j}]"))?);
         }
         for (j, name) in spec.remove.iter().enumerate() {
-            slot.remove.push(
-                hyper::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                    field(
-                        &format!("{at}.{key}.remove[{j}]"),
-                        format!("{name:?} is not a header name"),
-                    )
-                })?,
-            );
+            slot.remove
+                .push(header_name(name, &format!("{at}.{key}.remove[{j}]"))?);
         }
     }
     Ok(out)

@@ -175,11 +175,14 @@ impl ServiceTarget {
         crate::balance::observe_outcome(loads, i, status, outlier, std::time::Instant::now())
     }
 
-    /// A place among the requests in flight, if the DestinationRule's limit leaves one.
+    /// A place among the requests in flight, if the DestinationRule's limit leaves one;
+    /// without a limit, nothing is counted.
     pub fn admit(&self) -> Option<Admitted> {
-        let limit = self.traffic.max_requests.unwrap_or(u32::MAX);
+        let Some(limit) = self.traffic.max_requests else {
+            return Some(Admitted(None));
+        };
         let now = self.active.fetch_add(1, Ordering::Relaxed);
-        let admitted = Admitted(self.active.clone());
+        let admitted = Admitted(Some(self.active.clone()));
         (now < limit).then_some(admitted)
     }
 
@@ -228,11 +231,13 @@ impl ServiceTarget {
 
 /// A request counted against a Service's limit until dropped.
 #[derive(Debug)]
-pub struct Admitted(Arc<std::sync::atomic::AtomicU32>);
+pub struct Admitted(Option<Arc<std::sync::atomic::AtomicU32>>);
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(active) = &self.0 {
+            active.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -95,6 +95,19 @@ impl Client {
         series
     }
 
+    /// The proxy's own answer to a request refused before an endpoint answered it, counted
+    /// on the client's side only.
+    fn refused(
+        &self,
+        grpc: bool,
+        failure: Failure,
+        detail: &str,
+        started: Instant,
+    ) -> Response<Body> {
+        let series = self.answered_here(grpc);
+        finish_failed(&self.conn.inputs.metrics, &series, failure, detail, started)
+    }
+
     /// The route metrics of requests `rule` takes on this connection (to the Service
     /// `parent` it dialled).
     fn route_series(&self, rule: &Arc<Rule>, parent: &ServiceTarget) -> Arc<RouteSeries> {
@@ -370,6 +383,17 @@ fn route_labels(rule: &Rule, parent: &ServiceTarget) -> RouteLabels {
     }
 }
 
+/// The shorter of two optional time limits (either alone if the other is `None`).
+fn shorter(
+    a: Option<std::time::Duration>,
+    b: Option<std::time::Duration>,
+) -> Option<std::time::Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Request bodies up to this size are kept to be sent again when a rule retries.
 const REPLAY_LIMIT: usize = 64 * 1024;
 
@@ -418,13 +442,9 @@ async fn attempt(
     // A DestinationRule's limit on requests in flight: more are refused at once.
     let admitted = match target.map(|t| t.admit()) {
         Some(None) => {
-            let detail = "the Service's limit on requests in flight is reached".to_owned();
-            let series = client.answered_here(grpc);
+            let detail = "the Service's limit on requests in flight is reached";
             let failure = Failure::Overflow;
-            return Err((
-                failure,
-                finish_failed(&inputs.metrics, &series, failure, &detail, started),
-            ));
+            return Err((failure, client.refused(grpc, failure, detail, started)));
         }
         Some(Some(a)) => Some(a),
         None => None,
@@ -434,22 +454,16 @@ async fn attempt(
             Some((endpoint, load)) => (endpoint, Some(load.clone())),
             None => {
                 let detail = format!("service {} has no ready endpoints", svc.fqdn());
-                let series = client.answered_here(grpc);
                 let failure = Failure::NoEndpoints;
-                let resp = finish_failed(&inputs.metrics, &series, failure, &detail, started);
-                return Err((failure, resp));
+                return Err((failure, client.refused(grpc, failure, &detail, started)));
             }
         },
         None => (conn.orig.0, None),
     };
     if is_host_scoped(endpoint.ip()) {
         let detail = format!("endpoint {endpoint} is a host-scoped address");
-        let series = client.answered_here(grpc);
         let failure = Failure::Unavailable;
-        return Err((
-            failure,
-            finish_failed(&inputs.metrics, &series, failure, &detail, started),
-        ));
+        return Err((failure, client.refused(grpc, failure, &detail, started)));
     }
     let dst = conn.snapshot.pod_by_ip(endpoint.ip());
     let hop = hop_to(inputs, &conn.source, endpoint, dst);
@@ -683,10 +697,7 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(&req);
     let upgrade = is_upgrade(&req);
     // Refused before a destination is known: rare, labelled with the client's side only.
-    let fail = |failure: Failure, detail: String| {
-        let series = client.answered_here(grpc);
-        finish_failed(&inputs.metrics, &series, failure, &detail, started)
-    };
+    let fail = |failure: Failure, detail: String| client.refused(grpc, failure, &detail, started);
     if upgrade && req.version() == Version::HTTP_2 {
         return fail(
             Failure::BadRequest,
@@ -798,19 +809,10 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             timeouts.request,
             r.per_try_timeout.or(timeouts.backend_request),
         ),
-        None => (
-            None,
-            match (timeouts.request, timeouts.backend_request) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            },
-        ),
+        None => (None, shorter(timeouts.request, timeouts.backend_request)),
     };
     // An idle timeout bounds the wait for the head too: nothing comes on the stream then.
-    let per_try = match (per_try, timeouts.idle) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let per_try = shorter(per_try, timeouts.idle);
     let (parts, body) = req.into_parts();
     // A request a rule retries keeps its head, and its body (up to REPLAY_LIMIT), to send
     // it again; any other is sent as it is, once.
@@ -887,10 +889,8 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
             Ok((result, _)) => result,
             Err(_) => {
                 let detail = format!("no response within the route's timeout of {limit:?}");
-                let series = client.answered_here(grpc);
                 let failure = Failure::Timeout;
-                let resp = finish_failed(&inputs.metrics, &series, failure, &detail, started);
-                Err((failure, resp))
+                Err((failure, client.refused(grpc, failure, &detail, started)))
             }
         },
         None => attempts.await.0,
