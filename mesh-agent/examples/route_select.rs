@@ -30,12 +30,16 @@ fn main() {
         })
         .collect();
     let table = mesh_agent::route::Table::new(&routes, 80);
+    let adversarial = "/x".repeat(30_000);
     let cases = [
         ("exact_first", "/exact/0", "t0", true),
         ("exact_last", "/exact/999", "t999", true),
         ("prefix_middle", "/api/v500/items", "t1", true),
         ("regex_last", "/re/999/42", "t1", true),
         ("no_match", "/nothing/here", "t1", false),
+        // What a hostile pod can send: a 60 KB path of 30,000 elements (under the 64 KiB
+        // head limit). Reported apart from the target, which is for ordinary requests.
+        ("adversarial_60k_path", adversarial.as_str(), "t1", false),
     ];
     let mut out = serde_json::Map::new();
     for (name, path, tenant, matches) in cases {

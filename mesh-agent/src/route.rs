@@ -495,6 +495,9 @@ const INDEX_FROM: usize = 16;
 struct Index {
     exact: HashMap<String, Vec<u32>>,
     prefix: HashMap<String, Vec<u32>>,
+    /// The lengths of the prefixes in `prefix`, ascending: a request's path is cut only at
+    /// these, so its cost is bounded by the configuration, not by a path of many `/`.
+    prefix_lengths: Vec<usize>,
     regex: Option<(regex::RegexSet, Vec<u32>)>,
     other: Vec<u32>,
 }
@@ -504,6 +507,7 @@ impl Index {
         let mut index = Index {
             exact: HashMap::new(),
             prefix: HashMap::new(),
+            prefix_lengths: Vec::new(),
             regex: None,
             other: Vec::new(),
         };
@@ -530,6 +534,9 @@ impl Index {
             }
         }
         index.other.sort_unstable();
+        index.prefix_lengths = index.prefix.keys().map(String::len).collect();
+        index.prefix_lengths.sort_unstable();
+        index.prefix_lengths.dedup();
         index
     }
 
@@ -539,16 +546,20 @@ impl Index {
         if let Some(hits) = self.exact.get(path) {
             out.extend_from_slice(hits);
         }
-        if !self.prefix.is_empty() {
-            // Every prefix on a path-element boundary: "", "/a", "/a/b", ...
-            let bytes = path.as_bytes();
-            let ends = (1..bytes.len())
-                .filter(|&i| bytes[i] == b'/')
-                .chain(std::iter::once(bytes.len()));
-            for end in std::iter::once(0).chain(ends) {
-                if let Some(hits) = path.get(..end).and_then(|p| self.prefix.get(p)) {
-                    out.extend_from_slice(hits);
-                }
+        // The path cut at each configured prefix length that falls on a path-element
+        // boundary ("", "/a", "/a/b", ...).
+        let bytes = path.as_bytes();
+        for &end in &self.prefix_lengths {
+            if end > bytes.len() {
+                break;
+            }
+            let boundary = end == 0 || end == bytes.len() || bytes.get(end) == Some(&b'/');
+            if let Some(hits) = path
+                .get(..end)
+                .filter(|_| boundary)
+                .and_then(|p| self.prefix.get(p))
+            {
+                out.extend_from_slice(hits);
             }
         }
         if let Some((set, entries)) = &self.regex {
