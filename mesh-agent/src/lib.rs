@@ -10,6 +10,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod podnet;
+pub mod policy;
 pub mod proxy;
 pub mod reconcile;
 pub mod retry;

@@ -30,6 +30,9 @@ pub struct HttpRoute {
     /// `metadata.creationTimestamp` (RFC 3339, so it sorts as text): older routes win ties.
     pub created: Option<String>,
     pub parents: Vec<Parent>,
+    /// Linkerd `Server`s (in the route's namespace) it attaches to: the route then selects
+    /// requests for authorization, not for routing.
+    pub servers: Vec<String>,
     pub rules: Vec<Arc<Rule>>,
 }
 
@@ -336,6 +339,7 @@ impl Share {
 }
 
 /// What routing needs of a request: its head.
+#[derive(Debug, Clone, Copy)]
 pub struct Head<'a> {
     pub method: &'a Method,
     pub path: &'a str,
@@ -852,6 +856,7 @@ mod tests {
             namespace: "ns".into(),
             name: name.into(),
             created: created.map(str::to_owned),
+            servers: Vec::new(),
             parents: vec![Parent {
                 namespace: "ns".into(),
                 name: "echo".into(),

@@ -629,6 +629,7 @@ impl VirtualService {
             ));
         }
         Ok(r::HttpRoute {
+            servers: Vec::new(),
             kind: r::RouteKind::VirtualService,
             namespace: ns.to_owned(),
             name: self.metadata.name.clone(),

@@ -150,6 +150,24 @@ pub struct PodSpec {
     pub service_account_name: Option<String>,
     #[serde(default)]
     pub host_network: bool,
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+pub struct Container {
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub container_port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize)]
@@ -498,6 +516,14 @@ impl HttpRoute {
                 port: p.port,
             })
             .collect();
+        // Linkerd's Server parents (`policy.linkerd.io`): the route is for authorization.
+        let servers = self
+            .spec
+            .parent_refs
+            .iter()
+            .filter(|p| p.kind.as_deref() == Some("Server"))
+            .map(|p| p.name.clone())
+            .collect();
         let mut rules = Vec::new();
         for (i, rule) in self.spec.rules.iter().enumerate() {
             let at = |f: &str| format!("spec.rules[{i}].{f}");
@@ -684,6 +710,7 @@ impl HttpRoute {
             name: self.metadata.name.clone(),
             created: self.metadata.creation_timestamp.clone(),
             parents,
+            servers,
             rules,
         })
     }
@@ -1091,9 +1118,11 @@ pub enum Object {
     GrpcRoute(GrpcRoute),
     VirtualService(super::istio::VirtualService),
     DestinationRule(Box<super::istio::DestinationRule>),
+    /// Linkerd's and Istio's policy objects (the kind says which).
+    Policy(Kind, Box<super::policy::PolicyManifest>),
 }
 
-/// The kinds of [`Object`]; `DestinationRule` stays last (see [`Kind::COUNT`]).
+/// The kinds of [`Object`]; `PeerAuthentication` stays last (see [`Kind::COUNT`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Namespace,
@@ -1104,11 +1133,19 @@ pub enum Kind {
     GrpcRoute,
     VirtualService,
     DestinationRule,
+    Server,
+    MeshTlsAuthentication,
+    NetworkAuthentication,
+    /// `policy.linkerd.io` AuthorizationPolicy.
+    LinkerdAuthorizationPolicy,
+    /// `security.istio.io` AuthorizationPolicy.
+    IstioAuthorizationPolicy,
+    PeerAuthentication,
 }
 
 impl Kind {
     /// How many kinds there are (`kind as usize` indexes arrays of this length).
-    pub const COUNT: usize = Kind::DestinationRule as usize + 1;
+    pub const COUNT: usize = Kind::PeerAuthentication as usize + 1;
 
     fn from_name(kind: &str) -> Option<Kind> {
         Some(match kind {
@@ -1120,6 +1157,12 @@ impl Kind {
             "GRPCRoute" => Kind::GrpcRoute,
             "VirtualService" => Kind::VirtualService,
             "DestinationRule" => Kind::DestinationRule,
+            "Server" => Kind::Server,
+            "MeshTLSAuthentication" => Kind::MeshTlsAuthentication,
+            "NetworkAuthentication" => Kind::NetworkAuthentication,
+            // Linkerd's or Istio's: the apiVersion tells (see [`Parts::object`]).
+            "AuthorizationPolicy" => Kind::IstioAuthorizationPolicy,
+            "PeerAuthentication" => Kind::PeerAuthentication,
             _ => return None,
         })
     }
@@ -1134,6 +1177,13 @@ impl Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
+            Kind::Server => "Server",
+            Kind::MeshTlsAuthentication => "MeshTLSAuthentication",
+            Kind::NetworkAuthentication => "NetworkAuthentication",
+            Kind::LinkerdAuthorizationPolicy | Kind::IstioAuthorizationPolicy => {
+                "AuthorizationPolicy"
+            }
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 }
@@ -1166,6 +1216,7 @@ impl Object {
             Object::GrpcRoute(o) => &o.metadata,
             Object::VirtualService(o) => &o.metadata,
             Object::DestinationRule(o) => &o.metadata,
+            Object::Policy(_, o) => &o.metadata,
         }
     }
 
@@ -1179,6 +1230,7 @@ impl Object {
             Object::GrpcRoute(_) => Kind::GrpcRoute,
             Object::VirtualService(_) => Kind::VirtualService,
             Object::DestinationRule(_) => Kind::DestinationRule,
+            Object::Policy(kind, _) => *kind,
         }
     }
 
@@ -1266,6 +1318,12 @@ struct Parts {
     grpc_route_spec: Option<GrpcRouteSpec>,
     virtual_service_spec: Option<super::istio::VirtualServiceSpec>,
     destination_rule_spec: Option<super::istio::DestinationRuleSpec>,
+    server_spec: Option<super::policy::ServerSpec>,
+    authorization_spec: Option<super::policy::AuthorizationPolicySpec>,
+    mesh_tls_spec: Option<super::policy::MeshTlsSpec>,
+    network_spec: Option<super::policy::NetworkSpec>,
+    peer_spec: Option<super::policy::PeerAuthenticationSpec>,
+    api_version: Option<String>,
 }
 
 /// Where a field's value is read from: the map being parsed, or a value kept aside.
@@ -1319,6 +1377,14 @@ impl Parts {
             (Kind::GrpcRoute, "spec") => put(&mut self.grpc_route_spec, value),
             (Kind::VirtualService, "spec") => put(&mut self.virtual_service_spec, value),
             (Kind::DestinationRule, "spec") => put(&mut self.destination_rule_spec, value),
+            (Kind::Server, "spec") => put(&mut self.server_spec, value),
+            (Kind::LinkerdAuthorizationPolicy | Kind::IstioAuthorizationPolicy, "spec") => {
+                put(&mut self.authorization_spec, value)
+            }
+            (Kind::MeshTlsAuthentication, "spec") => put(&mut self.mesh_tls_spec, value),
+            (Kind::NetworkAuthentication, "spec") => put(&mut self.network_spec, value),
+            (Kind::PeerAuthentication, "spec") => put(&mut self.peer_spec, value),
+            (_, "apiVersion") => put(&mut self.api_version, value),
             _ => Ok(false),
         }
     }
@@ -1361,6 +1427,43 @@ impl Parts {
                     metadata,
                     spec: self.destination_rule_spec.unwrap_or_default(),
                 }))
+            }
+            Kind::Server
+            | Kind::MeshTlsAuthentication
+            | Kind::NetworkAuthentication
+            | Kind::LinkerdAuthorizationPolicy
+            | Kind::IstioAuthorizationPolicy
+            | Kind::PeerAuthentication => {
+                use super::policy::PolicySpec as S;
+                let linkerd = self
+                    .api_version
+                    .as_deref()
+                    .is_some_and(|v| v.starts_with("policy.linkerd.io/"));
+                let (kind, spec) = match kind {
+                    Kind::Server => (kind, S::Server(self.server_spec.unwrap_or_default())),
+                    Kind::MeshTlsAuthentication => {
+                        (kind, S::MeshTls(self.mesh_tls_spec.unwrap_or_default()))
+                    }
+                    Kind::NetworkAuthentication => {
+                        (kind, S::Network(self.network_spec.unwrap_or_default()))
+                    }
+                    Kind::PeerAuthentication => (
+                        kind,
+                        S::PeerAuthentication(self.peer_spec.unwrap_or_default()),
+                    ),
+                    _ if linkerd => (
+                        Kind::LinkerdAuthorizationPolicy,
+                        S::LinkerdAuthorization(self.authorization_spec.unwrap_or_default()),
+                    ),
+                    _ => (
+                        Kind::IstioAuthorizationPolicy,
+                        S::IstioAuthorization(self.authorization_spec.unwrap_or_default()),
+                    ),
+                };
+                Object::Policy(
+                    kind,
+                    Box::new(super::policy::PolicyManifest { metadata, spec }),
+                )
             }
         })
     }
@@ -1414,7 +1517,11 @@ impl<'de> serde::de::Visitor<'de> for Document<'_> {
                         map.next_value::<IgnoredAny>()?;
                     }
                 }
-                ("metadata" | "spec" | "status" | "addressType" | "endpoints" | "ports", None) => {
+                (
+                    "metadata" | "spec" | "status" | "addressType" | "endpoints" | "ports"
+                    | "apiVersion",
+                    None,
+                ) => {
                     early.push((key, map.next_value()?));
                 }
                 (_, None) => {
@@ -1508,6 +1615,22 @@ fn validate(object: Object) -> Result<Object, Problem> {
             )
         })?;
     }
+    if let Some(value) = meta
+        .annotations
+        .get(crate::policy::DEFAULT_POLICY_ANNOTATION)
+    {
+        value
+            .parse::<crate::policy::DefaultPolicy>()
+            .map_err(|message| {
+                field(
+                    &format!(
+                        "metadata.annotations[\"{}\"]",
+                        crate::policy::DEFAULT_POLICY_ANNOTATION
+                    ),
+                    message,
+                )
+            })?;
+    }
     Ok(match object {
         Object::Namespace(_) | Object::Pod(_) => object,
         Object::Service(o) => Object::Service(validate_service(o)?),
@@ -1527,6 +1650,10 @@ fn validate(object: Object) -> Result<Object, Problem> {
         Object::DestinationRule(o) => {
             o.compile()?;
             Object::DestinationRule(o)
+        }
+        Object::Policy(kind, o) => {
+            o.compile()?;
+            Object::Policy(kind, o)
         }
     })
 }

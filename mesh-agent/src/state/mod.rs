@@ -6,6 +6,7 @@
 
 pub mod istio;
 pub mod manifest;
+pub mod policy;
 pub mod ports;
 pub mod shared;
 pub mod store;
@@ -53,6 +54,25 @@ pub struct Workload {
     pub node_ip: Option<Ipv4Addr>,
     /// Whether the pod's traffic is captured (see [`INJECT_ANNOTATION`]).
     pub enrolled: bool,
+    /// What inbound policy reads of the pod.
+    pub inbound: Arc<PodInbound>,
+}
+
+/// What policy needs of a pod: its labels, its own default inbound policy, its named ports.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PodInbound {
+    pub(crate) labels: store::PackedLabels,
+    /// Its `config.linkerd.io/default-inbound-policy` annotation.
+    pub default_policy: Option<crate::policy::DefaultPolicy>,
+    /// Its containers' named TCP ports.
+    pub named_ports: Vec<(String, u16)>,
+}
+
+impl PodInbound {
+    /// The value of its label `key`.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key)
+    }
 }
 
 /// A Service port with its ready endpoints.
@@ -265,6 +285,8 @@ pub struct Snapshot {
     workloads: SharedMap<(String, String), usize>,
     /// Endpoints over every Service port.
     endpoints: usize,
+    /// Every policy object, by namespace.
+    pub policy: Arc<crate::policy::PolicyIndex>,
     /// Which snapshot this is, counting from 1 for the first one a source published.
     pub version: u64,
     /// When the source published it.

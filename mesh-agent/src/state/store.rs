@@ -94,6 +94,8 @@ enum Facts {
     HttpRoute(Arc<crate::route::HttpRoute>),
     /// Istio's DestinationRule (validated when parsed; `None` if it failed there).
     DestinationRule(Option<Arc<super::istio::CompiledRule>>),
+    /// A policy object (validated when parsed; `None` if it failed there).
+    Policy(Option<Arc<super::policy::Compiled>>),
 }
 
 /// What a Namespace decides for its pods.
@@ -101,6 +103,7 @@ enum Facts {
 struct NamespaceFacts {
     inject: Option<bool>,
     opaque: Option<Arc<PortSet>>,
+    default_policy: Option<crate::policy::DefaultPolicy>,
 }
 
 #[derive(Debug)]
@@ -108,8 +111,9 @@ struct PodFacts {
     /// As in the snapshot (`None` for a finished pod); what its namespace decides is filled in
     /// again whenever it is rebuilt.
     workload: Option<Arc<Workload>>,
-    /// For the selectors of Services without EndpointSlices.
-    labels: PackedLabels,
+    /// Its labels (for the selectors of Services without EndpointSlices, and of policies),
+    /// its default inbound policy and named ports; shared with its workload.
+    inbound: Arc<super::PodInbound>,
     v4: Option<std::net::Ipv4Addr>,
     v6: Option<std::net::Ipv6Addr>,
     terminal: bool,
@@ -156,11 +160,31 @@ impl Facts {
             Object::Namespace(ns) => Facts::Namespace(NamespaceFacts {
                 inject: inject_setting(&ns.metadata.annotations),
                 opaque: opaque_ports(&ns.metadata.annotations),
+                default_policy: ns
+                    .metadata
+                    .annotations
+                    .get(crate::policy::DEFAULT_POLICY_ANNOTATION)
+                    .and_then(|v| v.parse().ok()),
             }),
             Object::Pod(pod) => {
                 let mut facts = PodFacts {
                     workload: None,
-                    labels: PackedLabels::new(&pod.metadata.labels),
+                    inbound: Arc::new(super::PodInbound {
+                        labels: PackedLabels::new(&pod.metadata.labels),
+                        default_policy: pod
+                            .metadata
+                            .annotations
+                            .get(crate::policy::DEFAULT_POLICY_ANNOTATION)
+                            .and_then(|v| v.parse().ok()),
+                        named_ports: pod
+                            .spec
+                            .containers
+                            .iter()
+                            .flat_map(|c| c.ports.iter())
+                            .filter(|p| p.protocol == "TCP")
+                            .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+                            .collect(),
+                    }),
                     v4: pod.status.pod_ip4(),
                     v6: pod.status.pod_ip6(),
                     terminal: pod.status.is_terminal(),
@@ -200,6 +224,7 @@ impl Facts {
             Object::GrpcRoute(route) => route_facts(&route.metadata, route.compile()),
             Object::VirtualService(vs) => route_facts(&vs.metadata, vs.compile()),
             Object::DestinationRule(dr) => Facts::DestinationRule(dr.compile().ok().map(Arc::new)),
+            Object::Policy(_, p) => Facts::Policy(p.compile().ok().map(Arc::new)),
             Object::EndpointSlice(slice) => Facts::EndpointSlice(Box::new(SliceFacts {
                 service: service_of(slice).into(),
                 ipv6: match slice.address_type.as_str() {
@@ -295,6 +320,8 @@ pub struct Store {
     cluster_ips: HashMap<IpAddr, ObjectKey>,
     /// The snapshot addresses each Service's ports are at.
     placed: HashMap<Name, Vec<SocketAddr>>,
+    /// Services that Istio AuthorizationPolicies target (by `targetRefs`).
+    policy_services: HashSet<Name>,
     snapshot: Snapshot,
 }
 
@@ -302,6 +329,8 @@ pub struct Store {
 struct Dirty {
     pods: BTreeSet<Name>,
     services: BTreeSet<Name>,
+    /// The policy index is rebuilt whole (policy objects are few).
+    policy: bool,
 }
 
 impl Store {
@@ -403,6 +432,9 @@ impl Store {
         for svc in &dirty.services {
             self.rebuild_service(svc);
         }
+        if dirty.policy {
+            self.rebuild_policy();
+        }
         Ok(applied)
     }
 
@@ -453,7 +485,8 @@ impl Store {
                 Facts::Namespace(_)
                 | Facts::EndpointSlice(_)
                 | Facts::HttpRoute(_)
-                | Facts::DestinationRule(_) => continue,
+                | Facts::DestinationRule(_)
+                | Facts::Policy(_) => continue,
             };
             for ip in ips {
                 let other = match claims.get(&(key.kind, ip)) {
@@ -495,7 +528,7 @@ impl Store {
 
     fn index(&mut self, key: &ObjectKey, facts: &Facts, dirty: &mut Dirty) {
         match facts {
-            Facts::Namespace(_) => {}
+            Facts::Namespace(_) | Facts::Policy(_) => {}
             Facts::Pod(pod) => {
                 self.pods_by_ns
                     .entry(key.namespace.clone())
@@ -550,7 +583,7 @@ impl Store {
             }
         };
         match facts {
-            Facts::Namespace(_) => {}
+            Facts::Namespace(_) | Facts::Policy(_) => {}
             Facts::Pod(pod) => {
                 remove_from(&mut self.pods_by_ns, &key.namespace, &key.name);
                 for ip in pod.live_ips() {
@@ -597,13 +630,17 @@ impl Store {
                 for pod in self.pods_by_ns.get(&key.name).into_iter().flatten() {
                     dirty.pods.insert((key.name.clone(), pod.clone()));
                 }
+                dirty.policy = true;
             }
+            Facts::Policy(_) => dirty.policy = true,
             Facts::Pod(pod) => {
                 dirty.pods.insert((key.namespace.clone(), key.name.clone()));
                 // Services that may count this pod among their endpoints.
                 for svc in self.selecting.get(&key.namespace).into_iter().flatten() {
                     let picks = match self.get(Kind::Service, &key.namespace, svc) {
-                        Some(Facts::Service(s)) => selects(s.selector.as_ref(), &pod.labels),
+                        Some(Facts::Service(s)) => {
+                            selects(s.selector.as_ref(), &pod.inbound.labels)
+                        }
                         _ => false,
                     };
                     if picks {
@@ -612,16 +649,22 @@ impl Store {
                 }
             }
             Facts::Service(_) => {
-                dirty
-                    .services
-                    .insert((key.namespace.clone(), key.name.clone()));
+                let name = (key.namespace.clone(), key.name.clone());
+                // Istio policies that target it select the pods it selects.
+                if self.policy_services.contains(&name) {
+                    dirty.policy = true;
+                }
+                dirty.services.insert(name);
             }
             Facts::EndpointSlice(slice) => {
                 dirty
                     .services
                     .insert((key.namespace.clone(), slice.service.clone()));
             }
-            Facts::HttpRoute(route) => dirty.services.extend(route_parents(route)),
+            Facts::HttpRoute(route) => {
+                dirty.policy |= !route.servers.is_empty();
+                dirty.services.extend(route_parents(route));
+            }
             Facts::DestinationRule(rule) => dirty.services.extend(rule_host(rule)),
         }
     }
@@ -709,7 +752,7 @@ impl Store {
             return false;
         };
         match self.get(Kind::Pod, &key.namespace, &key.name) {
-            Some(Facts::Pod(pod)) => selects(Some(labels), &pod.labels),
+            Some(Facts::Pod(pod)) => selects(Some(labels), &pod.inbound.labels),
             _ => false,
         }
     }
@@ -874,6 +917,202 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Compiles every policy object into a new index: Servers with their routes and resolved
+    /// authorizations, Istio policies, PeerAuthentications, each namespace's default policy.
+    fn rebuild_policy(&mut self) {
+        use super::policy::Compiled;
+        use crate::policy as p;
+        let compiled = |kind: Kind| {
+            self.objects.of(kind).values().flat_map(|names| {
+                names.values().filter_map(|s| match &s.facts {
+                    Facts::Policy(Some(c)) => Some(c.clone()),
+                    _ => None,
+                })
+            })
+        };
+        let mut index = p::PolicyIndex {
+            root_namespace: p::ISTIO_ROOT_NAMESPACE.into(),
+            namespaces: HashMap::new(),
+        };
+        for (name, stored) in self
+            .objects
+            .of(Kind::Namespace)
+            .get("")
+            .into_iter()
+            .flatten()
+        {
+            if let Facts::Namespace(ns) = &stored.facts {
+                if ns.default_policy.is_some() {
+                    index.namespaces.entry(name.clone()).or_default().default = ns.default_policy;
+                }
+            }
+        }
+        // Authentications by (kind, namespace, name).
+        let authn = |kind: Kind, ns: &str, name: &str| match self.get(kind, ns, name) {
+            Some(Facts::Policy(Some(c))) => match &**c {
+                Compiled::Authentication(a) => Some(Arc::new(a.clone())),
+                _ => None,
+            },
+            _ => None,
+        };
+        // An authorization naming an authentication that does not exist is ignored (Linkerd).
+        let resolve = |a: &p::LinkerdAuthorization| -> Option<p::Authorization> {
+            let mut required = Vec::new();
+            for r in &a.required {
+                required.push(match r {
+                    p::AuthnRef::MeshTls { namespace, name } => {
+                        authn(Kind::MeshTlsAuthentication, namespace, name)?
+                    }
+                    p::AuthnRef::Network { namespace, name } => {
+                        authn(Kind::NetworkAuthentication, namespace, name)?
+                    }
+                    p::AuthnRef::ServiceAccount { namespace, name } => {
+                        Arc::new(p::Authentication::MeshTls(vec![
+                            p::IdentityMatch::ServiceAccount {
+                                namespace: namespace.clone(),
+                                name: name.clone(),
+                            },
+                        ]))
+                    }
+                });
+            }
+            if required.is_empty() {
+                return None;
+            }
+            Some(p::Authorization {
+                name: a.name.clone(),
+                required,
+            })
+        };
+        let authorizations: Vec<Arc<Compiled>> =
+            compiled(Kind::LinkerdAuthorizationPolicy).collect();
+        let linkerd = |c: &Arc<Compiled>| match &**c {
+            Compiled::LinkerdAuthorization(a) => Some(a.clone()),
+            _ => None,
+        };
+        // Routes whose parent is a Server, by (namespace, server).
+        let mut server_routes: HashMap<(Arc<str>, String), Vec<Arc<crate::route::HttpRoute>>> =
+            HashMap::new();
+        for kind in [Kind::HttpRoute, Kind::GrpcRoute] {
+            for (ns, names) in self.objects.of(kind) {
+                for stored in names.values() {
+                    let Facts::HttpRoute(route) = &stored.facts else {
+                        continue;
+                    };
+                    for server in &route.servers {
+                        // Attached to the Server (any port of it) for the table's sake.
+                        let attached = crate::route::HttpRoute {
+                            kind: route.kind,
+                            namespace: route.namespace.clone(),
+                            name: route.name.clone(),
+                            created: route.created.clone(),
+                            parents: vec![crate::route::Parent {
+                                namespace: route.namespace.clone(),
+                                name: server.clone(),
+                                port: None,
+                            }],
+                            servers: route.servers.clone(),
+                            rules: route.rules.clone(),
+                        };
+                        server_routes
+                            .entry((ns.clone(), server.clone()))
+                            .or_default()
+                            .push(Arc::new(attached));
+                    }
+                }
+            }
+        }
+        let mut servers: Vec<p::Server> = compiled(Kind::Server)
+            .filter_map(|c| match &*c {
+                Compiled::Server(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        servers
+            .sort_by(|a, b| (a.created.as_deref(), &a.name).cmp(&(b.created.as_deref(), &b.name)));
+        for server in servers {
+            let ns = server.namespace.clone();
+            let targets = |t: &p::LinkerdTarget| {
+                authorizations
+                    .iter()
+                    .filter_map(linkerd)
+                    .filter(|a| a.namespace == ns && a.target == *t)
+                    .filter_map(|a| resolve(&a))
+                    .collect::<Vec<_>>()
+            };
+            let routes = server_routes
+                .remove(&(ns.clone(), server.name.to_string()))
+                .unwrap_or_default();
+            let route_authorizations = routes
+                .iter()
+                .map(|r| {
+                    let id: Arc<str> = format!("{}/{}", r.namespace, r.name).into();
+                    (id, targets(&p::LinkerdTarget::Route(r.name.clone())))
+                })
+                .collect();
+            let table = crate::route::Table::new(&routes, 0);
+            let entry = p::ServerPolicy {
+                authorizations: targets(&p::LinkerdTarget::Server(server.name.to_string())),
+                namespace_authorizations: targets(&p::LinkerdTarget::Namespace(ns.to_string())),
+                routes: (!table.is_empty()).then(|| Arc::new(table)),
+                route_authorizations,
+                server: Arc::new(server),
+            };
+            index
+                .namespaces
+                .entry(ns)
+                .or_default()
+                .servers
+                .push(Arc::new(entry));
+        }
+        self.policy_services.clear();
+        for c in compiled(Kind::IstioAuthorizationPolicy) {
+            let Compiled::Istio(policy) = &*c else {
+                continue;
+            };
+            let ns = index
+                .namespaces
+                .entry(policy.namespace.clone())
+                .or_default();
+            if let p::IstioScope::Services(names) = &policy.scope {
+                for name in names {
+                    let key: Name = (policy.namespace.clone(), name.as_str().into());
+                    if let Some(Facts::Service(svc)) = self.get(Kind::Service, &key.0, &key.1) {
+                        let labels = svc.selector.iter().flatten();
+                        ns.service_selectors.insert(
+                            name.clone(),
+                            p::LabelSelector {
+                                labels: labels.map(|(k, v)| (k.clone(), v.clone())).collect(),
+                                expressions: Vec::new(),
+                            },
+                        );
+                    }
+                    self.policy_services.insert(key);
+                }
+            }
+            ns.istio.push(Arc::new(policy.clone()));
+        }
+        for c in compiled(Kind::PeerAuthentication) {
+            let Compiled::Peer(peer) = &*c else { continue };
+            index
+                .namespaces
+                .entry(peer.namespace.clone())
+                .or_default()
+                .peer
+                .push(Arc::new(peer.clone()));
+        }
+        // Oldest first, as Istio and Linkerd resolve conflicts.
+        for ns in index.namespaces.values_mut() {
+            ns.istio.sort_by(|a, b| a.name.cmp(&b.name));
+            ns.peer.sort_by(|a, b| {
+                (a.created.as_deref(), &a.name).cmp(&(b.created.as_deref(), &b.name))
+            });
+        }
+        self.snapshot.policy = Arc::new(index);
+    }
+}
+
 /// The routes a Service's own callers get, by the documented rule for combining the three
 /// sources: Gateway API routes in the Service's namespace win; without them, the oldest
 /// VirtualService for the Service (then by namespace and name) applies; without either, the
@@ -955,6 +1194,7 @@ fn default_route(svc: &manifest::Service) -> Option<Arc<crate::route::HttpRoute>
         namespace: ns.to_owned(),
         name: name.clone(),
         created: None,
+        servers: Vec::new(),
         parents: vec![r::Parent {
             namespace: ns.to_owned(),
             name: name.clone(),
@@ -977,6 +1217,7 @@ fn route_facts(
             name: meta.name.clone(),
             created: None,
             parents: Vec::new(),
+            servers: Vec::new(),
             rules: Vec::new(),
         }
     })))
@@ -1049,11 +1290,11 @@ fn selects(
 /// A pod's labels in one allocation, `key\0value\0key\0value`: kept only to match Service
 /// selectors, and a Vec of String pairs per pod was megabytes at cluster scale. Labels holding
 /// a NUL (which Kubernetes does not allow) are left out rather than let them forge pairs.
-#[derive(Debug)]
-struct PackedLabels(Box<str>);
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct PackedLabels(Box<str>);
 
 impl PackedLabels {
-    fn new(labels: &manifest::Labels) -> Self {
+    pub(crate) fn new(labels: &manifest::Labels) -> Self {
         let mut packed = String::new();
         for (k, v) in labels
             .iter()
@@ -1064,7 +1305,7 @@ impl PackedLabels {
         PackedLabels(packed.into_boxed_str())
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
         let mut parts = self.0.split('\0');
         while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
             if k == key {
@@ -1126,6 +1367,7 @@ fn workload(pod: &manifest::Pod, facts: &PodFacts, namespace: &NamespaceFacts) -
             _ => None,
         },
         enrolled: facts.enrolled(namespace),
+        inbound: facts.inbound.clone(),
     }
 }
 
@@ -1214,7 +1456,7 @@ fn selected_endpoints(
         Some(manifest::IntOrString::String(_)) => return Vec::new(),
     };
     pods.iter()
-        .filter(|p| !p.terminal && selects(selector, &p.labels))
+        .filter(|p| !p.terminal && selects(selector, &p.inbound.labels))
         .filter_map(|p| match ipv6 {
             true => p.v6.map(IpAddr::V6),
             false => p.v4.map(IpAddr::V4),
