@@ -79,6 +79,8 @@ pub struct Config {
     pub identity: IdentitySource,
     /// Lifetime of the workload certificates the agent mints.
     pub cert_lifetime: Duration,
+    /// What inbound policy falls back on.
+    pub policy: crate::policy::Defaults,
 }
 
 /// Where the issuer comes from.
@@ -270,6 +272,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             buffers: buffers.clone(),
             pool: pool.clone(),
             http_head_timeout: config.http_head_timeout,
+            policy: config.policy.clone(),
         }),
     ));
     let outbound_inputs = Arc::new(ProxyInputs {
@@ -292,6 +295,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         http_head_timeout: config.http_head_timeout,
         max_streams: config.max_streams_per_connection,
         pool,
+        policy: config.policy.clone(),
     });
     tasks.spawn(outbound::serve(outbound_listener, outbound_inputs.clone()));
     if let Some(listener) = outbound6_listener {
@@ -318,7 +322,21 @@ pub async fn run(config: Config) -> Result<(), Error> {
                     .policed_services()
                     .map(|(name, t)| (name.clone(), t.describe_traffic()))
                     .collect();
-                json(&serde_json::json!({ "config": config, "routes": routes, "traffic": traffic }))
+                // The effective inbound policy of each pod of this node.
+                let policy: std::collections::BTreeMap<_, _> = snapshot
+                    .local_pods(&config.node)
+                    .map(|pod| {
+                        let p = snapshot.policy.for_pod(
+                            pod,
+                            config.policy.default,
+                            &config.policy.cluster_networks,
+                        );
+                        (format!("{}/{}", pod.namespace, pod.name), p.describe())
+                    })
+                    .collect();
+                json(&serde_json::json!({
+                    "config": config, "routes": routes, "traffic": traffic, "policy": policy,
+                }))
             }
             "/state" => json(&state.borrow().summary()),
             _ => (

@@ -113,6 +113,19 @@ pub struct RunArgs {
     /// Destination CIDR never captured, e.g. 10.0.0.0/8 (repeatable).
     #[arg(long = "exclude-cidr", value_parser = parse_cidr)]
     pub exclude_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// Linkerd's cluster-wide default inbound policy, for pods whose annotation and
+    /// namespace's annotation (`config.linkerd.io/default-inbound-policy`) say nothing:
+    /// all-unauthenticated, all-authenticated, cluster-authenticated, cluster-unauthenticated,
+    /// deny or audit.
+    #[arg(long, default_value = "all-unauthenticated", value_parser = |s: &str| s.parse::<crate::policy::DefaultPolicy>())]
+    pub default_inbound_policy: crate::policy::DefaultPolicy,
+    /// The cluster's networks (Linkerd's `clusterNetworks`), for the `cluster-*` default
+    /// policies; comma-separated CIDRs.
+    #[arg(long, value_delimiter = ',', default_value = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8", value_parser = |s: &str| s.parse::<crate::policy::Cidr>())]
+    pub cluster_networks: Vec<crate::policy::Cidr>,
+    /// Keep open connections that a policy change denies (by default they are closed).
+    #[arg(long)]
+    pub keep_denied_connections: bool,
     /// Connections one pod may hold through the node proxy at once; more are refused and
     /// counted in `mesh_outbound_refused_total{reason="connection_limit"}`.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]

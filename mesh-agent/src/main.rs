@@ -79,6 +79,11 @@ fn main() -> anyhow::Result<()> {
                     ),
                 },
                 cert_lifetime: args.cert_lifetime,
+                policy: mesh_agent::policy::Defaults {
+                    default: args.default_inbound_policy,
+                    cluster_networks: args.cluster_networks.into(),
+                    keep_denied_connections: args.keep_denied_connections,
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

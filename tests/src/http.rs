@@ -24,13 +24,27 @@ pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
 
 /// [`get`] with extra request headers.
 pub fn get_with(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> io::Result<Response> {
+    request(addr, "GET", path, extra)
+}
+
+/// `METHOD path` on `addr` (no body) with `Connection: close`; reads the response to EOF.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let peer = stream.peer_addr()?;
     let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let length = match method {
+        "GET" | "HEAD" => "",
+        _ => "Content-Length: 0\r\n",
+    };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}{length}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;

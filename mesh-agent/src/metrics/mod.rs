@@ -4,6 +4,7 @@
 //! existing dashboards and queries carry over with a rename; HTTP metrics ([`http`]) use
 //! Linkerd's and Istio's own names.
 
+pub mod authz;
 pub mod http;
 
 use std::{collections::HashSet, sync::Mutex};
@@ -90,6 +91,7 @@ pub struct DatapathStats {
 pub struct Metrics {
     registry: Registry,
     pub http: http::HttpMetrics,
+    pub authz: authz::AuthzMetrics,
     opened: IntCounterVec,
     closed: IntCounterVec,
     sent: IntCounterVec,
@@ -246,9 +248,11 @@ impl Metrics {
             "Times a bulk connection could not grow its relay buffers because the node-wide \
              budget was used up.",
         )?;
+        let authz = authz::AuthzMetrics::new(&registry)?;
         Ok(Self {
             registry,
             http,
+            authz,
             opened,
             closed,
             sent,

@@ -17,6 +17,38 @@ pub use model::*;
 
 use crate::{identity::Identity, route::Head};
 
+/// What the agent's flags say about policy.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// Linkerd's cluster-wide default inbound policy.
+    pub default: DefaultPolicy,
+    /// The cluster's networks, for the `cluster-*` default policies.
+    pub cluster_networks: Arc<[Cidr]>,
+    /// Leave open connections a policy change denies.
+    pub keep_denied_connections: bool,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            default: DefaultPolicy::AllUnauthenticated,
+            cluster_networks: default_cluster_networks().into(),
+            keep_denied_connections: false,
+        }
+    }
+}
+
+impl serde::Serialize for Defaults {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_json::json!({
+            "default_inbound_policy": self.default.name(),
+            "cluster_networks": self.cluster_networks.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "keep_denied_connections": self.keep_denied_connections,
+        })
+        .serialize(s)
+    }
+}
+
 /// What is known of one inbound connection or request when it is authorized.
 #[derive(Debug, Clone, Copy)]
 pub struct Inbound<'a> {

@@ -625,6 +625,63 @@ impl PodPolicy {
         }
     }
 
+    /// The effective policy as `/config_dump` shows it: per port with a Server or a
+    /// PeerAuthentication setting of its own, then for every other port.
+    pub fn describe(&self) -> serde_json::Value {
+        let authorizations = |list: &[Authorization]| -> Vec<String> {
+            list.iter().map(|a| a.name.to_string()).collect()
+        };
+        let peer = |port: Option<u16>| {
+            let (mode, by) = match port {
+                Some(p) => self.peer_mode(p),
+                None => match &self.peer {
+                    Some((m, by)) => (*m, Some(by)),
+                    None => (PeerMode::Permissive, None),
+                },
+            };
+            serde_json::json!({ "mode": format!("{mode:?}").to_uppercase(), "by": by.map(|b| b.to_string()) })
+        };
+        let mut ports: Vec<u16> = self.servers.iter().map(|(p, _)| *p).collect();
+        ports.extend(self.peer_ports.iter().map(|(p, ..)| *p));
+        ports.sort_unstable();
+        ports.dedup();
+        let mut out: Vec<serde_json::Value> = ports
+            .into_iter()
+            .map(|port| match self.server_for(port) {
+                Some(s) => serde_json::json!({
+                    "port": port,
+                    "server": &*s.server.name,
+                    "proxy_protocol": s.server.proxy_protocol,
+                    "access_policy": s.server.access.name(),
+                    "authorizations": authorizations(&s.authorizations),
+                    "namespace_authorizations": authorizations(&s.namespace_authorizations),
+                    "routes": s.route_authorizations.iter().map(|(r, a)| serde_json::json!({
+                        "route": &**r, "authorizations": authorizations(a),
+                    })).collect::<Vec<_>>(),
+                    "peer_authentication": peer(Some(port)),
+                }),
+                None => serde_json::json!({
+                    "port": port,
+                    "default_policy": self.default.name(),
+                    "peer_authentication": peer(Some(port)),
+                }),
+            })
+            .collect();
+        out.push(serde_json::json!({
+            "port": "*",
+            "default_policy": self.default.name(),
+            "peer_authentication": peer(None),
+        }));
+        serde_json::json!({
+            "ports": out,
+            "istio": self.istio.iter().map(|p| serde_json::json!({
+                "policy": &*p.label,
+                "action": format!("{:?}", p.action).to_uppercase(),
+                "rules": p.rules.len(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
     /// Whether nothing restricts the pod: every client is allowed on every port, so the proxy
     /// can skip evaluation.
     pub fn is_open(&self) -> bool {

@@ -24,6 +24,7 @@ use super::{
     detect::Protocol,
     hbone::{self, TunnelRequest},
     http::{pool::Pool, Body},
+    policy::PolicyCheck,
 };
 use crate::{
     enrolled::EnrolledPods,
@@ -91,6 +92,8 @@ pub struct InboundInputs {
     pub pool: Arc<Pool>,
     /// A request head inside an HTTP/1.1 tunnel must arrive within this.
     pub http_head_timeout: Duration,
+    /// What inbound policy falls back on.
+    pub policy: crate::policy::Defaults,
 }
 
 /// Who is on the other end of one inbound mTLS connection.
@@ -299,7 +302,7 @@ async fn connect(
         true => TunnelRequest::parse_forwarded_for(req.headers()),
         false => TunnelRequest::forwarded_in(req.headers(), hbone::REQUEST_FORWARDED),
     };
-    let source = match forwarded {
+    let source: Option<std::net::IpAddr> = match forwarded {
         Some(ip) => match snapshot.pod_by_ip(ip) {
             Some(client) if client.identity(&inputs.trust_domain) == peer.identity => Some(ip),
             Some(client) => {
@@ -363,9 +366,18 @@ async fn connect(
                 labels.destination_principal = pod_identity.to_string();
                 labels.server_id = pod_identity.to_linkerd();
                 labels.security = "mutual_tls";
+                let policy = PolicyCheck::new(
+                    target,
+                    Some(peer.identity.clone()),
+                    Some(source.unwrap_or(peer.addr.ip())),
+                    inputs.state.clone(),
+                    inputs.policy.clone(),
+                    inputs.metrics.clone(),
+                );
                 let t = Arc::new(crate::proxy::http::inbound::Tunnel {
                     pod,
                     target,
+                    policy,
                     client: source,
                     labels,
                     snapshot,
@@ -411,6 +423,30 @@ async fn connect(
             }
         });
         return Response::new(Body::empty());
+    }
+    // TCP: decided once, before any byte reaches the pod; a later change that denies it
+    // closes it.
+    let policy = PolicyCheck::new(
+        target,
+        Some(peer.identity.clone()),
+        Some(source.unwrap_or(peer.addr.ip())),
+        inputs.state.clone(),
+        inputs.policy.clone(),
+        inputs.metrics.clone(),
+    );
+    let verdict = policy.check(None);
+    if !verdict.allowed {
+        // ztunnel answers a denied CONNECT 401: the source agent closes its client.
+        return refuse(
+            inputs,
+            peer,
+            StatusCode::UNAUTHORIZED,
+            "policy",
+            format!(
+                "{} to {target} denied by {} {}",
+                peer.identity, verdict.authz.kind, verdict.authz.name
+            ),
+        );
     }
     let delivered = tokio::time::timeout(CONNECT_TIMEOUT, async {
         // A claimed address of the other family cannot be the source of this connection.
@@ -466,14 +502,17 @@ async fn connect(
             }
         };
         // The tunnel carries what the client sent; the pod's answers are what it receives.
-        super::relay::relay_recorded(
+        let relay = super::relay::relay_recorded(
             &metrics,
             &buffers,
             &labels,
             TokioIo::new(upgraded),
             upstream,
-        )
-        .await;
+        );
+        tokio::select! {
+            () = relay => {}
+            () = policy.until_denied() => {}
+        }
     });
     Response::new(Body::empty())
 }

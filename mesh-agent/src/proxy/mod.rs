@@ -5,6 +5,7 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod policy;
 pub mod relay;
 
 use std::{

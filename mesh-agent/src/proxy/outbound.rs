@@ -87,6 +87,13 @@ pub enum Error {
         orig: OrigDstAddr,
         client: ClientAddr,
     },
+    #[error("{client} to {endpoint} (dialled {orig}) denied by the pod's policy: {by}")]
+    Denied {
+        endpoint: SocketAddr,
+        orig: OrigDstAddr,
+        client: ClientAddr,
+        by: String,
+    },
 }
 
 impl Error {
@@ -98,6 +105,7 @@ impl Error {
             Error::UnknownSource { .. } => Some("unknown_source"),
             Error::NodeAddress { .. } => Some("node_address"),
             Error::ConnectionLimit { .. } => Some("connection_limit"),
+            Error::Denied { .. } => Some("policy"),
             _ => None,
         }
     }
@@ -127,6 +135,8 @@ pub struct ProxyInputs {
     pub max_streams: usize,
     /// Upstream HTTP connections.
     pub pool: Arc<Pool>,
+    /// What inbound policy falls back on (for deliveries to pods of this node).
+    pub policy: crate::policy::Defaults,
 }
 
 /// Whether a pod's original destination is the node itself or a range that only means
@@ -370,6 +380,23 @@ async fn relay_opaque(
         "outbound connection"
     );
 
+    // A pod of this node: its inbound policy is checked here, before any byte reaches it.
+    let policy = match (&hop, &dst) {
+        (Hop::Local { .. } | Hop::LocalDirect, Some(d)) if d.enrolled => {
+            let check = local_policy(inputs, source, endpoint);
+            let verdict = check.check(None);
+            if !verdict.allowed {
+                return Err(Error::Denied {
+                    endpoint,
+                    orig,
+                    client,
+                    by: format!("{} {}", verdict.authz.kind, verdict.authz.name),
+                });
+            }
+            Some(check)
+        }
+        _ => None,
+    };
     let upstream = match hop {
         Hop::Hbone {
             source: source_id,
@@ -411,13 +438,40 @@ async fn relay_opaque(
         Ok(Upstream::Tunnel(t)) => {
             relay_recorded(metrics, buffers, &labels, client_stream, t).await
         }
-        Ok(Upstream::Tcp(s)) => relay_recorded(metrics, buffers, &labels, client_stream, s).await,
+        Ok(Upstream::Tcp(s)) => {
+            let relay = relay_recorded(metrics, buffers, &labels, client_stream, s);
+            match &policy {
+                // A policy change that denies it closes it.
+                Some(check) => tokio::select! {
+                    () = relay => {}
+                    () = check.until_denied() => {}
+                },
+                None => relay.await,
+            }
+        }
         Err(e) => {
             metrics.connect_failed(&labels);
             return Err(e);
         }
     }
     Ok(())
+}
+
+/// The inbound policy of the pod of this node at `endpoint`, for connections from `source`
+/// (whose identity the agent knows in-process).
+pub fn local_policy(
+    inputs: &ProxyInputs,
+    source: &EnrolledPod,
+    endpoint: SocketAddr,
+) -> super::policy::PolicyCheck {
+    super::policy::PolicyCheck::new(
+        endpoint,
+        Some(source.workload.identity(&inputs.trust_domain)),
+        source.address_for(endpoint),
+        inputs.state.clone(),
+        inputs.policy.clone(),
+        inputs.metrics.clone(),
+    )
 }
 
 /// Where a connection was connected onwards.

@@ -39,6 +39,8 @@ pub struct Tunnel {
     /// The client pod's address, verified against the peer's identity: requests are
     /// delivered from it. `None`: from the node's address.
     pub client: Option<IpAddr>,
+    /// The pod's inbound policy for this client.
+    pub policy: crate::proxy::policy::PolicyCheck,
     /// What every request of the tunnel is labelled with (the peer, the pod).
     pub labels: RequestLabels,
     pub snapshot: Arc<Snapshot>,
@@ -120,6 +122,12 @@ pub async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> 
     let canonical = req.headers_mut().remove(DST_CANONICAL);
     let series = tunnel.series_for(canonical.as_ref().and_then(|v| v.to_str().ok()), grpc);
     tunnel.metrics.http.request(&series);
+    let verdict = tunnel
+        .policy
+        .check(Some(crate::proxy::policy::http_of(&req)));
+    if !verdict.allowed {
+        return refused_by_policy(&tunnel.metrics, &series, &verdict, grpc, started);
+    }
 
     let upgrade = is_upgrade(&req);
     let client_upgrade = Upgrade::take(&mut req);
@@ -172,4 +180,27 @@ pub async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> 
             seen.bytes,
         );
     })
+}
+
+/// The answer to a request the pod's policy denies, recorded (flag `DENY`).
+pub fn refused_by_policy(
+    metrics: &Metrics,
+    series: &Series,
+    verdict: &crate::policy::Verdict,
+    grpc: bool,
+    started: Instant,
+) -> Response<Body> {
+    let resp = crate::proxy::policy::denied(verdict, grpc);
+    let grpc_status = grpc.then_some(if verdict.status == 404 { 12 } else { 7 });
+    record(
+        metrics,
+        series,
+        resp.status(),
+        grpc_status,
+        super::Failure::Denied.flag(),
+        started,
+        0,
+        0,
+    );
+    resp
 }

@@ -74,6 +74,8 @@ pub enum Failure {
     /// The Service's limit on requests in flight (a DestinationRule's connection pool) is
     /// reached.
     Overflow,
+    /// The destination pod's inbound policy denies the request (never retried).
+    Denied,
 }
 
 impl Failure {
@@ -87,6 +89,7 @@ impl Failure {
             Failure::BadRequest => StatusCode::BAD_REQUEST,
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
+            Failure::Denied => StatusCode::FORBIDDEN,
         }
     }
 
@@ -101,6 +104,8 @@ impl Failure {
             Failure::NoRoute => "NR",
             Failure::NoBackend => "NC",
             Failure::Overflow => "UO",
+            // ztunnel's flag for a policy denial (Envoy's RBAC filter sets none).
+            Failure::Denied => "DENY",
         }
     }
 
@@ -115,6 +120,7 @@ impl Failure {
             Failure::NoRoute => "no_route",
             Failure::NoBackend => "no_backend",
             Failure::Overflow => "overflow",
+            Failure::Denied => "denied",
         }
     }
 }

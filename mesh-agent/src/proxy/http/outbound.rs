@@ -21,7 +21,9 @@ use tracing::debug;
 use super::{
     authority,
     body::Replay,
-    connected, finish_failed, grpc_status, is_grpc, is_upgrade,
+    connected, finish_failed, grpc_status,
+    inbound::refused_by_policy,
+    is_grpc, is_upgrade,
     pool::{BoxIo, Checkin, Key, Route, SendError},
     record, relay_response, respond, serve_connection, strip_hop_by_hop, upgrade_to_h2, Body,
     Failure, ServeLimits, Upgrade, DST_CANONICAL, ORIG_PROTO,
@@ -71,6 +73,8 @@ struct Resolved {
     inbound_series: Option<Arc<Series>>,
     /// What a request over HBONE tells the destination agent.
     hbone_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The inbound policy of the destination when it is a pod of this node.
+    policy: Option<crate::proxy::policy::PolicyCheck>,
 }
 
 /// Endpoint, the hop's security, gRPC or not.
@@ -165,8 +169,19 @@ impl Client {
             forwarded_for: self.conn.source.address_for(endpoint),
             protocol: Protocol::Http2,
         };
+        let policy = match dst {
+            Some(d) if d.enrolled && inbound.is_some() => {
+                Some(crate::proxy::outbound::local_policy(
+                    &self.conn.inputs,
+                    &self.conn.source,
+                    endpoint,
+                ))
+            }
+            _ => None,
+        };
         let found = Arc::new(Resolved {
             series: metrics.http.series(labels),
+            policy,
             inbound_series: inbound,
             hbone_headers: HboneConnector::request_headers(endpoint, &tunnel),
         });
@@ -470,9 +485,20 @@ async fn attempt(
     let dest = client.destination_for(endpoint, dst, hop.security(), grpc);
     let (series, inbound_series) = (dest.series.clone(), dest.inbound_series.clone());
     inputs.metrics.http.request(&series);
-    // A same-node delivery is this agent's inbound side too.
+    // A same-node delivery is this agent's inbound side too, and the pod's policy decides
+    // here.
     if let Some(s) = &inbound_series {
         inputs.metrics.http.request(s);
+    }
+    if let Some(check) = &dest.policy {
+        let verdict = check.check(Some(crate::proxy::policy::http_of(&req)));
+        if !verdict.allowed {
+            let resp = refused_by_policy(&inputs.metrics, &series, &verdict, grpc, started);
+            if let Some(s) = &inbound_series {
+                refused_by_policy(&inputs.metrics, s, &verdict, grpc, started);
+            }
+            return Err((Failure::Denied, resp));
+        }
     }
     let request_bytes = Arc::new(AtomicU64::new(0));
     let mut req = req.map(|b| b.counted(request_bytes.clone()));
@@ -854,6 +880,8 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
                     sent.resp.status().as_u16(),
                     grpc_status(sent.resp.headers()),
                 ),
+                // A policy's answer is final.
+                Err((Failure::Denied, _)) => false,
                 Err((failure, _)) => {
                     policy.on.connect_failure || policy.on.status(failure.status().as_u16(), None)
                 }

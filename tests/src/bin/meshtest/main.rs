@@ -70,6 +70,9 @@
 //!                                   first body bytes), `total_ms=`, `chunks=`
 //! meshtest ws ADDR BYTES            websocket-style upgrade of GET /, then writes BYTES while
 //!                                   checking the echo; prints `status=101`, `echoed=`
+//! meshtest matrix ADDR METHOD:PATH... one request each (a connection each); prints
+//!                                   `METHOD PATH STATUS WHO` per request, WHO the server's
+//!                                   name (`hello from NAME`) or the `l5d-proxy-error` header
 //! ```
 //!
 //! The Gateway API mesh conformance suite's echo app (see `echo.rs`):
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
         ["upload", addr, bytes] => l7::upload(addr, bytes),
         ["chunks", addr, n, ms] => l7::chunks(addr, n, ms),
         ["ws", addr, bytes] => l7::ws(addr, bytes),
+        ["matrix", addr, requests @ ..] => matrix(addr, requests),
         ["echo-server", name] => echo::server(name),
         ["echo-client", args @ ..] => echo::client(args),
         _ => Err("usage: see `meshtest` source header".to_owned()),
@@ -304,6 +308,37 @@ fn get(addr: &str, path: &str, headers: &[&str]) -> Result<(), String> {
         .map(|(k, v)| format!("header.{k}={v}\n"))
         .collect();
     print!("status={}\npeer={}\n{head}\n{}", r.status, r.peer, r.body);
+    Ok(())
+}
+
+fn matrix(addr: &str, requests: &[&str]) -> Result<(), String> {
+    let addr: SocketAddr = parse("address", addr)?;
+    for r in requests {
+        let (method, path) = r
+            .split_once(':')
+            .ok_or(format!("{r:?} is not METHOD:PATH"))?;
+        let who = match http::request(addr, method, path, &[]) {
+            Ok(resp) => {
+                let server = resp
+                    .body
+                    .lines()
+                    .find_map(|l| l.strip_prefix("hello from "))
+                    .map(str::to_owned);
+                let error = resp
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "l5d-proxy-error")
+                    .map(|(_, v)| v.clone());
+                format!(
+                    "{} {}",
+                    resp.status,
+                    server.or(error).unwrap_or_else(|| "-".into())
+                )
+            }
+            Err(e) => format!("error {}", e.kind()),
+        };
+        println!("{method} {path} {who}");
+    }
     Ok(())
 }
 

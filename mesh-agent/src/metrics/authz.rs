@@ -1,0 +1,166 @@
+//! Authorization metrics in Linkerd's names: `inbound_{http,tcp}_authz_{allow,deny}_total`,
+//! labelled with the target, the Server, the route and the authorization that decided, and the
+//! client's TLS identity; `inbound_authz_audit_total` for what an audit policy would have
+//! denied.
+//!
+//! Unlike Linkerd, the deny counters also carry `authz_*`: the policy that denied (an Istio
+//! DENY, an ALLOW that did not match, a PeerAuthentication, a default policy).
+
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+
+use crate::policy::{Authz, Verdict};
+
+pub struct AuthzMetrics {
+    http_allow: IntCounterVec,
+    http_deny: IntCounterVec,
+    tcp_allow: IntCounterVec,
+    tcp_deny: IntCounterVec,
+    audit: IntCounterVec,
+}
+
+const HTTP_LABELS: [&str; 10] = [
+    "target_addr",
+    "srv_group",
+    "srv_kind",
+    "srv_name",
+    "route_name",
+    "authz_group",
+    "authz_kind",
+    "authz_name",
+    "tls",
+    "client_id",
+];
+const TCP_LABELS: [&str; 9] = [
+    "target_addr",
+    "srv_group",
+    "srv_kind",
+    "srv_name",
+    "authz_group",
+    "authz_kind",
+    "authz_name",
+    "tls",
+    "client_id",
+];
+const AUDIT_LABELS: [&str; 7] = [
+    "protocol",
+    "target_addr",
+    "srv_name",
+    "authz_group",
+    "authz_kind",
+    "authz_name",
+    "client_id",
+];
+
+/// Who the client is, as the counters say it.
+pub struct Client<'a> {
+    /// `pod-ip:port`.
+    pub target_addr: &'a str,
+    /// Its Linkerd identity, empty for a plaintext client.
+    pub client_id: &'a str,
+}
+
+impl AuthzMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        Ok(AuthzMetrics {
+            http_allow: vec(
+                "inbound_http_authz_allow_total",
+                "HTTP requests to a pod of this node that inbound policy allowed.",
+                &HTTP_LABELS,
+            )?,
+            http_deny: vec(
+                "inbound_http_authz_deny_total",
+                "HTTP requests to a pod of this node that inbound policy denied (403, or 404 when no route of the Server matched).",
+                &HTTP_LABELS,
+            )?,
+            tcp_allow: vec(
+                "inbound_tcp_authz_allow_total",
+                "TCP connections to a pod of this node that inbound policy allowed.",
+                &TCP_LABELS,
+            )?,
+            tcp_deny: vec(
+                "inbound_tcp_authz_deny_total",
+                "TCP connections to a pod of this node that inbound policy denied (closed before any byte reached the pod), and open connections closed by a policy change.",
+                &TCP_LABELS,
+            )?,
+            audit: vec(
+                "inbound_authz_audit_total",
+                "Connections and requests an audit policy (Linkerd's audit, Istio's AUDIT) would have denied; they were allowed.",
+                &AUDIT_LABELS,
+            )?,
+        })
+    }
+
+    /// The counter one decision goes to: `http` or TCP.
+    pub fn counter(&self, http: bool, verdict: &Verdict, client: &Client) -> IntCounter {
+        let srv_group = match verdict.server.kind {
+            "server" => "policy.linkerd.io",
+            _ => "",
+        };
+        let tls = if client.client_id.is_empty() {
+            "no_identity"
+        } else {
+            "true"
+        };
+        let a = &verdict.authz;
+        match http {
+            true => {
+                let route = verdict.route.as_deref().unwrap_or("default");
+                let vec = if verdict.allowed {
+                    &self.http_allow
+                } else {
+                    &self.http_deny
+                };
+                vec.with_label_values(&[
+                    client.target_addr,
+                    srv_group,
+                    verdict.server.kind,
+                    &verdict.server.name,
+                    route,
+                    a.group,
+                    a.kind,
+                    &a.name,
+                    tls,
+                    client.client_id,
+                ])
+            }
+            false => {
+                let vec = if verdict.allowed {
+                    &self.tcp_allow
+                } else {
+                    &self.tcp_deny
+                };
+                vec.with_label_values(&[
+                    client.target_addr,
+                    srv_group,
+                    verdict.server.kind,
+                    &verdict.server.name,
+                    a.group,
+                    a.kind,
+                    &a.name,
+                    tls,
+                    client.client_id,
+                ])
+            }
+        }
+    }
+
+    /// Counts what an audit policy would have denied.
+    pub fn audited(&self, http: bool, verdict: &Verdict, audit: &Authz, client: &Client) {
+        self.audit
+            .with_label_values(&[
+                if http { "http" } else { "tcp" },
+                client.target_addr,
+                &verdict.server.name,
+                audit.group,
+                audit.kind,
+                &audit.name,
+                client.client_id,
+            ])
+            .inc();
+    }
+}
