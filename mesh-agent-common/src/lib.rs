@@ -20,6 +20,11 @@ pub mod maps {
     pub const ORIG_DST6: &str = "ORIG_DST6";
     pub const SPOOF_GUARD: &str = "SPOOF_GUARD";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const POLICY_PORTS: &str = "POLICY_PORTS";
+    pub const POLICY_NETS: &str = "POLICY_NETS";
+    pub const POLICY_NETS6: &str = "POLICY_NETS6";
+    pub const POLICY_DROPS: &str = "POLICY_DROPS";
+    pub const POLICY_CONFIG: &str = "POLICY_CONFIG";
 }
 
 /// Program names, as they appear in the object file.
@@ -30,6 +35,7 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const ANTI_SPOOF: &str = "mesh_anti_spoof";
+    pub const INBOUND_POLICY: &str = "mesh_inbound_policy";
 }
 
 /// Socket marks the agent puts on the sockets it opens inside a pod's network namespace. The
@@ -43,6 +49,11 @@ pub mod marks {
     /// (transparent). Inside the pod, packets so marked route to the local stack, which is how
     /// the pod's replies to a remote address come back to the proxy's socket.
     pub const INBOUND: u32 = 0x5a1;
+    /// A connection the proxy delivers to a pod from the node's own namespace (the client's
+    /// address unknown or not usable): the inbound policy program lets it through, the agent
+    /// having decided it. Only a process with CAP_NET_ADMIN on the node can set it, and the
+    /// kernel clears marks when packets cross from a pod's namespace.
+    pub const DELIVERED: u32 = 0x5a2;
     /// The bits the two marks differ in are outside this mask; the policy-routing rule matches
     /// `INBOUND` exactly under it.
     pub const MASK: u32 = 0xfff;
@@ -175,7 +186,58 @@ pub mod counters {
     /// Frames from a pod of a kind a pod has no business sending (neither IPv4, IPv6 nor ARP),
     /// dropped by TC.
     pub const FOREIGN_DROPPED: u32 = 5;
-    pub const LEN: u32 = 6;
+    /// New TCP connections to a pod that its inbound policy refuses for plaintext, dropped by
+    /// TC (per pod and port in `POLICY_DROPS`).
+    pub const POLICY_DROPPED: u32 = 6;
+    pub const LEN: u32 = 7;
+}
+
+/// Entries of the inbound policy maps (pods × ports with a decision of their own).
+pub const MAX_POLICY_ENTRIES: u32 = 16_384;
+
+/// A pod's port in the inbound policy maps: the ifindex of the pod's host-side veth and the
+/// destination port (host byte order; 0 stands for every port without an entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub ifindex: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// `POLICY_NETS` key data: the port's key, then the IPv4 source (network byte order). The
+/// LPM prefix length is 64 plus the CIDR's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyNet4 {
+    pub key: PolicyKey,
+    pub ip: u32,
+}
+
+/// `POLICY_NETS6` key data: the port's key, then the IPv6 source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyNet6 {
+    pub key: PolicyKey,
+    pub ip: [u8; 16],
+}
+
+/// What the inbound policy program is told once (`POLICY_CONFIG`, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// The cgroup v2 id of the kubelet, whose probes pass on probe ports; 0: none given.
+    pub probe_cgroup: u64,
+}
+
+/// `POLICY_PORTS` values: a verdict, and whether kubelet probes pass.
+pub mod verdict {
+    pub const ALLOW: u8 = 0;
+    pub const DENY: u8 = 1;
+    /// By the source's longest match in `POLICY_NETS`/`POLICY_NETS6` (value 0 allows).
+    pub const BY_SOURCE: u8 = 2;
+    pub const MASK: u8 = 3;
+    pub const PROBES: u8 = 4;
 }
 
 #[cfg(feature = "user")]
@@ -191,4 +253,8 @@ mod user {
     unsafe impl aya::Pod for Redirect {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for PodAddrs {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyNet4 {}
+    unsafe impl aya::Pod for PolicyNet6 {}
+    unsafe impl aya::Pod for PolicyConfig {}
 }

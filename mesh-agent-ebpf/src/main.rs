@@ -7,7 +7,10 @@
 //!   the client's (IP, port), which is what the proxy sees when it accepts; the proxy deletes
 //!   it once read;
 //! - `cgroup/getpeername4`/`6` show the application the address it dialled, not the proxy;
-//! - a TC classifier on each pod's host-side veth drops packets with a forged source address.
+//! - a TC classifier on each pod's host-side veth drops packets with a forged source address;
+//! - another, on the same veth's egress (towards the pod), applies the pod's inbound policy to
+//!   new plaintext TCP connections (SYN): allow, deny, or by source address, per port; what
+//!   the agent delivers itself carries a socket mark and passes.
 #![no_std]
 #![no_main]
 
@@ -19,12 +22,13 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, classifier, map, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use mesh_agent_common::{
-    counters, marks, EnrolledPod, OrigDst, OrigDst6, PodAddrs, ProxyConfig, Redirect, Redirect6,
-    SockAddrV4, SockAddrV6, MAX_CONNECTIONS, MAX_EXCLUSIONS, MAX_PODS,
+    counters, marks, verdict, EnrolledPod, OrigDst, OrigDst6, PodAddrs, PolicyConfig, PolicyKey,
+    PolicyNet4, PolicyNet6, ProxyConfig, Redirect, Redirect6, SockAddrV4, SockAddrV6,
+    MAX_CONNECTIONS, MAX_EXCLUSIONS, MAX_PODS, MAX_POLICY_ENTRIES,
 };
 
 /// `connect()` and `getpeername()` programs must return 1 to let the call proceed.
@@ -86,6 +90,29 @@ static SPOOF_GUARD: HashMap<u32, PodAddrs> = HashMap::with_max_entries(MAX_PODS,
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::LEN, 0);
+
+/// Inbound policy for plaintext, per (pod veth, port); port 0 for the pod's other ports. No
+/// entry: the pod's plaintext is not restricted.
+#[map]
+static POLICY_PORTS: HashMap<PolicyKey, u8> =
+    HashMap::with_max_entries(MAX_POLICY_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Source ranges of `BY_SOURCE` ports (value 0: allowed).
+#[map]
+static POLICY_NETS: LpmTrie<PolicyNet4, u8> =
+    LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+static POLICY_NETS6: LpmTrie<PolicyNet6, u8> =
+    LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// SYNs dropped per (pod veth, port), per CPU.
+#[map]
+static POLICY_DROPS: LruPerCpuHashMap<PolicyKey, u64> =
+    LruPerCpuHashMap::with_max_entries(MAX_POLICY_ENTRIES, 0);
+
+#[map]
+static POLICY_CONFIG: Array<PolicyConfig> = Array::with_max_entries(1, 0);
 
 fn count(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
@@ -411,6 +438,174 @@ fn try_anti_spoof(ctx: &TcContext) -> Result<i32, ()> {
         count(counters::SPOOFED_DROPPED);
         Ok(TC_ACT_SHOT)
     }
+}
+
+#[classifier]
+pub fn mesh_inbound_policy(ctx: TcContext) -> i32 {
+    match try_inbound_policy(&ctx) {
+        Ok(action) => action,
+        // Not a packet policy reads (too short for its headers): the pod's stack drops a
+        // truncated TCP header itself.
+        Err(()) => TC_ACT_OK,
+    }
+}
+
+const IPPROTO_TCP_U8: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Where the TCP header of a packet towards a pod starts, if it carries the start of one.
+enum Transport {
+    Tcp(usize),
+    /// A later fragment: no TCP header, harmless without the first fragment.
+    Later,
+    /// A fragment that would overwrite the first one's TCP header: never legitimate.
+    Overlapping,
+    Other,
+}
+
+fn try_inbound_policy(ctx: &TcContext) -> Result<i32, ()> {
+    // SAFETY: valid skb for the duration of the call.
+    let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
+    if mark == marks::DELIVERED {
+        return Ok(TC_ACT_OK);
+    }
+    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    let (transport, v6) = match ethertype {
+        ETH_P_IP => (ipv4_transport(ctx)?, false),
+        ETH_P_IPV6 => (ipv6_transport(ctx)?, true),
+        _ => return Ok(TC_ACT_OK),
+    };
+    let tcp = match transport {
+        Transport::Tcp(at) => at,
+        Transport::Later | Transport::Other => return Ok(TC_ACT_OK),
+        Transport::Overlapping => return Ok(drop_syn(ifindex, 0)),
+    };
+    let flags = ctx.load::<u8>(tcp + 13).map_err(|_| ())?;
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        return Ok(TC_ACT_OK);
+    }
+    let port = u16::from_be(ctx.load::<u16>(tcp + 2).map_err(|_| ())?);
+    let mut key = PolicyKey {
+        ifindex,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: read-only lookups.
+    let found = match unsafe { POLICY_PORTS.get(&key) } {
+        Some(v) => Some(*v),
+        None => {
+            key.port = 0;
+            unsafe { POLICY_PORTS.get(&key) }.copied()
+        }
+    };
+    let Some(decision) = found else {
+        return Ok(TC_ACT_OK);
+    };
+    if decision & verdict::PROBES != 0 && is_kubelet(ctx) {
+        return Ok(TC_ACT_OK);
+    }
+    let allowed = match decision & verdict::MASK {
+        verdict::ALLOW => true,
+        verdict::BY_SOURCE if !v6 => {
+            // Source address at offset 12 of the IPv4 header, network byte order.
+            let ip = ctx.load::<u32>(ETH_HLEN + 12).map_err(|_| ())?;
+            let lookup = Key::new(64 + 32, PolicyNet4 { key, ip });
+            POLICY_NETS.get(&lookup).is_some_and(|v| *v == 0)
+        }
+        verdict::BY_SOURCE => {
+            let ip = ctx.load::<[u8; 16]>(ETH_HLEN + 8).map_err(|_| ())?;
+            let lookup = Key::new(64 + 128, PolicyNet6 { key, ip });
+            POLICY_NETS6.get(&lookup).is_some_and(|v| *v == 0)
+        }
+        _ => false,
+    };
+    if allowed {
+        Ok(TC_ACT_OK)
+    } else {
+        Ok(drop_syn(ifindex, port))
+    }
+}
+
+/// Whether the packet's socket belongs to the kubelet (by its cgroup, as configured).
+fn is_kubelet(ctx: &TcContext) -> bool {
+    let Some(config) = POLICY_CONFIG.get(0) else {
+        return false;
+    };
+    // SAFETY: plain helper on the program's own skb.
+    config.probe_cgroup != 0
+        && unsafe { aya_ebpf::helpers::bpf_skb_cgroup_id(ctx.skb.skb) } == config.probe_cgroup
+}
+
+fn drop_syn(ifindex: u32, port: u16) -> i32 {
+    count(counters::POLICY_DROPPED);
+    let key = PolicyKey {
+        ifindex,
+        port,
+        _pad: 0,
+    };
+    match POLICY_DROPS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's slot; no other writer while we run.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = POLICY_DROPS.insert(&key, &1, 0);
+        }
+    }
+    TC_ACT_SHOT
+}
+
+fn ipv4_transport(ctx: &TcContext) -> Result<Transport, ()> {
+    let ver_ihl = ctx.load::<u8>(ETH_HLEN).map_err(|_| ())?;
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(());
+    }
+    let protocol = ctx.load::<u8>(ETH_HLEN + 9).map_err(|_| ())?;
+    if protocol != IPPROTO_TCP_U8 {
+        return Ok(Transport::Other);
+    }
+    // Fragment offset, in 8-byte units.
+    let offset = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| ())?) & 0x1fff;
+    Ok(match offset {
+        0 => Transport::Tcp(ETH_HLEN + ihl),
+        // The TCP flags are at byte 13 of the first fragment's payload.
+        1 => Transport::Overlapping,
+        _ => Transport::Later,
+    })
+}
+
+/// Walks up to four IPv6 extension headers to the transport header.
+fn ipv6_transport(ctx: &TcContext) -> Result<Transport, ()> {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const DEST_OPTS: u8 = 60;
+    let mut next = ctx.load::<u8>(ETH_HLEN + 6).map_err(|_| ())?;
+    let mut at = ETH_HLEN + 40;
+    for _ in 0..4 {
+        match next {
+            IPPROTO_TCP_U8 => return Ok(Transport::Tcp(at)),
+            HOP_BY_HOP | ROUTING | DEST_OPTS => {
+                next = ctx.load::<u8>(at).map_err(|_| ())?;
+                let len = ctx.load::<u8>(at + 1).map_err(|_| ())?;
+                at += (usize::from(len) + 1) * 8;
+            }
+            FRAGMENT => {
+                let offset = u16::from_be(ctx.load::<u16>(at + 2).map_err(|_| ())?) >> 3;
+                next = ctx.load::<u8>(at).map_err(|_| ())?;
+                at += 8;
+                if offset != 0 {
+                    return Ok(match (next, offset) {
+                        (IPPROTO_TCP_U8, 1) => Transport::Overlapping,
+                        _ => Transport::Later,
+                    });
+                }
+            }
+            _ => return Ok(Transport::Other),
+        }
+    }
+    // More extension headers than any stack sends before TCP.
+    Ok(Transport::Overlapping)
 }
 
 #[cfg(not(test))]

@@ -81,6 +81,8 @@ pub struct Config {
     pub cert_lifetime: Duration,
     /// What inbound policy falls back on.
     pub policy: crate::policy::Defaults,
+    /// The kubelet's cgroup, whose probes the kernel lets through on probe ports.
+    pub kubelet_cgroup: Option<PathBuf>,
 }
 
 /// Where the issuer comes from.
@@ -122,6 +124,12 @@ pub enum Error {
     AgentNetns(#[source] std::io::Error),
     #[error("starting the desired-state thread: {0}")]
     StateThread(#[source] std::io::Error),
+    #[error("--kubelet-cgroup {path}: {source}")]
+    KubeletCgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("writing the dev trust anchor to {path}: {source}")]
     DevAnchor {
         path: PathBuf,
@@ -229,7 +237,34 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let (state_tx, state_rx) = watch::channel(initial);
     let (enrolled_tx, enrolled_rx) = watch::channel(Arc::new(EnrolledPods::default()));
     let ready = Arc::new(AtomicBool::new(false));
-    let reconciler = Reconciler::new(
+    // Kubelet probes: by the kubelet's cgroup if given, else by the node's addresses.
+    let mut datapath = datapath;
+    let probe_sources = match &config.kubelet_cgroup {
+        Some(path) => {
+            use std::os::unix::fs::MetadataExt as _;
+            // A cgroup v2 directory's inode number is the cgroup's id.
+            let id = std::fs::metadata(path)
+                .map_err(|source| Error::KubeletCgroup {
+                    path: path.clone(),
+                    source,
+                })?
+                .ino();
+            datapath.set_probe_cgroup(id)?;
+            Vec::new()
+        }
+        None => node_addrs4
+            .iter()
+            .map(|ip| crate::policy::Cidr {
+                addr: (*ip).into(),
+                len: 32,
+            })
+            .chain(node_addrs6.iter().map(|ip| crate::policy::Cidr {
+                addr: (*ip).into(),
+                len: 128,
+            }))
+            .collect(),
+    };
+    let mut reconciler = Reconciler::new(
         config.node.clone(),
         config.trust_domain.clone(),
         datapath,
@@ -238,6 +273,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         ready.clone(),
         enrolled_tx,
     );
+    reconciler.policy = config.policy.clone();
+    reconciler.probe_sources = probe_sources;
 
     let buffers = Arc::new(ByteBudget::new(config.max_buffered_bytes));
     let pool = Arc::new(Pool::default());

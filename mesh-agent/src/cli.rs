@@ -126,6 +126,11 @@ pub struct RunArgs {
     /// Keep open connections that a policy change denies (by default they are closed).
     #[arg(long)]
     pub keep_denied_connections: bool,
+    /// The kubelet's cgroup (v2 directory, e.g. /sys/fs/cgroup/system.slice/kubelet.service):
+    /// its probes pass the kernel's inbound policy on probe ports. Without it, probes are told
+    /// by the node's addresses (any process of the node's network then passes there).
+    #[arg(long)]
+    pub kubelet_cgroup: Option<PathBuf>,
     /// Connections one pod may hold through the node proxy at once; more are refused and
     /// counted in `mesh_outbound_refused_total{reason="connection_limit"}`.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]

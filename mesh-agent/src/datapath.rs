@@ -18,7 +18,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         tc::SchedClassifierLinkId, CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps,
         TcAttachType,
@@ -26,9 +26,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_agent_common::{
-    counters, maps, programs, EnrolledPod, OrigDst, OrigDst6, PodAddrs, ProxyConfig,
-    SockAddrV4 as RawAddr, SockAddrV6 as RawAddr6,
+    counters, maps, programs, verdict, EnrolledPod, OrigDst, OrigDst6, PodAddrs, PolicyConfig,
+    PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig, SockAddrV4 as RawAddr, SockAddrV6 as RawAddr6,
 };
+
+use crate::policy::kernel::{Plaintext, PortVerdict};
 
 use crate::metrics::DatapathStats;
 
@@ -258,6 +260,27 @@ pub struct Datapath {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     spoof_guard: HashMap<MapData, u32, PodAddrs>,
     tc_links: StdHashMap<u32, SchedClassifierLinkId>,
+    policy: PolicyMaps,
+    /// The inbound policy programs on pods' veths (egress), by ifindex.
+    policy_links: StdHashMap<u32, SchedClassifierLinkId>,
+}
+
+/// The inbound policy maps, and what each pod has in them.
+struct PolicyMaps {
+    ports: HashMap<MapData, PolicyKey, u8>,
+    nets: LpmTrie<MapData, PolicyNet4, u8>,
+    nets6: LpmTrie<MapData, PolicyNet6, u8>,
+    drops: PerCpuHashMap<MapData, PolicyKey, u64>,
+    config: Array<MapData, PolicyConfig>,
+    installed: StdHashMap<u32, Installed>,
+}
+
+/// The keys one pod holds in the policy maps.
+#[derive(Default, PartialEq)]
+struct Installed {
+    ports: Vec<(PolicyKey, u8)>,
+    nets: Vec<(u32, PolicyNet4, u8)>,
+    nets6: Vec<(u32, PolicyNet6, u8)>,
 }
 
 impl Datapath {
@@ -294,6 +317,19 @@ impl Datapath {
         let enrolled = HashMap::try_from(take(maps::ENROLLED)?).map_err(map_err(maps::ENROLLED))?;
         let spoof_guard =
             HashMap::try_from(take(maps::SPOOF_GUARD)?).map_err(map_err(maps::SPOOF_GUARD))?;
+        let policy = PolicyMaps {
+            ports: HashMap::try_from(take(maps::POLICY_PORTS)?)
+                .map_err(map_err(maps::POLICY_PORTS))?,
+            nets: LpmTrie::try_from(take(maps::POLICY_NETS)?)
+                .map_err(map_err(maps::POLICY_NETS))?,
+            nets6: LpmTrie::try_from(take(maps::POLICY_NETS6)?)
+                .map_err(map_err(maps::POLICY_NETS6))?,
+            drops: PerCpuHashMap::try_from(take(maps::POLICY_DROPS)?)
+                .map_err(map_err(maps::POLICY_DROPS))?,
+            config: Array::try_from(take(maps::POLICY_CONFIG)?)
+                .map_err(map_err(maps::POLICY_CONFIG))?,
+            installed: StdHashMap::new(),
+        };
 
         for port in &exclusions.ports {
             ports
@@ -378,6 +414,12 @@ impl Datapath {
             .try_into()
             .map_err(prog(programs::ANTI_SPOOF))?;
         tc.load().map_err(prog(programs::ANTI_SPOOF))?;
+        let policy_tc: &mut SchedClassifier = ebpf
+            .program_mut(programs::INBOUND_POLICY)
+            .ok_or(Error::MissingProgram(programs::INBOUND_POLICY))?
+            .try_into()
+            .map_err(prog(programs::INBOUND_POLICY))?;
+        policy_tc.load().map_err(prog(programs::INBOUND_POLICY))?;
 
         Ok((
             Self {
@@ -385,9 +427,139 @@ impl Datapath {
                 enrolled,
                 spoof_guard,
                 tc_links: StdHashMap::new(),
+                policy,
+                policy_links: StdHashMap::new(),
             },
             table,
         ))
+    }
+
+    /// Lets kubelet probes (sockets of the cgroup with this id) through on probe ports.
+    pub fn set_probe_cgroup(&mut self, id: u64) -> Result<(), Error> {
+        self.policy
+            .config
+            .set(0, PolicyConfig { probe_cgroup: id }, 0)
+            .map_err(map_err(maps::POLICY_CONFIG))
+    }
+
+    /// Installs what the kernel enforces for plaintext to the pod behind `ifindex` (replacing
+    /// what it had): new entries first, then the old ones that are gone.
+    pub fn set_policy(&mut self, ifindex: u32, plaintext: &Plaintext) -> Result<(), Error> {
+        let mut next = Installed::default();
+        for entry in &plaintext.ports {
+            let key = PolicyKey {
+                ifindex,
+                port: entry.port,
+                _pad: 0,
+            };
+            let code = match &entry.verdict {
+                PortVerdict::Allow => verdict::ALLOW,
+                PortVerdict::Deny => verdict::DENY,
+                PortVerdict::BySource(list) => {
+                    for (cidr, allowed) in list {
+                        let value = u8::from(!*allowed);
+                        let len = 64 + u32::from(cidr.len);
+                        match cidr.addr {
+                            std::net::IpAddr::V4(ip) => next.nets.push((
+                                len,
+                                PolicyNet4 {
+                                    key,
+                                    ip: raw_ip(ip),
+                                },
+                                value,
+                            )),
+                            std::net::IpAddr::V6(ip) => next.nets6.push((
+                                len,
+                                PolicyNet6 {
+                                    key,
+                                    ip: ip.octets(),
+                                },
+                                value,
+                            )),
+                        }
+                    }
+                    verdict::BY_SOURCE
+                }
+            };
+            let probes = if entry.probes { verdict::PROBES } else { 0 };
+            next.ports.push((key, code | probes));
+        }
+        let old = self.policy.installed.remove(&ifindex).unwrap_or_default();
+        if old == next {
+            self.policy.installed.insert(ifindex, next);
+            return Ok(());
+        }
+        let m = &mut self.policy;
+        // Source ranges before the ports that consult them.
+        for (len, data, value) in &next.nets {
+            let key = aya::maps::lpm_trie::Key::new(*len, *data);
+            m.nets
+                .insert(&key, value, 0)
+                .map_err(map_err(maps::POLICY_NETS))?;
+        }
+        for (len, data, value) in &next.nets6 {
+            let key = aya::maps::lpm_trie::Key::new(*len, *data);
+            m.nets6
+                .insert(&key, value, 0)
+                .map_err(map_err(maps::POLICY_NETS6))?;
+        }
+        for (key, code) in &next.ports {
+            m.ports
+                .insert(key, code, 0)
+                .map_err(map_err(maps::POLICY_PORTS))?;
+        }
+        for (key, _) in old
+            .ports
+            .iter()
+            .filter(|(k, _)| !next.ports.iter().any(|(n, _)| n == k))
+        {
+            let _ = m.ports.remove(key);
+        }
+        for (len, data, _) in &old.nets {
+            if !next.nets.iter().any(|(l, d, _)| l == len && d == data) {
+                let _ = m.nets.remove(&aya::maps::lpm_trie::Key::new(*len, *data));
+            }
+        }
+        for (len, data, _) in &old.nets6 {
+            if !next.nets6.iter().any(|(l, d, _)| l == len && d == data) {
+                let _ = m.nets6.remove(&aya::maps::lpm_trie::Key::new(*len, *data));
+            }
+        }
+        m.installed.insert(ifindex, next);
+        Ok(())
+    }
+
+    /// SYNs the inbound policy dropped, per (ifindex, port), since the pod was enrolled.
+    pub fn policy_drops(&self) -> Vec<(u32, u16, u64)> {
+        self.policy
+            .drops
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| (k.ifindex, k.port, per_cpu.iter().sum()))
+            .collect()
+    }
+
+    fn forget_policy(&mut self, ifindex: u32) {
+        let _ = self.set_policy(ifindex, &Plaintext::default());
+        self.policy.installed.remove(&ifindex);
+        let keys: Vec<PolicyKey> = self
+            .policy
+            .drops
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.ifindex == ifindex)
+            .collect();
+        for k in keys {
+            let _ = self.policy.drops.remove(&k);
+        }
+    }
+
+    fn policy_classifier(&mut self) -> Result<&mut SchedClassifier, Error> {
+        self.ebpf
+            .program_mut(programs::INBOUND_POLICY)
+            .ok_or(Error::MissingProgram(programs::INBOUND_POLICY))?
+            .try_into()
+            .map_err(prog(programs::INBOUND_POLICY))
     }
 
     fn classifier(&mut self) -> Result<&mut SchedClassifier, Error> {
@@ -436,6 +608,21 @@ impl Datapath {
                 };
                 self.tc_links.insert(pod.host_ifindex, link);
             }
+            // Inbound policy for plaintext, on the way into the pod (nothing is restricted
+            // until the reconciler writes the pod's entries).
+            if !self.policy_links.contains_key(&pod.host_ifindex) {
+                let ifname = pod.host_ifname.clone();
+                let tc = self.policy_classifier()?;
+                let link = match tc.attach(&ifname, TcAttachType::Egress) {
+                    Ok(link) => link,
+                    Err(_) => {
+                        let _ = aya::programs::tc::qdisc_add_clsact(&ifname);
+                        tc.attach(&ifname, TcAttachType::Egress)
+                            .map_err(prog(programs::INBOUND_POLICY))?
+                    }
+                };
+                self.policy_links.insert(pod.host_ifindex, link);
+            }
         }
         self.enrolled
             .insert(
@@ -460,6 +647,10 @@ impl Datapath {
             // The veth may already be gone, which detached the program with it.
             let _ = self.classifier()?.detach(link);
         }
+        if let Some(link) = self.policy_links.remove(&pod.host_ifindex) {
+            let _ = self.policy_classifier()?.detach(link);
+        }
+        self.forget_policy(pod.host_ifindex);
         Ok(())
     }
 }

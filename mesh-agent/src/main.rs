@@ -84,6 +84,7 @@ fn main() -> anyhow::Result<()> {
                     cluster_networks: args.cluster_networks.into(),
                     keep_denied_connections: args.keep_denied_connections,
                 },
+                kubelet_cgroup: args.kubelet_cgroup,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

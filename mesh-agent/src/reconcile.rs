@@ -33,9 +33,15 @@ const CHECK: Duration = Duration::from_millis(500);
 struct Held {
     enrollment: Enrollment,
     pod: Arc<EnrolledPod>,
+    /// Its kernel inbound policy is still to be installed.
+    policy_pending: bool,
 }
 
 pub struct Reconciler {
+    /// What inbound policy falls back on, and where kubelet probes come from when the kernel
+    /// cannot tell them by cgroup (the node's addresses; empty when it can).
+    pub policy: crate::policy::Defaults,
+    pub probe_sources: Vec<crate::policy::Cidr>,
     pub node: String,
     pub trust_domain: String,
     pub datapath: Datapath,
@@ -47,6 +53,10 @@ pub struct Reconciler {
     enrolled: HashMap<Ipv4Addr, Held>,
     /// The snapshot whose workloads the metric series were last pruned against.
     pruned_for: Option<Arc<Snapshot>>,
+    /// The snapshot the kernel's inbound policy was last compiled from.
+    policy_for: Option<Arc<Snapshot>>,
+    /// Drops last read from the kernel, per (ifindex, port).
+    drops_seen: HashMap<(u32, u16), u64>,
 }
 
 impl Reconciler {
@@ -60,6 +70,8 @@ impl Reconciler {
         published: watch::Sender<Arc<EnrolledPods>>,
     ) -> Self {
         Self {
+            policy: crate::policy::Defaults::default(),
+            probe_sources: Vec::new(),
             node,
             trust_domain,
             datapath,
@@ -69,6 +81,8 @@ impl Reconciler {
             published,
             enrolled: HashMap::new(),
             pruned_for: None,
+            policy_for: None,
+            drops_seen: HashMap::new(),
         }
     }
 
@@ -80,12 +94,29 @@ impl Reconciler {
                 .as_ref()
                 .is_some_and(|p| Arc::ptr_eq(p, &snapshot))
             {
-                // Series of workloads that left the cluster go with them.
+                // Series of workloads that left the cluster go with them, and authorization
+                // series of clients whose service account no pod has any more.
                 self.metrics
                     .forget_workloads(|ns, workload| snapshot.has_workload(ns, workload));
+                if !self.metrics.authz.clients().is_empty() {
+                    let accounts: HashSet<(&str, &str)> = snapshot
+                        .pods()
+                        .map(|p| (p.namespace.as_str(), p.service_account.as_str()))
+                        .collect();
+                    self.metrics.authz.forget_clients(|id| {
+                        Identity::from_linkerd(id).is_ok_and(|id| match &id {
+                            Identity::Spiffe {
+                                namespace,
+                                service_account,
+                                ..
+                            } => accounts.contains(&(namespace.as_str(), service_account.as_str())),
+                        })
+                    });
+                }
                 self.pruned_for = Some(snapshot.clone());
             }
             let complete = self.reconcile(&snapshot).await;
+            self.enforce_policy(&snapshot);
             self.ready.store(complete, Ordering::Release);
             tokio::select! {
                 changed = state.changed() => if changed.is_err() { return },
@@ -102,6 +133,8 @@ impl Reconciler {
 
     fn release(&mut self, ip: Ipv4Addr, why: &str) -> Option<u64> {
         let held = self.enrolled.remove(&ip)?;
+        let ifindex = held.enrollment.host_ifindex;
+        self.drops_seen.retain(|(i, _), _| *i != ifindex);
         match self.datapath.unenroll(&held.enrollment) {
             Ok(()) => info!(pod_ip = %ip, reason = why, "pod released"),
             Err(err) => warn!(pod_ip = %ip, reason = why, "releasing pod: {err}"),
@@ -116,6 +149,50 @@ impl Reconciler {
         let same_route =
             podnet::route_interface(ip).is_ok_and(|(i, _)| i == held.enrollment.host_ifindex);
         same_route && held.pod.netns.owns(ip)
+    }
+
+    /// Compiles each enrolled pod's inbound policy for plaintext into the kernel (when the
+    /// snapshot or the enrolled pods changed), and counts what the kernel dropped.
+    fn enforce_policy(&mut self, snapshot: &Arc<Snapshot>) {
+        let fresh = !self
+            .policy_for
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(p, snapshot));
+        for held in self.enrolled.values() {
+            if !held.enrollment.anti_spoof || !(fresh || held.policy_pending) {
+                continue;
+            }
+            let ip = std::net::IpAddr::V4(held.enrollment.ip);
+            let policy = crate::proxy::policy::resolve(snapshot, ip, &self.policy);
+            let compiled = crate::policy::kernel::plaintext(&policy, &self.probe_sources);
+            if let Err(e) = self
+                .datapath
+                .set_policy(held.enrollment.host_ifindex, &compiled)
+            {
+                warn!(pod = %held.pod.workload.name, "installing inbound policy: {e}");
+            }
+        }
+        for held in self.enrolled.values_mut() {
+            held.policy_pending = false;
+        }
+        self.policy_for = Some(snapshot.clone());
+        // Drops, per pod and port.
+        let pods: HashMap<u32, &Arc<Workload>> = self
+            .enrolled
+            .values()
+            .map(|h| (h.enrollment.host_ifindex, &h.pod.workload))
+            .collect();
+        for (ifindex, port, total) in self.datapath.policy_drops() {
+            let seen = self.drops_seen.entry((ifindex, port)).or_insert(0);
+            let new = total.saturating_sub(*seen);
+            *seen = total;
+            if let (Some(pod), true) = (pods.get(&ifindex), new > 0) {
+                self.metrics
+                    .policy_dropped
+                    .with_label_values(&[&pod.namespace, &pod.name, &port.to_string()])
+                    .inc_by(new);
+            }
+        }
     }
 
     /// Returns whether every local pod is enrolled.
@@ -263,6 +340,7 @@ impl Reconciler {
             Held {
                 enrollment: enrollment.clone(),
                 pod,
+                policy_pending: true,
             },
         );
         self.publish();

@@ -781,6 +781,27 @@ impl Testbed {
         Ok(cmd)
     }
 
+    /// The cgroup node `name`'s kubelet runs in (created on first use, removed at teardown
+    /// with the pods' cgroups): what the agent's `--kubelet-cgroup` names.
+    pub fn kubelet_cgroup(&self, name: &str) -> io::Result<PathBuf> {
+        let dir = testbed_cgroup()?.join(format!("{name}-kubelet"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// A command that will run as node `name`'s kubelet does: in its host network and in its
+    /// kubelet cgroup.
+    pub fn kubelet_command(
+        &self,
+        name: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> io::Result<Command> {
+        let cgroup = self.kubelet_cgroup(name)?;
+        let mut cmd = Command::new(program);
+        netns::command_in(&mut cmd, &self.node(name).netns, Some(&cgroup))?;
+        Ok(cmd)
+    }
+
     /// Starts a long-running process; it is killed at teardown.
     pub fn spawn(&self, mut cmd: Command) -> io::Result<u32> {
         let child = cmd.stdin(Stdio::null()).spawn()?;

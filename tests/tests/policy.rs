@@ -618,3 +618,141 @@ fn deny_beats_allow_audit_counts_and_linkerd_authentications() {
         2.0
     );
 }
+
+/// `Tcp: ... PassiveOpens` of pod `name`'s network namespace: connections its stack accepted.
+fn passive_opens(bed: &Testbed, name: &str) -> u64 {
+    let mut cat = bed.pod_command(name, "cat").unwrap();
+    cat.arg("/proc/net/snmp");
+    let text = must_succeed(cat, "read /proc/net/snmp");
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "PassiveOpens")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// A connection attempt of 300 ms from `cmd`: `connected`, `refused` or `timeout`.
+fn syn(mut cmd: std::process::Command, addr: &str) -> String {
+    cmd.args(["syn", addr, "300"]);
+    must_succeed(cmd, "syn").trim().to_owned()
+}
+
+#[test]
+fn my_service_strict_and_single_caller_with_plaintext_refused_in_the_kernel() {
+    let _serial = serial();
+    let spec = TestbedSpec {
+        nodes: 2,
+        pods: vec![
+            pod(
+                "authorized",
+                0,
+                "authorized",
+                "my-namespace",
+                "authorized-service",
+            ),
+            pod("other", 0, "other", "my-namespace", "other"),
+            PodSpec::new("unenrolled", 0, "unenrolled")
+                .annotate("mesh-agent.io/inject", "disabled"),
+            pod(
+                "my-service-a",
+                1,
+                "my-service",
+                "my-namespace",
+                "my-service",
+            ),
+        ],
+        services: vec![service(
+            "my-service",
+            "my-namespace",
+            "10.96.0.60",
+            "my-service",
+        )],
+        dual_stack: false,
+    };
+    let bed = Testbed::up(&spec).expect("testbed up");
+    serve(&bed, &["my-service-a"]);
+    let start = |node: &str| {
+        let kubelet = bed.kubelet_cgroup(node).unwrap();
+        let mut agent =
+            Agent::start(&bed, node, &["--kubelet-cgroup", kubelet.to_str().unwrap()]).unwrap();
+        agent.wait_ready(READY).unwrap();
+        agent
+    };
+    let (_n1, n2) = (start("n1"), start("n2"));
+    let pod_addr = format!("{}:8080", bed.pod("my-service-a").ip);
+    let unenrolled = || bed.pod_command("unenrolled", meshtest()).unwrap();
+    let host = || bed.node_command("n2", meshtest()).unwrap();
+    let kubelet = || bed.kubelet_command("n2", meshtest()).unwrap();
+    // Before any policy, plaintext reaches the pod.
+    assert_eq!(syn(unenrolled(), &pod_addr), "connected");
+    assert_eq!(syn(host(), &pod_addr), "connected");
+
+    // The tutorial's STRICT PeerAuthentication, DestinationRule and single-caller policy, as
+    // written.
+    let security = example("my-service/istio-security.yaml");
+    apply(&bed, &[&n2], &[("security.yaml", &security)], |p| {
+        port_of(p, "my-namespace/my-service-a", 8080)["peer_authentication"]["mode"] == "STRICT"
+            && istio_of(p, "my-namespace/my-service-a") == ["service-access-policy"]
+    });
+    let get = |from: &str| {
+        let mut cmd = bed.pod_command(from, meshtest()).unwrap();
+        cmd.args(["matrix", "10.96.0.60:80", "GET:/"]);
+        must_succeed(cmd, "GET my-service")
+    };
+    assert_eq!(get("authorized"), "GET / 200 my-service-a\n");
+    assert_eq!(
+        get("other"),
+        "GET / 403 unauthorized request: denied by AuthorizationPolicy service-access-policy (security.istio.io)\n"
+    );
+
+    // Plaintext from an unenrolled pod (another node) and from the node's host network: the
+    // SYN is dropped on the way into the pod, which accepts nothing.
+    let dropped = || {
+        metric(
+            &n2,
+            "mesh_inbound_policy_dropped_total",
+            &[("pod", "my-service-a"), ("port", "8080")],
+        )
+    };
+    // (The kernel's entries follow the snapshot within a moment of the proxy's.)
+    eventually_for(
+        "the kernel's policy in force",
+        Duration::from_secs(2),
+        || syn(unenrolled(), &pod_addr) == "timeout",
+    );
+    let opened = passive_opens(&bed, "my-service-a");
+    assert_eq!(syn(unenrolled(), &pod_addr), "timeout");
+    assert_eq!(syn(host(), &pod_addr), "timeout");
+    assert_eq!(
+        passive_opens(&bed, "my-service-a"),
+        opened,
+        "no SYN reached the pod"
+    );
+    eventually("the drops counted", || dropped() >= 2.0);
+    // The kubelet's probe (the node's address, the kubelet's cgroup) gets through.
+    let mut probe = kubelet();
+    probe.args(["matrix", &pod_addr, "GET:/healthz"]);
+    assert_eq!(
+        must_succeed(probe, "probe"),
+        "GET /healthz 200 my-service-a\n"
+    );
+    assert_eq!(passive_opens(&bed, "my-service-a"), opened + 1);
+
+    // A Linkerd Server on the port keeps the probe authorized; an HTTPRoute on it ends that.
+    let server = "---\napiVersion: policy.linkerd.io/v1beta3\nkind: Server\nmetadata:\n  name: my-service-http\n  namespace: my-namespace\nspec:\n  podSelector: {matchLabels: {app: my-service}}\n  port: 8080\n";
+    let with_server = format!("{security}{server}");
+    apply(&bed, &[&n2], &[("security.yaml", &with_server)], |p| {
+        port_of(p, "my-namespace/my-service-a", 8080)["server"] == "my-service-http"
+    });
+    assert_eq!(syn(kubelet(), &pod_addr), "connected");
+    let route = "---\napiVersion: policy.linkerd.io/v1beta3\nkind: HTTPRoute\nmetadata:\n  name: api\n  namespace: my-namespace\nspec:\n  parentRefs: [{group: policy.linkerd.io, kind: Server, name: my-service-http}]\n  rules: [{matches: [{path: {type: PathPrefix, value: /api}}]}]\n";
+    let with_route = format!("{with_server}{route}");
+    apply(&bed, &[&n2], &[("security.yaml", &with_route)], |p| {
+        port_of(p, "my-namespace/my-service-a", 8080)["routes"][0]["route"] == "my-namespace/api"
+    });
+    eventually_for("the probe no longer let in", Duration::from_secs(2), || {
+        syn(kubelet(), &pod_addr) == "timeout"
+    });
+}

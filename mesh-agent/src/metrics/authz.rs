@@ -6,6 +6,8 @@
 //! Unlike Linkerd, the deny counters also carry `authz_*`: the policy that denied (an Istio
 //! DENY, an ALLOW that did not match, a PeerAuthentication, a default policy).
 
+use std::{collections::HashSet, sync::Mutex};
+
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::policy::{Authz, Verdict};
@@ -16,6 +18,18 @@ pub struct AuthzMetrics {
     tcp_allow: IntCounterVec,
     tcp_deny: IntCounterVec,
     audit: IntCounterVec,
+    /// Every label set counted so far, by counter, so that a client's series can be removed
+    /// when it leaves the cluster.
+    series: Mutex<HashSet<(Which, Vec<String>)>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Which {
+    HttpAllow,
+    HttpDeny,
+    TcpAllow,
+    TcpDeny,
+    Audit,
 }
 
 const HTTP_LABELS: [&str; 10] = [
@@ -92,7 +106,53 @@ impl AuthzMetrics {
                 "Connections and requests an audit policy (Linkerd's audit, Istio's AUDIT) would have denied; they were allowed.",
                 &AUDIT_LABELS,
             )?,
+            series: Mutex::default(),
         })
+    }
+
+    fn vec(&self, which: Which) -> &IntCounterVec {
+        match which {
+            Which::HttpAllow => &self.http_allow,
+            Which::HttpDeny => &self.http_deny,
+            Which::TcpAllow => &self.tcp_allow,
+            Which::TcpDeny => &self.tcp_deny,
+            Which::Audit => &self.audit,
+        }
+    }
+
+    fn series(&self, which: Which, labels: &[&str]) -> IntCounter {
+        if let Ok(mut s) = self.series.lock() {
+            s.insert((which, labels.iter().map(|l| (*l).to_owned()).collect()));
+        }
+        self.vec(which).with_label_values(labels)
+    }
+
+    /// Removes the series of clients (by Linkerd identity) that `live` no longer knows.
+    pub fn forget_clients(&self, live: impl Fn(&str) -> bool) {
+        let Ok(mut series) = self.series.lock() else {
+            return;
+        };
+        series.retain(|(which, labels)| {
+            let client = labels.last().map(String::as_str).unwrap_or_default();
+            let keep = client.is_empty() || live(client);
+            if !keep {
+                let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+                let _ = self.vec(*which).remove_label_values(&values);
+            }
+            keep
+        });
+    }
+
+    /// The Linkerd identities of the clients that have series.
+    pub fn clients(&self) -> HashSet<String> {
+        self.series
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .filter_map(|(_, l)| l.last().filter(|c| !c.is_empty()).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The counter one decision goes to: `http` or TCP.
@@ -110,49 +170,56 @@ impl AuthzMetrics {
         match http {
             true => {
                 let route = verdict.route.as_deref().unwrap_or("default");
-                let vec = if verdict.allowed {
-                    &self.http_allow
+                let which = if verdict.allowed {
+                    Which::HttpAllow
                 } else {
-                    &self.http_deny
+                    Which::HttpDeny
                 };
-                vec.with_label_values(&[
-                    client.target_addr,
-                    srv_group,
-                    verdict.server.kind,
-                    &verdict.server.name,
-                    route,
-                    a.group,
-                    a.kind,
-                    &a.name,
-                    tls,
-                    client.client_id,
-                ])
+                self.series(
+                    which,
+                    &[
+                        client.target_addr,
+                        srv_group,
+                        verdict.server.kind,
+                        &verdict.server.name,
+                        route,
+                        a.group,
+                        a.kind,
+                        &a.name,
+                        tls,
+                        client.client_id,
+                    ],
+                )
             }
             false => {
-                let vec = if verdict.allowed {
-                    &self.tcp_allow
+                let which = if verdict.allowed {
+                    Which::TcpAllow
                 } else {
-                    &self.tcp_deny
+                    Which::TcpDeny
                 };
-                vec.with_label_values(&[
-                    client.target_addr,
-                    srv_group,
-                    verdict.server.kind,
-                    &verdict.server.name,
-                    a.group,
-                    a.kind,
-                    &a.name,
-                    tls,
-                    client.client_id,
-                ])
+                self.series(
+                    which,
+                    &[
+                        client.target_addr,
+                        srv_group,
+                        verdict.server.kind,
+                        &verdict.server.name,
+                        a.group,
+                        a.kind,
+                        &a.name,
+                        tls,
+                        client.client_id,
+                    ],
+                )
             }
         }
     }
 
     /// Counts what an audit policy would have denied.
     pub fn audited(&self, http: bool, verdict: &Verdict, audit: &Authz, client: &Client) {
-        self.audit
-            .with_label_values(&[
+        self.series(
+            Which::Audit,
+            &[
                 if http { "http" } else { "tcp" },
                 client.target_addr,
                 &verdict.server.name,
@@ -160,7 +227,8 @@ impl AuthzMetrics {
                 audit.kind,
                 &audit.name,
                 client.client_id,
-            ])
-            .inc();
+            ],
+        )
+        .inc();
     }
 }

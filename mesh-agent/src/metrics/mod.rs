@@ -108,6 +108,8 @@ pub struct Metrics {
     pub endpoint_head_timeouts: IntCounterVec,
     pub enrolled_pods: IntGauge,
     pub pods_awaiting_enrollment: IntGauge,
+    /// New plaintext TCP connections the kernel dropped by a pod's inbound policy.
+    pub policy_dropped: IntCounterVec,
     redirected: IntCounter,
     spoofed_dropped: IntCounter,
     foreign_dropped: IntCounter,
@@ -249,6 +251,14 @@ impl Metrics {
              budget was used up.",
         )?;
         let authz = authz::AuthzMetrics::new(&registry)?;
+        let policy_dropped = IntCounterVec::new(
+            Opts::new(
+                "mesh_inbound_policy_dropped_total",
+                "New plaintext TCP connections (SYNs) to a pod of this node that its inbound policy refused, dropped in the kernel before the pod saw them.",
+            ),
+            &["namespace", "pod", "port"],
+        )?;
+        registry.register(Box::new(policy_dropped.clone()))?;
         Ok(Self {
             registry,
             http,
@@ -267,6 +277,7 @@ impl Metrics {
             endpoint_head_timeouts,
             enrolled_pods,
             pods_awaiting_enrollment,
+            policy_dropped,
             redirected,
             spoofed_dropped,
             foreign_dropped,

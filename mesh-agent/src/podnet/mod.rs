@@ -180,25 +180,7 @@ impl PodNetns {
         target: SocketAddr,
         transparent_source: Option<IpAddr>,
     ) -> io::Result<std::net::TcpStream> {
-        let family = match target {
-            SocketAddr::V4(_) => libc::AF_INET,
-            SocketAddr::V6(_) => libc::AF_INET6,
-        };
-        let sock = self.run(|| {
-            // SAFETY: plain syscall; the fd is owned right away.
-            let fd = unsafe {
-                libc::socket(
-                    family,
-                    libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                    0,
-                )
-            };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: fresh descriptor we own.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-        })?;
+        let sock = self.run(|| new_tcp_socket(target))?;
         set_int(&sock, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
         if let Some(ip) = transparent_source {
             let rc = match ip {
@@ -443,6 +425,34 @@ pub fn is_veth(ifname: &str) -> io::Result<bool> {
         .position(|b| *b == 0)
         .unwrap_or(info.driver.len());
     Ok(info.driver.get(..end) == Some(b"veth".as_slice()))
+}
+
+/// A non-blocking TCP socket of `target`'s address family, in the calling thread's namespace.
+fn new_tcp_socket(target: SocketAddr) -> io::Result<OwnedFd> {
+    let family = match target {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain syscall; the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A non-blocking TCP socket in the agent's own (the node's) namespace, carrying `mark`.
+pub fn marked_tcp_socket(mark: u32, target: SocketAddr) -> io::Result<std::net::TcpStream> {
+    let sock = new_tcp_socket(target)?;
+    set_int(&sock, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
+    Ok(std::net::TcpStream::from(sock))
 }
 
 #[cfg(test)]

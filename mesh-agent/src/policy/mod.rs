@@ -9,6 +9,7 @@
 //!
 //! How the two models combine on one workload is written down in `docs/policy.md`.
 
+pub mod kernel;
 pub mod model;
 
 use std::{net::IpAddr, sync::Arc};

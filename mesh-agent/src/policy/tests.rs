@@ -662,3 +662,104 @@ fn invalid_policies_are_refused_naming_the_field() {
         assert!(err.starts_with("t.yaml: "), "{err}");
     }
 }
+
+/// What the kernel gets for `web` under `yaml` (`probe_sources` as given).
+fn kernel_for(yaml: &str, default: DefaultPolicy, probe_sources: &[&str]) -> kernel::Plaintext {
+    let s = snapshot(&format!("{PODS}{yaml}")).unwrap();
+    let workload = s.pod_by_ip("10.1.1.2".parse().unwrap()).unwrap();
+    let networks: Arc<[Cidr]> = default_cluster_networks().into();
+    let policy = s.policy.for_pod(workload, default, &networks);
+    let sources: Vec<Cidr> = probe_sources.iter().map(|c| c.parse().unwrap()).collect();
+    kernel::plaintext(&policy, &sources)
+}
+
+/// The kernel's decision for a SYN from `ip` to `port` under `p`, as the TC program takes it.
+fn kernel_decides(p: &kernel::Plaintext, port: u16, ip: &str, kubelet: bool) -> bool {
+    let ip: IpAddr = ip.parse().unwrap();
+    let Some(entry) = p
+        .ports
+        .iter()
+        .find(|e| e.port == port)
+        .or_else(|| p.ports.iter().find(|e| e.port == 0))
+    else {
+        return true;
+    };
+    if entry.probes && kubelet {
+        return true;
+    }
+    match &entry.verdict {
+        kernel::PortVerdict::Allow => true,
+        kernel::PortVerdict::Deny => false,
+        kernel::PortVerdict::BySource(list) => list
+            .iter()
+            .filter(|(c, _)| c.contains(ip))
+            .max_by_key(|(c, _)| c.len)
+            .is_some_and(|(_, allowed)| *allowed),
+    }
+}
+
+#[test]
+fn plaintext_compiles_exactly_for_the_kernel() {
+    // Nothing restricts plaintext: nothing in the kernel.
+    assert!(kernel_for("", DefaultPolicy::AllUnauthenticated, &[])
+        .ports
+        .is_empty());
+    // Authenticated-only defaults refuse all plaintext; kubelet probes still pass.
+    let p = kernel_for("", DefaultPolicy::AllAuthenticated, &[]);
+    assert!(!kernel_decides(&p, 8080, "10.1.2.7", false));
+    assert!(kernel_decides(&p, 8080, "10.1.2.7", true));
+    // cluster-unauthenticated: the cluster networks.
+    let p = kernel_for("", DefaultPolicy::ClusterUnauthenticated, &[]);
+    assert!(kernel_decides(&p, 1, "172.20.0.1", false));
+    assert!(!kernel_decides(&p, 1, "203.0.113.1", false));
+    assert!(kernel_decides(&p, 1, "fd00::1", false));
+    assert!(!kernel_decides(&p, 1, "2001:db8::1", false));
+    // Without a kubelet cgroup, probes are told by the node's address.
+    let p = kernel_for("", DefaultPolicy::Deny, &["192.0.2.10/32"]);
+    assert!(kernel_decides(&p, 8080, "192.0.2.10", false));
+    assert!(!kernel_decides(&p, 8080, "192.0.2.11", false));
+
+    // A Server with a NetworkAuthentication (with exceptions) on one port; the default
+    // elsewhere.
+    let net = format!(
+        "{SERVER}{}---\napiVersion: policy.linkerd.io/v1alpha1\nkind: NetworkAuthentication\nmetadata: {{name: pods, namespace: shop}}\nspec: {{networks: [{{cidr: 10.1.0.0/16, except: [10.1.9.0/24]}}]}}\n",
+        authz("Server", "web-http", &[("NetworkAuthentication", "pods")])
+    );
+    let p = kernel_for(&net, DefaultPolicy::AllUnauthenticated, &[]);
+    for (port, ip, want) in [
+        (8080, "10.1.2.7", true),
+        (8080, "10.1.9.7", false),
+        (8080, "10.2.0.1", false),
+        (9090, "10.2.0.1", true),
+        (9090, "203.0.113.1", true),
+    ] {
+        assert_eq!(kernel_decides(&p, port, ip, false), want, "{port} {ip}");
+    }
+    // Probes stop being let in once the Server has routes.
+    assert!(p.ports.iter().find(|e| e.port == 8080).unwrap().probes);
+    let routed = format!("{net}{ROUTES}");
+    let p = kernel_for(&routed, DefaultPolicy::AllUnauthenticated, &[]);
+    assert!(!p.ports.iter().find(|e| e.port == 8080).unwrap().probes);
+    assert!(!kernel_decides(&p, 8080, "10.2.0.1", true));
+
+    // Istio: STRICT refuses plaintext (probes aside); ipBlocks in ALLOW and DENY.
+    let strict = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n";
+    let p = kernel_for(strict, DefaultPolicy::AllUnauthenticated, &[]);
+    assert!(!kernel_decides(&p, 8080, "10.1.2.7", false));
+    assert!(kernel_decides(&p, 8080, "10.1.2.7", true));
+    let blocks = istio(
+        "p",
+        "shop",
+        "  rules:\n  - from: [{source: {ipBlocks: [10.0.0.0/8], notIpBlocks: [10.9.0.0/16]}}]\n    to: [{operation: {ports: [\"8080\"]}}]\n",
+    );
+    let p = kernel_for(&blocks, DefaultPolicy::AllUnauthenticated, &[]);
+    for (port, ip, want) in [
+        (8080, "10.1.0.1", true),
+        (8080, "10.9.0.1", false),
+        (8080, "11.0.0.1", false),
+        // An ALLOW policy exists: other ports are denied.
+        (9090, "10.1.0.1", false),
+    ] {
+        assert_eq!(kernel_decides(&p, port, ip, false), want, "{port} {ip}");
+    }
+}

@@ -13,10 +13,7 @@ use hyper::{
     body::Incoming, server::conn::http2, service::service_fn, Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
@@ -452,7 +449,7 @@ async fn connect(
         // A claimed address of the other family cannot be the source of this connection.
         match source.filter(|ip| pod.transparent && ip.is_ipv6() == target.is_ipv6()) {
             Some(ip) => super::deliver_in_pod(&pod, ip, target).await,
-            None => TcpStream::connect(target).await,
+            None => super::deliver_from_node(target).await,
         }
     })
     .await;

@@ -45,6 +45,14 @@ impl fmt::Display for ClientAddr {
 /// namespace with `client` as the source address: the pod sees the real client, as it would
 /// with a sidecar, and nothing crosses its veth. The pod must be prepared for it
 /// (`EnrolledPod::transparent`).
+/// A connection to a pod of this node from the node's own namespace (the client's address
+/// unknown or not usable), marked as the agent's delivery: the kernel's inbound policy, which
+/// refuses plaintext the pod's policy does not allow, lets it through (the agent decided it).
+pub async fn deliver_from_node(target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = crate::podnet::marked_tcp_socket(mesh_agent_common::marks::DELIVERED, target)?;
+    TcpSocket::from_std_stream(socket).connect(target).await
+}
+
 pub async fn deliver_in_pod(
     pod: &EnrolledPod,
     client: IpAddr,

@@ -343,6 +343,11 @@ impl Snapshot {
             .is_some()
     }
 
+    /// Every pod of the snapshot.
+    pub fn pods(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.pods.values()
+    }
+
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.pods_by_ip.get(&ip)
     }

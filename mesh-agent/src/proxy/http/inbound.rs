@@ -12,7 +12,6 @@ use std::{
 };
 
 use hyper::{body::Incoming, Request, Response, Version};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
@@ -155,7 +154,7 @@ pub async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> 
     let dial = move || async move {
         match from {
             Some(ip) => connected(crate::proxy::deliver_in_pod(pod, ip, target), target).await,
-            None => connected(TcpStream::connect(target), target).await,
+            None => connected(crate::proxy::deliver_from_node(target), target).await,
         }
     };
     let (mut resp, checkin) = match tunnel.pool.send(&key, dial, req).await {

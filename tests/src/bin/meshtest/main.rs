@@ -70,6 +70,8 @@
 //!                                   first body bytes), `total_ms=`, `chunks=`
 //! meshtest ws ADDR BYTES            websocket-style upgrade of GET /, then writes BYTES while
 //!                                   checking the echo; prints `status=101`, `echoed=`
+//! meshtest syn ADDR MS               one connection attempt with a timeout of MS; prints
+//!                                   `connected`, `refused` or `timeout` (a dropped SYN)
 //! meshtest matrix ADDR METHOD:PATH... one request each (a connection each); prints
 //!                                   `METHOD PATH STATUS WHO` per request, WHO the server's
 //!                                   name (`hello from NAME`) or the `l5d-proxy-error` header
@@ -126,6 +128,7 @@ fn main() -> ExitCode {
         ["chunks", addr, n, ms] => l7::chunks(addr, n, ms),
         ["ws", addr, bytes] => l7::ws(addr, bytes),
         ["matrix", addr, requests @ ..] => matrix(addr, requests),
+        ["syn", addr, ms] => syn(addr, ms),
         ["echo-server", name] => echo::server(name),
         ["echo-client", args @ ..] => echo::client(args),
         _ => Err("usage: see `meshtest` source header".to_owned()),
@@ -308,6 +311,19 @@ fn get(addr: &str, path: &str, headers: &[&str]) -> Result<(), String> {
         .map(|(k, v)| format!("header.{k}={v}\n"))
         .collect();
     print!("status={}\npeer={}\n{head}\n{}", r.status, r.peer, r.body);
+    Ok(())
+}
+
+fn syn(addr: &str, ms: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse("address", addr)?;
+    let limit = Duration::from_millis(parse("milliseconds", ms)?);
+    let outcome = match TcpStream::connect_timeout(&addr, limit) {
+        Ok(_) => "connected",
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused",
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "timeout",
+        Err(e) => return Err(format!("connect {addr}: {e}")),
+    };
+    println!("{outcome}");
     Ok(())
 }
 
