@@ -477,30 +477,41 @@ fn try_inbound_policy(ctx: &TcContext) -> Result<i32, ()> {
         _ => return Ok(TC_ACT_OK),
     };
     let tcp = match transport {
-        Transport::Tcp(at) => at,
+        Transport::Tcp(at) => Some(at),
         Transport::Later | Transport::Other => return Ok(TC_ACT_OK),
-        Transport::Overlapping => return Ok(drop_syn(ifindex, 0)),
+        Transport::Overlapping => None,
     };
-    let flags = ctx.load::<u8>(tcp + 13).map_err(|_| ())?;
-    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
-        return Ok(TC_ACT_OK);
-    }
-    let port = u16::from_be(ctx.load::<u16>(tcp + 2).map_err(|_| ())?);
+    let port = match tcp {
+        Some(at) => {
+            let flags = ctx.load::<u8>(at + 13).map_err(|_| ())?;
+            if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+                return Ok(TC_ACT_OK);
+            }
+            u16::from_be(ctx.load::<u16>(at + 2).map_err(|_| ())?)
+        }
+        None => 0,
+    };
+    // A policed pod has an entry for port 0 (its other ports); no entry, no policy.
     let mut key = PolicyKey {
         ifindex,
-        port,
+        port: 0,
         _pad: 0,
     };
     // SAFETY: read-only lookups.
-    let found = match unsafe { POLICY_PORTS.get(&key) } {
-        Some(v) => Some(*v),
+    let Some(other_ports) = (unsafe { POLICY_PORTS.get(&key) }).copied() else {
+        return Ok(TC_ACT_OK);
+    };
+    if tcp.is_none() {
+        // A fragment overwriting a TCP header, or a header chain no stack sends.
+        return Ok(drop_syn(ifindex, 0));
+    }
+    key.port = port;
+    let decision = match unsafe { POLICY_PORTS.get(&key) } {
+        Some(v) => *v,
         None => {
             key.port = 0;
-            unsafe { POLICY_PORTS.get(&key) }.copied()
+            other_ports
         }
-    };
-    let Some(decision) = found else {
-        return Ok(TC_ACT_OK);
     };
     if decision & verdict::PROBES != 0 && is_kubelet(ctx) {
         return Ok(TC_ACT_OK);

@@ -293,3 +293,23 @@ pub fn key_values(text: &str) -> std::collections::BTreeMap<String, String> {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
 }
+
+/// The text of `tests/examples/FILE` (configurations users bring).
+pub fn example(file: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Service `name` in `namespace` at `ip`:80, to port 8080 of the pods labelled `app`.
+pub fn service(name: &str, namespace: &str, ip: &str, app: &str) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        namespace: namespace.into(),
+        cluster_ip: ip.parse().expect("a cluster IP"),
+        port: 80,
+        target_port: 8080,
+        app: app.into(),
+    }
+}

@@ -11,30 +11,11 @@
 
 use std::{
     collections::BTreeMap,
-    path::Path,
     process::Stdio,
     time::{Duration, Instant},
 };
 
 use mesh_agent_tests::{harness::*, serial, Agent, PodSpec, ServiceSpec, Testbed, TestbedSpec};
-
-fn example(file: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples")
-        .join(file);
-    std::fs::read_to_string(path).unwrap()
-}
-
-fn service(name: &str, namespace: &str, ip: &str, app: &str) -> ServiceSpec {
-    ServiceSpec {
-        name: name.into(),
-        namespace: namespace.into(),
-        cluster_ip: ip.parse().unwrap(),
-        port: 80,
-        target_port: 8080,
-        app: app.into(),
-    }
-}
 
 fn pod(name: &str, node: usize, app: &str, namespace: &str, sa: &str) -> PodSpec {
     PodSpec {

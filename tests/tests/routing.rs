@@ -12,18 +12,10 @@
 
 use std::{
     collections::BTreeMap,
-    path::Path,
     time::{Duration, Instant},
 };
 
-use mesh_agent_tests::{harness::*, serial, Agent, PodSpec, ServiceSpec, Testbed, TestbedSpec};
-
-fn example(file: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples")
-        .join(file);
-    std::fs::read_to_string(path).unwrap()
-}
+use mesh_agent_tests::{harness::*, serial, Agent, PodSpec, Testbed, TestbedSpec};
 
 /// The YAML documents of `text` whose `name:` is `name` (the examples keep one object per
 /// document).
@@ -36,17 +28,6 @@ fn documents(text: &str, name: &str) -> String {
 
 fn num(kv: &BTreeMap<String, String>, key: &str) -> u64 {
     kv.get(key).map_or(0, |v| v.parse().unwrap())
-}
-
-fn service(name: &str, namespace: &str, ip: &str, app: &str) -> ServiceSpec {
-    ServiceSpec {
-        name: name.into(),
-        namespace: namespace.into(),
-        cluster_ip: ip.parse().unwrap(),
-        port: 80,
-        target_port: 8080,
-        app: app.into(),
-    }
 }
 
 /// Starts `meshtest http 8080 POD [options]` in each pod.

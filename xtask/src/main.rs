@@ -99,6 +99,8 @@ fn main() -> anyhow::Result<()> {
                 "--bins",
                 "--example",
                 "route_select",
+                "--example",
+                "authorize",
             ]);
             step("build release binaries", cmd)?;
             if scale {

@@ -76,7 +76,7 @@ pub fn plaintext(policy: &PodPolicy, probe_sources: &[Cidr]) -> Plaintext {
                     policy,
                     &Inbound {
                         port,
-                        identity: None,
+                        client: None,
                         ip: Some(ip),
                         http: None,
                     },

@@ -57,11 +57,38 @@ pub struct Inbound<'a> {
     pub port: u16,
     /// The client's verified identity (mTLS, or in-process on the same node); `None` for a
     /// plaintext client.
-    pub identity: Option<&'a Identity>,
+    pub client: Option<&'a Client>,
     /// The client's address, when known.
     pub ip: Option<IpAddr>,
     /// The request, for HTTP; `None` for a TCP connection.
     pub http: Option<Http<'a>>,
+}
+
+/// A verified client identity with the forms policies compare against, made once per
+/// connection (not per rule).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    pub identity: Identity,
+    /// Istio's principal: `cluster.local/ns/<ns>/sa/<sa>`.
+    pub principal: String,
+    /// Linkerd's identity: `<sa>.<ns>.serviceaccount.identity.linkerd.<trust domain>`.
+    pub linkerd: String,
+}
+
+impl Client {
+    pub fn new(identity: Identity) -> Client {
+        Client {
+            principal: istio_principal(&identity),
+            linkerd: identity.to_linkerd(),
+            identity,
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        match &self.identity {
+            Identity::Spiffe { namespace, .. } => namespace,
+        }
+    }
 }
 
 /// The parts of an HTTP request that policy reads.
@@ -117,7 +144,7 @@ pub struct Verdict {
 pub fn authorize(policy: &PodPolicy, req: &Inbound) -> Verdict {
     let mut audit = None;
     // PeerAuthentication: STRICT refuses what is not mutual TLS.
-    if req.identity.is_none() {
+    if req.client.is_none() {
         if let (PeerMode::Strict, Some(name)) = policy.peer_mode(req.port) {
             return policy.denied(req, Authz::istio("peerauthentication", name), None, 403);
         }
@@ -198,7 +225,7 @@ impl PodPolicy {
                 authz,
                 server: ServerLabel {
                     kind: "default",
-                    name: default.name().into(),
+                    name: default.shared_name(),
                 },
                 route: None,
                 status: 403,
@@ -229,7 +256,7 @@ impl PodPolicy {
                         authz: Authz {
                             kind: "route",
                             group: "",
-                            name: "not-found".into(),
+                            name: not_found(),
                         },
                         server: label,
                         route: None,
@@ -284,10 +311,16 @@ impl PodPolicy {
             },
             None => ServerLabel {
                 kind: "default",
-                name: self.default.name().into(),
+                name: self.default.shared_name(),
             },
         }
     }
+}
+
+/// The name of a denial for want of a route, shared.
+fn not_found() -> Arc<str> {
+    static NAME: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| "not-found".into()).clone()
 }
 
 impl Authz {
@@ -295,7 +328,7 @@ impl Authz {
         Authz {
             kind: "default",
             group: "",
-            name: policy.name().into(),
+            name: policy.shared_name(),
         }
     }
 

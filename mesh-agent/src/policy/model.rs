@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, net::IpAddr, str::FromStr, sync::Arc};
 
-use super::Inbound;
+use super::{Client, Inbound};
 use crate::{identity::Identity, route::Table, state::Workload};
 
 /// Linkerd's default inbound policies (`config.linkerd.io/default-inbound-policy`).
@@ -41,6 +41,18 @@ impl DefaultPolicy {
         }
     }
 
+    /// Its name, shared (no allocation per decision).
+    pub fn shared_name(self) -> Arc<str> {
+        static NAMES: std::sync::OnceLock<Vec<Arc<str>>> = std::sync::OnceLock::new();
+        let names =
+            NAMES.get_or_init(|| DefaultPolicy::ALL.iter().map(|p| p.name().into()).collect());
+        let i = DefaultPolicy::ALL
+            .iter()
+            .position(|p| *p == self)
+            .unwrap_or(0);
+        names.get(i).cloned().unwrap_or_else(|| self.name().into())
+    }
+
     /// Whether this policy lets `req` in (from `cluster` networks, for the `cluster-` ones).
     pub fn admits(self, req: &Inbound, cluster: &[Cidr]) -> bool {
         let in_cluster = || {
@@ -49,8 +61,8 @@ impl DefaultPolicy {
         };
         match self {
             DefaultPolicy::AllUnauthenticated | DefaultPolicy::Audit => true,
-            DefaultPolicy::AllAuthenticated => req.identity.is_some(),
-            DefaultPolicy::ClusterAuthenticated => req.identity.is_some() && in_cluster(),
+            DefaultPolicy::AllAuthenticated => req.client.is_some(),
+            DefaultPolicy::ClusterAuthenticated => req.client.is_some() && in_cluster(),
             DefaultPolicy::ClusterUnauthenticated => in_cluster(),
             DefaultPolicy::Deny => false,
         }
@@ -232,12 +244,13 @@ impl IdentityMatch {
         }
     }
 
-    pub fn matches(&self, id: &Identity) -> bool {
+    pub fn matches(&self, client: &Client) -> bool {
+        let id = &client.identity;
         match self {
             IdentityMatch::Any => true,
-            IdentityMatch::Suffix(suffix) => id.to_linkerd().ends_with(suffix.as_str()),
+            IdentityMatch::Suffix(suffix) => client.linkerd.ends_with(suffix.as_str()),
             IdentityMatch::Exact(exact) => exact == id,
-            IdentityMatch::Name(name) => *name == id.to_linkerd(),
+            IdentityMatch::Name(name) => *name == client.linkerd,
             IdentityMatch::ServiceAccount { namespace, name } => match id {
                 Identity::Spiffe {
                     namespace: ns,
@@ -264,9 +277,9 @@ pub enum Authentication {
 impl Authentication {
     pub fn admits(&self, req: &Inbound) -> bool {
         match self {
-            Authentication::MeshTls(ids) => req
-                .identity
-                .is_some_and(|id| ids.iter().any(|m| m.matches(id))),
+            Authentication::MeshTls(ids) => {
+                req.client.is_some_and(|c| ids.iter().any(|m| m.matches(c)))
+            }
             Authentication::Network(nets) => req.ip.is_some_and(|ip| {
                 nets.iter()
                     .any(|(net, except)| net.contains(ip) && !except.iter().any(|e| e.contains(ip)))
@@ -487,12 +500,8 @@ impl IstioPolicy {
 
 impl IstioRule {
     fn matches(&self, req: &Inbound, action: Action) -> bool {
-        let principal = req.identity.map(istio_principal);
-        let principal = principal.as_deref().unwrap_or("");
-        let namespace = match req.identity {
-            Some(Identity::Spiffe { namespace, .. }) => namespace.as_str(),
-            None => "",
-        };
+        let principal = req.client.map_or("", |c| c.principal.as_str());
+        let namespace = req.client.map_or("", Client::namespace);
         let tcp_only = req.http.is_none();
         let http_field = |set: bool| set && tcp_only;
         let from = self.from.is_empty()

@@ -78,11 +78,15 @@ fn decide_with(yaml: &str, pod: &str, c: &Call, default: DefaultPolicy) -> Verdi
     let workload = s.pod_by_ip(ip).unwrap();
     let networks: Arc<[Cidr]> = default_cluster_networks().into();
     let policy = s.policy.for_pod(workload, default, &networks);
-    let identity = match c.client {
+    let client = match c.client {
         "-" => None,
         id => {
             let (ns, sa) = id.split_once('/').unwrap();
-            Some(crate::identity::Identity::new("cluster.local", ns, sa))
+            Some(Client::new(crate::identity::Identity::new(
+                "cluster.local",
+                ns,
+                sa,
+            )))
         }
     };
     let method: Option<Method> = c.http.map(|(m, _)| m.parse().unwrap());
@@ -109,7 +113,7 @@ fn decide_with(yaml: &str, pod: &str, c: &Call, default: DefaultPolicy) -> Verdi
         &policy,
         &Inbound {
             port: c.port,
-            identity: identity.as_ref(),
+            client: client.as_ref(),
             ip: Some(c.ip.parse().unwrap()),
             http,
         },

@@ -213,6 +213,23 @@ fn refuse(
     resp
 }
 
+/// The policy of the pod at `target` for the peer's client (at `source`, else the peer).
+fn policy_check(
+    inputs: &InboundInputs,
+    peer: &Peer,
+    target: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> PolicyCheck {
+    PolicyCheck::new(
+        target,
+        Some(peer.identity.clone()),
+        Some(source.unwrap_or(peer.addr.ip())),
+        inputs.state.clone(),
+        inputs.policy.clone(),
+        inputs.metrics.clone(),
+    )
+}
+
 /// One stream from a peer agent: a CONNECT tunnel to a pod, or an HTTP request for a pod
 /// (named in `mesh-target`).
 async fn connect(
@@ -363,14 +380,7 @@ async fn connect(
                 labels.destination_principal = pod_identity.to_string();
                 labels.server_id = pod_identity.to_linkerd();
                 labels.security = "mutual_tls";
-                let policy = PolicyCheck::new(
-                    target,
-                    Some(peer.identity.clone()),
-                    Some(source.unwrap_or(peer.addr.ip())),
-                    inputs.state.clone(),
-                    inputs.policy.clone(),
-                    inputs.metrics.clone(),
-                );
+                let policy = policy_check(inputs, peer, target, source);
                 let t = Arc::new(crate::proxy::http::inbound::Tunnel {
                     pod,
                     target,
@@ -423,14 +433,7 @@ async fn connect(
     }
     // TCP: decided once, before any byte reaches the pod; a later change that denies it
     // closes it.
-    let policy = PolicyCheck::new(
-        target,
-        Some(peer.identity.clone()),
-        Some(source.unwrap_or(peer.addr.ip())),
-        inputs.state.clone(),
-        inputs.policy.clone(),
-        inputs.metrics.clone(),
-    );
+    let policy = policy_check(inputs, peer, target, source);
     let verdict = policy.check(None);
     if !verdict.allowed {
         // ztunnel answers a denied CONNECT 401: the source agent closes its client.

@@ -30,8 +30,7 @@ pub const DENIED_HEADER: &str = "l5d-proxy-error";
 pub struct PolicyCheck {
     target: SocketAddr,
     target_addr: String,
-    identity: Option<Identity>,
-    client_id: String,
+    client: Option<policy::Client>,
     ip: Option<IpAddr>,
     state: watch::Receiver<Arc<Snapshot>>,
     defaults: Defaults,
@@ -59,11 +58,7 @@ impl PolicyCheck {
         PolicyCheck {
             target,
             target_addr: target.to_string(),
-            client_id: identity
-                .as_ref()
-                .map(Identity::to_linkerd)
-                .unwrap_or_default(),
-            identity,
+            client: identity.map(policy::Client::new),
             ip,
             state,
             defaults,
@@ -71,6 +66,11 @@ impl PolicyCheck {
             cached: Mutex::default(),
             counters: Mutex::default(),
         }
+    }
+
+    /// The client's Linkerd identity, empty for plaintext.
+    fn client_id(&self) -> &str {
+        self.client.as_ref().map_or("", |c| c.linkerd.as_str())
     }
 
     /// What applies to the pod now (re-resolved when the snapshot changed).
@@ -93,24 +93,28 @@ impl PolicyCheck {
     /// Decides one connection (`http: None`) or request, counts it, and logs what an audit
     /// policy would have denied.
     pub fn check(&self, http: Option<Http>) -> Verdict {
-        let policy = self.policy();
-        let verdict = policy::authorize(
-            &policy,
+        let verdict = self.decide(http);
+        self.count(http.is_some(), &verdict);
+        verdict
+    }
+
+    /// The decision under the policy in force now, uncounted.
+    fn decide(&self, http: Option<Http>) -> Verdict {
+        policy::authorize(
+            &self.policy(),
             &Inbound {
                 port: self.target.port(),
-                identity: self.identity.as_ref(),
+                client: self.client.as_ref(),
                 ip: self.ip,
                 http,
             },
-        );
-        self.count(http.is_some(), &verdict);
-        verdict
+        )
     }
 
     fn count(&self, http: bool, verdict: &Verdict) {
         let client = Client {
             target_addr: &self.target_addr,
-            client_id: &self.client_id,
+            client_id: self.client_id(),
         };
         let key: CounterKey = (
             verdict.allowed,
@@ -140,14 +144,14 @@ impl PolicyCheck {
         if let Some(audit) = &verdict.audit {
             self.metrics.authz.audited(http, verdict, audit, &client);
             info!(
-                target_addr = %self.target_addr, client = %self.client_id, client_ip = ?self.ip,
+                target_addr = %self.target_addr, client = %self.client_id(), client_ip = ?self.ip,
                 policy = %format_args!("{} {}", audit.kind, audit.name),
                 "audit: allowed what this policy would deny"
             );
         }
         if !verdict.allowed {
             debug!(
-                target_addr = %self.target_addr, client = %self.client_id, client_ip = ?self.ip,
+                target_addr = %self.target_addr, client = %self.client_id(), client_ip = ?self.ip,
                 policy = %format_args!("{} {}", verdict.authz.kind, verdict.authz.name),
                 "denied by policy"
             );
@@ -162,19 +166,10 @@ impl PolicyCheck {
             if self.defaults.keep_denied_connections || state.changed().await.is_err() {
                 return std::future::pending().await;
             }
-            let policy = self.policy();
-            let verdict = policy::authorize(
-                &policy,
-                &Inbound {
-                    port: self.target.port(),
-                    identity: self.identity.as_ref(),
-                    ip: self.ip,
-                    http: None,
-                },
-            );
+            let verdict = self.decide(None);
             if !verdict.allowed {
                 info!(
-                    target_addr = %self.target_addr, client = %self.client_id,
+                    target_addr = %self.target_addr, client = %self.client_id(),
                     policy = %format_args!("{} {}", verdict.authz.kind, verdict.authz.name),
                     "closing an open connection the policy now denies"
                 );

@@ -71,17 +71,20 @@ enum Scenario {
     MeshCrossL4,
     /// HTTP to a Service routed by an HTTPRoute of 10 rules, the last a 2-backend split.
     MeshCrossRouted,
+    /// HTTP to pod b under an Istio ALLOW policy of 50 rules, the request matching the last.
+    MeshCrossPolicy,
     SidecarCross,
     DirectSame,
     MeshSame,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 7] = [
+    const ALL: [Scenario; 8] = [
         Scenario::DirectCross,
         Scenario::MeshCross,
         Scenario::MeshCrossL4,
         Scenario::MeshCrossRouted,
+        Scenario::MeshCrossPolicy,
         Scenario::SidecarCross,
         Scenario::DirectSame,
         Scenario::MeshSame,
@@ -95,6 +98,7 @@ impl Scenario {
             Scenario::MeshCrossRouted => {
                 "mesh cross-node, routed (HTTPRoute: 10 rules, 2-backend split)"
             }
+            Scenario::MeshCrossPolicy => "mesh cross-node, authorized (Istio ALLOW, 50 rules)",
             Scenario::SidecarCross => "sidecar cross-node",
             Scenario::DirectSame => "direct same-node",
             Scenario::MeshSame => "mesh same-node",
@@ -107,6 +111,7 @@ impl Scenario {
             Scenario::MeshCross => "mesh_cross",
             Scenario::MeshCrossL4 => "mesh_cross_l4",
             Scenario::MeshCrossRouted => "mesh_cross_routed",
+            Scenario::MeshCrossPolicy => "mesh_cross_policy",
             Scenario::SidecarCross => "sidecar_cross",
             Scenario::DirectSame => "direct_same",
             Scenario::MeshSame => "mesh_same",
@@ -119,6 +124,7 @@ impl Scenario {
             Scenario::MeshCross
                 | Scenario::MeshCrossL4
                 | Scenario::MeshCrossRouted
+                | Scenario::MeshCrossPolicy
                 | Scenario::MeshSame
         )
     }
@@ -231,6 +237,10 @@ pub fn run(quick: bool, profile: bool, root: &Path) -> anyhow::Result<()> {
         started.elapsed(),
     );
     report::add_route_selection(&mut report, selection);
+    println!("==> policy evaluation, 50 rules");
+    let evaluation = policy_evaluation(root)?;
+    println!("    ns per decision: {evaluation}");
+    report::add_policy_evaluation(&mut report, evaluation);
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
@@ -274,6 +284,75 @@ fn routed_manifests() -> String {
     rules += "  - matches: [{path: {type: RegularExpression, value: \"/items/[0-9]+\"}}]\n    backendRefs: [{name: bench-1, port: 8080}]\n";
     rules += "  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: bench-1, port: 8080, weight: 1}, {name: bench-2, port: 8080, weight: 1}]\n";
     yaml + &format!("---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: bench, namespace: default}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: bench, port: 8080}}]\n  rules:\n{rules}")
+}
+
+/// The policy scenario's Istio AuthorizationPolicy on pod b (`app: server`): 50 ALLOW rules a
+/// request from pod a (`loadgen`) for `GET /` goes through in order, matching only the last:
+/// 25 by source range (10.200.N.0/24, which the kernel compiles for plaintext), 24 by principal
+/// and operation, then a's principal with GET.
+fn policy_manifests() -> String {
+    let mut rules = String::new();
+    for i in 0..25 {
+        rules += &format!(
+            "  - from: [{{source: {{ipBlocks: [10.200.{i}.0/24]}}}}]
+"
+        );
+    }
+    for i in 25..49 {
+        rules += &format!(
+            "  - from: [{{source: {{principals: [cluster.local/ns/default/sa/other-{i}]}}}}]
+    to: [{{operation: {{methods: [POST], paths: [/admin/{i}/*]}}}}]
+"
+        );
+    }
+    rules += "  - from: [{source: {principals: [cluster.local/ns/default/sa/loadgen]}}]
+    to: [{operation: {methods: [GET]}}]
+";
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: bench, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  action: ALLOW
+  rules:
+{rules}"
+    )
+}
+
+/// An Ethernet/IPv4/TCP frame from `src` to `dst:port` with TCP `flags`, for BPF_PROG_TEST_RUN.
+fn tcp_packet(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, port: u16, flags: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 14 + 20 + 20];
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut p[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let tcp = &mut p[34..54];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&port.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    p
+}
+
+/// A `struct __sk_buff` for BPF_PROG_TEST_RUN with only `ifindex` (offset 40) set.
+fn sk_buff_ctx(ifindex: u32) -> Vec<u8> {
+    // The kernel accepts a context up to the struct's size; the fields after `ifindex` are
+    // left zero.
+    let mut ctx = vec![0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// The policy-evaluation micro-benchmark (`mesh-agent/examples/authorize.rs`): nanoseconds per
+/// decision, by case.
+fn policy_evaluation(root: &Path) -> anyhow::Result<Value> {
+    let out = output_text(Command::new(root.join("target/release/examples/authorize")))?;
+    serde_json::from_str(out.trim()).context("authorize output")
 }
 
 /// The route-selection micro-benchmark (`mesh-agent/examples/route_select.rs`): nanoseconds
@@ -445,6 +524,80 @@ impl Bench {
         Ok(())
     }
 
+    /// Writes (or removes) the policy scenario's AuthorizationPolicy.
+    fn set_policy(&self, on: bool) -> anyhow::Result<()> {
+        let path = self.bed.manifests_dir().join("policy.yaml");
+        match on {
+            true => std::fs::write(path, policy_manifests())?,
+            false => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel's inbound policy decision, timed by the kernel itself (`bpftool prog run`,
+    /// BPF_PROG_TEST_RUN, 1,000,000 repetitions each) on pod b's veth, whose policy is the
+    /// scenario's: a SYN whose source the policy's CIDRs allow, one they refuse, an ACK
+    /// (every packet of an established connection), and a SYN to pod c (no policy).
+    fn kernel_decisions(&self) -> anyhow::Result<Value> {
+        let progs: Vec<Value> = serde_json::from_str(&output_text({
+            let mut c = Command::new("bpftool");
+            c.args(["prog", "show", "-j"]);
+            c
+        })?)?;
+        let id = progs
+            .iter()
+            .find(|p| p["name"] == "mesh_inbound_polic" || p["name"] == "mesh_inbound_policy")
+            .and_then(|p| p["id"].as_u64())
+            .context("the inbound policy program is not loaded")?;
+        let ifindex = |pod: &str| -> anyhow::Result<u32> {
+            let veth = &self.bed.pod(pod).host_veth;
+            let mut c = self
+                .bed
+                .node_command(&self.bed.nodes[self.bed.pod(pod).spec.node].name, "cat")?;
+            c.arg(format!("/sys/class/net/{veth}/ifindex"));
+            Ok(output_text(c)?.trim().parse()?)
+        };
+        let dir = self.bed.dir.join("kernel-policy");
+        std::fs::create_dir_all(&dir)?;
+        let mut out = serde_json::Map::new();
+        for (name, pod, src, flags) in [
+            ("syn_allowed_by_source", "b", "10.200.7.9", 0x02u8),
+            ("syn_refused", "b", "10.99.0.9", 0x02),
+            ("ack", "b", "10.99.0.9", 0x10),
+            ("syn_no_policy", "c", "10.99.0.9", 0x02),
+        ] {
+            let dst: std::net::Ipv4Addr = self.bed.pod(pod).ip;
+            let src: std::net::Ipv4Addr = src.parse()?;
+            let data = dir.join(format!("{name}.pkt"));
+            std::fs::write(&data, tcp_packet(src, dst, 8080, flags))?;
+            let ctx = dir.join(format!("{name}.ctx"));
+            std::fs::write(&ctx, sk_buff_ctx(ifindex(pod)?))?;
+            let node = &self.bed.nodes[self.bed.pod(pod).spec.node].name;
+            let mut run = self.bed.node_command(node, "bpftool")?;
+            run.args(["prog", "run", "id", &id.to_string(), "data_in"])
+                .arg(&data)
+                .arg("ctx_in")
+                .arg(&ctx)
+                .args(["repeat", "1000000"]);
+            let text = output_text(run)?;
+            let ret = text
+                .split("Return value: ")
+                .nth(1)
+                .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|v| v.parse::<i64>().ok());
+            let ns = text
+                .split("duration (average): ")
+                .nth(1)
+                .and_then(|t| t.split("ns").next())
+                .and_then(|v| v.trim().parse::<f64>().ok());
+            // TC_ACT_OK is 0, TC_ACT_SHOT 2.
+            out.insert(name.to_owned(), json!({"ns": ns, "verdict": match ret { Some(0) => "pass", Some(2) => "drop", _ => "?" }}));
+        }
+        Ok(Value::Object(out))
+    }
+
     fn pod_cmd(&self, pod: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
         let mut cmd = self.bed.pod_command(pod, program)?;
         let node = self.bed.pod(pod).spec.node;
@@ -561,6 +714,7 @@ impl Bench {
     ) -> anyhow::Result<Value> {
         let mut agents = Vec::new();
         self.declare_opaque(scenario == Scenario::MeshCrossL4)?;
+        self.set_policy(scenario == Scenario::MeshCrossPolicy)?;
         if scenario.mesh() {
             for (i, node) in ["n1", "n2"].into_iter().enumerate() {
                 let mut agent =
@@ -570,9 +724,10 @@ impl Bench {
             }
         }
         let (http, iperf) = match scenario {
-            Scenario::DirectCross | Scenario::MeshCross | Scenario::MeshCrossL4 => {
-                (format!("{}:8080", self.b), Some(self.b.clone()))
-            }
+            Scenario::DirectCross
+            | Scenario::MeshCross
+            | Scenario::MeshCrossL4
+            | Scenario::MeshCrossPolicy => (format!("{}:8080", self.b), Some(self.b.clone())),
             Scenario::DirectSame | Scenario::MeshSame => {
                 (format!("{}:8080", self.c), Some(self.c.clone()))
             }
@@ -725,6 +880,9 @@ impl Bench {
             }
             // Cumulative kernel run time of our programs while these agents were attached.
             result["ebpf"] = ebpf_run_times();
+            if first_rep && scenario == Scenario::MeshCrossPolicy {
+                result["kernel_policy"] = self.kernel_decisions()?;
+            }
         }
         for mut agent in agents {
             agent.stop()?;

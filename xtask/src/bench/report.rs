@@ -89,6 +89,7 @@ fn baseline(s: Scenario) -> Option<Scenario> {
         Scenario::MeshCross
         | Scenario::MeshCrossL4
         | Scenario::MeshCrossRouted
+        | Scenario::MeshCrossPolicy
         | Scenario::SidecarCross => Some(Scenario::DirectCross),
         Scenario::MeshSame => Some(Scenario::DirectSame),
         _ => None,
@@ -168,8 +169,9 @@ pub fn build(
     report
 }
 
-/// Routed minus unrouted (L7) cross-node p50 at 1000 req/s, within each repetition; the median.
-fn routed_extra_p50(r: &Value) -> Option<f64> {
+/// `scenario` minus unrouted (L7) cross-node p50 at 1000 req/s, within each repetition; the
+/// median.
+fn extra_p50(r: &Value, scenario: &str) -> Option<f64> {
     let runs = r["runs"].as_array()?;
     let p50 = |key: &str, rep: &Value| {
         runs.iter()
@@ -178,11 +180,36 @@ fn routed_extra_p50(r: &Value) -> Option<f64> {
     };
     let mut diffs: Vec<f64> = runs
         .iter()
-        .filter(|x| x["scenario"] == "mesh_cross_routed")
-        .filter_map(|x| Some(p50("mesh_cross_routed", &x["rep"])? - p50("mesh_cross", &x["rep"])?))
+        .filter(|x| x["scenario"] == scenario)
+        .filter_map(|x| Some(p50(scenario, &x["rep"])? - p50("mesh_cross", &x["rep"])?))
         .collect();
     diffs.sort_by(f64::total_cmp);
     diffs.get(diffs.len() / 2).copied()
+}
+
+/// The slowest kernel policy decision measured (the policy scenario's first repetition).
+fn kernel_worst(r: &Value) -> Option<f64> {
+    r["runs"]
+        .as_array()?
+        .iter()
+        .filter_map(|x| x["result"]["kernel_policy"].as_object())
+        .flat_map(|o| o.values().filter_map(|v| v["ns"].as_f64()))
+        .reduce(f64::max)
+}
+
+/// Adds the policy-evaluation micro-benchmark and its target to the report.
+pub fn add_policy_evaluation(report: &mut Value, evaluation: Value) {
+    let worst = evaluation
+        .as_object()
+        .and_then(|o| o.values().filter_map(|v| v.as_f64()).reduce(f64::max));
+    if let Some(targets) = report["targets"].as_array_mut() {
+        targets.push(json!({
+            "target": "policy evaluation, 50 rules < 5 µs per decision (worst case, ns)",
+            "value": worst,
+            "met": worst.map(|ns| ns < 5000.0),
+        }));
+    }
+    report["policy_evaluation_ns"] = evaluation;
 }
 
 /// Adds the route-selection micro-benchmark and its target to the report.
@@ -248,8 +275,18 @@ fn targets(r: &Value) -> Value {
     json!([
         check(
             "routed (10 rules, split) p50 at 1000 req/s within 10 µs of unrouted L7",
-            routed_extra_p50(r),
+            extra_p50(r, "mesh_cross_routed"),
             &|v| v <= 10.0
+        ),
+        check(
+            "policy (50 rules) p50 at 1000 req/s ≤ 5 µs over no policy",
+            extra_p50(r, "mesh_cross_policy"),
+            &|v| v <= 5.0
+        ),
+        check(
+            "kernel policy decision ≤ 100 ns per packet (worst case, BPF_PROG_TEST_RUN, ns)",
+            kernel_worst(r),
+            &|v| v <= 100.0
         ),
         check("cross-node added p50 at 1000 req/s < 150 µs", p50, &|v| v
             < 150.0),
@@ -346,12 +383,19 @@ pub fn markdown(r: &Value) -> String {
             "mesh_cross_routed",
             Some("mesh_cross_routed_vs_direct_cross"),
         ),
+        (
+            "mesh_cross_policy",
+            Some("mesh_cross_policy_vs_direct_cross"),
+        ),
         ("sidecar_cross", Some("sidecar_cross_vs_direct_cross")),
         ("direct_same", None),
         ("mesh_same", Some("mesh_same_vs_direct_same")),
     ];
-    let _ = writeln!(s, "| figure | direct cross-node | mesh cross-node (HTTP) | mesh vs direct | mesh cross-node (opaque L4) | L4 vs direct | mesh cross-node (routed) | routed vs direct | sidecar (nginx mTLS) | sidecar vs direct | direct same-node | mesh same-node | mesh vs direct |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "| figure | direct cross-node | mesh cross-node (HTTP) | mesh vs direct | mesh cross-node (opaque L4) | L4 vs direct | mesh cross-node (routed) | routed vs direct | mesh cross-node (policy, 50 rules) | policy vs direct | sidecar (nginx mTLS) | sidecar vs direct | direct same-node | mesh same-node | mesh vs direct |");
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for (name, _) in figures(&r["plan"]) {
         let mut row = format!("| {name} ");
         let mut any = false;
@@ -421,6 +465,38 @@ pub fn markdown(r: &Value) -> String {
         "Sidecar baseline carries mTLS (plaintext to its port refused): {}.\n",
         r["sidecar_mtls_verified_by_refused_plaintext"]
     );
+    if let Some(e) = r["policy_evaluation_ns"].as_object() {
+        let list: Vec<String> = e.iter().map(|(k, v)| format!("{k} {v} ns")).collect();
+        let _ = writeln!(
+            s,
+            "Policy evaluation (one `authorize` call per request): {}.\n",
+            list.join(", ")
+        );
+    }
+    let kernel: Vec<String> = r["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["result"]["kernel_policy"].as_object())
+        .flat_map(|o| {
+            o.iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k} {} ns ({})",
+                        v["ns"],
+                        v["verdict"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if !kernel.is_empty() {
+        let _ = writeln!(
+            s,
+            "Kernel inbound policy per packet (BPF_PROG_TEST_RUN on pod b's veth, 1,000,000 runs each): {}.\n",
+            kernel.join(", ")
+        );
+    }
     if let Some(sel) = r["route_selection_ns"].as_object() {
         let list: Vec<String> = sel.iter().map(|(k, v)| format!("{k} {v} ns")).collect();
         let _ = writeln!(
