@@ -409,13 +409,13 @@ fn try_anti_spoof(ctx: &TcContext) -> Result<i32, ()> {
     let Some(allowed) = (unsafe { SPOOF_GUARD.get(&ifindex) }) else {
         return Ok(TC_ACT_OK);
     };
-    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
     let honest = match ethertype {
         // Source address at offset 12 of the IPv4 header, kept in network byte order.
-        ETH_P_IP => ctx.load::<u32>(ETH_HLEN + 12).map_err(|_| ())? == allowed.ip4,
+        ETH_P_IP => read::<u32>(ctx, ETH_HLEN + 12)? == allowed.ip4,
         ETH_P_IPV6 => {
             // Source address at offset 8 of the IPv6 header.
-            let src = ctx.load::<[u8; 16]>(ETH_HLEN + 8).map_err(|_| ())?;
+            let src = read::<[u8; 16]>(ctx, ETH_HLEN + 8)?;
             let link_local = src[0] == 0xfe && src[1] & 0xc0 == 0x80;
             let unspecified = src == [0; 16];
             let own = allowed.ip6 != [0; 16] && src == allowed.ip6;
@@ -424,7 +424,7 @@ fn try_anti_spoof(ctx: &TcContext) -> Result<i32, ()> {
         ETH_P_ARP => {
             // Ethernet/IPv4 ARP: the sender protocol address follows the 8-byte header and
             // the 6-byte sender hardware address. 0.0.0.0 is an address probe (RFC 5227).
-            let sender = ctx.load::<u32>(ETH_HLEN + 14).map_err(|_| ())?;
+            let sender = read::<u32>(ctx, ETH_HLEN + 14)?;
             sender == allowed.ip4 || sender == 0
         }
         _ => {
@@ -451,6 +451,10 @@ pub fn mesh_inbound_policy(ctx: TcContext) -> i32 {
 }
 
 const IPPROTO_TCP_U8: u8 = 6;
+/// Where the TCP header starts behind an IPv4 header without options, and an IPv6 header
+/// without extensions.
+const V4_TCP: usize = ETH_HLEN + 20;
+const V6_TCP: usize = ETH_HLEN + 40;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
@@ -464,13 +468,34 @@ enum Transport {
     Other,
 }
 
+/// A value at `offset` of the packet's linear data, read directly (no helper call), if the
+/// data holds it.
+#[inline(always)]
+fn at<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(());
+    }
+    // SAFETY: bounds checked against data_end just above; unaligned read of plain bytes.
+    Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+}
+
+/// [`at`], falling back to a copy when the bytes are not in the linear data.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
+    match at(ctx, offset) {
+        Ok(v) => Ok(v),
+        Err(()) => ctx.load::<T>(offset).map_err(|_| ()),
+    }
+}
+
 fn try_inbound_policy(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: valid skb for the duration of the call.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
     if mark == marks::DELIVERED {
         return Ok(TC_ACT_OK);
     }
-    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
     let (transport, v6) = match ethertype {
         ETH_P_IP => (ipv4_transport(ctx)?, false),
         ETH_P_IPV6 => (ipv6_transport(ctx)?, true),
@@ -483,36 +508,49 @@ fn try_inbound_policy(ctx: &TcContext) -> Result<i32, ()> {
     };
     let port = match tcp {
         Some(at) => {
-            let flags = ctx.load::<u8>(at + 13).map_err(|_| ())?;
+            // Direct reads need offsets the verifier knows: the usual headers (IPv4 without
+            // options, IPv6 without extensions); a copy for the others.
+            let (flags, port) = match at {
+                V4_TCP => (read::<u8>(ctx, V4_TCP + 13)?, read::<u16>(ctx, V4_TCP + 2)?),
+                V6_TCP => (read::<u8>(ctx, V6_TCP + 13)?, read::<u16>(ctx, V6_TCP + 2)?),
+                _ => (
+                    ctx.load::<u8>(at + 13).map_err(|_| ())?,
+                    ctx.load::<u16>(at + 2).map_err(|_| ())?,
+                ),
+            };
             if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
                 return Ok(TC_ACT_OK);
             }
-            u16::from_be(ctx.load::<u16>(at + 2).map_err(|_| ())?)
+            u16::from_be(port)
         }
         None => 0,
     };
-    // A policed pod has an entry for port 0 (its other ports); no entry, no policy.
+    // The port's own entry, else the pod's entry for its other ports (port 0), which every
+    // policed pod has: no entry at all, no policy.
     let mut key = PolicyKey {
         ifindex,
-        port: 0,
+        port,
         _pad: 0,
     };
     // SAFETY: read-only lookups.
-    let Some(other_ports) = (unsafe { POLICY_PORTS.get(&key) }).copied() else {
-        return Ok(TC_ACT_OK);
+    let own = match tcp {
+        Some(_) => unsafe { POLICY_PORTS.get(&key) }.copied(),
+        None => None,
+    };
+    let decision = match own {
+        Some(v) => v,
+        None => {
+            key.port = 0;
+            match unsafe { POLICY_PORTS.get(&key) } {
+                Some(v) => *v,
+                None => return Ok(TC_ACT_OK),
+            }
+        }
     };
     if tcp.is_none() {
         // A fragment overwriting a TCP header, or a header chain no stack sends.
         return Ok(drop_syn(ifindex, 0));
     }
-    key.port = port;
-    let decision = match unsafe { POLICY_PORTS.get(&key) } {
-        Some(v) => *v,
-        None => {
-            key.port = 0;
-            other_ports
-        }
-    };
     if decision & verdict::PROBES != 0 && is_kubelet(ctx) {
         return Ok(TC_ACT_OK);
     }
@@ -520,12 +558,12 @@ fn try_inbound_policy(ctx: &TcContext) -> Result<i32, ()> {
         verdict::ALLOW => true,
         verdict::BY_SOURCE if !v6 => {
             // Source address at offset 12 of the IPv4 header, network byte order.
-            let ip = ctx.load::<u32>(ETH_HLEN + 12).map_err(|_| ())?;
+            let ip = read::<u32>(ctx, ETH_HLEN + 12)?;
             let lookup = Key::new(64 + 32, PolicyNet4 { key, ip });
             POLICY_NETS.get(&lookup).is_some_and(|v| *v == 0)
         }
         verdict::BY_SOURCE => {
-            let ip = ctx.load::<[u8; 16]>(ETH_HLEN + 8).map_err(|_| ())?;
+            let ip = read::<[u8; 16]>(ctx, ETH_HLEN + 8)?;
             let lookup = Key::new(64 + 128, PolicyNet6 { key, ip });
             POLICY_NETS6.get(&lookup).is_some_and(|v| *v == 0)
         }
@@ -566,17 +604,17 @@ fn drop_syn(ifindex: u32, port: u16) -> i32 {
 }
 
 fn ipv4_transport(ctx: &TcContext) -> Result<Transport, ()> {
-    let ver_ihl = ctx.load::<u8>(ETH_HLEN).map_err(|_| ())?;
+    let ver_ihl = read::<u8>(ctx, ETH_HLEN)?;
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
     if ihl < 20 {
         return Err(());
     }
-    let protocol = ctx.load::<u8>(ETH_HLEN + 9).map_err(|_| ())?;
+    let protocol = read::<u8>(ctx, ETH_HLEN + 9)?;
     if protocol != IPPROTO_TCP_U8 {
         return Ok(Transport::Other);
     }
     // Fragment offset, in 8-byte units.
-    let offset = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| ())?) & 0x1fff;
+    let offset = u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?) & 0x1fff;
     Ok(match offset {
         0 => Transport::Tcp(ETH_HLEN + ihl),
         // The TCP flags are at byte 13 of the first fragment's payload.
@@ -591,7 +629,7 @@ fn ipv6_transport(ctx: &TcContext) -> Result<Transport, ()> {
     const ROUTING: u8 = 43;
     const FRAGMENT: u8 = 44;
     const DEST_OPTS: u8 = 60;
-    let mut next = ctx.load::<u8>(ETH_HLEN + 6).map_err(|_| ())?;
+    let mut next = read::<u8>(ctx, ETH_HLEN + 6)?;
     let mut at = ETH_HLEN + 40;
     for _ in 0..4 {
         match next {
@@ -602,7 +640,7 @@ fn ipv6_transport(ctx: &TcContext) -> Result<Transport, ()> {
                 at += (usize::from(len) + 1) * 8;
             }
             FRAGMENT => {
-                let offset = u16::from_be(ctx.load::<u16>(at + 2).map_err(|_| ())?) >> 3;
+                let offset = u16::from_be(read::<u16>(ctx, at + 2)?) >> 3;
                 next = ctx.load::<u8>(at).map_err(|_| ())?;
                 at += 8;
                 if offset != 0 {

@@ -540,24 +540,47 @@ impl Bench {
     /// BPF_PROG_TEST_RUN, 1,000,000 repetitions each) on pod b's veth, whose policy is the
     /// scenario's: a SYN whose source the policy's CIDRs allow, one they refuse, an ACK
     /// (every packet of an established connection), and a SYN to pod c (no policy).
-    fn kernel_decisions(&self) -> anyhow::Result<Value> {
+    fn kernel_decisions(&self, agents: &[Agent]) -> anyhow::Result<Value> {
         let progs: Vec<Value> = serde_json::from_str(&output_text({
             let mut c = Command::new("bpftool");
             c.args(["prog", "show", "-j"]);
             c
         })?)?;
-        let id = progs
+        let policy_progs: Vec<u64> = progs
             .iter()
-            .find(|p| p["name"] == "mesh_inbound_polic" || p["name"] == "mesh_inbound_policy")
-            .and_then(|p| p["id"].as_u64())
-            .context("the inbound policy program is not loaded")?;
+            .filter(|p| p["name"] == "mesh_inbound_policy")
+            .filter_map(|p| p["id"].as_u64())
+            .collect();
+        // Each agent loads its own program (and maps): the node's agent's, found by the
+        // program descriptors it holds.
+        let program_of = |node: usize| -> anyhow::Result<u64> {
+            let pid = agents
+                .get(node)
+                .and_then(Agent::pid)
+                .context("the node's agent is not running")?;
+            let mut held = Vec::new();
+            for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+                let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                held.extend(
+                    info.lines()
+                        .filter_map(|l| l.strip_prefix("prog_id:"))
+                        .filter_map(|v| v.trim().parse::<u64>().ok()),
+                );
+            }
+            policy_progs
+                .iter()
+                .copied()
+                .find(|id| held.contains(id))
+                .context("the node's agent holds no inbound policy program")
+        };
         let ifindex = |pod: &str| -> anyhow::Result<u32> {
             let veth = &self.bed.pod(pod).host_veth;
-            let mut c = self
-                .bed
-                .node_command(&self.bed.nodes[self.bed.pod(pod).spec.node].name, "cat")?;
-            c.arg(format!("/sys/class/net/{veth}/ifindex"));
-            Ok(output_text(c)?.trim().parse()?)
+            // `ip` reads the node's namespace over netlink (its /sys is the host's).
+            let node = &self.bed.nodes[self.bed.pod(pod).spec.node].name;
+            let mut c = self.bed.node_command(node, "ip")?;
+            c.args(["-o", "link", "show", "dev", veth]);
+            let text = output_text(c)?;
+            Ok(text.split(':').next().unwrap_or_default().trim().parse()?)
         };
         let dir = self.bed.dir.join("kernel-policy");
         std::fs::create_dir_all(&dir)?;
@@ -574,7 +597,9 @@ impl Bench {
             std::fs::write(&data, tcp_packet(src, dst, 8080, flags))?;
             let ctx = dir.join(format!("{name}.ctx"));
             std::fs::write(&ctx, sk_buff_ctx(ifindex(pod)?))?;
-            let node = &self.bed.nodes[self.bed.pod(pod).spec.node].name;
+            let node_index = self.bed.pod(pod).spec.node;
+            let node = &self.bed.nodes[node_index].name;
+            let id = program_of(node_index)?;
             let mut run = self.bed.node_command(node, "bpftool")?;
             run.args(["prog", "run", "id", &id.to_string(), "data_in"])
                 .arg(&data)
@@ -881,7 +906,7 @@ impl Bench {
             // Cumulative kernel run time of our programs while these agents were attached.
             result["ebpf"] = ebpf_run_times();
             if first_rep && scenario == Scenario::MeshCrossPolicy {
-                result["kernel_policy"] = self.kernel_decisions()?;
+                result["kernel_policy"] = self.kernel_decisions(&agents)?;
             }
         }
         for mut agent in agents {
