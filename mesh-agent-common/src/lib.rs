@@ -20,6 +20,7 @@ pub mod maps {
     pub const ORIG_DST6: &str = "ORIG_DST6";
     pub const SPOOF_GUARD: &str = "SPOOF_GUARD";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const POLICY_PODS: &str = "POLICY_PODS";
     pub const POLICY_PORTS: &str = "POLICY_PORTS";
     pub const POLICY_NETS: &str = "POLICY_NETS";
     pub const POLICY_NETS6: &str = "POLICY_NETS6";
@@ -222,6 +223,42 @@ pub struct PolicyNet6 {
     pub ip: [u8; 16],
 }
 
+/// Ports with a decision of their own that fit in [`PodRules`].
+pub const RULE_PORTS: usize = 8;
+/// IPv4 source ranges per decision that fit in [`PodRules`].
+pub const RULE_NETS: usize = 16;
+
+/// An IPv4 range: network and mask, in network byte order as in the header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Net4 {
+    pub net: u32,
+    pub mask: u32,
+}
+
+/// One pod's inbound policy for plaintext, found with one lookup (`POLICY_PODS`, keyed by the
+/// ifindex of its host-side veth) and scanned: the ports with a decision of their own, the
+/// decision for every other port, and for decisions by source, the IPv4 ranges longest first
+/// (the first that holds the source decides). IPv6 sources are looked up in `POLICY_NETS6`.
+/// A policy that does not fit is marked `fallback`: `POLICY_PORTS` and `POLICY_NETS` hold it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodRules {
+    pub fallback: u8,
+    /// Slots of `ports` in use.
+    pub nports: u8,
+    pub _pad: [u8; 6],
+    pub ports: [u16; RULE_PORTS],
+    /// The decision (a `verdict` byte) of each port slot; the last: every other port.
+    pub verdicts: [u8; RULE_PORTS + 1],
+    /// Ranges in use per slot.
+    pub nets_len: [u8; RULE_PORTS + 1],
+    /// Bit `i`: range `i` of the slot allows.
+    pub nets_allow: [u16; RULE_PORTS + 1],
+    pub _pad2: [u8; 4],
+    pub nets: [[Net4; RULE_NETS]; RULE_PORTS + 1],
+}
+
 /// What the inbound policy program is told once (`POLICY_CONFIG`, index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -257,4 +294,5 @@ mod user {
     unsafe impl aya::Pod for PolicyNet4 {}
     unsafe impl aya::Pod for PolicyNet6 {}
     unsafe impl aya::Pod for PolicyConfig {}
+    unsafe impl aya::Pod for PodRules {}
 }

@@ -26,9 +26,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use mesh_agent_common::{
-    counters, marks, verdict, EnrolledPod, OrigDst, OrigDst6, PodAddrs, PolicyConfig, PolicyKey,
-    PolicyNet4, PolicyNet6, ProxyConfig, Redirect, Redirect6, SockAddrV4, SockAddrV6,
-    MAX_CONNECTIONS, MAX_EXCLUSIONS, MAX_PODS, MAX_POLICY_ENTRIES,
+    counters, marks, verdict, EnrolledPod, OrigDst, OrigDst6, PodAddrs, PodRules, PolicyConfig,
+    PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig, Redirect, Redirect6, SockAddrV4, SockAddrV6,
+    MAX_CONNECTIONS, MAX_EXCLUSIONS, MAX_PODS, MAX_POLICY_ENTRIES, RULE_NETS, RULE_PORTS,
 };
 
 /// `connect()` and `getpeername()` programs must return 1 to let the call proceed.
@@ -91,8 +91,13 @@ static SPOOF_GUARD: HashMap<u32, PodAddrs> = HashMap::with_max_entries(MAX_PODS,
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::LEN, 0);
 
-/// Inbound policy for plaintext, per (pod veth, port); port 0 for the pod's other ports. No
-/// entry: the pod's plaintext is not restricted.
+/// Inbound policy for plaintext, per pod veth. No entry: the pod's plaintext is not
+/// restricted.
+#[map]
+static POLICY_PODS: HashMap<u32, PodRules> = HashMap::with_max_entries(MAX_PODS, BPF_F_NO_PREALLOC);
+
+/// A policy too large for [`PodRules`], per (pod veth, port); port 0 for the pod's other
+/// ports.
 #[map]
 static POLICY_PORTS: HashMap<PolicyKey, u8> =
     HashMap::with_max_entries(MAX_POLICY_ENTRIES, BPF_F_NO_PREALLOC);
@@ -525,32 +530,48 @@ fn try_inbound_policy(ctx: &TcContext) -> Result<i32, ()> {
         }
         None => 0,
     };
-    // The port's own entry, else the pod's entry for its other ports (port 0), which every
-    // policed pod has: no entry at all, no policy.
-    let mut key = PolicyKey {
-        ifindex,
-        port,
-        _pad: 0,
-    };
     // SAFETY: read-only lookups.
-    let own = match tcp {
-        Some(_) => unsafe { POLICY_PORTS.get(&key) }.copied(),
-        None => None,
-    };
-    let decision = match own {
-        Some(v) => v,
-        None => {
-            key.port = 0;
-            match unsafe { POLICY_PORTS.get(&key) } {
-                Some(v) => *v,
-                None => return Ok(TC_ACT_OK),
-            }
-        }
+    let Some(rules) = (unsafe { POLICY_PODS.get(&ifindex) }) else {
+        return Ok(TC_ACT_OK);
     };
     if tcp.is_none() {
         // A fragment overwriting a TCP header, or a header chain no stack sends.
         return Ok(drop_syn(ifindex, 0));
     }
+    let mut key = PolicyKey {
+        ifindex,
+        port,
+        _pad: 0,
+    };
+    let (decision, slot) = match rules.fallback {
+        0 => {
+            let mut slot = RULE_PORTS;
+            for i in 0..RULE_PORTS {
+                if i >= usize::from(rules.nports) {
+                    break;
+                }
+                if rules.ports.get(i) == Some(&port) {
+                    slot = i;
+                    break;
+                }
+            }
+            if slot == RULE_PORTS {
+                key.port = 0;
+            }
+            (rules.verdicts.get(slot).copied().ok_or(())?, Some(slot))
+        }
+        // SAFETY: read-only lookups.
+        _ => match unsafe { POLICY_PORTS.get(&key) } {
+            Some(v) => (*v, None),
+            None => {
+                key.port = 0;
+                match unsafe { POLICY_PORTS.get(&key) } {
+                    Some(v) => (*v, None),
+                    None => return Ok(TC_ACT_OK),
+                }
+            }
+        },
+    };
     if decision & verdict::PROBES != 0 && is_kubelet(ctx) {
         return Ok(TC_ACT_OK);
     }
@@ -559,8 +580,13 @@ fn try_inbound_policy(ctx: &TcContext) -> Result<i32, ()> {
         verdict::BY_SOURCE if !v6 => {
             // Source address at offset 12 of the IPv4 header, network byte order.
             let ip = read::<u32>(ctx, ETH_HLEN + 12)?;
-            let lookup = Key::new(64 + 32, PolicyNet4 { key, ip });
-            POLICY_NETS.get(&lookup).is_some_and(|v| *v == 0)
+            match slot {
+                Some(slot) => by_source4(rules, slot, ip),
+                None => {
+                    let lookup = Key::new(64 + 32, PolicyNet4 { key, ip });
+                    POLICY_NETS.get(&lookup).is_some_and(|v| *v == 0)
+                }
+            }
         }
         verdict::BY_SOURCE => {
             let ip = read::<[u8; 16]>(ctx, ETH_HLEN + 8)?;
@@ -574,6 +600,28 @@ fn try_inbound_policy(ctx: &TcContext) -> Result<i32, ()> {
     } else {
         Ok(drop_syn(ifindex, port))
     }
+}
+
+/// The first of the slot's IPv4 ranges (longest first) that holds `ip` decides; none: denied.
+#[inline(always)]
+fn by_source4(rules: &PodRules, slot: usize, ip: u32) -> bool {
+    let (Some(nets), Some(len), Some(allow)) = (
+        rules.nets.get(slot),
+        rules.nets_len.get(slot),
+        rules.nets_allow.get(slot),
+    ) else {
+        return false;
+    };
+    for i in 0..RULE_NETS {
+        if i >= usize::from(*len) {
+            break;
+        }
+        let Some(n) = nets.get(i) else { break };
+        if ip & n.mask == n.net {
+            return allow & (1 << i) != 0;
+        }
+    }
+    false
 }
 
 /// Whether the packet's socket belongs to the kubelet (by its cgroup, as configured).

@@ -29,10 +29,10 @@ fn istio(name: &str, action: &str, rules: &str) -> String {
 
 fn allow_50() -> String {
     let mut rules = String::new();
-    for i in 0..25 {
+    for i in 0..10 {
         rules += &format!("  - from: [{{source: {{ipBlocks: [10.200.{i}.0/24]}}}}]\n");
     }
-    for i in 25..49 {
+    for i in 10..49 {
         rules += &format!("  - from: [{{source: {{principals: [cluster.local/ns/default/sa/other-{i}]}}}}]\n    to: [{{operation: {{methods: [POST], paths: [/admin/{i}/*]}}}}]\n");
     }
     rules += "  - from: [{source: {principals: [cluster.local/ns/default/sa/loadgen]}}]\n    to: [{operation: {methods: [GET]}}]\n";

@@ -26,8 +26,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_agent_common::{
-    counters, maps, programs, verdict, EnrolledPod, OrigDst, OrigDst6, PodAddrs, PolicyConfig,
-    PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig, SockAddrV4 as RawAddr, SockAddrV6 as RawAddr6,
+    counters, maps, programs, verdict, EnrolledPod, Net4, OrigDst, OrigDst6, PodAddrs, PodRules,
+    PolicyConfig, PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig, SockAddrV4 as RawAddr,
+    SockAddrV6 as RawAddr6, RULE_NETS, RULE_PORTS,
 };
 
 use crate::policy::kernel::{Plaintext, PortVerdict};
@@ -267,6 +268,7 @@ pub struct Datapath {
 
 /// The inbound policy maps, and what each pod has in them.
 struct PolicyMaps {
+    pods: HashMap<MapData, u32, PodRules>,
     ports: HashMap<MapData, PolicyKey, u8>,
     nets: LpmTrie<MapData, PolicyNet4, u8>,
     nets6: LpmTrie<MapData, PolicyNet6, u8>,
@@ -278,6 +280,9 @@ struct PolicyMaps {
 /// The keys one pod holds in the policy maps.
 #[derive(Default, PartialEq)]
 struct Installed {
+    /// Its entry in `POLICY_PODS` (`None`: plaintext unrestricted).
+    pod: Option<PodRules>,
+    /// A policy too large for [`PodRules`]: ports and IPv4 ranges in the fallback maps.
     ports: Vec<(PolicyKey, u8)>,
     nets: Vec<(u32, PolicyNet4, u8)>,
     nets6: Vec<(u32, PolicyNet6, u8)>,
@@ -318,6 +323,8 @@ impl Datapath {
         let spoof_guard =
             HashMap::try_from(take(maps::SPOOF_GUARD)?).map_err(map_err(maps::SPOOF_GUARD))?;
         let policy = PolicyMaps {
+            pods: HashMap::try_from(take(maps::POLICY_PODS)?)
+                .map_err(map_err(maps::POLICY_PODS))?,
             ports: HashMap::try_from(take(maps::POLICY_PORTS)?)
                 .map_err(map_err(maps::POLICY_PORTS))?,
             nets: LpmTrie::try_from(take(maps::POLICY_NETS)?)
@@ -484,6 +491,20 @@ impl Datapath {
             let probes = if entry.probes { verdict::PROBES } else { 0 };
             next.ports.push((key, code | probes));
         }
+        if !plaintext.ports.is_empty() {
+            next.pod = Some(match pod_rules(plaintext) {
+                // It fits: the fallback maps hold only the IPv6 ranges.
+                Some(rules) => {
+                    next.ports.clear();
+                    next.nets.clear();
+                    rules
+                }
+                None => PodRules {
+                    fallback: 1,
+                    ..PodRules::default()
+                },
+            });
+        }
         let old = self.policy.installed.remove(&ifindex).unwrap_or_default();
         if old == next {
             self.policy.installed.insert(ifindex, next);
@@ -507,6 +528,16 @@ impl Datapath {
             m.ports
                 .insert(key, code, 0)
                 .map_err(map_err(maps::POLICY_PORTS))?;
+        }
+        // The pod's entry last: it is what makes the program look at the others.
+        match &next.pod {
+            Some(rules) => m
+                .pods
+                .insert(ifindex, rules, 0)
+                .map_err(map_err(maps::POLICY_PODS))?,
+            None => {
+                let _ = m.pods.remove(&ifindex);
+            }
         }
         for (key, _) in old
             .ports
@@ -652,5 +683,115 @@ impl Datapath {
         }
         self.forget_policy(pod.host_ifindex);
         Ok(())
+    }
+}
+
+/// `plaintext` as one [`PodRules`] entry, if it fits (at most [`RULE_PORTS`] ports of their
+/// own, [`RULE_NETS`] IPv4 ranges per decision).
+fn pod_rules(plaintext: &Plaintext) -> Option<PodRules> {
+    let mut rules = PodRules::default();
+    let own: Vec<_> = plaintext.ports.iter().filter(|e| e.port != 0).collect();
+    let other = plaintext.ports.iter().find(|e| e.port == 0)?;
+    if own.len() > RULE_PORTS {
+        return None;
+    }
+    rules.nports = u8::try_from(own.len()).ok()?;
+    for (slot, entry) in own
+        .into_iter()
+        .enumerate()
+        .chain(std::iter::once((RULE_PORTS, other)))
+    {
+        if slot < RULE_PORTS {
+            *rules.ports.get_mut(slot)? = entry.port;
+        }
+        let code = match &entry.verdict {
+            PortVerdict::Allow => verdict::ALLOW,
+            PortVerdict::Deny => verdict::DENY,
+            PortVerdict::BySource(list) => {
+                // Longest first: the first range that holds a source is its longest match.
+                let mut v4: Vec<_> = list
+                    .iter()
+                    .filter_map(|(c, allowed)| match c.addr {
+                        std::net::IpAddr::V4(ip) => Some((c.len, ip, *allowed)),
+                        std::net::IpAddr::V6(_) => None,
+                    })
+                    .collect();
+                if v4.len() > RULE_NETS {
+                    return None;
+                }
+                v4.sort_by_key(|v| std::cmp::Reverse(v.0));
+                *rules.nets_len.get_mut(slot)? = u8::try_from(v4.len()).ok()?;
+                for (i, (len, ip, allowed)) in v4.into_iter().enumerate() {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                    *rules.nets.get_mut(slot)?.get_mut(i)? = Net4 {
+                        net: (u32::from(ip) & mask).to_be(),
+                        mask: mask.to_be(),
+                    };
+                    if allowed {
+                        *rules.nets_allow.get_mut(slot)? |= 1 << i;
+                    }
+                }
+                verdict::BY_SOURCE
+            }
+        };
+        let probes = if entry.probes { verdict::PROBES } else { 0 };
+        *rules.verdicts.get_mut(slot)? = code | probes;
+    }
+    Some(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use crate::policy::kernel::PortEntry;
+
+    #[test]
+    fn pod_rules_hold_small_policies_longest_range_first_and_refuse_large_ones() {
+        let c = |s: &str| s.parse::<crate::policy::Cidr>().unwrap();
+        let plaintext = Plaintext {
+            ports: vec![
+                PortEntry {
+                    port: 0,
+                    verdict: PortVerdict::Deny,
+                    probes: true,
+                },
+                PortEntry {
+                    port: 8080,
+                    verdict: PortVerdict::BySource(vec![
+                        (c("0.0.0.0/0"), false),
+                        (c("10.1.0.0/16"), true),
+                        (c("::/0"), false),
+                    ]),
+                    probes: false,
+                },
+            ],
+        };
+        let r = pod_rules(&plaintext).unwrap();
+        assert_eq!((r.fallback, r.nports, r.ports[0]), (0, 1, 8080));
+        assert_eq!(r.verdicts[RULE_PORTS], verdict::DENY | verdict::PROBES);
+        assert_eq!(r.verdicts[0], verdict::BY_SOURCE);
+        // IPv4 only (IPv6 goes to the trie), the /16 before the /0, as the packet holds them.
+        assert_eq!(r.nets_len[0], 2);
+        assert_eq!(
+            r.nets[0][0],
+            Net4 {
+                net: u32::from_ne_bytes([10, 1, 0, 0]),
+                mask: u32::from_ne_bytes([255, 255, 0, 0]),
+            }
+        );
+        assert_eq!(r.nets[0][1], Net4::default());
+        assert_eq!(r.nets_allow[0], 0b01);
+        // More ports of their own than fit: the fallback maps.
+        let many = Plaintext {
+            ports: (0..=9)
+                .map(|port| PortEntry {
+                    port,
+                    verdict: PortVerdict::Deny,
+                    probes: false,
+                })
+                .collect(),
+        };
+        assert!(pod_rules(&many).is_none());
     }
 }

@@ -736,4 +736,20 @@ fn my_service_strict_and_single_caller_with_plaintext_refused_in_the_kernel() {
     eventually_for("the probe no longer let in", Duration::from_secs(2), || {
         syn(kubelet(), &pod_addr) == "timeout"
     });
+
+    // Decided by source in the kernel: a Server whose only authorization is a
+    // NetworkAuthentication of the unenrolled pod's address (no STRICT any more).
+    let unenrolled_ip = bed.pod("unenrolled").ip;
+    let by_source = format!(
+        "{server}---\napiVersion: policy.linkerd.io/v1alpha1\nkind: NetworkAuthentication\nmetadata:\n  name: one-pod\n  namespace: my-namespace\nspec:\n  networks: [{{cidr: \"{unenrolled_ip}/32\"}}]\n---\napiVersion: policy.linkerd.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: one-pod\n  namespace: my-namespace\nspec:\n  targetRef: {{group: policy.linkerd.io, kind: Server, name: my-service-http}}\n  requiredAuthenticationRefs: [{{group: policy.linkerd.io, kind: NetworkAuthentication, name: one-pod}}]\n"
+    );
+    apply(&bed, &[&n2], &[("security.yaml", &by_source)], |p| {
+        port_of(p, "my-namespace/my-service-a", 8080)["authorizations"][0] == "one-pod"
+    });
+    eventually_for(
+        "the unenrolled pod let in by its address",
+        Duration::from_secs(2),
+        || syn(unenrolled(), &pod_addr) == "connected",
+    );
+    assert_eq!(syn(host(), &pod_addr), "timeout");
 }
