@@ -5,7 +5,8 @@
 //! node, [`PolicyIndex::for_pod`] picks what applies to it (its Servers, the Istio policies that
 //! select it, its default policy) into a [`PodPolicy`], which the proxy keeps per tunnel or
 //! connection. Each connection, and each request of HTTP, then costs one [`authorize`] call:
-//! no I/O, no allocation on the allow path.
+//! no I/O, and no allocation unless a `when` condition reads `source.ip` or
+//! `destination.port`.
 //!
 //! How the two models combine on one workload is written down in `docs/policy.md`.
 
