@@ -98,7 +98,7 @@ impl Reconciler {
                 // series of clients whose service account no pod has any more.
                 self.metrics
                     .forget_workloads(|ns, workload| snapshot.has_workload(ns, workload));
-                if !self.metrics.authz.clients().is_empty() {
+                if self.metrics.authz.has_clients() {
                     let accounts: HashSet<(&str, &str)> = snapshot
                         .pods()
                         .map(|p| (p.namespace.as_str(), p.service_account.as_str()))

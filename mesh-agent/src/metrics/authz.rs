@@ -143,16 +143,12 @@ impl AuthzMetrics {
         });
     }
 
-    /// The Linkerd identities of the clients that have series.
-    pub fn clients(&self) -> HashSet<String> {
-        self.series
-            .lock()
-            .map(|s| {
-                s.iter()
-                    .filter_map(|(_, l)| l.last().filter(|c| !c.is_empty()).cloned())
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// Whether some series names a client (an authenticated one).
+    pub fn has_clients(&self) -> bool {
+        self.series.lock().is_ok_and(|s| {
+            s.iter()
+                .any(|(_, l)| l.last().is_some_and(|c| !c.is_empty()))
+        })
     }
 
     /// The counter one decision goes to: `http` or TCP.
@@ -166,53 +162,25 @@ impl AuthzMetrics {
         } else {
             "true"
         };
+        let which = match (http, verdict.allowed) {
+            (true, true) => Which::HttpAllow,
+            (true, false) => Which::HttpDeny,
+            (false, true) => Which::TcpAllow,
+            (false, false) => Which::TcpDeny,
+        };
         let a = &verdict.authz;
-        match http {
-            true => {
-                let route = verdict.route.as_deref().unwrap_or("default");
-                let which = if verdict.allowed {
-                    Which::HttpAllow
-                } else {
-                    Which::HttpDeny
-                };
-                self.series(
-                    which,
-                    &[
-                        client.target_addr,
-                        srv_group,
-                        verdict.server.kind,
-                        &verdict.server.name,
-                        route,
-                        a.group,
-                        a.kind,
-                        &a.name,
-                        tls,
-                        client.client_id,
-                    ],
-                )
-            }
-            false => {
-                let which = if verdict.allowed {
-                    Which::TcpAllow
-                } else {
-                    Which::TcpDeny
-                };
-                self.series(
-                    which,
-                    &[
-                        client.target_addr,
-                        srv_group,
-                        verdict.server.kind,
-                        &verdict.server.name,
-                        a.group,
-                        a.kind,
-                        &a.name,
-                        tls,
-                        client.client_id,
-                    ],
-                )
-            }
+        // The TCP counters are the HTTP ones without `route_name`.
+        let mut labels = vec![
+            client.target_addr,
+            srv_group,
+            verdict.server.kind,
+            &verdict.server.name,
+        ];
+        if http {
+            labels.push(verdict.route.as_deref().unwrap_or("default"));
         }
+        labels.extend([a.group, a.kind, &a.name, tls, client.client_id]);
+        self.series(which, &labels)
     }
 
     /// Counts what an audit policy would have denied.

@@ -690,22 +690,6 @@ impl PodPolicy {
             })).collect::<Vec<_>>(),
         })
     }
-
-    /// Whether nothing restricts the pod: every client is allowed on every port, so the proxy
-    /// can skip evaluation.
-    pub fn is_open(&self) -> bool {
-        self.default == DefaultPolicy::AllUnauthenticated
-            && self.servers.is_empty()
-            && self.istio.is_empty()
-            && self
-                .peer_ports
-                .iter()
-                .all(|(_, m, _)| *m != PeerMode::Strict)
-            && self
-                .peer
-                .as_ref()
-                .is_none_or(|(m, _)| *m != PeerMode::Strict)
-    }
 }
 
 /// The policy objects of one namespace, compiled and resolved.

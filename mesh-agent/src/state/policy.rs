@@ -32,7 +32,8 @@ pub enum PolicySpec {
 pub enum Compiled {
     Server(p::Server),
     LinkerdAuthorization(p::LinkerdAuthorization),
-    Authentication(p::Authentication),
+    /// Shared by every authorization that refers to it.
+    Authentication(Arc<p::Authentication>),
     Istio(p::IstioPolicy),
     Peer(p::PeerAuthentication),
 }
@@ -213,8 +214,8 @@ impl PolicyManifest {
             PolicySpec::LinkerdAuthorization(s) => {
                 Compiled::LinkerdAuthorization(linkerd_authorization(s, ns, name)?)
             }
-            PolicySpec::MeshTls(s) => Compiled::Authentication(mesh_tls(s, &ns)?),
-            PolicySpec::Network(s) => Compiled::Authentication(network(s)?),
+            PolicySpec::MeshTls(s) => Compiled::Authentication(Arc::new(mesh_tls(s, &ns)?)),
+            PolicySpec::Network(s) => Compiled::Authentication(Arc::new(network(s)?)),
             PolicySpec::IstioAuthorization(s) => Compiled::Istio(istio_authorization(s, ns, name)?),
             PolicySpec::PeerAuthentication(s) => Compiled::Peer(peer(s, ns, name, created)?),
         })

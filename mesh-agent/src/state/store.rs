@@ -951,7 +951,7 @@ impl Store {
         // Authentications by (kind, namespace, name).
         let authn = |kind: Kind, ns: &str, name: &str| match self.get(kind, ns, name) {
             Some(Facts::Policy(Some(c))) => match &**c {
-                Compiled::Authentication(a) => Some(Arc::new(a.clone())),
+                Compiled::Authentication(a) => Some(a.clone()),
                 _ => None,
             },
             _ => None,
