@@ -44,7 +44,10 @@ use crate::{
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub node: String,
-    pub manifests: PathBuf,
+    /// Where the desired state comes from.
+    pub source: Source,
+    /// Which pods are enrolled (the source's default if not given).
+    pub enrollment: Option<Enrollment>,
     /// The node's address; the listeners bind here.
     pub node_address: Ipv4Addr,
     /// The node's IPv6 address, if it has one: the IPv6 outbound listener binds here and native
@@ -99,10 +102,32 @@ pub enum IdentitySource {
     DevCa { dir: PathBuf },
 }
 
+/// Where the desired state comes from.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// A directory of manifests.
+    Manifests(PathBuf),
+    /// The Kubernetes API server.
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
+/// Which pods are in the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Enrollment {
+    /// Pods that opt in, themselves or by their namespace.
+    OptIn,
+    /// Every pod but those that opt out.
+    All,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("initial manifests rejected: {0}")]
     Manifests(#[from] ManifestError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] crate::source::kube::Error),
     #[error("binding {what} on {addr}: {source} (is another agent running in this namespace?)")]
     Bind {
         what: &'static str,
@@ -184,8 +209,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
     podnet::remember_agent_netns().map_err(Error::AgentNetns)?;
 
     let metrics = Arc::new(Metrics::new(config.metrics_dialect)?);
-    let mut dir = ManifestDir::new(&config.manifests, config.max_manifest_bytes);
-    let initial = dir.initial(&metrics)?;
+    // A manifest directory is loaded before anything starts (a bad one stops start-up); the
+    // API server's state arrives once every kind is listed, and the agent is not ready until.
+    let (initial, dir) = match &config.source {
+        Source::Manifests(path) => {
+            let opt_in = config.enrollment == Some(Enrollment::OptIn);
+            let mut dir = ManifestDir::new(path, config.max_manifest_bytes, opt_in);
+            (dir.initial(&metrics)?, Some(dir))
+        }
+        Source::Kube { .. } => (Arc::new(crate::state::Snapshot::default()), None),
+    };
 
     let provider = tls::provider();
     let (ca, anchors) = identity(&config)?;
@@ -281,8 +314,24 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut tasks = tokio::task::JoinSet::new();
     // Reading and building the desired state runs on a thread of its own, never on the
     // proxy's workers.
-    dir.spawn_watch(state_tx, metrics.clone())
-        .map_err(Error::StateThread)?;
+    match (dir, &config.source) {
+        (Some(dir), _) => {
+            dir.spawn_watch(state_tx, metrics.clone())
+                .map_err(Error::StateThread)?;
+        }
+        (None, Source::Kube { kubeconfig }) => {
+            let opt_in = config.enrollment != Some(Enrollment::All);
+            crate::source::kube::KubeSource::new(opt_in)
+                .spawn(
+                    kubeconfig.clone(),
+                    config.node.clone(),
+                    state_tx,
+                    metrics.clone(),
+                )
+                .await?;
+        }
+        (None, Source::Manifests(_)) => unreachable!("a manifest directory is loaded above"),
+    }
     tasks.spawn(reconciler.run(state_rx.clone()));
     tasks.spawn(identities.clone().run_renewal());
     {

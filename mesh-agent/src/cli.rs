@@ -58,11 +58,24 @@ pub enum IdentityCommand {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// This node's name: pods with this `spec.nodeName` are enrolled.
-    #[arg(long)]
+    #[arg(long, visible_alias = "node-name", env = "NODE_NAME")]
     pub node: String,
     /// Directory of Kubernetes YAML manifests (re-read when it changes).
+    #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+    pub manifests: Option<PathBuf>,
+    /// Read the desired state from the Kubernetes API server (in-cluster service account,
+    /// else `--kubeconfig`, `KUBECONFIG` or `~/.kube/config`).
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub kube: bool,
+    /// The kubeconfig file to reach the API server with (`--kube`).
+    #[arg(long, requires = "kube")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Which pods are enrolled: those that opt in, themselves or by their namespace
+    /// (`mesh-agent.io/inject: enabled`, `linkerd.io/inject: enabled`, the label
+    /// `istio.io/dataplane-mode: ambient`, ...), or all but those that opt out
+    /// [default: opt-in with --kube, all with --manifests].
+    #[arg(long, value_enum)]
+    pub enrollment: Option<crate::app::Enrollment>,
     /// The node's address for the listeners [default: the first non-loopback IPv4 address].
     #[arg(long)]
     pub node_address: Option<Ipv4Addr>,

@@ -45,7 +45,13 @@ fn main() -> anyhow::Result<()> {
             };
             let config = app::Config {
                 node: args.node,
-                manifests: args.manifests,
+                source: match (args.manifests, args.kube) {
+                    (Some(dir), _) => app::Source::Manifests(dir),
+                    (None, _) => app::Source::Kube {
+                        kubeconfig: args.kubeconfig,
+                    },
+                },
+                enrollment: args.enrollment,
                 node_address,
                 node_address6,
                 cgroup,

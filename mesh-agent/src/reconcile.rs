@@ -117,7 +117,9 @@ impl Reconciler {
             }
             let complete = self.reconcile(&snapshot).await;
             self.enforce_policy(&snapshot);
-            self.ready.store(complete, Ordering::Release);
+            // Version 0 is the empty state before a source published anything.
+            self.ready
+                .store(complete && snapshot.version > 0, Ordering::Release);
             tokio::select! {
                 changed = state.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(CHECK) => {}

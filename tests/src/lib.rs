@@ -5,6 +5,7 @@
 //! subtree (`<cgroup2>/mesh-testbed`); nothing is added to the host's own network namespace.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bpf;
 pub mod capture;
 pub mod harness;

@@ -108,12 +108,18 @@ fn is_manifest_name(path: &Path) -> bool {
 }
 
 impl ManifestDir {
-    pub fn new(path: impl Into<PathBuf>, max_file_bytes: u64) -> Self {
+    /// Follows `path`; with `opt_in`, only pods that opt in are enrolled (else all but those
+    /// that opt out).
+    pub fn new(path: impl Into<PathBuf>, max_file_bytes: u64, opt_in: bool) -> Self {
         Self {
             path: path.into(),
             max_file_bytes,
             version: 0,
-            store: Store::default(),
+            store: if opt_in {
+                Store::opt_in()
+            } else {
+                Store::default()
+            },
             files: HashMap::new(),
             attempted: HashMap::new(),
             dirty: BTreeSet::new(),
@@ -374,13 +380,7 @@ impl ManifestDir {
     /// Follows the directory and publishes each new valid snapshot until `tx` has no
     /// receivers.
     fn watch(mut self, tx: watch::Sender<Arc<Snapshot>>, metrics: Arc<Metrics>) {
-        // On a busy node, the proxy comes first: this thread (and the parse helpers it
-        // starts, which inherit it) yields the CPU to the proxy's workers.
-        // SAFETY: plain syscalls on this thread.
-        unsafe {
-            let tid = libc::gettid();
-            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
-        }
+        lower_priority();
         let mut notifier = Notifier::new(&self.path);
         // Files modified but not closed yet, since when.
         let mut writing: HashMap<PathBuf, Instant> = HashMap::new();
@@ -496,9 +496,19 @@ impl ManifestDir {
     }
 }
 
+/// On a busy node, the proxy comes first: the calling thread (and the threads it starts,
+/// which inherit it) yields the CPU to the proxy's workers.
+pub(super) fn lower_priority() {
+    // SAFETY: plain syscalls on this thread.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
+    }
+}
+
 /// Hands the memory a large apply freed (parse buffers, replaced objects) back to the system:
 /// without it the allocator keeps this thread's peak for good.
-fn release_freed_memory() {
+pub(super) fn release_freed_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     #[cfg(target_env = "gnu")]
     unsafe {
@@ -729,7 +739,7 @@ mod tests {
             dir.put(&format!("svc-{f:04}.yaml"), &text);
         }
         let metrics = metrics();
-        let mut state = ManifestDir::new(&dir.0, 8 << 20);
+        let mut state = ManifestDir::new(&dir.0, 8 << 20, false);
         let before = state.initial(&metrics).unwrap();
         assert_eq!(before.summary().service_ports, 10_000);
         assert_eq!(before.summary().endpoints, 50_000);
@@ -780,7 +790,7 @@ mod tests {
             &(pod("old", "10.1.1.5") + &pod("stays", "10.1.1.6")),
         );
         let metrics = metrics();
-        let mut state = ManifestDir::new(&dir.0, 1 << 20);
+        let mut state = ManifestDir::new(&dir.0, 1 << 20, false);
         state.initial(&metrics).unwrap();
 
         // A new pod in b.yaml takes the address `old` gives back in a.yaml, and `stays` moves
@@ -813,7 +823,7 @@ mod tests {
         let dir = TempDir::new("partial");
         dir.put("a.yaml", &service(1, 0));
         let metrics = Arc::new(metrics());
-        let mut state = ManifestDir::new(&dir.0, 1 << 20);
+        let mut state = ManifestDir::new(&dir.0, 1 << 20, false);
         let (tx, mut rx) = watch::channel(state.initial(&metrics).unwrap());
         state.spawn_watch(tx, metrics.clone()).unwrap();
 

@@ -1,3 +1,4 @@
 //! Where desired state comes from.
 
 pub mod files;
+pub mod kube;

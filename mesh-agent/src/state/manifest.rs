@@ -1252,43 +1252,73 @@ impl Object {
 /// per document: at cluster scale that tree was most of the parsing time and memory). Objects
 /// of kinds we do not use are skipped.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
+    let file = path.display().to_string();
     let mut out = Vec::new();
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let mut seen = Seen::default();
-        let mut track = serde_path_to_error::Track::new();
-        let parsed = Document(&mut seen)
-            .deserialize(serde_path_to_error::Deserializer::new(doc, &mut track))
-            .map_err(|e| {
-                let path = track.path().to_string();
-                match seen.field.take() {
-                    Some((field, message)) => Problem::Field { field, message },
-                    None if path == "." || seen.kind.is_none() => Problem::Yaml(e),
-                    None => Problem::Field {
-                        field: path,
-                        message: e.to_string(),
-                    },
-                }
-            })
-            .and_then(|object| object.map(validate).transpose());
+        if let Some(object) = parse_document(doc, &file, index, Problem::Yaml)? {
+            out.push(object);
+        }
+    }
+    Ok(out)
+}
+
+/// One object as the API server serves it (a list's items leave out `kind` and `apiVersion`:
+/// they are filled in from what was listed). `source` names where it came from in errors.
+/// `Ok(None)` for a kind we do not use.
+pub fn parse_api_object(
+    kind: &str,
+    api_version: &str,
+    mut value: serde_json::Value,
+    source: &str,
+) -> Result<Option<Object>, ManifestError> {
+    if let Some(map) = value.as_object_mut() {
+        map.entry("kind").or_insert_with(|| kind.into());
+        map.entry("apiVersion")
+            .or_insert_with(|| api_version.into());
+    }
+    parse_document(&value, source, 0, |e| Problem::Field {
+        field: "object".to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Parses one document (`index` in `file`) and validates it; `syntax` turns an error that no
+/// field can be blamed for into a problem.
+fn parse_document<'de, D: serde::Deserializer<'de>>(
+    doc: D,
+    file: &str,
+    index: usize,
+    syntax: impl FnOnce(D::Error) -> Problem,
+) -> Result<Option<Object>, ManifestError> {
+    let mut seen = Seen::default();
+    let mut track = serde_path_to_error::Track::new();
+    let parsed = Document(&mut seen)
+        .deserialize(serde_path_to_error::Deserializer::new(doc, &mut track))
+        .map_err(|e| {
+            let path = track.path().to_string();
+            match seen.field.take() {
+                Some((field, message)) => Problem::Field { field, message },
+                None if path == "." || seen.kind.is_none() => syntax(e),
+                None => Problem::Field {
+                    field: path,
+                    message: e.to_string(),
+                },
+            }
+        })
+        .and_then(|object| object.map(validate).transpose());
+    parsed.map_err(|problem| {
         let object = ObjectName {
             kind: seen.kind.as_deref().unwrap_or(""),
             namespace: seen.namespace.as_deref(),
             name: seen.name.as_deref(),
             index,
         };
-        match parsed {
-            Ok(Some(o)) => out.push(o),
-            Ok(None) => {}
-            Err(problem) => {
-                return Err(ManifestError {
-                    file: path.display().to_string(),
-                    object: object.to_string(),
-                    problem,
-                })
-            }
+        ManifestError {
+            file: file.to_owned(),
+            object: object.to_string(),
+            problem,
         }
-    }
-    Ok(out)
+    })
 }
 
 /// What is known of a document while it is parsed, to name it in an error.

@@ -29,6 +29,8 @@ use crate::balance::EndpointLoad;
 pub const INJECT_ANNOTATION: &str = "mesh-agent.io/inject";
 /// Linkerd's equivalent, honoured so existing manifests keep their meaning.
 pub const LINKERD_INJECT_ANNOTATION: &str = "linkerd.io/inject";
+/// Istio ambient's label (on a Namespace or Pod): `ambient` opts in, `none` out.
+pub const ISTIO_DATAPLANE_LABEL: &str = "istio.io/dataplane-mode";
 
 /// A pod as the mesh sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

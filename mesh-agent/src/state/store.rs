@@ -158,7 +158,7 @@ impl Facts {
     fn of(object: &Object) -> Facts {
         match object {
             Object::Namespace(ns) => Facts::Namespace(NamespaceFacts {
-                inject: inject_setting(&ns.metadata.annotations),
+                inject: inject_setting(&ns.metadata),
                 opaque: opaque_ports(&ns.metadata.annotations),
                 default_policy: ns
                     .metadata
@@ -189,7 +189,7 @@ impl Facts {
                     v6: pod.status.pod_ip6(),
                     terminal: pod.status.is_terminal(),
                     host_network: pod.spec.host_network,
-                    inject: inject_setting(&pod.metadata.annotations),
+                    inject: inject_setting(&pod.metadata),
                     opaque: opaque_ports(&pod.metadata.annotations),
                 };
                 // What its namespace decides is filled in when the store rebuilds it.
@@ -322,6 +322,9 @@ pub struct Store {
     placed: HashMap<Name, Vec<SocketAddr>>,
     /// Services that Istio AuthorizationPolicies target (by `targetRefs`).
     policy_services: HashSet<Name>,
+    /// Pods are enrolled only when they or their namespace opt in (Kubernetes mode), rather
+    /// than unless they opt out (a manifest directory: everything in it is the mesh's).
+    opt_in: bool,
     snapshot: Snapshot,
 }
 
@@ -334,6 +337,14 @@ struct Dirty {
 }
 
 impl Store {
+    /// A store that enrolls only the pods that opt in, themselves or by their namespace.
+    pub fn opt_in() -> Store {
+        Store {
+            opt_in: true,
+            ..Store::default()
+        }
+    }
+
     /// The snapshot as of the last transaction (cheap: the maps are shared).
     pub fn snapshot(&self) -> Snapshot {
         self.snapshot.clone()
@@ -697,6 +708,7 @@ impl Store {
             }
         }
         let namespace = self.namespace(&name.0);
+        let by_default = !self.opt_in;
         let Some(Stored {
             facts: Facts::Pod(pod),
             ..
@@ -706,7 +718,7 @@ impl Store {
         };
         let Some(base) = &pod.workload else { return };
         // What the namespace decides may have changed since the pod was read.
-        let enrolled = pod.enrolled(&namespace);
+        let enrolled = pod.enrolled(&namespace, by_default);
         let opaque_ports = pod.opaque_ports(&namespace);
         let fresh = match base.enrolled == enrolled && base.opaque_ports == opaque_ports {
             true => base.clone(),
@@ -1326,8 +1338,8 @@ impl PodFacts {
         v4.into_iter().chain(self.v6.map(IpAddr::V6)).collect()
     }
 
-    fn enrolled(&self, namespace: &NamespaceFacts) -> bool {
-        !self.host_network && self.inject.or(namespace.inject).unwrap_or(true)
+    fn enrolled(&self, namespace: &NamespaceFacts, by_default: bool) -> bool {
+        !self.host_network && self.inject.or(namespace.inject).unwrap_or(by_default)
     }
 
     fn opaque_ports(&self, namespace: &NamespaceFacts) -> Arc<PortSet> {
@@ -1366,7 +1378,7 @@ fn workload(pod: &manifest::Pod, facts: &PodFacts, namespace: &NamespaceFacts) -
             Some(IpAddr::V4(ip)) => Some(ip),
             _ => None,
         },
-        enrolled: facts.enrolled(namespace),
+        enrolled: facts.enrolled(namespace, true),
         inbound: facts.inbound.clone(),
     }
 }
@@ -1379,11 +1391,46 @@ fn default_opaque_ports() -> Arc<PortSet> {
         .clone()
 }
 
-fn inject_setting(annotations: &manifest::Labels) -> Option<bool> {
-    [super::INJECT_ANNOTATION, super::LINKERD_INJECT_ANNOTATION]
-        .iter()
-        .find_map(|k| annotations.get(k))
-        .map(|v| v != "disabled")
+/// Whether an object (a Pod or a Namespace) opts in or out of the mesh, by the first of these
+/// it carries: our annotation, Linkerd's, Istio ambient's label, Istio's sidecar-injection
+/// label (and annotation, on a pod).
+fn inject_setting(meta: &manifest::ObjectMeta) -> Option<bool> {
+    let (labels, annotations) = (&meta.labels, &meta.annotations);
+    let setting = |value: Option<&String>, yes: &[&str], no: &[&str]| {
+        let value = value?.as_str();
+        match (yes.contains(&value), no.contains(&value)) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    };
+    let enabled = ["enabled"];
+    setting(
+        annotations.get(super::INJECT_ANNOTATION),
+        &enabled,
+        &["disabled"],
+    )
+    .or_else(|| {
+        setting(
+            annotations.get(super::LINKERD_INJECT_ANNOTATION),
+            &["enabled", "ingress"],
+            &["disabled"],
+        )
+    })
+    .or_else(|| {
+        setting(
+            labels.get(super::ISTIO_DATAPLANE_LABEL),
+            &["ambient"],
+            &["none"],
+        )
+    })
+    .or_else(|| setting(labels.get("istio-injection"), &enabled, &["disabled"]))
+    .or_else(|| {
+        let sidecar = labels
+            .get("sidecar.istio.io/inject")
+            .or_else(|| annotations.get("sidecar.istio.io/inject"));
+        setting(sidecar, &["true"], &["false"])
+    })
 }
 
 /// The opaque-ports annotation of an object (validated when the object was parsed).
