@@ -42,7 +42,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent for `node` reading the testbed's manifests.
+    /// Starts the agent for `node` reading the testbed's manifests (or, with `--kube` among
+    /// `extra_args`, the API server its `--kubeconfig` names).
     pub fn start(bed: &Testbed, node: &str, extra_args: &[&str]) -> io::Result<Agent> {
         Self::start_on(bed, node, extra_args, None)
     }
@@ -62,9 +63,12 @@ impl Agent {
         if !extra_args.contains(&"--log-level") {
             cmd.args(["--log-level", "info,mesh_agent=debug"]);
         }
-        cmd.args(["run", "--node", node, "--manifests"])
-            .arg(bed.manifests_dir())
-            .args(["--node-address", &n.ip.to_string()])
+        cmd.args(["run", "--node", node]);
+        // From the testbed's manifests, unless the test points the agent at an API server.
+        if !extra_args.contains(&"--kube") {
+            cmd.arg("--manifests").arg(bed.manifests_dir());
+        }
+        cmd.args(["--node-address", &n.ip.to_string()])
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
