@@ -35,7 +35,11 @@ use crate::{
         outbound::{self, ProxyInputs},
     },
     reconcile::Reconciler,
-    source::files::ManifestDir,
+    source::{
+        cluster_identity::{self, Material},
+        files::ManifestDir,
+        kube::{KubeRuntime, KubeSource},
+    },
     state::manifest::ManifestError,
     tls::{self, AnchorSource, MeshTls, TrustBundle},
 };
@@ -100,6 +104,10 @@ pub enum IdentitySource {
     /// A throwaway anchor and issuer generated at start; the anchor (never a key) is written
     /// to this directory, and every anchor found there is trusted.
     DevCa { dir: PathBuf },
+    /// From the cluster, in Linkerd's layout (`--kube`): the ConfigMap
+    /// `linkerd-identity-trust-roots` and the Secret `linkerd-identity-issuer` in `namespace`,
+    /// watched.
+    Cluster { namespace: String },
 }
 
 /// Where the desired state comes from.
@@ -128,6 +136,10 @@ pub enum Error {
     Manifests(#[from] ManifestError),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] crate::source::kube::Error),
+    #[error("identity from the cluster: {0}")]
+    ClusterIdentity(#[from] cluster_identity::Error),
+    #[error("identity from the cluster needs --kube")]
+    ClusterIdentityWithoutKube,
     #[error("binding {what} on {addr}: {source} (is another agent running in this namespace?)")]
     Bind {
         what: &'static str,
@@ -164,16 +176,19 @@ pub enum Error {
 }
 
 /// Sets up the issuer and the trust bundle.
-fn identity(config: &Config) -> Result<(CertificateAuthority, AnchorSource), Error> {
-    match &config.identity {
+async fn identity(
+    config: &Config,
+    kube: Option<&KubeRuntime>,
+) -> Result<(CertificateAuthority, AnchorSource, Option<Material>), Error> {
+    let (ca, anchors) = match &config.identity {
         IdentitySource::Files {
             trust_anchors,
             issuer_cert,
             issuer_key,
-        } => Ok((
+        } => (
             CertificateAuthority::from_files(issuer_cert, issuer_key)?,
             AnchorSource::File(trust_anchors.clone()),
-        )),
+        ),
         IdentitySource::DevCa { dir } => {
             let dev = DevCa::generate(&config.trust_domain)?;
             let path = dir.join(format!("anchor-{}.pem", config.node));
@@ -186,12 +201,26 @@ fn identity(config: &Config) -> Result<(CertificateAuthority, AnchorSource), Err
                     source,
                 })?;
             info!(anchor = %path.display(), "--dev-ca: generated a throwaway trust anchor and issuer");
-            Ok((
+            (
                 CertificateAuthority::from_dev(&dev)?,
                 AnchorSource::Directory(dir.clone()),
-            ))
+            )
         }
-    }
+        IdentitySource::Cluster { namespace } => {
+            let kube = kube.ok_or(Error::ClusterIdentityWithoutKube)?;
+            let client = kube.client.clone();
+            let ns = namespace.clone();
+            let material = kube
+                .spawn(async move { cluster_identity::fetch(&client, &ns).await })
+                .await
+                .map_err(|e| Error::StateThread(std::io::Error::other(e)))??;
+            let ca = material.issuer(namespace)?;
+            info!(%namespace, issuer = %ca.subject(), "identity material read from the cluster");
+            let anchors = AnchorSource::Pem(material.anchors.clone());
+            return Ok((ca, anchors, Some(material)));
+        }
+    };
+    Ok((ca, anchors, None))
 }
 
 async fn bind(what: &'static str, addr: impl Into<SocketAddr>) -> Result<TcpListener, Error> {
@@ -209,6 +238,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     podnet::remember_agent_netns().map_err(Error::AgentNetns)?;
 
     let metrics = Arc::new(Metrics::new(config.metrics_dialect)?);
+    // The Kubernetes client runs on a thread of its own (see `KubeRuntime`).
+    let kube = match &config.source {
+        Source::Kube { kubeconfig } => Some(KubeRuntime::start(kubeconfig.clone()).await?),
+        Source::Manifests(_) => None,
+    };
     // A manifest directory is loaded before anything starts (a bad one stops start-up); the
     // API server's state arrives once every kind is listed, and the agent is not ready until.
     let (initial, dir) = match &config.source {
@@ -221,7 +255,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
 
     let provider = tls::provider();
-    let (ca, anchors) = identity(&config)?;
+    let (ca, anchors, material) = identity(&config, kube.as_ref()).await?;
     let bundle = Arc::new(TrustBundle::load(anchors, provider.clone())?);
     bundle.check_issuer(&ca, &config.trust_domain)?;
     let identities = Arc::new(IdentityManager::new(ca, config.cert_lifetime, provider));
@@ -314,23 +348,31 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut tasks = tokio::task::JoinSet::new();
     // Reading and building the desired state runs on a thread of its own, never on the
     // proxy's workers.
-    match (dir, &config.source) {
-        (Some(dir), _) => {
-            dir.spawn_watch(state_tx, metrics.clone())
-                .map_err(Error::StateThread)?;
+    if let Some(dir) = dir {
+        dir.spawn_watch(state_tx, metrics.clone())
+            .map_err(Error::StateThread)?;
+    } else if let Some(kube) = &kube {
+        let opt_in = config.enrollment != Some(Enrollment::All);
+        let source = KubeSource::new(opt_in);
+        let follow = source.follow(
+            kube.client.clone(),
+            config.node.clone(),
+            state_tx,
+            metrics.clone(),
+        );
+        drop(kube.spawn(follow));
+        if let (Some(material), IdentitySource::Cluster { namespace }) =
+            (material, &config.identity)
+        {
+            drop(kube.spawn(cluster_identity::follow(
+                kube.client.clone(),
+                namespace.clone(),
+                material,
+                bundle.clone(),
+                identities.clone(),
+                config.trust_domain.clone(),
+            )));
         }
-        (None, Source::Kube { kubeconfig }) => {
-            let opt_in = config.enrollment != Some(Enrollment::All);
-            crate::source::kube::KubeSource::new(opt_in)
-                .spawn(
-                    kubeconfig.clone(),
-                    config.node.clone(),
-                    state_tx,
-                    metrics.clone(),
-                )
-                .await?;
-        }
-        (None, Source::Manifests(_)) => unreachable!("a manifest directory is loaded above"),
     }
     tasks.spawn(reconciler.run(state_rx.clone()));
     tasks.spawn(identities.clone().run_renewal());

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Directory of Kubernetes YAML manifests (re-read when it changes).
     #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
     pub manifests: Option<PathBuf>,
+    /// A writable procfs (the host's, mounted into the agent's container: a container's own
+    /// `/proc/sys` is read-only), for the sysctl set inside each pod's network namespace.
+    #[arg(long, default_value = "/proc")]
+    pub host_proc: PathBuf,
     /// Read the desired state from the Kubernetes API server (in-cluster service account,
     /// else `--kubeconfig`, `KUBECONFIG` or `~/.kube/config`).
     #[arg(long)]
@@ -115,8 +119,13 @@ pub struct RunArgs {
     pub issuer_key: Option<PathBuf>,
     /// Generate a throwaway anchor and issuer; write the anchor (not the key) to DIR and trust
     /// every anchor there, so the agents of one testbed trust each other.
-    #[arg(long, value_name = "DIR", required_unless_present = "trust_anchors")]
+    #[arg(long, value_name = "DIR", conflicts_with = "identity_namespace")]
     pub dev_ca: Option<PathBuf>,
+    /// With `--kube` and neither `--trust-anchors` nor `--dev-ca`: the namespace holding the
+    /// identity material in Linkerd's layout (ConfigMap `linkerd-identity-trust-roots`, Secret
+    /// `linkerd-identity-issuer`), watched for rotation.
+    #[arg(long, default_value = "linkerd")]
+    pub identity_namespace: String,
     /// Lifetime of workload certificates (renewed at half life): e.g. 24h, 30m, 20s.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub cert_lifetime: std::time::Duration,

@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
                 Some(c) => c,
                 None => datapath::cgroup2_root()?,
             };
+            mesh_agent::podnet::set_proc_root(&args.host_proc);
             let config = app::Config {
                 node: args.node,
                 source: match (args.manifests, args.kube) {
@@ -71,7 +72,12 @@ fn main() -> anyhow::Result<()> {
                 max_buffered_bytes: args.max_buffered_bytes,
                 max_streams_per_connection: args.max_streams_per_connection as usize,
                 trust_domain: args.trust_domain,
-                identity: match (args.trust_anchors, args.issuer_cert, args.issuer_key, args.dev_ca) {
+                identity: match (
+                    args.trust_anchors,
+                    args.issuer_cert,
+                    args.issuer_key,
+                    args.dev_ca,
+                ) {
                     (Some(trust_anchors), Some(issuer_cert), Some(issuer_key), None) => {
                         app::IdentitySource::Files {
                             trust_anchors,
@@ -80,8 +86,12 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                     (None, None, None, Some(dir)) => app::IdentitySource::DevCa { dir },
+                    (None, None, None, None) if args.kube => app::IdentitySource::Cluster {
+                        namespace: args.identity_namespace,
+                    },
                     _ => anyhow::bail!(
-                        "give either --trust-anchors, --issuer-cert and --issuer-key, or --dev-ca DIR"
+                        "give --trust-anchors, --issuer-cert and --issuer-key, or --dev-ca DIR, \
+                         or (with --kube) read them from the cluster (--identity-namespace)"
                     ),
                 },
                 cert_lifetime: args.cert_lifetime,

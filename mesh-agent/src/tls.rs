@@ -12,7 +12,7 @@ use rustls::{
         verify_server_cert_signed_by_trust_anchor, ResolvesClientCert,
     },
     crypto::{verify_tls13_signature, CryptoProvider},
-    pki_types::{CertificateDer, ServerName, UnixTime},
+    pki_types::{pem::PemObject as _, CertificateDer, ServerName, UnixTime},
     server::{
         danger::{ClientCertVerified, ClientCertVerifier},
         ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier,
@@ -98,6 +98,9 @@ pub enum AnchorSource {
     /// Every `*.pem` in a directory, re-read when it changes (`--dev-ca`: each agent writes its
     /// own throwaway anchor there).
     Directory(PathBuf),
+    /// A PEM bundle held in memory (from the cluster: Linkerd's `linkerd-identity-trust-roots`
+    /// ConfigMap), replaced with [`TrustBundle::replace`] when it changes.
+    Pem(String),
 }
 
 struct Anchors {
@@ -133,6 +136,7 @@ impl TrustBundle {
 
     fn files(source: &AnchorSource) -> Vec<PathBuf> {
         match source {
+            AnchorSource::Pem(_) => Vec::new(),
             AnchorSource::File(p) => vec![p.clone()],
             AnchorSource::Directory(d) => {
                 let mut files: Vec<PathBuf> = std::fs::read_dir(d)
@@ -168,8 +172,18 @@ impl TrustBundle {
                     .map_err(|e| Error::Roots(format!("{}: {e}", file.display())))?;
             }
         }
+        if let AnchorSource::Pem(pem) = source {
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert = cert.map_err(|e| Error::Roots(format!("not PEM: {e}")))?;
+                roots.add(cert).map_err(|e| Error::Roots(e.to_string()))?;
+            }
+        }
         if roots.is_empty() {
-            return Err(Error::Roots(format!("no trust anchors in {:?}", source)));
+            let source = match source {
+                AnchorSource::Pem(_) => "the PEM bundle".to_owned(),
+                other => format!("{other:?}"),
+            };
+            return Err(Error::Roots(format!("no trust anchors in {source}")));
         }
         let roots = Arc::new(roots);
         let client_verifier =
@@ -209,6 +223,23 @@ impl TrustBundle {
                 false
             }
         }
+    }
+
+    /// Replaces the anchors with those of `pem` if `ca` (the issuer that will be in force)
+    /// chains to them; else keeps the current ones.
+    pub fn replace(
+        &self,
+        pem: &str,
+        ca: &ca::CertificateAuthority,
+        trust_domain: &str,
+    ) -> Result<(), Error> {
+        let candidate = Self::load(AnchorSource::Pem(pem.to_owned()), self.provider.clone())?;
+        candidate.check_issuer(ca, trust_domain)?;
+        let anchors = candidate.anchors();
+        if let Ok(mut slot) = self.current.write() {
+            *slot = anchors;
+        }
+        Ok(())
     }
 
     /// Start-up check: a certificate minted by `ca` verifies against these anchors.

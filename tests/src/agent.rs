@@ -75,7 +75,7 @@ impl Agent {
             .stderr(log_file);
         if !extra_args
             .iter()
-            .any(|a| *a == "--dev-ca" || *a == "--trust-anchors")
+            .any(|a| ["--dev-ca", "--trust-anchors", "--identity-namespace"].contains(a))
         {
             let ca = Self::ensure_ca(bed, &agent)?;
             cmd.arg("--trust-anchors")

@@ -223,6 +223,54 @@ fn matches(selector: &[Term], namespace: Option<&str>, object: &Value) -> bool {
             .all(|t| (text(object, &t.path) == t.value) == t.equal)
 }
 
+/// A ConfigMap as the API server holds it.
+pub fn config_map(namespace: &str, name: &str, data: &[(&str, &str)]) -> Value {
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": name, "namespace": namespace },
+        "data": data,
+    })
+}
+
+/// A Secret as the API server holds it (its data base64-encoded).
+pub fn secret(namespace: &str, name: &str, kind: &str, data: &[(&str, &[u8])]) -> Value {
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::from(base64(v))))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": kind,
+        "metadata": { "name": name, "namespace": namespace },
+        "data": data,
+    })
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk.first().copied().unwrap_or(0),
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                let index = ((n >> (18 - 6 * i)) & 63) as usize;
+                out.push(char::from(ALPHABET.get(index).copied().unwrap_or(b'=')));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -361,19 +409,23 @@ impl Inner {
     }
 }
 
-/// What a request path names: the resource and, for a namespaced list, the namespace.
-fn parse_path(path: &str) -> Option<(ResourceKey, Option<String>)> {
+/// What a request path names: the resource, for a namespaced request the namespace, and for
+/// a single object its name.
+fn parse_path(path: &str) -> Option<(ResourceKey, Option<String>, Option<String>)> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, rest) = match parts.as_slice() {
         ["api", "v1", rest @ ..] => ("", rest),
         ["apis", group, _version, rest @ ..] => (*group, rest),
         _ => return None,
     };
+    let resource = |plural: &str| (group.to_owned(), plural.to_owned());
     match rest {
-        [plural] => Some(((group.to_owned(), (*plural).to_owned()), None)),
-        ["namespaces", ns, plural] => Some((
-            (group.to_owned(), (*plural).to_owned()),
+        [plural] => Some((resource(plural), None, None)),
+        ["namespaces", ns, plural] => Some((resource(plural), Some((*ns).to_owned()), None)),
+        ["namespaces", ns, plural, name] => Some((
+            resource(plural),
             Some((*ns).to_owned()),
+            Some((*name).to_owned()),
         )),
         _ => None,
     }
@@ -623,7 +675,7 @@ async fn serve(state: &Arc<Mutex<Inner>>, req: Request<hyper::body::Incoming>) -
             &status(405, "MethodNotAllowed", "the double only lists and watches"),
         );
     }
-    let Some((resource, namespace)) = parse_path(req.uri().path()) else {
+    let Some((resource, namespace, name)) = parse_path(req.uri().path()) else {
         return respond(
             StatusCode::NOT_FOUND,
             &status(
@@ -659,6 +711,21 @@ async fn serve(state: &Arc<Mutex<Inner>>, req: Request<hyper::body::Incoming>) -
         .collect();
     let selector = parse_selector(query.get("fieldSelector").map_or("", String::as_str));
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    if let Some(name) = name {
+        let inner = lock();
+        let id = (resource, namespace.unwrap_or_default(), name);
+        return match inner.objects.get(&id) {
+            Some(object) => respond(StatusCode::OK, object),
+            None => respond(
+                StatusCode::NOT_FOUND,
+                &status(
+                    404,
+                    "NotFound",
+                    &format!("{} \"{}\" not found", id.0 .1, id.2),
+                ),
+            ),
+        };
+    }
     if !watch {
         let delay = lock().list_delay;
         if !delay.is_zero() {

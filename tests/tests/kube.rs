@@ -8,15 +8,17 @@
     reason = "tests fail loudly by design"
 )]
 
-use mesh_agent_tests::{apiserver::ApiServer, harness::*, netns, serial, Agent};
+use mesh_agent_tests::{
+    apiserver::{config_map, secret, ApiServer},
+    harness::*,
+    netns, serial, Agent, Testbed,
+};
+use rcgen::{CertificateParams, DnType, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
 use serde_json::json;
 
-#[test]
-fn pods_from_the_api_server_are_enrolled_captured_and_dropped() {
-    let _serial = serial();
-    let bed = bed();
-    // The double listens on node 1's address: both agents reach it over the fabric, and
-    // nothing leaves the testbed.
+/// The double, listening on node 1's address: both agents reach it over the fabric, and
+/// nothing leaves the testbed. Loaded with the testbed's objects.
+fn double(bed: &Testbed) -> ApiServer {
     let n1_ip = bed.node("n1").ip;
     let listener = netns::run_in(&bed.node("n1").netns, move || {
         std::net::TcpListener::bind((n1_ip, 0))
@@ -27,14 +29,28 @@ fn pods_from_the_api_server_are_enrolled_captured_and_dropped() {
     for (_, yaml) in bed.manifests() {
         api.apply(&yaml);
     }
+    api
+}
+
+/// Both agents in Kubernetes mode against `api`, ready.
+fn kube_agents(bed: &Testbed, api: &ApiServer, extra: &[&str]) -> (Agent, Agent) {
     let kubeconfig = bed.dir.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let kubeconfig = kubeconfig.to_str().unwrap();
-    let args = ["--kube", "--kubeconfig", kubeconfig];
-    let mut n1 = Agent::start(&bed, "n1", &args).unwrap();
-    let mut n2 = Agent::start(&bed, "n2", &args).unwrap();
+    let mut args = vec!["--kube", "--kubeconfig", kubeconfig.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut n1 = Agent::start(bed, "n1", &args).unwrap();
+    let mut n2 = Agent::start(bed, "n2", &args).unwrap();
     n1.wait_ready(READY).expect("n1 ready");
     n2.wait_ready(READY).expect("n2 ready");
+    (n1, n2)
+}
+
+#[test]
+fn pods_from_the_api_server_are_enrolled_captured_and_dropped() {
+    let _serial = serial();
+    let bed = bed();
+    let api = double(&bed);
+    let (n1, n2) = kube_agents(&bed, &api, &[]);
     assert_eq!(
         api.lists("pods"),
         4,
@@ -99,6 +115,104 @@ fn pods_from_the_api_server_are_enrolled_captured_and_dropped() {
         "a deleted pod's traffic is not captured"
     );
     assert!(!serial_before.is_empty());
-    n1.stop().unwrap();
-    n2.stop().unwrap();
+}
+
+/// A new trust anchor and an issuer it signs, with names of their own: (anchor, issuer, key).
+fn new_ca(name: &str) -> (String, String, String) {
+    let params = |cn: String| {
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        p
+    };
+    let anchor_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let anchor_params = params(format!("{name} root"));
+    let anchor = anchor_params.self_signed(&anchor_key).unwrap();
+    let issuer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let issuer = params(format!("{name} issuer"))
+        .signed_by(&issuer_key, &Issuer::new(anchor_params, anchor_key))
+        .unwrap();
+    (anchor.pem(), issuer.pem(), issuer_key.serialize_pem())
+}
+
+/// `field` of the certificate `agent` holds for `identity` (from `/certs`).
+fn cert_field(agent: &Agent, identity: &str, field: &str) -> String {
+    let certs: serde_json::Value =
+        serde_json::from_str(&agent.admin("/certs").expect("admin /certs").body).unwrap();
+    let cert = certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["identity"] == identity)
+        .unwrap_or_else(|| panic!("no certificate for {identity} in {certs}"));
+    cert[field].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn identity_material_comes_from_the_cluster_and_rotates_without_a_restart() {
+    let _serial = serial();
+    let bed = bed();
+    let api = double(&bed);
+    api.modify("namespaces", "", "default", |o| {
+        o["metadata"]["annotations"] = json!({"mesh-agent.io/inject": "enabled"});
+    });
+    // Linkerd's layout, in the `linkerd` namespace.
+    let (anchor, issuer, key) = new_ca("first");
+    let roots = |pem: &str| {
+        config_map(
+            "linkerd",
+            "linkerd-identity-trust-roots",
+            &[("ca-bundle.crt", pem)],
+        )
+    };
+    let issuer_secret = |cert: &str, key: &str| {
+        secret(
+            "linkerd",
+            "linkerd-identity-issuer",
+            "kubernetes.io/tls",
+            &[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())],
+        )
+    };
+    api.put(roots(&anchor));
+    api.put(issuer_secret(&issuer, &key));
+    let (n1, n2) = kube_agents(&bed, &api, &["--identity-namespace", "linkerd"]);
+    let client_id = spiffe("client");
+    assert_eq!(cert_field(&n1, &client_id, "issuer"), "CN=first issuer");
+    assert_eq!(cert_field(&n2, &spiffe("web"), "issuer"), "CN=first issuer");
+    let got = fetch_from_pod(&bed, "client", WEB_SVC);
+    assert_eq!(got.status, 200);
+    eventually("n2 to deliver client's request over mTLS", || {
+        arrived_as(&n2, "client") == 1.0
+    });
+
+    // A rotation done in the wrong order: the new issuer before the anchors that trust it.
+    // Refused (nothing could verify its certificates), the first issuer stays in force...
+    let (anchor2, issuer2, key2) = new_ca("second");
+    let serial_before = cert_field(&n1, &client_id, "serial");
+    api.put(issuer_secret(&issuer2, &key2));
+    eventually("n1 to refuse the untrusted issuer", || {
+        n1.log_text()
+            .contains("identity material in linkerd refused")
+    });
+    assert_eq!(cert_field(&n1, &client_id, "issuer"), "CN=first issuer");
+    assert_eq!(cert_field(&n1, &client_id, "serial"), serial_before);
+    // ...and taken as soon as the anchors bundle both roots: every certificate re-issued by
+    // the second issuer, on both nodes, with no restart, and traffic still mTLS'd.
+    api.put(roots(&format!("{anchor}{anchor2}")));
+    eventually("both nodes on the second issuer", || {
+        cert_field(&n1, &client_id, "issuer") == "CN=second issuer"
+            && cert_field(&n2, &spiffe("web"), "issuer") == "CN=second issuer"
+    });
+    assert_ne!(cert_field(&n1, &client_id, "serial"), serial_before);
+    let got = fetch_from_pod(&bed, "client", WEB_SVC);
+    assert_eq!(got.status, 200);
+    eventually("n2 to deliver the next request over mTLS", || {
+        arrived_as(&n2, "client") == 2.0
+    });
+    assert!(n1.pid().is_some() && n2.pid().is_some(), "no restart");
 }

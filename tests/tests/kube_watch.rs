@@ -117,7 +117,7 @@ fn follow(api: ApiServer, tag: &str) -> Follower {
     let client = runtime
         .block_on(client(Some(&kubeconfig)))
         .expect("client from the double's kubeconfig");
-    runtime.spawn(KubeSource::new(true).follow(client, NODE, tx, metrics));
+    runtime.spawn(KubeSource::new(true).follow(client, NODE.to_owned(), tx, metrics));
     Follower {
         api,
         rx,

@@ -15,6 +15,9 @@ const PACKAGES: &[&str] = &[
     "curl",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// The validator `tests/tests/deploy.rs` runs on the rendered `deploy/` manifests; it bundles
+/// the Kubernetes OpenAPI schemas, so it needs no cluster.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn quiet(cmd: &mut Command) -> Option<String> {
@@ -138,6 +141,8 @@ pub fn run() -> anyhow::Result<()> {
         )?;
     }
 
+    deploy_tools()?;
+
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     if mounts.lines().any(|l| l.contains(" - cgroup2 ")) {
         println!("setup: cgroup v2 mounted");
@@ -148,4 +153,53 @@ pub fn run() -> anyhow::Result<()> {
         println!("setup: note: not root; `run` and `test` need root (namespaces, eBPF)");
     }
     Ok(())
+}
+
+/// What `tests/tests/deploy.rs` needs to check `deploy/` offline: `kubectl` (its built-in
+/// kustomize renders the base) and `kubernetes-validate` for the machine's `python3`.
+fn deploy_tools() -> anyhow::Result<()> {
+    if quiet(Command::new("kubectl").args(["kustomize", "--help"])).is_some() {
+        println!("setup: kubectl (with kustomize) present");
+    } else {
+        packages(&["kubernetes-client"])?;
+    }
+
+    let validator_version = || {
+        quiet(Command::new("python3").args(["-m", "kubernetes_validate", "--version"]))
+            .map(|v| v.trim().to_owned())
+    };
+    if validator_version().as_deref() == Some(KUBERNETES_VALIDATE_VERSION) {
+        println!("setup: kubernetes-validate {KUBERNETES_VALIDATE_VERSION} present");
+        return Ok(());
+    }
+    if quiet(Command::new("python3").args(["-m", "pip", "--version"])).is_none() {
+        packages(&["python3-pip"])?;
+    }
+    let python = quiet(Command::new("python3").args(["-c", "import sys; print(sys.executable)"]))
+        .unwrap_or_default();
+    println!(
+        "setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} with pip for {} \
+         (Kubernetes schemas, to validate deploy/)",
+        python.trim()
+    );
+    exec(
+        "pip install kubernetes-validate",
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            ))
+            // Debian's python3 is marked externally managed: pip then installs into
+            // /usr/local, beside (not over) Debian's packages. Older pips ignore this.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+    )?;
+    match validator_version() {
+        Some(v) if v == KUBERNETES_VALIDATE_VERSION => Ok(()),
+        other => bail!(
+            "setup: after pip install, `python3 -m kubernetes_validate --version` gives {other:?}, \
+             not {KUBERNETES_VALIDATE_VERSION}; is `python3` the interpreter pip installed into?"
+        ),
+    }
 }

@@ -143,6 +143,25 @@ impl CertificateAuthority {
         )
     }
 
+    /// From PEM texts held in memory (Linkerd's `linkerd-identity-issuer` Secret); `what`
+    /// names where they came from in errors.
+    pub fn from_pem_text(cert_pem: &str, key_pem: &str, what: &str) -> Result<Self, Error> {
+        let what = Path::new(what);
+        let issuer_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| {
+            Error::NoCertificate {
+                path: what.to_owned(),
+            }
+        })?;
+        Self::from_pem(cert_pem, key_pem, issuer_der, what, what)
+    }
+
+    /// The issuer certificate's subject, as an operator reads it (`CN=identity.linkerd...`).
+    pub fn subject(&self) -> String {
+        x509_parser::parse_x509_certificate(self.issuer_der.as_ref())
+            .map(|(_, c)| c.subject().to_string())
+            .unwrap_or_default()
+    }
+
     pub fn from_dev(ca: &DevCa) -> Result<Self, Error> {
         let issuer_der =
             CertificateDer::from_pem_slice(ca.issuer_pem.as_bytes()).map_err(|_| {

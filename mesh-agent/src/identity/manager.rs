@@ -39,6 +39,8 @@ pub struct Credential {
     pub issued: SystemTime,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The subject of the issuer that signed it.
+    pub issuer: Arc<str>,
 }
 
 impl Credential {
@@ -65,10 +67,12 @@ pub struct CertificateInfo {
     pub not_before_unix: u64,
     pub not_after_unix: u64,
     pub seconds_to_expiry: i64,
+    pub issuer: String,
 }
 
 pub struct IdentityManager {
-    ca: CertificateAuthority,
+    /// The issuer in force, with its subject; replaced when the issuer rotates.
+    ca: RwLock<(Arc<CertificateAuthority>, Arc<str>)>,
     lifetime: Duration,
     provider: Arc<CryptoProvider>,
     credentials: RwLock<HashMap<Identity, Arc<Credential>>>,
@@ -86,8 +90,9 @@ impl IdentityManager {
         lifetime: Duration,
         provider: Arc<CryptoProvider>,
     ) -> Self {
+        let subject = ca.subject().into();
         Self {
-            ca,
+            ca: RwLock::new((Arc::new(ca), subject)),
             lifetime,
             provider,
             credentials: RwLock::new(HashMap::new()),
@@ -102,8 +107,31 @@ impl IdentityManager {
             .and_then(|c| c.get(identity).cloned())
     }
 
+    /// The issuer in force.
+    pub fn issuer(&self) -> Arc<CertificateAuthority> {
+        match self.ca.read() {
+            Ok(ca) => ca.0.clone(),
+            Err(p) => p.into_inner().0.clone(),
+        }
+    }
+
+    /// Puts `ca` in force (a rotated issuer) and re-issues every credential held with it, so
+    /// no certificate of the old issuer stays in use.
+    pub fn set_issuer(&self, ca: Arc<CertificateAuthority>) {
+        let subject: Arc<str> = ca.subject().into();
+        info!(issuer = %subject, "issuer in force; re-issuing every certificate held");
+        if let Ok(mut slot) = self.ca.write() {
+            *slot = (ca, subject);
+        }
+        self.reissue(|_| true, "certificate re-issued by the new issuer");
+    }
+
     fn mint(&self, identity: &Identity) -> Result<Arc<Credential>, Error> {
-        let leaf = self.ca.mint(identity, self.lifetime)?;
+        let (ca, issuer) = match self.ca.read() {
+            Ok(ca) => ca.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let leaf = ca.mint(identity, self.lifetime)?;
         let serial = crate::tls::serial(&leaf.chain[0]).unwrap_or_default();
         let certified_key =
             CertifiedKey::from_der(leaf.chain, leaf.key, &self.provider).map_err(|source| {
@@ -119,6 +147,7 @@ impl IdentityManager {
             issued: leaf.issued,
             not_before: leaf.not_before,
             not_after: leaf.not_after,
+            issuer,
         }))
     }
 
@@ -162,12 +191,17 @@ impl IdentityManager {
 
     /// [`IdentityManager::renew_due`] as if the time were `now`.
     pub fn renew_due_at(&self, now: SystemTime) {
+        self.reissue(|c| c.renew_at() <= now, "certificate renewed");
+    }
+
+    /// Mints anew every held credential `due` picks.
+    fn reissue(&self, due: impl Fn(&Credential) -> bool, what: &str) {
         let due: Vec<Identity> = self
             .credentials
             .read()
             .map(|c| {
                 c.values()
-                    .filter(|c| c.renew_at() <= now)
+                    .filter(|c| due(c))
                     .map(|c| c.identity.clone())
                     .collect()
             })
@@ -175,7 +209,7 @@ impl IdentityManager {
         for identity in due {
             match self.mint(&identity) {
                 Ok(c) => {
-                    info!(%identity, serial = %c.serial, "certificate renewed");
+                    info!(%identity, serial = %c.serial, "{what}");
                     // Only if still wanted: sync may have dropped it meanwhile.
                     if let Ok(mut map) = self.credentials.write() {
                         if let Some(slot) = map.get_mut(&identity) {
@@ -212,6 +246,7 @@ impl IdentityManager {
                         not_before_unix: unix(c.not_before),
                         not_after_unix: unix(c.not_after),
                         seconds_to_expiry: unix(c.not_after) as i64 - now,
+                        issuer: c.issuer.to_string(),
                     })
                     .collect()
             })

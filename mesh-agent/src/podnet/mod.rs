@@ -124,6 +124,15 @@ pub fn find_namespaces(
     Ok(found)
 }
 
+/// Where procfs is writable (`--host-proc`): a container's own `/proc/sys` is read-only.
+static PROC_ROOT: OnceLock<String> = OnceLock::new();
+
+/// Uses the procfs mounted at `path` for the sysctls set in pods' namespaces. Call at
+/// start-up.
+pub fn set_proc_root(path: &std::path::Path) {
+    let _ = PROC_ROOT.set(path.display().to_string());
+}
+
 /// The agent's own network namespace, opened once so threads that visit a pod's namespace
 /// can come back.
 static AGENT_NETNS: OnceLock<Result<File, String>> = OnceLock::new();
@@ -223,8 +232,10 @@ impl PodNetns {
     /// and a `local 0.0.0.0/0` route in a table of our own). Idempotent.
     pub fn route_inbound_to_agent(&self) -> io::Result<()> {
         self.run(|| {
-            // The sysctl covers IPv6 TCP too.
-            std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+            // The sysctl covers IPv6 TCP too. (Network sysctls are those of the opening
+            // thread's namespace, whichever procfs mount they are opened through.)
+            let proc = PROC_ROOT.get().map_or("/proc", |p| p.as_str());
+            std::fs::write(format!("{proc}/sys/net/ipv4/tcp_fwmark_accept"), "1")?;
             netlink::add_mark_rule(libc::AF_INET, marks::INBOUND, marks::MASK, INBOUND_TABLE)?;
             netlink::add_local_default_route(libc::AF_INET, INBOUND_TABLE)?;
             // The same for IPv6, where the pod has it: a pod with IPv6 turned off refuses

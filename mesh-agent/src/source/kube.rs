@@ -99,6 +99,62 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Erro
     Client::try_from(config).map_err(Error::Client)
 }
 
+/// The Kubernetes client and the runtime it runs on: a thread of its own, niced, so that the
+/// watchers never take a worker from the proxy.
+pub struct KubeRuntime {
+    pub client: Client,
+    handle: tokio::runtime::Handle,
+}
+
+impl KubeRuntime {
+    /// Starts the thread and builds the client there from `kubeconfig` (else the
+    /// environment); an error doing so is returned here.
+    pub async fn start(kubeconfig: Option<PathBuf>) -> Result<KubeRuntime, Error> {
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("desired-state".to_owned())
+            .spawn(move || {
+                super::files::lower_priority();
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(Error::Runtime(e)));
+                        return;
+                    }
+                };
+                let handle = runtime.handle().clone();
+                runtime.block_on(async move {
+                    let client = client(kubeconfig.as_deref()).await;
+                    let failed = client.is_err();
+                    let _ = started_tx.send(client.map(|client| KubeRuntime { client, handle }));
+                    if !failed {
+                        // Runs what is spawned on the handle for as long as the agent does.
+                        std::future::pending::<()>().await;
+                    }
+                });
+            })
+            .map_err(Error::Runtime)?;
+        match started_rx.await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Runtime(std::io::Error::other(
+                "the desired-state thread stopped",
+            ))),
+        }
+    }
+
+    /// Runs `future` on the watchers' thread; its output is awaited from anywhere.
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(future)
+    }
+}
+
 /// One kind as the API server serves it.
 pub trait Watched: Send + Sync + 'static {
     /// The kind in our model.
@@ -139,6 +195,37 @@ watched! {
     IstioAuthorizationPolicies = IstioAuthorizationPolicy, "security.istio.io", "v1", "authorizationpolicies";
     PeerAuthentications = PeerAuthentication, "security.istio.io", "v1", "peerauthentications";
 }
+
+/// (API group, resource) of everything the watchers read, cluster-wide: what the agent's
+/// ClusterRole must grant list and watch on (`deploy/clusterrole.yaml`, checked by a test).
+pub const WATCHED: &[(&str, &str)] = &[
+    (Namespaces::GROUP, Namespaces::PLURAL),
+    (Pods::GROUP, Pods::PLURAL),
+    (Services::GROUP, Services::PLURAL),
+    (EndpointSlices::GROUP, EndpointSlices::PLURAL),
+    (HttpRoutes::GROUP, HttpRoutes::PLURAL),
+    (GrpcRoutes::GROUP, GrpcRoutes::PLURAL),
+    (VirtualServices::GROUP, VirtualServices::PLURAL),
+    (DestinationRules::GROUP, DestinationRules::PLURAL),
+    (Servers::GROUP, Servers::PLURAL),
+    (
+        MeshTlsAuthentications::GROUP,
+        MeshTlsAuthentications::PLURAL,
+    ),
+    (
+        NetworkAuthentications::GROUP,
+        NetworkAuthentications::PLURAL,
+    ),
+    (
+        LinkerdAuthorizationPolicies::GROUP,
+        LinkerdAuthorizationPolicies::PLURAL,
+    ),
+    (
+        IstioAuthorizationPolicies::GROUP,
+        IstioAuthorizationPolicies::PLURAL,
+    ),
+    (PeerAuthentications::GROUP, PeerAuthentications::PLURAL),
+];
 
 fn api_version<W: Watched>() -> String {
     match W::GROUP {
@@ -397,63 +484,17 @@ impl KubeSource {
         }
     }
 
-    /// Starts following on a thread (and runtime) of its own: the client is built there from
-    /// `kubeconfig` (else the environment); an error doing so is returned here.
-    pub async fn spawn(
-        self,
-        kubeconfig: Option<PathBuf>,
-        node: String,
-        tx: watch::Sender<Arc<Snapshot>>,
-        metrics: Arc<Metrics>,
-    ) -> Result<std::thread::JoinHandle<()>, Error> {
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("desired-state".to_owned())
-            .spawn(move || {
-                super::files::lower_priority();
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = started_tx.send(Err(Error::Runtime(e)));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    match client(kubeconfig.as_deref()).await {
-                        Ok(client) => {
-                            let _ = started_tx.send(Ok(()));
-                            self.follow(client, &node, tx, metrics).await;
-                        }
-                        Err(e) => {
-                            let _ = started_tx.send(Err(e));
-                        }
-                    }
-                });
-            })
-            .map_err(Error::Runtime)?;
-        match started_rx.await {
-            Ok(Ok(())) => Ok(thread),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::Runtime(std::io::Error::other(
-                "the desired-state thread stopped",
-            ))),
-        }
-    }
-
     /// Watches everything for `node` through `client` and publishes each new snapshot on
     /// `tx`, until `tx` has no receivers.
     pub async fn follow(
         mut self,
         client: Client,
-        node: &str,
+        node: String,
         tx: watch::Sender<Arc<Snapshot>>,
         metrics: Arc<Metrics>,
     ) {
         self.started = Instant::now();
-        let defs = streams(&client, node);
+        let defs = streams(&client, &node);
         self.streams = defs
             .iter()
             .map(|d| StreamState {

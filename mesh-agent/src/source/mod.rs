@@ -1,4 +1,5 @@
 //! Where desired state comes from.
 
+pub mod cluster_identity;
 pub mod files;
 pub mod kube;
