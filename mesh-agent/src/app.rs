@@ -342,6 +342,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
     );
     reconciler.policy = config.policy.clone();
     reconciler.probe_sources = probe_sources;
+    // Pods' sandboxes are found under the hierarchy the programs attach to.
+    reconciler.sandboxes = Arc::new(std::sync::Mutex::new(podnet::Sandboxes::new(
+        &config.cgroup,
+    )));
 
     let buffers = Arc::new(ByteBudget::new(config.max_buffered_bytes));
     let pool = Arc::new(Pool::default());

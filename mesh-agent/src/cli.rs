@@ -22,6 +22,10 @@ pub enum Command {
     /// Identity helpers.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Read the desired state once, from a manifest directory or the API server, print what
+    /// the agent would run with (object counts, time to the first snapshot, the memory it
+    /// took) as JSON, and exit. No eBPF, no listeners: safe anywhere.
+    State(StateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +57,19 @@ pub enum IdentityCommand {
         #[arg(long)]
         key: PathBuf,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StateArgs {
+    /// The node whose pods count as local.
+    #[arg(long, visible_alias = "node-name", env = "NODE_NAME")]
+    pub node: String,
+    #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+    pub manifests: Option<PathBuf>,
+    #[arg(long)]
+    pub kube: bool,
+    #[arg(long, requires = "kube")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -108,6 +108,7 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?
                 .block_on(app::run(config))?;
         }
+        Command::State(args) => state(args)?,
         Command::Identity(IdentityCommand::DevCa { out, trust_domain }) => {
             let ca = DevCa::generate(&trust_domain)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -179,4 +180,59 @@ fn raise_fd_limit() {
             }
         }
     }
+}
+
+/// `mesh-agent state`: the first snapshot of a source, summarised.
+fn state(args: mesh_agent::cli::StateArgs) -> anyhow::Result<()> {
+    use mesh_agent::{metrics::Metrics, source, state::Snapshot};
+    use std::sync::Arc;
+    let started = std::time::Instant::now();
+    let metrics = Arc::new(Metrics::new(mesh_agent::metrics::http::Dialect::Both)?);
+    let snapshot: Arc<Snapshot> = match args.manifests {
+        Some(dir) => source::files::ManifestDir::new(&dir, u64::MAX, false).initial(&metrics)?,
+        None => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async {
+                let client = source::kube::client(args.kubeconfig.as_deref()).await?;
+                let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+                let follow = source::kube::KubeSource::new(true).follow(
+                    client,
+                    args.node.clone(),
+                    tx,
+                    metrics.clone(),
+                );
+                tokio::spawn(follow);
+                let first = rx
+                    .wait_for(|s| s.version > 0)
+                    .await
+                    .context("the watchers stopped before the first snapshot")?;
+                anyhow::Ok(first.clone())
+            })?
+        }
+    };
+    let took = started.elapsed();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let summary = snapshot.summary();
+    let out = serde_json::json!({
+        "first_snapshot_ms": took.as_millis() as u64,
+        "version": summary.version,
+        "pods": summary.pods,
+        "local_enrolled_pods": snapshot.local_pods(&args.node).count(),
+        "service_ports": summary.service_ports,
+        "endpoints": summary.endpoints,
+        "rss_kib": kib("VmRSS:"),
+        "peak_rss_kib": kib("VmHWM:"),
+    });
+    println!("{out}");
+    Ok(())
 }

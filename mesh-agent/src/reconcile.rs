@@ -9,7 +9,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
@@ -28,6 +28,12 @@ use crate::{
 /// How often enrolled pods are checked for a replaced sandbox, and pods not found yet are
 /// looked for again: a replaced sandbox is guarded again within about twice this.
 const CHECK: Duration = Duration::from_millis(500);
+/// A pod with a UID whose sandbox its cgroup has not led to for this long (an unknown runtime
+/// layout: the API server gives a pod its address once its sandbox is up) is looked for by
+/// probing every namespace of the node...
+const FALLBACK_AFTER: Duration = Duration::from_secs(2);
+/// ...at most this often.
+const FALLBACK_SCAN: Duration = Duration::from_secs(10);
 
 /// One enrolled pod: what the datapath holds for it and the namespace handle.
 struct Held {
@@ -57,6 +63,12 @@ pub struct Reconciler {
     policy_for: Option<Arc<Snapshot>>,
     /// Drops last read from the kernel, per (ifindex, port).
     drops_seen: HashMap<(u32, u16), u64>,
+    /// Finds pods' sandboxes by their cgroups (pods with a UID: from the API server).
+    pub sandboxes: Arc<std::sync::Mutex<podnet::Sandboxes>>,
+    /// Since when each pod not found yet has been looked for.
+    pending_since: HashMap<Ipv4Addr, Instant>,
+    /// When every namespace of the node was last probed for pods with a UID.
+    last_fallback_scan: Option<Instant>,
 }
 
 impl Reconciler {
@@ -83,6 +95,11 @@ impl Reconciler {
             pruned_for: None,
             policy_for: None,
             drops_seen: HashMap::new(),
+            sandboxes: Arc::new(std::sync::Mutex::new(podnet::Sandboxes::new(
+                podnet::DEFAULT_CGROUP_ROOT,
+            ))),
+            pending_since: HashMap::new(),
+            last_fallback_scan: None,
         }
     }
 
@@ -148,9 +165,10 @@ impl Reconciler {
     /// through the same interface, and the namespace we hold still owns the IP.
     fn still_in_place(held: &Held) -> bool {
         let ip = held.enrollment.ip;
-        let same_route =
-            podnet::route_interface(ip).is_ok_and(|(i, _)| i == held.enrollment.host_ifindex);
-        same_route && held.pod.netns.owns(ip)
+        let netns = &held.pod.netns;
+        let same_interface =
+            podnet::host_interface(netns, ip).is_ok_and(|(i, _)| i == held.enrollment.host_ifindex);
+        same_interface && netns.owns(ip)
     }
 
     /// Compiles each enrolled pod's inbound policy for plaintext into the kernel (when the
@@ -254,16 +272,39 @@ impl Reconciler {
             .filter(|ip| !self.enrolled.contains_key(ip))
             .copied()
             .collect();
+        let now = Instant::now();
+        self.pending_since.retain(|ip, _| pending.contains(ip));
+        for ip in &pending {
+            self.pending_since.entry(*ip).or_insert(now);
+        }
         if !pending.is_empty() {
-            let lookup = pending.clone();
-            let found =
-                tokio::task::spawn_blocking(move || podnet::find_namespaces(&lookup, &stale)).await;
-            let mut found = match found {
-                Ok(Ok(found)) => found,
-                Ok(Err(e)) => {
-                    warn!("{e}");
-                    HashMap::new()
-                }
+            // Pods with a UID by their cgroup; the others (a manifest directory's pods) by
+            // probing every namespace, as do pods with a UID whose cgroup led nowhere for
+            // a while (an unknown runtime layout), at most every FALLBACK_SCAN.
+            let scan_due = self
+                .last_fallback_scan
+                .is_none_or(|at| now.duration_since(at) >= FALLBACK_SCAN);
+            let lookups: Vec<(Ipv4Addr, Option<String>, bool)> = pending
+                .iter()
+                .filter_map(|ip| {
+                    let uid = wanted.get(ip)?.uid.clone();
+                    let overdue = self
+                        .pending_since
+                        .get(ip)
+                        .is_some_and(|since| now.duration_since(*since) >= FALLBACK_AFTER);
+                    Some((*ip, uid, overdue && scan_due))
+                })
+                .collect();
+            if lookups
+                .iter()
+                .any(|(_, uid, fallback)| uid.is_some() && *fallback)
+            {
+                self.last_fallback_scan = Some(now);
+            }
+            let sandboxes = self.sandboxes.clone();
+            let found = tokio::task::spawn_blocking(move || find(&sandboxes, &lookups, &stale));
+            let mut found = match found.await {
+                Ok(found) => found,
                 Err(e) => {
                     warn!("namespace probe task failed: {e}");
                     HashMap::new()
@@ -273,10 +314,13 @@ impl Reconciler {
                 let Some(workload) = wanted.get(&ip) else {
                     continue;
                 };
-                let Some(netns) = found.remove(&ip) else {
+                let Some((netns, how)) = found.remove(&ip) else {
                     debug!(pod = %workload.name, %ip, "network namespace not found yet");
                     continue;
                 };
+                info!(pod = %workload.name, %ip, how, "pod network namespace found");
+                self.metrics.sandboxes_found.with_label_values(&[how]).inc();
+                self.pending_since.remove(&ip);
                 self.enroll(ip, workload.clone(), netns);
             }
         }
@@ -291,7 +335,7 @@ impl Reconciler {
     }
 
     fn enroll(&mut self, ip: Ipv4Addr, workload: Arc<Workload>, netns: PodNetns) {
-        let (host_ifindex, host_ifname) = match podnet::route_interface(ip) {
+        let (host_ifindex, host_ifname) = match podnet::host_interface(&netns, ip) {
             Ok(i) => i,
             Err(e) => {
                 warn!(pod = %workload.name, "{e}");
@@ -359,4 +403,36 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// Looks for each pending pod's namespace: (address, UID, whether a pod with a UID may be
+/// probed for). The namespace found, and how: `cgroup` or `scan`.
+fn find(
+    sandboxes: &std::sync::Mutex<podnet::Sandboxes>,
+    lookups: &[(Ipv4Addr, Option<String>, bool)],
+    skip: &HashSet<u64>,
+) -> HashMap<Ipv4Addr, (PodNetns, &'static str)> {
+    let mut found = HashMap::new();
+    let mut scan = Vec::new();
+    if let Ok(mut sandboxes) = sandboxes.lock() {
+        for (ip, uid, fallback) in lookups {
+            match uid {
+                Some(uid) => match sandboxes.find(uid, *ip, skip) {
+                    Some(netns) => {
+                        found.insert(*ip, (netns, "cgroup"));
+                    }
+                    None if *fallback => scan.push(*ip),
+                    None => {}
+                },
+                None => scan.push(*ip),
+            }
+        }
+    }
+    if !scan.is_empty() {
+        match podnet::find_namespaces(&scan, skip) {
+            Ok(by_scan) => found.extend(by_scan.into_iter().map(|(ip, ns)| (ip, (ns, "scan")))),
+            Err(e) => warn!("{e}"),
+        }
+    }
+    found
 }

@@ -530,12 +530,15 @@ impl ApiServer {
             text(&object, "metadata.name").to_owned(),
         );
         let old = inner.objects.get(&id).cloned();
-        let uid = match &old {
-            Some(o) => text(o, "metadata.uid").to_owned(),
-            None => {
+        // Kept from the version it replaces; on creation, the one a fixture gives, else a new
+        // one (as the API server assigns it).
+        let uid = match (&old, text(&object, "metadata.uid")) {
+            (Some(o), _) => text(o, "metadata.uid").to_owned(),
+            (None, "") => {
                 inner.next_uid += 1;
                 format!("00000000-0000-0000-0000-{:012}", inner.next_uid)
             }
+            (None, given) => given.to_owned(),
         };
         if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.insert("resourceVersion".into(), rv.to_string().into());
@@ -591,6 +594,62 @@ impl ApiServer {
         }
         inner.record(id.0, Some(old), None);
         true
+    }
+
+    /// A cluster of `pods` pods (one in fifty on `node`, the rest on fifty other nodes),
+    /// `services` Services each with one EndpointSlice, `endpoints` ready endpoints spread
+    /// over them, in twenty namespaces: for measuring what a large cluster costs the agent.
+    pub fn generate(&self, node: &str, pods: usize, services: usize, endpoints: usize) {
+        let namespaces = 20;
+        for n in 0..namespaces {
+            self.put(json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": format!("ns-{n}"), "annotations": {"mesh-agent.io/inject": "enabled"}}}));
+        }
+        let ip = |i: usize| format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256);
+        for i in 0..pods {
+            let on = match i % 50 {
+                0 => node.to_owned(),
+                k => format!("node-{k}"),
+            };
+            self.put(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("pod-{i}"), "namespace": format!("ns-{}", i % namespaces),
+                    "uid": format!("00000000-0000-0000-0001-{i:012}"),
+                    "labels": {"app": format!("app-{}", i % services.max(1)), "pod-template-hash": "5d8f7c9b4"},
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("app-{}-5d8f7c9b4", i % services.max(1)), "uid": "x", "controller": true}]},
+                "spec": {"nodeName": on, "serviceAccountName": format!("sa-{}", i % 100),
+                    "containers": [{"name": "app", "image": "registry.example/app:1.2.3",
+                        "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                        "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]},
+                "status": {"phase": "Running", "qosClass": "Burstable", "hostIP": "10.0.0.1",
+                    "podIP": ip(i), "podIPs": [{"ip": ip(i)}],
+                    "conditions": [{"type": "Ready", "status": "True"}]}}));
+        }
+        let per = endpoints.checked_div(services).unwrap_or(0);
+        for s in 0..services {
+            let ns = format!("ns-{}", s % namespaces);
+            let name = format!("svc-{s}");
+            self.put(json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"clusterIP": format!("10.96.{}.{}", s / 256, s % 256),
+                    "selector": {"app": format!("app-{s}")},
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}));
+            let members: Vec<Value> = (0..per)
+                .map(|e| {
+                    let i = s * per + e;
+                    json!({"addresses": [ip(i)], "conditions": {"ready": true},
+                        "nodeName": format!("node-{}", i % 50), "targetRef": {"kind": "Pod", "name": format!("pod-{i}")}})
+                })
+                .collect();
+            self.put(
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{name}-abcde"), "namespace": ns,
+                    "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": members}),
+            );
+        }
     }
 
     /// Sends a BOOKMARK (at the current resourceVersion) to every watch that asked for them.

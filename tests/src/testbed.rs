@@ -38,6 +38,11 @@ pub struct PodSpec {
     /// Labels besides `app`.
     pub labels: Vec<(String, String)>,
     pub annotations: Vec<(String, String)>,
+    /// Laid out as containerd (systemd cgroup driver) lays out a pod with this UID: a cgroup
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice` with a
+    /// sandbox process in a scope of its own and the pod's processes in another; the Pod
+    /// object carries the UID.
+    pub uid: Option<String>,
 }
 
 impl PodSpec {
@@ -50,7 +55,14 @@ impl PodSpec {
             app: app.to_owned(),
             labels: Vec::new(),
             annotations: Vec::new(),
+            uid: None,
         }
+    }
+
+    /// Lays the pod out as containerd does, with this UID (see [`PodSpec::uid`]).
+    pub fn containerd(mut self, uid: &str) -> Self {
+        self.uid = Some(uid.to_owned());
+        self
     }
 
     pub fn in_namespace(mut self, namespace: &str) -> Self {
@@ -242,7 +254,29 @@ pub fn clean() -> io::Result<()> {
     Ok(())
 }
 
+/// The cgroup containerd's systemd driver gives the pod with `uid`, under `root`.
+fn containerd_pod_cgroup(root: &Path, uid: &str) -> PathBuf {
+    root.join("kubepods.slice")
+        .join("kubepods-besteffort.slice")
+        .join(format!(
+            "kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ))
+}
+
+/// Scopes of a containerd pod: its app container's and its sandbox's (ids as containerd's).
+const CONTAINER_SCOPE: &str =
+    "cri-containerd-4f1c0e9d2b7a6c5e8d3f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f.scope";
+const SANDBOX_SCOPE: &str =
+    "cri-containerd-9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a29180f7e6d5c4b3a2918f7e6d5c4b3.scope";
+
 fn remove_cgroup(dir: &Path) -> io::Result<()> {
+    // Children first (a containerd pod's slices and scopes).
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&entry.path())?;
+        }
+    }
     // A cgroup can be removed once its killed processes are gone; give them a moment.
     for _ in 0..100 {
         match std::fs::remove_dir(dir) {
@@ -534,10 +568,14 @@ impl Testbed {
                     )
                 }),
                 host_veth: format!("vth-{}-{idx}", node.name),
-                cgroup: cgroup.join(format!("{}-{}", node.name, pod_spec.name)),
+                cgroup: match &pod_spec.uid {
+                    Some(uid) => containerd_pod_cgroup(&cgroup, uid).join(CONTAINER_SCOPE),
+                    None => cgroup.join(format!("{}-{}", node.name, pod_spec.name)),
+                },
             };
             create_pod_network(&pod, &node)?;
             std::fs::create_dir_all(&pod.cgroup)?;
+            self.start_sandbox(&pod)?;
             self.pods.push(pod);
         }
         Ok(())
@@ -595,13 +633,17 @@ impl Testbed {
             } else {
                 annotations
             };
+            let (uid, qos) = match &s.uid {
+                Some(uid) => (format!("\n  uid: {uid}"), "\n  qosClass: BestEffort"),
+                None => (String::new(), ""),
+            };
             let ip6 = pod
                 .ip6
                 .map(|v6| format!("  - ip: {v6}\n"))
                 .unwrap_or_default();
             let _ = write!(
                 pods,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    app: {}{labels}\n  annotations:{annotations}\nspec:\n  nodeName: {node}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: meshtest\nstatus:\n  phase: Running\n  hostIP: {}\n  podIP: {}\n  podIPs:\n  - ip: {}\n{ip6}",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}{uid}\n  labels:\n    app: {}{labels}\n  annotations:{annotations}\nspec:\n  nodeName: {node}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: meshtest\nstatus:\n  phase: Running{qos}\n  hostIP: {}\n  podIP: {}\n  podIPs:\n  - ip: {}\n{ip6}",
                 s.name, s.namespace, s.app, s.service_account, self.nodes[s.node].ip, pod.ip, pod.ip
             );
         }
@@ -683,7 +725,12 @@ impl Testbed {
     pub fn remove_pod_network(&self, name: &str) -> io::Result<()> {
         let pod = self.pod(name);
         let node = &self.nodes[pod.spec.node];
-        let _ = std::fs::write(pod.cgroup.join("cgroup.kill"), "1");
+        // A containerd pod's whole slice: its sandbox and its containers.
+        let whole = match pod.spec.uid {
+            Some(_) => pod.cgroup.parent().unwrap_or(&pod.cgroup),
+            None => &pod.cgroup,
+        };
+        let _ = std::fs::write(whole.join("cgroup.kill"), "1");
         if let Ok(out) = Command::new("ip")
             .args(["netns", "pids", &pod.netns])
             .output()
@@ -702,7 +749,26 @@ impl Testbed {
     /// The second half of [`Testbed::recreate_pod`]: a new sandbox with the same address.
     pub fn restore_pod_network(&self, name: &str) -> io::Result<()> {
         let pod = self.pod(name);
-        create_pod_network(pod, &self.nodes[pod.spec.node])
+        create_pod_network(pod, &self.nodes[pod.spec.node])?;
+        self.start_sandbox(pod)
+    }
+
+    /// A containerd pod's sandbox ("pause") process: in the pod's network namespace, in a
+    /// scope of its own beside the containers'. Nothing for other pods.
+    fn start_sandbox(&self, pod: &Pod) -> io::Result<()> {
+        if pod.spec.uid.is_none() {
+            return Ok(());
+        }
+        let scope = pod
+            .cgroup
+            .parent()
+            .ok_or_else(|| io::Error::other("a containerd pod's cgroup has a parent"))?
+            .join(SANDBOX_SCOPE);
+        std::fs::create_dir_all(&scope)?;
+        let mut pause = Command::new("sleep");
+        pause.arg("infinity");
+        netns::command_in(&mut pause, &pod.netns, Some(&scope))?;
+        self.spawn(pause).map(drop)
     }
 
     /// A command that will run inside pod `name` (its network namespace and cgroup; and the

@@ -11,7 +11,7 @@
 use mesh_agent_tests::{
     apiserver::{config_map, secret, ApiServer},
     harness::*,
-    netns, serial, Agent, Testbed,
+    netns, serial, Agent, PodSpec, Testbed,
 };
 use rcgen::{CertificateParams, DnType, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
 use serde_json::json;
@@ -215,4 +215,47 @@ fn identity_material_comes_from_the_cluster_and_rotates_without_a_restart() {
         arrived_as(&n2, "client") == 2.0
     });
     assert!(n1.pid().is_some() && n2.pid().is_some(), "no restart");
+}
+
+#[test]
+fn pod_sandboxes_are_found_by_their_cgroup_even_when_recreated() {
+    let _serial = serial();
+    // `boxed` is laid out as containerd lays out a pod (systemd driver): the kubelet's cgroup
+    // named after its UID, a sandbox process in a scope of its own; the API server gives the
+    // UID. `client` is not (its cgroup is not the kubelet's): after a short grace it is found
+    // the old way, by probing the node's namespaces.
+    let uid = "7d6c1e0a-5b2f-4c3d-9e8f-0a1b2c3d4e5f";
+    let bed = bed_with(vec![PodSpec::new("boxed", 0, "boxed").containerd(uid)]);
+    let api = double(&bed);
+    assert_eq!(
+        api.get("pods", "default", "boxed").unwrap()["metadata"]["uid"],
+        uid
+    );
+    api.modify("namespaces", "", "default", |o| {
+        o["metadata"]["annotations"] = json!({"mesh-agent.io/inject": "enabled"});
+    });
+    let (n1, n2) = kube_agents(&bed, &api, &[]);
+    let found = |how: &str| metric(&n1, "mesh_pod_sandboxes_found_total", &[("method", how)]);
+    assert_eq!(found("cgroup"), 1.0, "boxed, by its cgroup");
+    assert_eq!(found("scan"), 1.0, "client, without a UID");
+    let got = fetch_from_pod(&bed, "boxed", WEB_SVC);
+    assert_eq!(got.status, 200);
+    eventually("n2 to deliver boxed's request over mTLS", || {
+        arrived_as(&n2, "boxed") == 1.0
+    });
+
+    // The sandbox replaced (new network namespace and veth, same IP, a new sandbox process
+    // in the pod's cgroup): found again by the cgroup, no scan of the node.
+    bed.recreate_pod("boxed").unwrap();
+    eventually("boxed re-enrolled by its cgroup", || found("cgroup") == 2.0);
+    assert_eq!(
+        found("scan"),
+        1.0,
+        "no namespace of the node was probed for it"
+    );
+    let got = fetch_from_pod(&bed, "boxed", WEB_SVC);
+    assert_eq!(got.status, 200);
+    eventually("n2 to deliver boxed's next request over mTLS", || {
+        arrived_as(&n2, "boxed") == 2.0
+    });
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod kind;
 mod setup;
 
 use std::process::Command;
@@ -25,8 +26,12 @@ enum Cmd {
     /// Bring up a simulated two-node cluster with demo workloads and agents; Ctrl-C ends it.
     Run {
         /// Stop by itself after this many seconds (default: run until Ctrl-C).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "kind")]
         duration: Option<u64>,
+        /// Instead: start the agent on every node of the existing kind cluster NAME, against
+        /// its API server (needs kind and a Docker engine; checks before changing anything).
+        #[arg(long, value_name = "NAME")]
+        kind: Option<String>,
     },
     /// Format check, clippy, unit tests and the privileged integration tests (serially).
     Test,
@@ -43,6 +48,10 @@ enum Cmd {
         /// Pods): apply times, memory, idle CPU, and request latency while it churns.
         #[arg(long, conflicts_with_all = ["quick", "profile"])]
         scale: bool,
+        /// Instead: Kubernetes mode at cluster scale (5k Pods / 2k Services / 10k endpoints
+        /// from the API server double): time to the first snapshot and memory.
+        #[arg(long, conflicts_with_all = ["quick", "profile", "scale"])]
+        kube_scale: bool,
     },
     /// Manage the simulated cluster by hand.
     Testbed {
@@ -69,7 +78,10 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build()
         }
-        Cmd::Run { duration } => {
+        Cmd::Run {
+            kind: Some(name), ..
+        } => kind::run(&name, &workspace_root()),
+        Cmd::Run { duration, .. } => {
             setup::run()?;
             build()?;
             demo::run(duration)
@@ -82,6 +94,7 @@ fn main() -> anyhow::Result<()> {
             quick,
             profile,
             scale,
+            kube_scale,
         } => {
             setup::run()?;
             setup::bench_tools()?;
@@ -105,6 +118,9 @@ fn main() -> anyhow::Result<()> {
             step("build release binaries", cmd)?;
             if scale {
                 return bench::scale::run(&workspace_root());
+            }
+            if kube_scale {
+                return bench::kube_scale::run(&workspace_root());
             }
             bench::run(quick, profile, &workspace_root())
         }

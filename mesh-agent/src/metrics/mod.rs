@@ -108,6 +108,7 @@ pub struct Metrics {
     pub endpoint_head_timeouts: IntCounterVec,
     pub enrolled_pods: IntGauge,
     pub pods_awaiting_enrollment: IntGauge,
+    pub sandboxes_found: IntCounterVec,
     /// New plaintext TCP connections the kernel dropped by a pod's inbound policy.
     pub policy_dropped: IntCounterVec,
     redirected: IntCounter,
@@ -211,6 +212,16 @@ impl Metrics {
              found, or was replaced and is being re-discovered.",
         )?;
         registry.register(Box::new(pods_awaiting_enrollment.clone()))?;
+        let sandboxes_found = IntCounterVec::new(
+            Opts::new(
+                "mesh_pod_sandboxes_found_total",
+                "Pod network namespaces found, by how: cgroup (the kubelet's cgroup named after \
+                 the pod's UID, then its processes) or scan (every namespace of the node probed \
+                 for the pod's address: pods without a UID, or whose cgroup led nowhere).",
+            ),
+            &["method"],
+        )?;
+        registry.register(Box::new(sandboxes_found.clone()))?;
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
@@ -277,6 +288,7 @@ impl Metrics {
             endpoint_head_timeouts,
             enrolled_pods,
             pods_awaiting_enrollment,
+            sandboxes_found,
             policy_dropped,
             redirected,
             spoofed_dropped,

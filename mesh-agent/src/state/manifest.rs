@@ -65,6 +65,9 @@ pub struct ObjectMeta {
     pub owner_references: Vec<OwnerReference>,
     #[serde(default)]
     pub creation_timestamp: Option<String>,
+    /// Set by the API server: what the kubelet names a pod's cgroup after.
+    #[serde(default)]
+    pub uid: Option<String>,
 }
 
 /// Who owns an object (a Pod's ReplicaSet, StatefulSet, DaemonSet, Job).

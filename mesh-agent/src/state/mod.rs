@@ -56,6 +56,9 @@ pub struct Workload {
     pub node_ip: Option<Ipv4Addr>,
     /// Whether the pod's traffic is captured (see [`INJECT_ANNOTATION`]).
     pub enrolled: bool,
+    /// The pod's UID (from the API server): its sandbox is found by the cgroup the kubelet
+    /// names after it.
+    pub uid: Option<String>,
     /// What inbound policy reads of the pod.
     pub inbound: Arc<PodInbound>,
 }

@@ -1379,6 +1379,7 @@ fn workload(pod: &manifest::Pod, facts: &PodFacts, namespace: &NamespaceFacts) -
             _ => None,
         },
         enrolled: facts.enrolled(namespace, true),
+        uid: meta.uid.clone(),
         inbound: facts.inbound.clone(),
     }
 }

@@ -5,6 +5,7 @@
 //! runs on CPU0, everything of n2 on CPU1. Servers: nginx (1 worker, 1 KiB body, keep-alive)
 //! and iperf3. Scenarios alternate within each repetition.
 
+pub mod kube_scale;
 mod report;
 pub mod scale;
 

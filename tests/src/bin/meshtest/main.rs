@@ -130,6 +130,9 @@ fn main() -> ExitCode {
         ["matrix", addr, requests @ ..] => matrix(addr, requests),
         ["syn", addr, ms] => syn(addr, ms),
         ["echo-server", name] => echo::server(name),
+        ["apiserver", listen, node, pods, services, endpoints] => {
+            apiserver(listen, node, pods, services, endpoints)
+        }
         ["echo-client", args @ ..] => echo::client(args),
         _ => Err("usage: see `meshtest` source header".to_owned()),
     };
@@ -1492,5 +1495,31 @@ mod l7 {
             }
             Ok(())
         })
+    }
+}
+
+/// The API server double on `listen`, holding a generated cluster; prints its address and
+/// serves until killed.
+fn apiserver(
+    listen: &str,
+    node: &str,
+    pods: &str,
+    services: &str,
+    endpoints: &str,
+) -> Result<(), String> {
+    let listener =
+        std::net::TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
+    let api = mesh_agent_tests::apiserver::ApiServer::start(listener).map_err(|e| e.to_string())?;
+    api.generate(
+        node,
+        parse("pods", pods)?,
+        parse("services", services)?,
+        parse("endpoints", endpoints)?,
+    );
+    println!("listening {}", api.addr);
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::park();
     }
 }
