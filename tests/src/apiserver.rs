@@ -384,13 +384,28 @@ impl Inner {
         });
     }
 
-    fn list(&self, resource: &ResourceKey, namespace: Option<&str>, selector: &[Term]) -> Value {
-        let items: Vec<Value> = self
+    /// One page of a list: `limit` items (all if 0) from `skip`, and the token of the next
+    /// page (`<resourceVersion>/<offset>`: pages show the state as it is when each is asked
+    /// for, which a double may).
+    fn list(
+        &self,
+        resource: &ResourceKey,
+        namespace: Option<&str>,
+        selector: &[Term],
+        limit: usize,
+        skip: usize,
+    ) -> Value {
+        let matching = self
             .objects
             .iter()
             .filter(|((r, _, _), _)| r == resource)
             .map(|(_, o)| o)
-            .filter(|o| matches(selector, namespace, o))
+            .filter(|o| matches(selector, namespace, o));
+        let total = matching.clone().count();
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let items: Vec<Value> = matching
+            .skip(skip)
+            .take(limit)
             .map(|o| {
                 let mut item = o.clone();
                 if let Some(map) = item.as_object_mut() {
@@ -401,9 +416,14 @@ impl Inner {
             })
             .collect();
         let (api_version, kind) = type_of(resource);
+        let next = skip.saturating_add(limit);
+        let mut metadata = json!({ "resourceVersion": self.rv.to_string() });
+        if next < total {
+            metadata["continue"] = format!("{}/{next}", self.rv).into();
+        }
         json!({
             "apiVersion": api_version, "kind": format!("{kind}List"),
-            "metadata": { "resourceVersion": self.rv.to_string() },
+            "metadata": metadata,
             "items": items,
         })
     }
@@ -609,7 +629,7 @@ impl ApiServer {
         for i in 0..pods {
             let on = match i % 50 {
                 0 => node.to_owned(),
-                k => format!("node-{k}"),
+                k => format!("other-node-{k}"),
             };
             self.put(json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": format!("pod-{i}"), "namespace": format!("ns-{}", i % namespaces),
@@ -638,7 +658,7 @@ impl ApiServer {
                 .map(|e| {
                     let i = s * per + e;
                     json!({"addresses": [ip(i)], "conditions": {"ready": true},
-                        "nodeName": format!("node-{}", i % 50), "targetRef": {"kind": "Pod", "name": format!("pod-{i}")}})
+                        "nodeName": format!("other-node-{}", i % 50), "targetRef": {"kind": "Pod", "name": format!("pod-{i}")}})
                 })
                 .collect();
             self.put(
@@ -792,7 +812,12 @@ async fn serve(state: &Arc<Mutex<Inner>>, req: Request<hyper::body::Incoming>) -
         }
         let mut inner = lock();
         *inner.lists.entry(resource.clone()).or_default() += 1;
-        let list = inner.list(&resource, namespace.as_deref(), &selector);
+        let limit = query.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+        let skip = query
+            .get("continue")
+            .and_then(|c| c.rsplit_once('/')?.1.parse().ok())
+            .unwrap_or(0);
+        let list = inner.list(&resource, namespace.as_deref(), &selector, limit, skip);
         return respond(StatusCode::OK, &list);
     }
     let from: u64 = query

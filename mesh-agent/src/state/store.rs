@@ -34,7 +34,7 @@ pub enum Change {
 
 /// An object reduced to what the store keeps, as soon as it is parsed (on the thread that
 /// parsed it): the full manifests of a large state are never all alive at once.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Parsed {
     key: ObjectKey,
     hash: u64,
@@ -85,7 +85,7 @@ struct Stored {
     facts: Facts,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Facts {
     Namespace(NamespaceFacts),
     Pod(Box<PodFacts>),
@@ -106,7 +106,7 @@ struct NamespaceFacts {
     default_policy: Option<crate::policy::DefaultPolicy>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PodFacts {
     /// As in the snapshot (`None` for a finished pod); what its namespace decides is filled in
     /// again whenever it is rebuilt.
@@ -123,7 +123,7 @@ struct PodFacts {
     opaque: Option<Arc<PortSet>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ServiceFacts {
     cluster_ips: Vec<IpAddr>,
     /// TCP ports only.
@@ -135,7 +135,7 @@ struct ServiceFacts {
     default_route: Option<Arc<crate::route::HttpRoute>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PortFacts {
     name: Option<String>,
     port: u16,
@@ -143,7 +143,7 @@ struct PortFacts {
     declared: Option<Declared>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SliceFacts {
     service: Arc<str>,
     /// `None` for an FQDN slice (not used).
