@@ -165,10 +165,9 @@ impl Reconciler {
     /// through the same interface, and the namespace we hold still owns the IP.
     fn still_in_place(held: &Held) -> bool {
         let ip = held.enrollment.ip;
-        let netns = &held.pod.netns;
-        let same_interface =
-            podnet::host_interface(netns, ip).is_ok_and(|(i, _)| i == held.enrollment.host_ifindex);
-        same_interface && netns.owns(ip)
+        let same_route =
+            podnet::route_interface(ip).is_ok_and(|(i, _)| i == held.enrollment.host_ifindex);
+        same_route && held.pod.netns.owns(ip)
     }
 
     /// Compiles each enrolled pod's inbound policy for plaintext into the kernel (when the
@@ -304,7 +303,12 @@ impl Reconciler {
             let sandboxes = self.sandboxes.clone();
             let found = tokio::task::spawn_blocking(move || find(&sandboxes, &lookups, &stale));
             let mut found = match found.await {
-                Ok(found) => found,
+                Ok((found, scanned)) => {
+                    if scanned {
+                        self.metrics.netns_scans.inc();
+                    }
+                    found
+                }
                 Err(e) => {
                     warn!("namespace probe task failed: {e}");
                     HashMap::new()
@@ -335,7 +339,7 @@ impl Reconciler {
     }
 
     fn enroll(&mut self, ip: Ipv4Addr, workload: Arc<Workload>, netns: PodNetns) {
-        let (host_ifindex, host_ifname) = match podnet::host_interface(&netns, ip) {
+        let (host_ifindex, host_ifname) = match podnet::route_interface(ip) {
             Ok(i) => i,
             Err(e) => {
                 warn!(pod = %workload.name, "{e}");
@@ -406,15 +410,18 @@ impl Reconciler {
 }
 
 /// Looks for each pending pod's namespace: (address, UID, whether a pod with a UID may be
-/// probed for). The namespace found, and how: `cgroup` or `scan`.
+/// probed for). The namespace found, and how (`cgroup` or `scan`); whether the node's
+/// namespaces were scanned.
 fn find(
     sandboxes: &std::sync::Mutex<podnet::Sandboxes>,
     lookups: &[(Ipv4Addr, Option<String>, bool)],
     skip: &HashSet<u64>,
-) -> HashMap<Ipv4Addr, (PodNetns, &'static str)> {
+) -> (HashMap<Ipv4Addr, (PodNetns, &'static str)>, bool) {
     let mut found = HashMap::new();
     let mut scan = Vec::new();
-    if let Ok(mut sandboxes) = sandboxes.lock() {
+    {
+        // (A panic while it was held leaves nothing half-changed worth refusing over.)
+        let mut sandboxes = sandboxes.lock().unwrap_or_else(|e| e.into_inner());
         for (ip, uid, fallback) in lookups {
             match uid {
                 Some(uid) => match sandboxes.find(uid, *ip, skip) {
@@ -434,5 +441,5 @@ fn find(
             Err(e) => warn!("{e}"),
         }
     }
-    found
+    (found, !scan.is_empty())
 }

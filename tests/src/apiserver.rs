@@ -141,7 +141,8 @@ struct Inner {
     watchers: Vec<Watcher>,
     /// Resources answered with 404 (their CRD "not installed").
     absent: HashSet<ResourceKey>,
-    list_delay: Duration,
+    /// Delays of list responses, by plural.
+    list_delay: BTreeMap<String, Duration>,
     /// List requests served, per resource.
     lists: BTreeMap<ResourceKey, usize>,
     /// Watch requests answered, per resource.
@@ -351,8 +352,13 @@ fn event_for(
     match (was, is, new) {
         (false, true, Some(n)) => Some(event_line("ADDED", n)),
         (true, true, Some(n)) => Some(event_line("MODIFIED", n)),
-        // Deleted, or no longer matching: the last state, as DELETED.
-        (true, false, Some(n)) => Some(event_line("DELETED", n)),
+        // No longer matching: the state it was seen in, at the new resourceVersion, as
+        // DELETED (as the API server's watch cache sends it).
+        (true, false, Some(n)) => old.map(|o| {
+            let mut last = o.clone();
+            last["metadata"]["resourceVersion"] = n["metadata"]["resourceVersion"].clone();
+            event_line("DELETED", &last)
+        }),
         (true, false, None) => old.map(|o| event_line("DELETED", o)),
         _ => None,
     }
@@ -394,6 +400,7 @@ impl Inner {
         selector: &[Term],
         limit: usize,
         skip: usize,
+        pinned: Option<u64>,
     ) -> Value {
         let matching = self
             .objects
@@ -417,9 +424,12 @@ impl Inner {
             .collect();
         let (api_version, kind) = type_of(resource);
         let next = skip.saturating_add(limit);
-        let mut metadata = json!({ "resourceVersion": self.rv.to_string() });
+        // Every page claims the first page's resourceVersion (the client watches from the
+        // last page's): a change made while a list is paged is then replayed by the watch.
+        let rv = pinned.unwrap_or(self.rv);
+        let mut metadata = json!({ "resourceVersion": rv.to_string() });
         if next < total {
-            metadata["continue"] = format!("{}/{next}", self.rv).into();
+            metadata["continue"] = format!("{rv}/{next}").into();
         }
         json!({
             "apiVersion": api_version, "kind": format!("{kind}List"),
@@ -701,9 +711,9 @@ impl ApiServer {
         inner.oldest = inner.rv + 1;
     }
 
-    /// Delays every list response by `delay`.
-    pub fn slow_lists(&self, delay: Duration) {
-        self.lock().list_delay = delay;
+    /// Delays every list response of `plural` (any group) by `delay`.
+    pub fn slow_lists(&self, plural: &str, delay: Duration) {
+        self.lock().list_delay.insert(plural.to_owned(), delay);
     }
 
     /// Answers requests for `plural` of `group` with 404 (`installed: false`) or serves it.
@@ -806,18 +816,28 @@ async fn serve(state: &Arc<Mutex<Inner>>, req: Request<hyper::body::Incoming>) -
         };
     }
     if !watch {
-        let delay = lock().list_delay;
+        let delay = lock()
+            .list_delay
+            .get(&resource.1)
+            .copied()
+            .unwrap_or_default();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         let mut inner = lock();
         *inner.lists.entry(resource.clone()).or_default() += 1;
         let limit = query.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
-        let skip = query
-            .get("continue")
-            .and_then(|c| c.rsplit_once('/')?.1.parse().ok())
-            .unwrap_or(0);
-        let list = inner.list(&resource, namespace.as_deref(), &selector, limit, skip);
+        let token = query.get("continue").and_then(|c| c.split_once('/'));
+        let skip = token.and_then(|t| t.1.parse().ok()).unwrap_or(0);
+        let pinned = token.and_then(|t| t.0.parse().ok());
+        let list = inner.list(
+            &resource,
+            namespace.as_deref(),
+            &selector,
+            limit,
+            skip,
+            pinned,
+        );
         return respond(StatusCode::OK, &list);
     }
     let from: u64 = query
@@ -832,6 +852,8 @@ async fn serve(state: &Arc<Mutex<Inner>>, req: Request<hyper::body::Incoming>) -
     {
         let mut inner = lock();
         *inner.watches.entry(resource.clone()).or_default() += 1;
+        // (A watch from 0 or none starts from now, and is never too old.)
+        let from = if from == 0 { inner.rv } else { from };
         if from < inner.oldest {
             let gone = status(
                 410,

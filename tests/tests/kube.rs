@@ -80,6 +80,8 @@ fn pods_from_the_api_server_are_enrolled_captured_and_dropped() {
     });
     let client_id = spiffe("client");
     let serial_before = cert_serial(&n1, &client_id);
+    let redirected = || metric(&n1, "mesh_ebpf_redirected_connections_total", &[]);
+    let redirected_before = redirected();
     let meshed = fetch_from_pod(&bed, "client", WEB_SVC);
     assert_eq!(meshed.status, 200);
     assert!(
@@ -90,6 +92,9 @@ fn pods_from_the_api_server_are_enrolled_captured_and_dropped() {
     assert_eq!(meshed.server_saw(), bed.pod("client").ip.to_string());
     eventually("n2 to deliver client's request over mTLS", || {
         arrived_as(&n2, "client") == 1.0
+    });
+    eventually("n1 to count the redirected connection", || {
+        redirected() == redirected_before + 1.0
     });
 
     // The pod deleted through the API: unenrolled, its certificate dropped, and its traffic
@@ -104,15 +109,14 @@ fn pods_from_the_api_server_are_enrolled_captured_and_dropped() {
             .body
             .contains(&format!("\"{client_id}\""))
     });
+    let redirected_before = redirected();
     let after = fetch_from_pod(&bed, "client", WEB_POD);
     assert_eq!(after.status, 200);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    // (The series of a workload that left the cluster are dropped with it; had the pod stayed
-    // enrolled, they would count both requests.)
+    std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(
-        arrived_as(&n2, "client"),
-        0.0,
-        "a deleted pod's traffic is not captured"
+        redirected(),
+        redirected_before,
+        "a deleted pod's connections are not captured"
     );
     assert!(!serial_before.is_empty());
 }
@@ -246,11 +250,14 @@ fn pod_sandboxes_are_found_by_their_cgroup_even_when_recreated() {
 
     // The sandbox replaced (new network namespace and veth, same IP, a new sandbox process
     // in the pod's cgroup): found again by the cgroup, no scan of the node.
+    let scans = || metric(&n1, "mesh_pod_netns_scans_total", &[]);
+    let scans_before = scans();
     bed.recreate_pod("boxed").unwrap();
     eventually("boxed re-enrolled by its cgroup", || found("cgroup") == 2.0);
+    assert_eq!(found("scan"), 1.0);
     assert_eq!(
-        found("scan"),
-        1.0,
+        scans(),
+        scans_before,
         "no namespace of the node was probed for it"
     );
     let got = fetch_from_pod(&bed, "boxed", WEB_SVC);

@@ -212,7 +212,8 @@ fn the_snapshot_follows_the_api_server_through_every_watch_event() {
     for plural in ["servers", "authorizationpolicies"] {
         api.set_installed("policy.linkerd.io", plural, false);
     }
-    api.slow_lists(Duration::from_millis(300));
+    // Only the pods' lists are slow: the first snapshot must wait for them.
+    api.slow_lists("pods", Duration::from_millis(500));
     let f = follow(api, "events");
 
     // The first snapshot is the whole cluster, published once every kind was listed (or
@@ -236,7 +237,7 @@ fn the_snapshot_follows_the_api_server_through_every_watch_event() {
     );
     let api = &f.api;
     assert_eq!(api.lists("pods"), 2, "one list per pod stream");
-    api.slow_lists(Duration::ZERO);
+    api.slow_lists("pods", Duration::ZERO);
 
     // ADDED.
     api.apply(&pod_yaml("web-3", "shop", NODE, "10.1.1.11"));
@@ -331,7 +332,8 @@ fn refused_objects_leave_the_last_good_state_and_do_not_block_others() {
     api.apply(CLUSTER);
     let f = follow(api, "refused");
     let api = &f.api;
-    f.until("the first snapshot", |s| s.version > 0);
+    let s = f.until("the first snapshot", |s| s.version > 0);
+    let before = s.service_named(WEB).unwrap().routes.clone();
 
     // An invalid HTTPRoute (a regex that does not compile) is refused: the route in force
     // stays, and a valid change that came with it is applied.
@@ -342,7 +344,14 @@ fn refused_objects_leave_the_last_good_state_and_do_not_block_others() {
     api.apply(&pod_yaml("web-5", "shop", NODE, "10.1.1.15"));
     let s = f.until("web-5 added", |s| pod(s, "shop/web-5").is_some());
     let table = s.service_named(WEB).unwrap().routes.clone();
-    assert!(table.is_some(), "the last good route stays in force");
+    let describe =
+        |t: &Option<Arc<mesh_agent::route::Table>>| t.as_ref().map(|t| t.describe().to_string());
+    assert!(before.is_some());
+    assert_eq!(
+        describe(&table),
+        describe(&before),
+        "the last good route stays in force"
+    );
 
     // Two live pods claiming one address: the second is refused (the first keeps it)...
     api.apply(&pod_yaml("twin", "shop", NODE, "10.1.1.15"));
@@ -366,6 +375,32 @@ fn refused_objects_leave_the_last_good_state_and_do_not_block_others() {
     f.until("the fixed route in force", |s| {
         s.service_named(WEB)
             .and_then(|t| t.routes.clone())
-            .is_some_and(|r| table.as_ref().is_none_or(|old| !Arc::ptr_eq(old, &r)))
+            .is_some_and(|r| r.describe().to_string().contains("/fixed"))
     });
+    assert!(
+        !table.unwrap().describe().to_string().contains("/fixed"),
+        "(the route before the fix did not match /fixed)"
+    );
+}
+
+#[test]
+fn no_state_is_published_without_the_core_kinds() {
+    // EndpointSlices not readable (as with a ClusterRole missing them): nothing is published,
+    // since a state without endpoints would send every connection nowhere...
+    let api = ApiServer::on_loopback().unwrap();
+    api.apply(CLUSTER);
+    api.set_installed("discovery.k8s.io", "endpointslices", false);
+    // ...while an optional kind that is missing does not hold the state back.
+    api.set_installed("security.istio.io", "peerauthentications", false);
+    let f = follow(api, "core");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(f.snapshot().version, 0, "published without EndpointSlices");
+    // Once they can be read, the whole state is published at once.
+    f.api
+        .set_installed("discovery.k8s.io", "endpointslices", true);
+    let s = f.until_for("the first snapshot", Duration::from_secs(40), |s| {
+        s.version > 0
+    });
+    assert_eq!(s.version, 1);
+    assert_eq!(endpoints(&s), vec!["10.1.1.10:8080", "10.1.2.10:8080"]);
 }

@@ -128,7 +128,10 @@ pub fn run(name: &str, root: &Path) -> anyhow::Result<()> {
         let address = address.trim();
         let node_name = output(Command::new("docker").args(["exec", node, "hostname"]))?;
         let node_name = node_name.trim();
-        let _ = output(Command::new("docker").args(["exec", node, "pkill", "-x", "mesh-agent"]));
+        // Only the agent a previous run started (its pid file): a DaemonSet's agent on the
+        // same node is not ours to stop.
+        let stop = "[ -f /run/mesh-agent-dev.pid ] && kill $(cat /run/mesh-agent-dev.pid); rm -f /run/mesh-agent-dev.pid; true";
+        output(Command::new("docker").args(["exec", node, "sh", "-c", stop]))?;
         output(Command::new("docker").args(["exec", node, "mkdir", "-p", "/etc/mesh-agent"]))?;
         output(
             Command::new("docker")
@@ -144,7 +147,8 @@ pub fn run(name: &str, root: &Path) -> anyhow::Result<()> {
         )?;
         let start = format!(
             "nohup /usr/local/bin/mesh-agent run --kube --kubeconfig /etc/mesh-agent/kubeconfig \
-             --node {node_name} --node-address {address} >/var/log/mesh-agent.log 2>&1 &"
+             --node {node_name} --node-address {address} >/var/log/mesh-agent.log 2>&1 & \
+             echo $! >/run/mesh-agent-dev.pid"
         );
         output(Command::new("docker").args(["exec", node, "sh", "-c", &start]))?;
         println!("kind: agent started on {node} ({address}); log: docker exec {node} cat /var/log/mesh-agent.log");

@@ -109,6 +109,7 @@ pub struct Metrics {
     pub enrolled_pods: IntGauge,
     pub pods_awaiting_enrollment: IntGauge,
     pub sandboxes_found: IntCounterVec,
+    pub netns_scans: IntCounter,
     /// New plaintext TCP connections the kernel dropped by a pod's inbound policy.
     pub policy_dropped: IntCounterVec,
     redirected: IntCounter,
@@ -222,6 +223,11 @@ impl Metrics {
             &["method"],
         )?;
         registry.register(Box::new(sandboxes_found.clone()))?;
+        let netns_scans = IntCounter::new(
+            "mesh_pod_netns_scans_total",
+            "Times every network namespace of the node was probed for pods not found otherwise.",
+        )?;
+        registry.register(Box::new(netns_scans.clone()))?;
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
@@ -289,6 +295,7 @@ impl Metrics {
             enrolled_pods,
             pods_awaiting_enrollment,
             sandboxes_found,
+            netns_scans,
             policy_dropped,
             redirected,
             spoofed_dropped,

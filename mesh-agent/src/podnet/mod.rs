@@ -371,44 +371,6 @@ pub fn own_netns_cookie() -> io::Result<u64> {
     netns_cookie(&udp_socket()?)
 }
 
-/// The node-side interface (index, name) of the pod at `ip` whose namespace is `netns`: the
-/// interface the node routes `ip` through when it is a veth (kindnet, Calico: one route per
-/// pod); else (a bridge such as Flannel's `cni0`, Cilium's `cilium_host`) the node-side peer
-/// of the pod's own veth, if that is one. CNI naming plays no part.
-pub fn host_interface(netns: &PodNetns, ip: Ipv4Addr) -> Result<(u32, String), Error> {
-    let routed = route_interface(ip)?;
-    if is_veth(&routed.1).unwrap_or(false) {
-        return Ok(routed);
-    }
-    // The pod's interface towards the node: where its own route to the node's side leads
-    // (a route lookup only; nothing is sent).
-    let peer = netns.run(|| {
-        let towards_node = netlink::route_oif(Ipv4Addr::new(192, 0, 2, 1))?;
-        match towards_node {
-            Some(own) => netlink::link_peer(own),
-            None => Ok(None),
-        }
-    });
-    match peer {
-        Ok(Some(peer)) => match interface_name(peer) {
-            Some(name) if is_veth(&name).unwrap_or(false) => Ok((peer, name)),
-            _ => Ok(routed),
-        },
-        _ => Ok(routed),
-    }
-}
-
-fn interface_name(ifindex: u32) -> Option<String> {
-    let mut name = [0u8; libc::IF_NAMESIZE];
-    // SAFETY: buffer of IF_NAMESIZE bytes as the call requires.
-    let p = unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr().cast()) };
-    if p.is_null() {
-        return None;
-    }
-    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-    Some(String::from_utf8_lossy(name.get(..end)?).into_owned())
-}
-
 /// The interface (index, name) the current namespace routes `ip` through.
 pub fn route_interface(ip: Ipv4Addr) -> Result<(u32, String), Error> {
     let oif = netlink::route_oif(ip).map_err(|source| Error::Route { ip, source })?;

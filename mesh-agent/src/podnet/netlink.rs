@@ -86,65 +86,6 @@ fn parse_route_reply(msg: &[u8]) -> io::Result<Option<u32>> {
     Ok(None)
 }
 
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const IFINFOMSG_LEN: usize = 16;
-const IFLA_LINK: u16 = 5;
-
-/// The `IFLA_LINK` of interface `ifindex` in the current namespace: for a veth, its peer's
-/// index (in the peer's namespace). What `ip link show` prints after `@if`.
-pub fn link_peer(ifindex: u32) -> io::Result<Option<u32>> {
-    let sock = socket()?;
-    let total = NLMSG_HDRLEN + IFINFOMSG_LEN;
-    let mut req = Vec::with_capacity(total);
-    req.extend_from_slice(&(total as u32).to_ne_bytes());
-    req.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
-    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
-                                                // ifinfomsg: family, pad, type, index, flags, change
-    req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
-    req.extend_from_slice(&0u16.to_ne_bytes());
-    req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    // SAFETY: valid socket and buffer.
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = vec![0u8; 16384];
-    // SAFETY: valid socket and buffer.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let msg = buf.get(..n as usize).unwrap_or_default();
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "short netlink reply");
-    let len = u32_at(msg, 0).ok_or_else(bad)? as usize;
-    match u16_at(msg, 4).ok_or_else(bad)? {
-        NLMSG_ERROR => {
-            let errno = u32_at(msg, NLMSG_HDRLEN).ok_or_else(bad)? as i32;
-            return Err(io::Error::from_raw_os_error(-errno));
-        }
-        RTM_NEWLINK => {}
-        _ => return Ok(None),
-    }
-    let mut at = NLMSG_HDRLEN + IFINFOMSG_LEN;
-    let end = len.min(msg.len());
-    while at + 4 <= end {
-        let alen = u16_at(msg, at).ok_or_else(bad)? as usize;
-        let atype = u16_at(msg, at + 2).ok_or_else(bad)?;
-        if alen < 4 {
-            break;
-        }
-        if atype == IFLA_LINK {
-            return Ok(u32_at(msg, at + 4));
-        }
-        at += (alen + 3) & !3;
-    }
-    Ok(None)
-}
-
 const RTM_NEWRULE: u16 = 32;
 const FRA_PRIORITY: u16 = 6;
 const FRA_FWMARK: u16 = 10;

@@ -1,8 +1,15 @@
 //! A pod's network namespace from its sandbox, as the kubelet and the container runtime lay
 //! it out: the kubelet names the pod's cgroup after its UID, the runtime puts the sandbox
 //! (pause) process and the containers' processes in cgroups below it, and any of those
-//! processes' `/proc/PID/ns/net` is the pod's namespace. No namespace of the node is probed
-//! but the pod's own.
+//! processes' `/proc/PID/ns/net` is the pod's namespace. Only namespaces of the pod's own
+//! processes are probed (the agent falls back to probing the node's namespaces only for a pod
+//! whose cgroup leads nowhere: see the reconciler).
+//!
+//! A pod's process could make a network namespace of its own (in a user namespace it creates:
+//! no privilege needed) and give it the pod's address: only a namespace owned by the node's
+//! initial user namespace, as the runtime creates a sandbox's, is taken. (Pods with
+//! `hostUsers: false` have their sandbox in a user namespace of their own: they are found by
+//! the fallback.)
 //!
 //! Layouts, under the cgroup v2 root (or a kind node's nested one):
 //! - cgroupfs driver: `kubepods/[burstable|besteffort/]pod<uid>/<container-id>`;
@@ -19,7 +26,29 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
 use super::{probe_namespace, PodNetns};
+
+/// `NS_GET_USERNS` (`_IO(0xb7, 0x1)`): a descriptor of the user namespace owning a namespace.
+const NS_GET_USERNS: libc::c_ulong = 0xb701;
+
+/// Whether the namespace `ns` is owned by the same user namespace as the agent's: the node's,
+/// where the container runtime creates sandboxes.
+fn owned_by_the_node(ns: &File) -> bool {
+    // SAFETY: ioctl on a valid namespace descriptor; a returned descriptor is owned at once.
+    let owner = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_USERNS) };
+    if owner < 0 {
+        return false;
+    }
+    // SAFETY: fresh descriptor we own.
+    let owner = File::from(unsafe { OwnedFd::from_raw_fd(owner) });
+    let ours = std::fs::metadata("/proc/self/ns/user");
+    match (owner.metadata(), ours) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
 
 /// Names of the kubelet's pod cgroup roots: cgroupfs driver, systemd driver, kind's nested
 /// kubelet.
@@ -123,15 +152,19 @@ impl Sandboxes {
                 continue;
             };
             let Ok(meta) = file.metadata() else { continue };
-            if !seen.insert((meta.dev(), meta.ino())) {
+            if !seen.insert((meta.dev(), meta.ino())) || !owned_by_the_node(&file) {
                 continue;
             }
             let Ok(probe_file) = file.try_clone() else {
                 continue;
             };
             // setns affects only the calling thread; a short-lived thread keeps ours untouched.
-            let probe = std::thread::spawn(move || probe_namespace(&probe_file, &[ip]));
-            let Ok(Ok(hits)) = probe.join() else { continue };
+            let probe = std::thread::Builder::new()
+                .name("netns-probe".to_owned())
+                .spawn(move || probe_namespace(&probe_file, &[ip]));
+            let Ok(Ok(Ok(hits))) = probe.map(|p| p.join()) else {
+                continue;
+            };
             if let Some((_, cookie)) = hits.into_iter().find(|(_, c)| !skip.contains(c)) {
                 return Some(PodNetns { cookie, file });
             }
@@ -166,6 +199,11 @@ fn pids(dir: &Path) -> Vec<u32> {
 mod tests {
     #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn our_own_namespace_is_the_nodes() {
+        assert!(owned_by_the_node(&File::open("/proc/self/ns/net").unwrap()));
+    }
 
     /// Both drivers' layouts, Guaranteed and not, found by UID alone.
     #[test]

@@ -237,7 +237,7 @@ fn put_in_force(
             .check_issuer(ca, trust_domain)
             .map_err(|e| Error::Field {
                 object: format!("Secret {namespace}/{ISSUER}"),
-                field: "data[\"tls.crt\"]".to_owned(),
+                field: "data (the issuer certificate)".to_owned(),
                 message: e.to_string(),
             })?;
     }

@@ -372,6 +372,10 @@ type Update = (usize, Result<watcher::Event<Item>, watcher::Error>);
 struct StreamDef {
     /// For the log: "Pods on this node", "HTTPRoutes (gateway.networking.k8s.io/v1)".
     what: String,
+    /// Core kinds (Namespaces, Pods, Services, EndpointSlices): without them there is no
+    /// mesh to run, so the first snapshot waits for them whatever the error. The others (CRDs)
+    /// may be absent, unreadable or broken: an error listing one does not hold the state back.
+    required: bool,
     stream: BoxStream<'static, Update>,
 }
 
@@ -394,7 +398,15 @@ fn stream<W: Watched>(
         Some(what) => what.to_owned(),
         None => format!("{} ({})", W::PLURAL, api_version::<W>()),
     };
-    StreamDef { what, stream }
+    let required = matches!(
+        W::KIND,
+        Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice
+    );
+    StreamDef {
+        what,
+        required,
+        stream,
+    }
 }
 
 /// The streams of everything the agent reads, for `node`.
@@ -446,6 +458,7 @@ enum Pending {
 #[derive(Default)]
 struct StreamState {
     what: String,
+    required: bool,
     /// Listed at least once, or not served: the first snapshot waits for every stream.
     synced: bool,
     /// The keys a relist in progress has returned (`None`: no relist in progress).
@@ -505,6 +518,7 @@ impl KubeSource {
             .iter()
             .map(|d| StreamState {
                 what: d.what.clone(),
+                required: d.required,
                 ..StreamState::default()
             })
             .collect();
@@ -547,13 +561,23 @@ impl KubeSource {
         let event = match update {
             Ok(event) => event,
             Err(e) => {
+                let initial = matches!(e, watcher::Error::InitialListFailed(_));
                 let unavailable = match &e {
                     watcher::Error::InitialListFailed(kube::Error::Api(status)) => {
                         matches!(status.code, 403 | 404)
                     }
                     _ => false,
                 };
-                if unavailable {
+                let was_synced = stream.synced;
+                if stream.required {
+                    if !stream.failing {
+                        error!(
+                            "watching {}: {e}; retrying with backoff (no state is published \
+                             before it is listed: check the agent's RBAC and the API server)",
+                            stream.what
+                        );
+                    }
+                } else if unavailable {
                     if !stream.absent {
                         info!(
                             "{}: not served by the API server or not readable by the agent \
@@ -563,12 +587,16 @@ impl KubeSource {
                     }
                     stream.absent = true;
                     stream.synced = true;
-                } else if !stream.failing {
-                    warn!("watching {}: {e}; retrying with backoff", stream.what);
+                } else {
+                    if !stream.failing {
+                        warn!("watching {}: {e}; retrying with backoff", stream.what);
+                    }
+                    // A kind that cannot be listed does not hold the state back.
+                    stream.synced |= initial;
                 }
                 stream.failing = true;
                 // A first snapshot may now be due (the last stream turned out absent).
-                return true;
+                return stream.synced && !was_synced;
             }
         };
         if stream.failing || stream.absent {

@@ -60,7 +60,14 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
                 "--kubeconfig",
             ])
             .arg(&kubeconfig)
-            .output()?;
+            .output();
+        let result = match result {
+            Ok(result) => result,
+            Err(e) => {
+                let _ = double.kill();
+                bail!("running mesh-agent state: {e}");
+            }
+        };
         if !result.status.success() {
             let _ = double.kill();
             bail!(
@@ -68,7 +75,13 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
                 String::from_utf8_lossy(&result.stderr)
             );
         }
-        let summary: Value = serde_json::from_slice(&result.stdout)?;
+        let summary: Value = match serde_json::from_slice(&result.stdout) {
+            Ok(summary) => summary,
+            Err(e) => {
+                let _ = double.kill();
+                bail!("mesh-agent state printed no summary: {e}");
+            }
+        };
         println!("kube-scale: {summary}");
         runs.push(summary);
     }
