@@ -161,13 +161,14 @@ impl Reconciler {
         Some(held.enrollment.netns_cookie)
     }
 
-    /// Whether the pod's sandbox is still the one we enrolled: the node still routes its IP
-    /// through the same interface, and the namespace we hold still owns the IP.
+    /// Whether the pod's sandbox is still the one we enrolled: its node-side interface is the
+    /// same, and the namespace we hold still owns the IP.
     fn still_in_place(held: &Held) -> bool {
         let ip = held.enrollment.ip;
-        let same_route =
-            podnet::route_interface(ip).is_ok_and(|(i, _)| i == held.enrollment.host_ifindex);
-        same_route && held.pod.netns.owns(ip)
+        let netns = &held.pod.netns;
+        let same_interface =
+            podnet::host_interface(netns, ip).is_ok_and(|(i, _)| i == held.enrollment.host_ifindex);
+        same_interface && netns.owns(ip)
     }
 
     /// Compiles each enrolled pod's inbound policy for plaintext into the kernel (when the
@@ -339,7 +340,7 @@ impl Reconciler {
     }
 
     fn enroll(&mut self, ip: Ipv4Addr, workload: Arc<Workload>, netns: PodNetns) {
-        let (host_ifindex, host_ifname) = match podnet::route_interface(ip) {
+        let (host_ifindex, host_ifname) = match podnet::host_interface(&netns, ip) {
             Ok(i) => i,
             Err(e) => {
                 warn!(pod = %workload.name, "{e}");

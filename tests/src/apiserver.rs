@@ -439,6 +439,15 @@ impl Inner {
     }
 }
 
+/// The requests counted for `plural`, whatever its group.
+fn of_plural(counts: &BTreeMap<ResourceKey, usize>, plural: &str) -> usize {
+    counts
+        .iter()
+        .filter(|(r, _)| r.1 == plural)
+        .map(|(_, n)| n)
+        .sum()
+}
+
 /// What a request path names: the resource, for a namespaced request the namespace, and for
 /// a single object its name.
 fn parse_path(path: &str) -> Option<(ResourceKey, Option<String>, Option<String>)> {
@@ -728,24 +737,12 @@ impl ApiServer {
 
     /// List requests served for `plural` (any group).
     pub fn lists(&self, plural: &str) -> usize {
-        let inner = self.lock();
-        inner
-            .lists
-            .iter()
-            .filter(|(r, _)| r.1 == plural)
-            .map(|(_, n)| n)
-            .sum()
+        of_plural(&self.lock().lists, plural)
     }
 
     /// Watch requests answered for `plural` (any group).
     pub fn watches(&self, plural: &str) -> usize {
-        let inner = self.lock();
-        inner
-            .watches
-            .iter()
-            .filter(|(r, _)| r.1 == plural)
-            .map(|(_, n)| n)
-            .sum()
+        of_plural(&self.lock().watches, plural)
     }
 
     /// Open watch connections.

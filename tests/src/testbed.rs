@@ -26,6 +26,8 @@ const FABRIC: &str = "mt-fabric";
 const CGROUP_DIR: &str = "mesh-testbed";
 const GATEWAY: &str = "169.254.1.1";
 const GATEWAY_MAC: &str = "ee:ee:ee:ee:ee:ee";
+/// The bridge of a node's bridged pods ([`PodSpec::bridged`]).
+const BRIDGE: &str = "mtbr0";
 
 #[derive(Debug, Clone)]
 pub struct PodSpec {
@@ -43,6 +45,9 @@ pub struct PodSpec {
     /// sandbox process in a scope of its own and the pod's processes in another; the Pod
     /// object carries the UID.
     pub uid: Option<String>,
+    /// Attached as Flannel attaches pods: the node-side veth is a port of a bridge
+    /// (`mtbr0`), and the node routes the pod's address to the bridge, not to the veth.
+    pub bridged: bool,
 }
 
 impl PodSpec {
@@ -56,7 +61,14 @@ impl PodSpec {
             labels: Vec::new(),
             annotations: Vec::new(),
             uid: None,
+            bridged: false,
         }
+    }
+
+    /// Attaches the pod through a bridge (see [`PodSpec::bridged`]).
+    pub fn bridged(mut self) -> Self {
+        self.bridged = true;
+        self
     }
 
     /// Lays the pod out as containerd does, with this UID (see [`PodSpec::uid`]).
@@ -380,6 +392,35 @@ fn create_pod_network(pod: &Pod, node: &Node) -> io::Result<()> {
         "nud",
         "permanent",
     ])?;
+    let towards_pod = match pod.spec.bridged {
+        true => {
+            // One bridge per node, with the gateway's MAC (as the veths have it).
+            if ip(&["-n", &node.netns, "link", "show", BRIDGE]).is_err() {
+                ip(&["-n", &node.netns, "link", "add", BRIDGE, "type", "bridge"])?;
+                ip(&[
+                    "-n",
+                    &node.netns,
+                    "link",
+                    "set",
+                    BRIDGE,
+                    "address",
+                    GATEWAY_MAC,
+                    "up",
+                ])?;
+            }
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "set",
+                &pod.host_veth,
+                "master",
+                BRIDGE,
+            ])?;
+            BRIDGE
+        }
+        false => pod.host_veth.as_str(),
+    };
     ip(&[
         "-n",
         &node.netns,
@@ -387,7 +428,7 @@ fn create_pod_network(pod: &Pod, node: &Node) -> io::Result<()> {
         "add",
         &format!("{}/32", pod.ip),
         "dev",
-        &pod.host_veth,
+        towards_pod,
     ])?;
     if let Some(v6) = pod.ip6 {
         let v6 = v6.to_string();

@@ -266,3 +266,25 @@ fn pod_sandboxes_are_found_by_their_cgroup_even_when_recreated() {
         arrived_as(&n2, "boxed") == 2.0
     });
 }
+
+#[test]
+fn a_pod_behind_a_bridge_is_guarded_on_its_own_veth() {
+    let _serial = serial();
+    // `bridged` is attached as Flannel attaches pods: its veth is a port of a bridge, and the
+    // node routes its address to the bridge. Its own veth is found from the node's side (the
+    // veth whose peer is in its namespace), so the kernel's anti-spoofing guards it.
+    let bed = bed_with(vec![PodSpec::new("bridged", 0, "bridged").bridged()]);
+    let (_n1, n2) = agents(&bed);
+    let got = fetch_from_pod(&bed, "bridged", WEB_SVC);
+    assert_eq!(got.status, 200);
+    eventually("n2 to deliver bridged's request over mTLS", || {
+        arrived_as(&n2, "bridged") == 1.0
+    });
+    // Five datagrams from an address that is not its own, three from its own: only the three
+    // arrive (without a guard on its veth, all eight would).
+    let received = udp_from_forged_source(&bed, "bridged", "10.99.0.1", 5, 3);
+    assert_eq!(
+        received, 3,
+        "forged datagrams from behind the bridge got through"
+    );
+}

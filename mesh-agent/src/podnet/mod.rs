@@ -371,6 +371,30 @@ pub fn own_netns_cookie() -> io::Result<u64> {
     netns_cookie(&udp_socket()?)
 }
 
+/// The node-side interface (index, name) of the pod at `ip` whose namespace is `netns`: the
+/// interface the node routes `ip` through when that is a veth (kindnet, Calico: a route per
+/// pod); else (a bridge such as Flannel's `cni0`, or Cilium's `cilium_host`) the node's one
+/// veth whose peer is in the pod's namespace. Told from the node's side only (the peer's
+/// namespace as the kernel records it): nothing the pod's namespace says plays a part, so a
+/// pod cannot name another pod's veth. Naming plays no part either.
+pub fn host_interface(netns: &PodNetns, ip: Ipv4Addr) -> Result<(u32, String), Error> {
+    let routed = route_interface(ip)?;
+    if is_veth(&routed.1).unwrap_or(false) {
+        return Ok(routed);
+    }
+    Ok(veth_into(netns).unwrap_or(routed))
+}
+
+/// The node's veth whose peer is in `netns`, if there is exactly one.
+fn veth_into(netns: &PodNetns) -> Option<(u32, String)> {
+    // The dump first: listing a veth gives its peer's namespace an id if it had none.
+    let veths = netlink::veths().ok()?;
+    let id = netlink::nsid_of(netns.file.as_raw_fd()).ok()??;
+    let mut theirs = veths.into_iter().filter(|v| v.2 == Some(id));
+    let (index, name, _) = theirs.next()?;
+    theirs.next().is_none().then_some((index, name))
+}
+
 /// The interface (index, name) the current namespace routes `ip` through.
 pub fn route_interface(ip: Ipv4Addr) -> Result<(u32, String), Error> {
     let oif = netlink::route_oif(ip).map_err(|source| Error::Route { ip, source })?;

@@ -86,6 +86,152 @@ fn parse_route_reply(msg: &[u8]) -> io::Result<Option<u32>> {
     Ok(None)
 }
 
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWNSID: u16 = 88;
+const RTM_GETNSID: u16 = 90;
+const NLMSG_DONE: u16 = 3;
+const IFINFOMSG_LEN: usize = 16;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_LINK_NETNSID: u16 = 37;
+const NETNSA_NSID: u16 = 1;
+const NETNSA_FD: u16 = 3;
+/// Attribute types carry flags in their top bits (nested, byte order).
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// The attributes of one message body, from `at`: (type, value).
+fn attrs(msg: &[u8], mut at: usize) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while let (Some(len), Some(kind)) = (u16_at(msg, at), u16_at(msg, at + 2)) {
+        let len = len as usize;
+        if len < 4 {
+            break;
+        }
+        let Some(value) = msg.get(at + 4..at + len) else {
+            break;
+        };
+        out.push((kind & NLA_TYPE_MASK, value));
+        at += (len + 3) & !3;
+    }
+    out
+}
+
+/// One link of a dump: (index, name, the id of its peer's namespace).
+pub type VethLink = (u32, String, Option<i32>);
+
+/// Every veth of the current namespace, with the id (as this namespace knows it) of the
+/// namespace its peer is in (`ip -d link show type veth`).
+pub fn veths() -> io::Result<Vec<VethLink>> {
+    let sock = socket()?;
+    let total = NLMSG_HDRLEN + IFINFOMSG_LEN;
+    let mut req = Vec::with_capacity(total);
+    req.extend_from_slice(&(total as u32).to_ne_bytes());
+    req.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    req.extend_from_slice(&[0u8; IFINFOMSG_LEN]); // ifinfomsg: AF_UNSPEC, all links
+                                                  // SAFETY: valid socket and buffer.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: valid socket and buffer.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut rest = buf.get(..n as usize).unwrap_or_default();
+        if rest.is_empty() {
+            return Ok(out);
+        }
+        while let (Some(len), Some(kind)) = (u32_at(rest, 0), u16_at(rest, 4)) {
+            let len = len as usize;
+            let Some(msg) = rest.get(..len).filter(|_| len >= NLMSG_HDRLEN) else {
+                return Ok(out);
+            };
+            match kind {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    let errno = u32_at(msg, NLMSG_HDRLEN).unwrap_or(0) as i32;
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                RTM_NEWLINK => {
+                    let index = u32_at(msg, NLMSG_HDRLEN + 4).unwrap_or(0);
+                    let (mut name, mut veth, mut peer_ns) = (String::new(), false, None);
+                    for (kind, value) in attrs(msg, NLMSG_HDRLEN + IFINFOMSG_LEN) {
+                        match kind {
+                            IFLA_IFNAME => {
+                                name = String::from_utf8_lossy(value)
+                                    .trim_end_matches('\0')
+                                    .to_owned();
+                            }
+                            IFLA_LINKINFO => {
+                                veth = attrs(value, 0)
+                                    .iter()
+                                    .any(|(k, v)| *k == IFLA_INFO_KIND && v.starts_with(b"veth"));
+                            }
+                            IFLA_LINK_NETNSID => {
+                                peer_ns = u32_at(value, 0).map(|v| v as i32);
+                            }
+                            _ => {}
+                        }
+                    }
+                    if veth {
+                        out.push((index, name, peer_ns));
+                    }
+                }
+                _ => {}
+            }
+            rest = rest.get((len + 3) & !3..).unwrap_or_default();
+        }
+    }
+}
+
+/// The id the current namespace knows the namespace `fd` by (`ip netns list-id`), if it has
+/// given it one.
+pub fn nsid_of(fd: std::os::fd::RawFd) -> io::Result<Option<i32>> {
+    let sock = socket()?;
+    let total = NLMSG_HDRLEN + 4 + 8;
+    let mut req = Vec::with_capacity(total);
+    req.extend_from_slice(&(total as u32).to_ne_bytes());
+    req.extend_from_slice(&RTM_GETNSID.to_ne_bytes());
+    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]); // rtgenmsg, padded
+    attr_u32(&mut req, NETNSA_FD, fd as u32);
+    // SAFETY: valid socket and buffer.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: valid socket and buffer.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let msg = buf.get(..n as usize).unwrap_or_default();
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "short netlink reply");
+    match u16_at(msg, 4).ok_or_else(bad)? {
+        NLMSG_ERROR => {
+            let errno = u32_at(msg, NLMSG_HDRLEN).ok_or_else(bad)? as i32;
+            Err(io::Error::from_raw_os_error(-errno))
+        }
+        RTM_NEWNSID => Ok(attrs(msg, NLMSG_HDRLEN + 4)
+            .into_iter()
+            .find(|(k, _)| *k == NETNSA_NSID)
+            .and_then(|(_, v)| u32_at(v, 0))
+            .map(|id| id as i32)
+            .filter(|id| *id >= 0)),
+        _ => Ok(None),
+    }
+}
+
 const RTM_NEWRULE: u16 = 32;
 const FRA_PRIORITY: u16 = 6;
 const FRA_FWMARK: u16 = 10;

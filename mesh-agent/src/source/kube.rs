@@ -13,14 +13,16 @@
 //! - **Batches.** Events are gathered until none came for [`QUIET`] (or [`MAX_DELAY`] after
 //!   the first) and applied as one transaction; a relist's objects that did not come back
 //!   are removed when it completes. Nothing is published until every kind has been listed
-//!   once (or is not served), so the first snapshot is the whole cluster, not a part of it.
+//!   once (or found missing), so the first snapshot is the whole cluster, not a part of it.
 //! - **Bad objects.** An object that fails validation is refused (logged with kind,
 //!   namespace, name and field, and counted); its last good version stays in force. A
 //!   transaction the store refuses (two pods claiming one IP) is retried object by object,
 //!   and what is still refused is tried again with the next change.
-//! - **Kinds not installed.** A kind the API server does not serve (its CRD is absent) or the
-//!   agent may not read is logged once and skipped; the watcher keeps retrying with backoff and
-//!   picks it up when it appears.
+//! - **Kinds not installed.** A custom kind the API server does not serve (its CRD is absent),
+//!   the agent may not read, or that fails to list is logged once and does not hold the state
+//!   back; the watcher keeps retrying with backoff and picks it up when it appears. The core
+//!   kinds (Namespaces, Pods, Services, EndpointSlices) must be listed before anything is
+//!   published: without them an RBAC hole would look like an empty cluster.
 //!
 //! It all runs on a runtime of its own, on its own thread: the proxy's workers never wait.
 
