@@ -753,6 +753,18 @@ impl ApiServer {
     }
 }
 
+/// What the API server answers for a resource it does not serve.
+fn not_found() -> Response<Body> {
+    respond(
+        StatusCode::NOT_FOUND,
+        &status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ),
+    )
+}
+
 async fn serve(state: &Arc<Mutex<Inner>>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     if req.method() != hyper::Method::GET {
@@ -762,27 +774,13 @@ async fn serve(state: &Arc<Mutex<Inner>>, req: Request<hyper::body::Incoming>) -
         );
     }
     let Some((resource, namespace, name)) = parse_path(req.uri().path()) else {
-        return respond(
-            StatusCode::NOT_FOUND,
-            &status(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ),
-        );
+        return not_found();
     };
     let known = RESOURCES
         .iter()
         .any(|d| d.0 == resource.0 && d.2 == resource.1);
     if !known || lock().absent.contains(&resource) {
-        return respond(
-            StatusCode::NOT_FOUND,
-            &status(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ),
-        );
+        return not_found();
     }
     let query: BTreeMap<String, String> = req
         .uri()

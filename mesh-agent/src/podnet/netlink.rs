@@ -17,34 +17,16 @@ const RTMSG_LEN: usize = 12;
 
 /// One RTM_GETROUTE request over rtnetlink (what `ip route get` does).
 pub fn route_oif(ip: Ipv4Addr) -> io::Result<Option<u32>> {
-    let sock = socket()?;
-
-    let total = NLMSG_HDRLEN + RTMSG_LEN + 8;
-    let mut req = Vec::with_capacity(total);
-    req.extend_from_slice(&(total as u32).to_ne_bytes());
-    req.extend_from_slice(&RTM_GETROUTE.to_ne_bytes());
-    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
-                                                // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
-    req.extend_from_slice(&[libc::AF_INET as u8, 32, 0, 0, 0, 0, 0, 0]);
-    req.extend_from_slice(&0u32.to_ne_bytes());
+    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
+    let mut body = vec![libc::AF_INET as u8, 32, 0, 0, 0, 0, 0, 0];
+    body.extend_from_slice(&0u32.to_ne_bytes());
     // rtattr RTA_DST
-    req.extend_from_slice(&8u16.to_ne_bytes());
-    req.extend_from_slice(&RTA_DST.to_ne_bytes());
-    req.extend_from_slice(&ip.octets());
-
-    // SAFETY: valid socket and buffer.
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    body.extend_from_slice(&8u16.to_ne_bytes());
+    body.extend_from_slice(&RTA_DST.to_ne_bytes());
+    body.extend_from_slice(&ip.octets());
+    let sock = request(RTM_GETROUTE, libc::NLM_F_REQUEST, &body)?;
     let mut buf = vec![0u8; 8192];
-    // SAFETY: valid socket and buffer.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    parse_route_reply(buf.get(..n as usize).unwrap_or_default())
+    parse_route_reply(receive(&sock, &mut buf)?)
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -124,28 +106,13 @@ pub type VethLink = (u32, String, Option<i32>);
 /// Every veth of the current namespace, with the id (as this namespace knows it) of the
 /// namespace its peer is in (`ip -d link show type veth`).
 pub fn veths() -> io::Result<Vec<VethLink>> {
-    let sock = socket()?;
-    let total = NLMSG_HDRLEN + IFINFOMSG_LEN;
-    let mut req = Vec::with_capacity(total);
-    req.extend_from_slice(&(total as u32).to_ne_bytes());
-    req.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
-    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    req.extend_from_slice(&[0u8; IFINFOMSG_LEN]); // ifinfomsg: AF_UNSPEC, all links
-                                                  // SAFETY: valid socket and buffer.
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // ifinfomsg: AF_UNSPEC, all links
+    let flags = libc::NLM_F_REQUEST | libc::NLM_F_DUMP;
+    let sock = request(RTM_GETLINK, flags, &[0u8; IFINFOMSG_LEN])?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 32 * 1024];
     loop {
-        // SAFETY: valid socket and buffer.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut rest = buf.get(..n as usize).unwrap_or_default();
+        let mut rest = receive(&sock, &mut buf)?;
         if rest.is_empty() {
             return Ok(out);
         }
@@ -195,27 +162,11 @@ pub fn veths() -> io::Result<Vec<VethLink>> {
 /// The id the current namespace knows the namespace `fd` by (`ip netns list-id`), if it has
 /// given it one.
 pub fn nsid_of(fd: std::os::fd::RawFd) -> io::Result<Option<i32>> {
-    let sock = socket()?;
-    let total = NLMSG_HDRLEN + 4 + 8;
-    let mut req = Vec::with_capacity(total);
-    req.extend_from_slice(&(total as u32).to_ne_bytes());
-    req.extend_from_slice(&RTM_GETNSID.to_ne_bytes());
-    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]); // rtgenmsg, padded
-    attr_u32(&mut req, NETNSA_FD, fd as u32);
-    // SAFETY: valid socket and buffer.
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = vec![0u8; 1024];
-    // SAFETY: valid socket and buffer.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let msg = buf.get(..n as usize).unwrap_or_default();
+    let mut body = vec![libc::AF_UNSPEC as u8, 0, 0, 0]; // rtgenmsg, padded
+    attr_u32(&mut body, NETNSA_FD, fd as u32);
+    let sock = request(RTM_GETNSID, libc::NLM_F_REQUEST, &body)?;
+    let mut buf = [0u8; 1024];
+    let msg = receive(&sock, &mut buf)?;
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "short netlink reply");
     match u16_at(msg, 4).ok_or_else(bad)? {
         NLMSG_ERROR => {
@@ -263,17 +214,9 @@ fn socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn attr_u32(msg: &mut Vec<u8>, kind: u16, value: u32) {
-    msg.extend_from_slice(&8u16.to_ne_bytes());
-    msg.extend_from_slice(&kind.to_ne_bytes());
-    msg.extend_from_slice(&value.to_ne_bytes());
-}
-
-/// Sends one request that creates something and waits for its acknowledgement; "already
-/// exists" counts as success.
-fn create(kind: u16, body: &[u8]) -> io::Result<()> {
+/// Opens a socket and sends one message on it: a netlink header (`kind`, `flags`), then `body`.
+fn request(kind: u16, flags: libc::c_int, body: &[u8]) -> io::Result<OwnedFd> {
     let sock = socket()?;
-    let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL;
     let total = NLMSG_HDRLEN + body.len();
     let mut msg = Vec::with_capacity(total);
     msg.extend_from_slice(&(total as u32).to_ne_bytes());
@@ -286,13 +229,32 @@ fn create(kind: u16, body: &[u8]) -> io::Result<()> {
     if unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut buf = [0u8; 1024];
+    Ok(sock)
+}
+
+/// Receives one datagram of replies into `buf`.
+fn receive<'a>(sock: &OwnedFd, buf: &'a mut [u8]) -> io::Result<&'a [u8]> {
     // SAFETY: valid socket and buffer.
     let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let reply = buf.get(..n as usize).unwrap_or_default();
+    Ok(buf.get(..n as usize).unwrap_or_default())
+}
+
+fn attr_u32(msg: &mut Vec<u8>, kind: u16, value: u32) {
+    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(&value.to_ne_bytes());
+}
+
+/// Sends one request that creates something and waits for its acknowledgement; "already
+/// exists" counts as success.
+fn create(kind: u16, body: &[u8]) -> io::Result<()> {
+    let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL;
+    let sock = request(kind, flags, body)?;
+    let mut buf = [0u8; 1024];
+    let reply = receive(&sock, &mut buf)?;
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "short netlink reply");
     if u16_at(reply, 4).ok_or_else(bad)? != NLMSG_ERROR {
         return Err(io::Error::new(
