@@ -417,6 +417,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             identities.clone(),
             config.inbound_port,
             config.max_streams_per_connection,
+            tokio::runtime::Handle::current().metrics().num_workers(),
         )),
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),

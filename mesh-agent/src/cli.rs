@@ -198,6 +198,10 @@ pub struct RunArgs {
     /// intact (server-speaks-first protocols wait this long for their banner).
     #[arg(long, default_value = "300ms", value_parser = parse_timeout)]
     pub detect_timeout: std::time::Duration,
+    /// Threads of the proxy's runtime (named `mesh-proxy-N`) [default: the CPUs this process
+    /// may run on]. The desired-state and Kubernetes threads are apart from these.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// Whose names the HTTP metrics use: Linkerd's (`request_total`, `response_total`,
     /// `response_latency_ms`), Istio's (`istio_requests_total`, ...), or both.
     #[arg(long, value_enum, default_value_t = crate::metrics::http::Dialect::Both)]

@@ -293,7 +293,20 @@ fn same_node_traffic_is_captured_and_stays_on_the_node() {
     let mut near = bed.pod_command("near", meshtest()).expect("near command");
     near.args(["serve", "8080", "near"]);
     bed.spawn(near).expect("start near");
-    let (n1, n2) = agents(&bed);
+    // The proxy runs on the threads asked for, named for `top -H` and profiles.
+    let (n1, n2) = agents_with(&bed, &["--worker-threads", "3"]);
+    let mut workers: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", n1.pid().unwrap()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| c.starts_with("mesh-proxy-") || c.starts_with("tokio-runtime"))
+        .collect();
+    workers.sort();
+    assert_eq!(
+        workers[..3],
+        ["mesh-proxy-0", "mesh-proxy-1", "mesh-proxy-2"]
+    );
+    assert!(!workers.iter().any(|c| c.starts_with("tokio-runtime")));
 
     let addr = format!("{}:8080", bed.pod("near").ip);
     let got = fetch_from_pod(&bed, "client", &addr);

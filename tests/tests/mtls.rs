@@ -403,11 +403,48 @@ fn connect_all(bed: &Testbed, requests: &[(&str, Option<&str>)]) -> Vec<u16> {
     .unwrap()
 }
 
+/// HBONE connections from n1's agent to n2's, as the kernel lists them.
+fn hbone_connections(bed: &Testbed) -> usize {
+    let ss = output({
+        let mut c = bed.node_command("n1", "ss").unwrap();
+        c.args(["-Htn", "state", "established", "dst", HBONE_N2]);
+        c
+    });
+    String::from_utf8_lossy(&ss.stdout).lines().count()
+}
+
+#[test]
+fn busy_traffic_to_a_peer_is_spread_over_a_connection_per_proxy_thread() {
+    let _serial = serial();
+    let bed = bed();
+    let (_n1, n2) = agents_with(&bed, &["--worker-threads", "3"]);
+    let web_ip = bed.pod("web").ip.to_string();
+    let before = arrived_as(&n2, "client");
+    let mut hold = bed.pod_command("client", meshtest()).unwrap();
+    hold.args(["hold", &format!("{web_ip}:9090"), "6", "60"])
+        .stdout(std::process::Stdio::null());
+    bed.spawn(hold).unwrap();
+    eventually("six tunnels to arrive", || {
+        arrived_as(&n2, "client") == before + 6.0
+    });
+    // Tunnels opened while every connection carried one brought siblings, up to one per
+    // proxy thread, and no further.
+    eventually("three HBONE connections from n1 to n2", || {
+        hbone_connections(&bed) == 3
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(hbone_connections(&bed), 3);
+}
+
 #[test]
 fn hbone_caps_tunnels_per_connection_and_checks_the_forwarded_client() {
     let _serial = serial();
     let bed = bed();
-    let (n1, n2) = agents_with(&bed, &["--max-streams-per-connection", "3"]);
+    // One proxy thread: a sibling connection is then opened only when one is full.
+    let (n1, n2) = agents_with(
+        &bed,
+        &["--max-streams-per-connection", "3", "--worker-threads", "1"],
+    );
     let client_ip = bed.pod("client").ip.to_string();
     let web_ip = bed.pod("web").ip.to_string();
     let own = format!("for={client_ip}");
@@ -461,13 +498,11 @@ fn hbone_caps_tunnels_per_connection_and_checks_the_forwarded_client() {
         ),
         1.0
     );
-    let ss = output({
-        let mut c = bed.node_command("n1", "ss").unwrap();
-        c.args(["-Htn", "state", "established", "dst", HBONE_N2]);
-        c
-    });
-    let hbone_conns = String::from_utf8_lossy(&ss.stdout).lines().count();
-    assert_eq!(hbone_conns, 2, "HBONE connections from n1 to n2");
+    assert_eq!(
+        hbone_connections(&bed),
+        2,
+        "HBONE connections from n1 to n2"
+    );
     assert_eq!(
         metric(
             &n1,

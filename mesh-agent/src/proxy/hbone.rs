@@ -128,6 +128,10 @@ pub struct HboneConnector {
     port: u16,
     /// Tunnels per connection: the peer refuses more, so a full connection gets a sibling.
     max_streams: usize,
+    /// Connections per key that busy traffic is spread over (one connection's TLS and HTTP/2
+    /// framing run on one task at a time, so one connection uses at most one core): a stream
+    /// that finds every connection of its key busy dials another, up to this many.
+    spread: usize,
     pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     /// One dial at a time per key: connections opened together share the first dial instead
     /// of each opening an HBONE connection of its own.
@@ -227,12 +231,14 @@ impl HboneConnector {
         identities: Arc<IdentityManager>,
         port: u16,
         max_streams: usize,
+        spread: usize,
     ) -> Self {
         Self {
             tls,
             identities,
             port,
             max_streams,
+            spread: spread.max(1),
             pool: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
         }
@@ -281,8 +287,9 @@ impl HboneConnector {
             destination: destination.clone(),
         };
         let (sender, slot) = match self.pooled(&key) {
-            Some(s) => s,
-            None => tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial_once(&key, &credential))
+            Some((sender, slot, false)) => (sender, slot),
+            // None yet, or every one busy while there may be more: dial (one at a time).
+            _ => tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial_once(&key, &credential))
                 .await
                 .map_err(|_| Error::Stalled {
                     peer,
@@ -373,33 +380,49 @@ impl HboneConnector {
         Ok(TokioIo::new(upgraded))
     }
 
-    /// A pooled connection for `key` with room for one more tunnel, and that room.
-    fn pooled(&self, key: &PoolKey) -> Option<(http2::SendRequest<Body>, Slot)> {
+    /// The least busy pooled connection for `key` with room for one more tunnel, that room,
+    /// and whether the key is crowded: every connection had streams open, and there are fewer
+    /// than `spread`.
+    fn pooled(&self, key: &PoolKey) -> Option<(http2::SendRequest<Body>, Slot, bool)> {
         let mut pool = self.pool.lock().ok()?;
         let conns = pool.get_mut(key)?;
         conns.retain(|c| !c.sender.is_closed());
-        conns.iter().find_map(|c| {
-            let slot = c.streams.try_take(self.max_streams)?;
-            Some((c.sender.clone(), slot))
-        })
+        let least = conns.iter().min_by_key(|c| c.streams.held())?;
+        let crowded = least.streams.held() > 0 && conns.len() < self.spread;
+        let slot = least.streams.try_take(self.max_streams)?;
+        Some((least.sender.clone(), slot, crowded))
     }
 
-    /// Dials for `key` unless a dial that was already under way left room on a connection.
-    async fn dial_once(
-        &self,
-        key: &PoolKey,
-        credential: &crate::identity::manager::Credential,
-    ) -> Result<(http2::SendRequest<Body>, Slot), Error> {
-        let lock = match self.dialing.lock() {
+    /// The lock that takes dials for `key` one at a time.
+    fn dial_lock(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<()>> {
+        match self.dialing.lock() {
             Ok(mut d) => {
                 d.retain(|_, l| Arc::strong_count(l) > 1);
                 d.entry(key.clone()).or_default().clone()
             }
             Err(_) => Arc::default(),
-        };
+        }
+    }
+
+    /// Dials for `key` unless a dial that was already under way left room on a connection
+    /// that is not crowded. A crowded key's extra connection is only a spread: when it cannot
+    /// be dialled, the stream goes on a connection there is.
+    async fn dial_once(
+        &self,
+        key: &PoolKey,
+        credential: &crate::identity::manager::Credential,
+    ) -> Result<(http2::SendRequest<Body>, Slot), Error> {
+        let lock = self.dial_lock(key);
         let _turn = lock.lock().await;
         match self.pooled(key) {
-            Some(found) => Ok(found),
+            Some((sender, slot, false)) => Ok((sender, slot)),
+            Some((sender, slot, true)) => match self.dial(key, credential).await {
+                Ok(dialled) => Ok(dialled),
+                Err(e) => {
+                    debug!(peer = %key.node, "another HBONE connection to spread over: {e}");
+                    Ok((sender, slot))
+                }
+            },
             None => self.dial(key, credential).await,
         }
     }

@@ -180,7 +180,9 @@ fn check_tools() -> anyhow::Result<()> {
 pub fn run(quick: bool, profile: bool, root: &Path) -> anyhow::Result<()> {
     check_tools()?;
     let release = root.join("target/release");
-    let agent_bin = release.join("mesh-agent");
+    // `MESH_AGENT_BIN` benches another build of the agent (an A/B of two commits or profiles).
+    let agent_bin = std::env::var_os("MESH_AGENT_BIN")
+        .map_or_else(|| release.join("mesh-agent"), PathBuf::from);
     // SAFETY (edition 2021: safe): set before any thread of ours starts.
     std::env::set_var("MESH_AGENT_BIN", &agent_bin);
     let plan = Plan::new(quick);
