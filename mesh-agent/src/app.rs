@@ -15,11 +15,12 @@ use hyper::StatusCode;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     admin,
     datapath::{self, Datapath, Exclusions},
+    drain::Drain,
     enrolled::EnrolledPods,
     identity::{
         ca::{self, CertificateAuthority, DevCa},
@@ -79,6 +80,8 @@ pub struct Config {
     pub head_timeout: Duration,
     /// How long protocol detection waits for a client's first bytes.
     pub detect_timeout: Duration,
+    /// How long a SIGTERM waits for the connections in flight (see [`crate::drain`]).
+    pub drain_timeout: Duration,
     /// An HTTP client's request head must arrive within this.
     pub http_head_timeout: Duration,
     pub metrics_dialect: crate::metrics::http::Dialect,
@@ -286,7 +289,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         ports: config.exclude_ports.clone(),
         nets: config.exclude_cidrs.clone(),
     };
-    let (datapath, orig_dst) = Datapath::start(
+    let (datapath, orig_dst, mut capture) = Datapath::start(
         &config.cgroup,
         outbound_addr,
         outbound6_addr,
@@ -304,6 +307,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let (state_tx, state_rx) = watch::channel(initial);
     let (enrolled_tx, enrolled_rx) = watch::channel(Arc::new(EnrolledPods::default()));
     let ready = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
+    let (drain, drain_watch) = Drain::new();
     // Kubelet probes: by the kubelet's cgroup if given, else by the node's addresses.
     let mut datapath = datapath;
     let probe_sources = match &config.kubelet_cgroup {
@@ -405,6 +410,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             pool: pool.clone(),
             http_head_timeout: config.http_head_timeout,
             policy: config.policy.clone(),
+            drain: drain_watch.clone(),
         }),
     ));
     let outbound_inputs = Arc::new(ProxyInputs {
@@ -429,6 +435,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         max_streams: config.max_streams_per_connection,
         pool,
         policy: config.policy.clone(),
+        drain: drain_watch,
     });
     tasks.spawn(outbound::serve(outbound_listener, outbound_inputs.clone()));
     if let Some(listener) = outbound6_listener {
@@ -502,8 +509,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
         })
     };
     tasks.spawn(admin::serve(metrics_listener, scrape, limits("metrics")));
+    let health_draining = draining.clone();
     let health = Arc::new(move |path: &str| match path {
         "/live" => (StatusCode::OK, "live\n".to_owned()),
+        "/ready" if health_draining.load(Ordering::Acquire) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: draining\n".to_owned(),
+        ),
         "/ready" if ready.load(Ordering::Acquire) => (StatusCode::OK, "ready\n".to_owned()),
         "/ready" => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -519,8 +531,28 @@ pub async fn run(config: Config) -> Result<(), Error> {
     );
 
     tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
-        _ = sigint.recv() => info!("SIGINT: shutting down"),
+        _ = sigterm.recv() => info!("SIGTERM: draining"),
+        _ = sigint.recv() => info!("SIGINT: draining"),
+    }
+    // Not ready from now on; pods' new connections go directly (fail open, as when no agent
+    // runs); what the proxy carries gets until the drain timeout to end.
+    draining.store(true, Ordering::Release);
+    if let Err(e) = capture.stop() {
+        warn!("could not stop capturing new connections: {e}");
+    }
+    drain.start();
+    info!(
+        in_flight = drain.in_flight(),
+        timeout = ?config.drain_timeout,
+        "stopped capturing and accepting; waiting for the connections in flight"
+    );
+    tokio::select! {
+        _ = drain.finished() => info!("drained"),
+        _ = tokio::time::sleep(config.drain_timeout) => {
+            info!(in_flight = drain.in_flight(), "drain timeout: closing what is left");
+        }
+        _ = sigterm.recv() => info!("second SIGTERM: closing what is left"),
+        _ = sigint.recv() => info!("second SIGINT: closing what is left"),
     }
     // Dropping the tasks drops the reconciler and with it the datapath: every link detaches.
     tasks.shutdown().await;

@@ -202,6 +202,12 @@ pub struct RunArgs {
     /// may run on]. The desired-state and Kubernetes threads are apart from these.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
+    /// On SIGTERM the agent stops capturing new connections (they go directly, as when no
+    /// agent runs), stops accepting, asks HTTP clients and HBONE peers to go elsewhere, and
+    /// waits this long at most for the connections it carries to end (a second signal ends
+    /// it at once): e.g. 20s, 500ms.
+    #[arg(long, default_value = "20s", value_parser = parse_timeout)]
+    pub drain_timeout: std::time::Duration,
     /// Whose names the HTTP metrics use: Linkerd's (`request_total`, `response_total`,
     /// `response_latency_ms`), Istio's (`istio_requests_total`, ...), or both.
     #[arg(long, value_enum, default_value_t = crate::metrics::http::Dialect::Both)]

@@ -150,6 +150,22 @@ pub struct Captured {
     pub netns_cookie: u64,
 }
 
+/// Whether pods' new connections are captured at all: the programs redirect nothing while the
+/// proxy's address in `PROXY` is zero.
+pub struct Capture {
+    proxy: Array<MapData, ProxyConfig>,
+}
+
+impl Capture {
+    /// Stops capturing new connections (a drain): they go where the pod dialled, as when no
+    /// agent runs. Connections already redirected are not touched.
+    pub fn stop(&mut self) -> Result<(), Error> {
+        self.proxy
+            .set(0, ProxyConfig::default(), 0)
+            .map_err(map_err(maps::PROXY))
+    }
+}
+
 /// Read side of the per-connection maps, shared with the proxy.
 pub struct OrigDstTable {
     orig_dst: HashMap<MapData, RawAddr, OrigDst>,
@@ -297,7 +313,7 @@ impl Datapath {
         node_addrs: &[Ipv4Addr],
         node_addrs6: &[Ipv6Addr],
         exclusions: &Exclusions,
-    ) -> Result<(Self, OrigDstTable), Error> {
+    ) -> Result<(Self, OrigDstTable, Capture), Error> {
         if OBJECT.is_empty() {
             return Err(Error::Stub);
         }
@@ -438,6 +454,7 @@ impl Datapath {
                 policy_links: StdHashMap::new(),
             },
             table,
+            Capture { proxy },
         ))
     }
 

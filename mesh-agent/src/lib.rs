@@ -5,6 +5,7 @@ pub mod app;
 pub mod balance;
 pub mod cli;
 pub mod datapath;
+pub mod drain;
 pub mod enrolled;
 pub mod identity;
 pub mod limits;

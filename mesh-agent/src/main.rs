@@ -66,6 +66,7 @@ fn main() -> anyhow::Result<()> {
                 max_connections_per_pod: args.max_connections_per_pod as usize,
                 head_timeout: args.head_timeout,
                 detect_timeout: args.detect_timeout,
+                drain_timeout: args.drain_timeout,
                 http_head_timeout: args.http_head_timeout,
                 metrics_dialect: args.metrics_dialect,
                 max_manifest_bytes: args.max_manifest_bytes,

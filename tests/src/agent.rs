@@ -189,7 +189,8 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
-    /// SIGTERM, then wait for the exit.
+    /// SIGTERM (the agent drains what it carries, up to its `--drain-timeout`), then wait for
+    /// the exit.
     pub fn stop(&mut self) -> io::Result<ExitStatus> {
         let mut child = self
             .child
@@ -198,6 +199,32 @@ impl Agent {
         // SAFETY: plain syscall on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         child.wait()
+    }
+
+    /// Sends SIGTERM (the agent drains) without waiting for it to exit.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: plain syscall on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits up to `limit` for the agent to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                return Err(io::Error::other("agent already stopped"));
+            };
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL: the agent gets no chance to clean up.

@@ -91,6 +91,8 @@ pub struct InboundInputs {
     pub http_head_timeout: Duration,
     /// What inbound policy falls back on.
     pub policy: crate::policy::Defaults,
+    /// Tells the listener and its connections that the agent drains.
+    pub drain: crate::drain::Watch,
 }
 
 /// Who is on the other end of one inbound mTLS connection.
@@ -113,12 +115,19 @@ const MAX_DESTINATIONS_PER_PEER: usize = 256;
 
 pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
     loop {
-        let Ok((tcp, addr)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // Draining: the listener closes; peers dial elsewhere or get refused.
+            () = inputs.drain.draining() => return,
+        };
+        let Ok((tcp, addr)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let inputs = inputs.clone();
+        let held = inputs.drain.hold();
         tokio::spawn(async move {
+            let _held = held;
             let _ = tcp.set_nodelay(true);
             let accepted =
                 tokio::time::timeout(inputs.handshake_timeout, inputs.acceptor.accept(tcp)).await;
@@ -172,12 +181,14 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
             });
             let max_streams =
                 u32::try_from(inputs.max_streams.saturating_add(1)).unwrap_or(u32::MAX);
+            let inputs_drain = inputs.drain.clone();
             let service = service_fn(move |req| {
                 let inputs = inputs.clone();
                 let peer = peer.clone();
                 async move { Ok::<_, std::convert::Infallible>(connect(&inputs, &peer, req).await) }
             });
-            if let Err(e) = http2::Builder::new(TokioExecutor::new())
+            let drain = inputs_drain;
+            let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
                 // One above our own cap: a stream beyond it is answered (503, counted) rather
@@ -186,9 +197,12 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
                 .initial_stream_window_size(hbone::STREAM_WINDOW)
                 .initial_connection_window_size(hbone::CONNECTION_WINDOW)
                 .max_frame_size(hbone::MAX_FRAME)
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
+                .serve_connection(TokioIo::new(tls), service);
+            // Draining: GOAWAY, and the tunnels open carry on until they end.
+            let conn = std::pin::pin!(conn);
+            let served =
+                crate::proxy::http::until_drained(conn, &drain, |c| c.graceful_shutdown()).await;
+            if let Err(e) = served {
                 debug!(client = %addr, "inbound HBONE connection ended: {e}");
             }
         });
@@ -413,6 +427,7 @@ async fn connect(
         let tunnel = requests;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (head_timeout, max_streams) = (inputs.http_head_timeout, inputs.max_streams);
+        let drain = inputs.drain.clone();
         tokio::spawn(async move {
             let _slot = slot;
             match on_upgrade.await {
@@ -423,6 +438,7 @@ async fn connect(
                         protocol,
                         head_timeout,
                         max_streams,
+                        drain,
                     )
                     .await
                 }

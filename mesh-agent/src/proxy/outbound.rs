@@ -137,6 +137,8 @@ pub struct ProxyInputs {
     pub pool: Arc<Pool>,
     /// What inbound policy falls back on (for deliveries to pods of this node).
     pub policy: crate::policy::Defaults,
+    /// Tells the listener and its connections that the agent drains.
+    pub drain: crate::drain::Watch,
 }
 
 /// Whether a pod's original destination is the node itself or a range that only means
@@ -173,7 +175,12 @@ pub fn is_host_scoped(ip: IpAddr) -> bool {
 /// Accepts until the task is dropped.
 pub async fn serve(listener: TcpListener, inputs: Arc<ProxyInputs>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // Draining: nothing new is captured any more; the listener closes.
+            () = inputs.drain.draining() => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -183,7 +190,9 @@ pub async fn serve(listener: TcpListener, inputs: Arc<ProxyInputs>) {
             }
         };
         let inputs = inputs.clone();
+        let held = inputs.drain.hold();
         tokio::spawn(async move {
+            let _held = held;
             if let Err(e) = proxy_connection(&inputs, stream, peer).await {
                 match e.refusal() {
                     // A pod can provoke these at will: counted, and logged only at debug so

@@ -95,12 +95,14 @@ pub async fn serve(
     protocol: Protocol,
     head_timeout: Duration,
     max_streams: usize,
+    drain: crate::drain::Watch,
 ) {
     let served = tunnel.clone();
     let limits = ServeLimits {
         head_timeout,
         max_streams,
         max_frame: Some(crate::proxy::hbone::MAX_FRAME),
+        drain,
     };
     let deliver_one = move |req| {
         let tunnel = served.clone();

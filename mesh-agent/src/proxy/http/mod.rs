@@ -296,10 +296,13 @@ pub struct ServeLimits {
     pub max_streams: usize,
     /// The largest HTTP/2 frame accepted, if not the protocol's default.
     pub max_frame: Option<u32>,
+    /// When the agent drains, the connection finishes the requests it is on and closes
+    /// (HTTP/1: after the response in flight; HTTP/2: GOAWAY).
+    pub drain: crate::drain::Watch,
 }
 
 /// Serves `io` as `protocol` (HTTP/1.x with upgrades, or HTTP/2) with `service` until the
-/// peer closes it; heads over [`MAX_HEAD_BYTES`] are refused.
+/// peer closes it or the agent drains; heads over [`MAX_HEAD_BYTES`] are refused.
 pub async fn serve_connection<I, S, F>(
     io: I,
     protocol: Protocol,
@@ -329,18 +332,39 @@ where
             if let Some(frame) = limits.max_frame {
                 builder.max_frame_size(frame);
             }
-            builder.serve_connection(io, service).await
+            let conn = std::pin::pin!(builder.serve_connection(io, service));
+            until_drained(conn, &limits.drain, |c| c.graceful_shutdown()).await
         }
         _ => {
-            http1::Builder::new()
+            let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.head_timeout)
                 .max_buf_size(MAX_HEAD_BYTES)
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            until_drained(std::pin::pin!(conn), &limits.drain, |c| {
+                c.graceful_shutdown()
+            })
+            .await
         }
     }
+}
+
+/// Drives `conn` to its end; once the agent drains, `shutdown` asks it to finish what it is
+/// on first.
+pub async fn until_drained<C, T>(
+    mut conn: std::pin::Pin<&mut C>,
+    drain: &crate::drain::Watch,
+    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> T
+where
+    C: std::future::Future<Output = T>,
+{
+    tokio::select! {
+        done = conn.as_mut() => return done,
+        () = drain.draining() => shutdown(conn.as_mut()),
+    }
+    conn.await
 }
 
 /// Arranges for an upgrade the upstream accepted (101, or 2xx to a `CONNECT`) to be relayed

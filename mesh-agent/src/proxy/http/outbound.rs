@@ -228,6 +228,7 @@ pub async fn serve(
         head_timeout: inputs.http_head_timeout,
         max_streams: inputs.max_streams,
         max_frame: None,
+        drain: inputs.drain.clone(),
     };
     let forward_one = move |req| {
         let client = served.clone();

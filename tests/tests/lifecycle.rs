@@ -1,0 +1,121 @@
+//! The agent's lifecycle: graceful drain on SIGTERM. Real agents, real pods, real signals. Run
+//! as root, serially (`cargo xtask test`).
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests fail loudly by design"
+)]
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use mesh_agent_tests::{harness::*, serial, PodSpec};
+
+/// HTTP requests the destination agent received (Linkerd's `request_total`, inbound).
+fn inbound_requests(agent: &mesh_agent_tests::Agent) -> f64 {
+    metric(agent, "request_total", &[("direction", "inbound")])
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish_while_new_connections_go_directly() {
+    let _serial = serial();
+    let bed = bed_with(vec![PodSpec::new("slow", 1, "slow")]);
+    let mut server = bed.pod_command("slow", meshtest()).unwrap();
+    server.args(["http", "8080", "slow"]);
+    bed.spawn(server).unwrap();
+    let (mut n1, n2) = agents(&bed);
+    let slow = format!("{}:8080", bed.pod("slow").ip);
+    let warm = fetch_from_pod(&bed, "client", &slow);
+    assert_eq!(warm.status, 200);
+    assert_eq!(
+        inbound_requests(&n2),
+        1.0,
+        "the first request went through the mesh"
+    );
+
+    // 20 requests the server answers after 2 s, each on a connection of its own.
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let mut get = bed.pod_command("client", meshtest()).unwrap();
+            get.args(["get", &slow, "/slow/2000"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped());
+            get.spawn().unwrap()
+        })
+        .collect();
+    eventually("20 requests in flight through both agents", || {
+        inbound_requests(&n2) == 21.0
+    });
+    let terminated = Instant::now();
+    n1.terminate();
+    // Not ready at once (the kubelet stops sending it work)...
+    eventually_for("n1 to report not ready", Duration::from_secs(1), || {
+        n1.get(15021, "/ready").is_ok_and(|r| r.status == 503)
+    });
+    // ...and a connection made now goes where the pod dialled, directly: it is answered, and
+    // no agent carried it.
+    let during = fetch_from_pod(&bed, "client", &slow);
+    assert_eq!(during.status, 200);
+    assert!(
+        during.body.starts_with("hello from slow"),
+        "{}",
+        during.body
+    );
+    assert_eq!(
+        inbound_requests(&n2),
+        21.0,
+        "the new request bypassed the mesh"
+    );
+
+    for request in requests {
+        let out = request.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "a request in flight failed: {text}");
+        assert!(text.starts_with("status=200\n"), "{text}");
+        assert!(text.contains("hello from slow"), "{text}");
+    }
+    // The agent exits once they are answered, long before its 20 s drain timeout.
+    let status = n1
+        .wait_exit(Duration::from_secs(10))
+        .unwrap()
+        .expect("n1 to exit once drained");
+    assert!(status.success(), "{status}");
+    let took = terminated.elapsed();
+    assert!(
+        took >= Duration::from_millis(1200) && took < Duration::from_secs(10),
+        "n1 exited {took:?} after SIGTERM: it should wait for the slow answers, then stop"
+    );
+    assert!(n1.log_text().contains("drained"), "{}", n1.log_text());
+}
+
+#[test]
+fn the_drain_timeout_bounds_how_long_a_connection_keeps_the_agent() {
+    let _serial = serial();
+    let bed = bed();
+    let (mut n1, n2) = agents_with(&bed, &["--drain-timeout", "1s"]);
+    let before = arrived_as(&n2, "client");
+    // A long opaque connection to the echo port, through the mesh.
+    let mut hold = bed.pod_command("client", meshtest()).unwrap();
+    let echo = format!("{}:9090", bed.pod("web").ip);
+    hold.args(["hold", &echo, "1", "60"]).stdout(Stdio::null());
+    bed.spawn(hold).unwrap();
+    eventually("the tunnel to arrive", || {
+        arrived_as(&n2, "client") == before + 1.0
+    });
+    let terminated = Instant::now();
+    n1.terminate();
+    let status = n1
+        .wait_exit(Duration::from_secs(10))
+        .unwrap()
+        .expect("n1 to exit at its drain timeout");
+    let took = terminated.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "n1 exited {took:?} after SIGTERM with --drain-timeout 1s"
+    );
+    assert!(n1.log_text().contains("drain timeout"), "{}", n1.log_text());
+}
