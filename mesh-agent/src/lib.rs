@@ -7,6 +7,7 @@ pub mod cli;
 pub mod datapath;
 pub mod drain;
 pub mod enrolled;
+pub mod fuzzing;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod kind;
 mod setup;
 
@@ -52,6 +53,16 @@ enum Cmd {
         /// from the API server double): time to the first snapshot and memory.
         #[arg(long, conflicts_with_all = ["quick", "profile", "scale"])]
         kube_scale: bool,
+    },
+    /// Run each fuzz target (fuzz/fuzz_targets) under libFuzzer; a crash is kept under
+    /// fuzz/regressions, which the unit tests replay.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Manage the simulated cluster by hand.
     Testbed {
@@ -123,6 +134,10 @@ fn main() -> anyhow::Result<()> {
                 return bench::kube_scale::run(&workspace_root());
             }
             bench::run(quick, profile, &workspace_root())
+        }
+        Cmd::Fuzz { seconds, target } => {
+            setup::run()?;
+            fuzz::run(&workspace_root(), seconds, target.as_deref())
         }
         Cmd::Testbed { action } => match action {
             TestbedAction::Up => demo::testbed_up(),

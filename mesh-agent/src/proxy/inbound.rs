@@ -244,6 +244,73 @@ fn policy_check(
     )
 }
 
+/// What the head of a stream from a peer agent asks for, read before anything is decided.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StreamHead {
+    /// A CONNECT tunnel (else one HTTP request, its pod named in `mesh-target`).
+    pub tunnel: bool,
+    /// The pod address and port.
+    pub target: SocketAddr,
+    /// The client address the peer claims to connect for (checked against its identity).
+    pub forwarded: Option<std::net::IpAddr>,
+    /// The client's workload and namespace, as labels.
+    pub baggage: Baggage,
+    /// What the tunnel carries (requests are HTTP/2).
+    pub protocol: Protocol,
+}
+
+/// Why a stream head is refused before its target is looked at.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeadRefusal {
+    /// Neither CONNECT nor a request naming its pod.
+    Method,
+    /// The target is not an address and port.
+    Target,
+}
+
+impl StreamHead {
+    /// Reads a peer's stream head: only what the bytes say, nothing looked up.
+    pub fn read<B>(req: &Request<B>) -> Result<StreamHead, HeadRefusal> {
+        let tunnel = req.method() == Method::CONNECT;
+        if !tunnel && !req.headers().contains_key(hbone::TARGET) {
+            return Err(HeadRefusal::Method);
+        }
+        let named = match tunnel {
+            true => req.uri().authority().map(|a| a.as_str()),
+            false => req
+                .headers()
+                .get(hbone::TARGET)
+                .and_then(|v| v.to_str().ok()),
+        };
+        let target = named
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .ok_or(HeadRefusal::Target)?;
+        let headers = req.headers();
+        let (forwarded, baggage, protocol) = match tunnel {
+            true => (
+                TunnelRequest::parse_forwarded_for(headers),
+                Baggage::parse(headers, BAGGAGE),
+                headers
+                    .get(hbone::PROTOCOL)
+                    .and_then(|v| Protocol::from_header(v.as_bytes()))
+                    .unwrap_or(Protocol::Opaque),
+            ),
+            false => (
+                TunnelRequest::forwarded_in(headers, hbone::REQUEST_FORWARDED),
+                Baggage::parse(headers, hbone::REQUEST_BAGGAGE),
+                Protocol::Http2,
+            ),
+        };
+        Ok(StreamHead {
+            tunnel,
+            target,
+            forwarded,
+            baggage,
+            protocol,
+        })
+    }
+}
+
 /// One stream from a peer agent: a CONNECT tunnel to a pod, or an HTTP request for a pod
 /// (named in `mesh-target`).
 async fn connect(
@@ -251,40 +318,42 @@ async fn connect(
     peer: &Peer,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let tunnel = req.method() == Method::CONNECT;
-    if !tunnel && !req.headers().contains_key(hbone::TARGET) {
-        return refuse(
-            inputs,
-            peer,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method",
-            format!(
-                "{} from {} is neither CONNECT nor a request naming its pod",
-                req.method(),
-                peer.identity
-            ),
-        );
-    }
-    let named = match tunnel {
-        true => req.uri().authority().map(|a| a.as_str()),
-        false => req
-            .headers()
-            .get(hbone::TARGET)
-            .and_then(|v| v.to_str().ok()),
+    let head = match StreamHead::read(&req) {
+        Ok(head) => head,
+        Err(HeadRefusal::Method) => {
+            return refuse(
+                inputs,
+                peer,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method",
+                format!(
+                    "{} from {} is neither CONNECT nor a request naming its pod",
+                    req.method(),
+                    peer.identity
+                ),
+            )
+        }
+        Err(HeadRefusal::Target) => {
+            return refuse(
+                inputs,
+                peer,
+                StatusCode::BAD_REQUEST,
+                "target",
+                format!(
+                    "{} asked for {:?}, not a pod address and port",
+                    peer.identity,
+                    req.uri().to_string()
+                ),
+            )
+        }
     };
-    let Some(target) = named.and_then(|a| a.parse::<SocketAddr>().ok()) else {
-        return refuse(
-            inputs,
-            peer,
-            StatusCode::BAD_REQUEST,
-            "target",
-            format!(
-                "{} asked for {:?}, not a pod address and port",
-                peer.identity,
-                req.uri().to_string()
-            ),
-        );
-    };
+    let StreamHead {
+        tunnel,
+        target,
+        forwarded,
+        baggage,
+        protocol,
+    } = head;
     let Some(pod) = inputs.enrolled.borrow().by_ip(target.ip()).cloned() else {
         return refuse(
             inputs,
@@ -326,10 +395,6 @@ async fn connect(
     // The client's address, so the pod sees it as it would with a sidecar. The claim is only
     // taken from a peer whose certificate is that pod's identity.
     let snapshot = inputs.state.borrow().clone();
-    let forwarded = match tunnel {
-        true => TunnelRequest::parse_forwarded_for(req.headers()),
-        false => TunnelRequest::forwarded_in(req.headers(), hbone::REQUEST_FORWARDED),
-    };
     let source: Option<std::net::IpAddr> = match forwarded {
         Some(ip) => match snapshot.pod_by_ip(ip) {
             Some(client) if client.identity(&inputs.trust_domain) == peer.identity => Some(ip),
@@ -354,24 +419,12 @@ async fn connect(
     };
     // The peer is the client's node; who the client is comes from its certificate, and its
     // workload name from the baggage its agent sent (a label, never an authority).
-    let baggage = match tunnel {
-        true => Baggage::parse(req.headers(), BAGGAGE),
-        false => Baggage::parse(req.headers(), hbone::REQUEST_BAGGAGE),
-    };
     let source_namespace = match &peer.identity {
         Identity::Spiffe { namespace, .. } => namespace.clone(),
     };
     let source_workload = baggage
         .workload
         .unwrap_or_else(|| crate::metrics::UNKNOWN.into());
-    let protocol = match tunnel {
-        true => req
-            .headers()
-            .get(hbone::PROTOCOL)
-            .and_then(|v| Protocol::from_header(v.as_bytes()))
-            .unwrap_or(Protocol::Opaque),
-        false => Protocol::Http2,
-    };
     if protocol != Protocol::Opaque {
         // Requests: each delivered on its own over pooled connections to the pod.
         let key = (target, source, source_workload);
