@@ -172,7 +172,7 @@ pub fn is_host_scoped(ip: IpAddr) -> bool {
     }
 }
 
-/// Accepts until the task is dropped.
+/// Accepts until the task is dropped or the agent drains.
 pub async fn serve(listener: TcpListener, inputs: Arc<ProxyInputs>) {
     loop {
         let accepted = tokio::select! {
