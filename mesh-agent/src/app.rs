@@ -307,7 +307,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let (state_tx, state_rx) = watch::channel(initial);
     let (enrolled_tx, enrolled_rx) = watch::channel(Arc::new(EnrolledPods::default()));
     let ready = Arc::new(AtomicBool::new(false));
-    let draining = Arc::new(AtomicBool::new(false));
     let (drain, drain_watch) = Drain::new();
     // Kubelet probes: by the kubelet's cgroup if given, else by the node's addresses.
     let mut datapath = datapath;
@@ -413,6 +412,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             drain: drain_watch.clone(),
         }),
     ));
+    let health_draining = drain_watch.clone();
     let outbound_inputs = Arc::new(ProxyInputs {
         state: state_rx.clone(),
         enrolled: enrolled_rx,
@@ -509,10 +509,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         })
     };
     tasks.spawn(admin::serve(metrics_listener, scrape, limits("metrics")));
-    let health_draining = draining.clone();
     let health = Arc::new(move |path: &str| match path {
         "/live" => (StatusCode::OK, "live\n".to_owned()),
-        "/ready" if health_draining.load(Ordering::Acquire) => (
+        "/ready" if health_draining.is_draining() => (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: draining\n".to_owned(),
         ),
@@ -534,9 +533,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         _ = sigterm.recv() => info!("SIGTERM: draining"),
         _ = sigint.recv() => info!("SIGINT: draining"),
     }
-    // Not ready from now on; pods' new connections go directly (fail open, as when no agent
-    // runs); what the proxy carries gets until the drain timeout to end.
-    draining.store(true, Ordering::Release);
+    // Pods' new connections go directly (fail open, as when no agent runs); then the drain
+    // starts (not ready from then on, listeners closed), and what the proxy carries gets
+    // until the drain timeout to end.
     if let Err(e) = capture.stop() {
         warn!("could not stop capturing new connections: {e}");
     }

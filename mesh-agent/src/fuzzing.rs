@@ -54,7 +54,6 @@ pub fn http_head(data: &[u8]) {
     let Some(mut req) = request_head(data) else {
         return;
     };
-    let _ = http::is_upgrade(&req);
     let _ = http::is_grpc(&req);
     let _ = http::authority(&req);
     let _ = http::grpc_status(req.headers());
