@@ -26,6 +26,7 @@ pub mod maps {
     pub const POLICY_NETS6: &str = "POLICY_NETS6";
     pub const POLICY_DROPS: &str = "POLICY_DROPS";
     pub const POLICY_CONFIG: &str = "POLICY_CONFIG";
+    pub const LIVENESS: &str = "LIVENESS";
 }
 
 /// Program names, as they appear in the object file.
@@ -105,7 +106,17 @@ impl SockAddrV6 {
 pub struct EnrolledPod {
     /// The pod's IPv4 address.
     pub ip: u32,
-    pub _pad: u32,
+    /// [`pod_flags`].
+    pub flags: u32,
+}
+
+/// What a pod asks of the datapath (`EnrolledPod::flags`, `PodAddrs::flags`).
+pub mod pod_flags {
+    /// While no agent serves the node (none running, or its heartbeat in `LIVENESS` lapsed, or
+    /// it is draining), the pod's captured connections are refused instead of going directly,
+    /// and plaintext connections to it are dropped (but those from the node's addresses, for
+    /// probes, and from excluded networks).
+    pub const FAIL_CLOSED: u32 = 1;
 }
 
 /// Where the node proxy listens (the only entry of `PROXY`). `ip == 0` means "not ready":
@@ -166,7 +177,8 @@ pub struct OrigDst {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodAddrs {
     pub ip4: u32,
-    pub _pad: u32,
+    /// [`pod_flags`].
+    pub flags: u32,
     /// Network byte order, as in the IPv6 header.
     pub ip6: [u8; 16],
 }
@@ -190,7 +202,10 @@ pub mod counters {
     /// New TCP connections to a pod that its inbound policy refuses for plaintext, dropped by
     /// TC (per pod and port in `POLICY_DROPS`).
     pub const POLICY_DROPPED: u32 = 6;
-    pub const LEN: u32 = 7;
+    /// Connections of fail-closed pods refused while no agent served them: `connect()`s
+    /// failed with `EPERM`, plaintext SYNs towards them dropped.
+    pub const FAIL_CLOSED_REFUSED: u32 = 7;
+    pub const LEN: u32 = 8;
 }
 
 /// Entries of the inbound policy maps (pods × ports with a decision of their own).

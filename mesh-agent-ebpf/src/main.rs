@@ -20,19 +20,22 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, TC_ACT_OK,
         TC_ACT_SHOT,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, classifier, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use mesh_agent_common::{
-    counters, marks, verdict, EnrolledPod, OrigDst, OrigDst6, PodAddrs, PodRules, PolicyConfig,
-    PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig, Redirect, Redirect6, SockAddrV4, SockAddrV6,
-    MAX_CONNECTIONS, MAX_EXCLUSIONS, MAX_PODS, MAX_POLICY_ENTRIES, RULE_NETS, RULE_PORTS,
+    counters, marks, pod_flags, verdict, EnrolledPod, OrigDst, OrigDst6, PodAddrs, PodRules,
+    PolicyConfig, PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig, Redirect, Redirect6, SockAddrV4,
+    SockAddrV6, MAX_CONNECTIONS, MAX_EXCLUSIONS, MAX_PODS, MAX_POLICY_ENTRIES, RULE_NETS,
+    RULE_PORTS,
 };
 
 /// `connect()` and `getpeername()` programs must return 1 to let the call proceed.
 const SOCK_ADDR_ALLOW: i32 = 1;
+/// ... and 0 to fail it with `EPERM`.
+const SOCK_ADDR_REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -119,6 +122,40 @@ static POLICY_DROPS: LruPerCpuHashMap<PolicyKey, u64> =
 #[map]
 static POLICY_CONFIG: Array<PolicyConfig> = Array::with_max_entries(1, 0);
 
+/// The agent's heartbeat: the `CLOCK_MONOTONIC` time (ns) until which it vouches that it serves
+/// the node. 0: an agent whose links die with it, which needs no heartbeat.
+#[map]
+static LIVENESS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Whether an agent serves the node now: pinned programs outlive their agent, and then pods
+/// must not be steered into a listener nobody serves.
+fn agent_alive() -> bool {
+    match LIVENESS.get(0) {
+        // SAFETY: plain helper.
+        Some(&deadline) => deadline == 0 || unsafe { bpf_ktime_get_ns() } < deadline,
+        None => true,
+    }
+}
+
+/// What becomes of a `connect()` the programs looked at.
+enum Steer<A> {
+    /// To the node proxy, at this address.
+    Proxy(A),
+    /// Refused (`EPERM`): a fail-closed pod while no agent serves it.
+    Refuse,
+}
+
+/// A capturable connection no agent can take: fail-closed pods are refused, the others go
+/// where they dialled (`Err`).
+fn unserved<A>(flags: u32) -> Result<Steer<A>, ()> {
+    if flags & pod_flags::FAIL_CLOSED != 0 {
+        count(counters::FAIL_CLOSED_REFUSED);
+        Ok(Steer::Refuse)
+    } else {
+        Err(())
+    }
+}
+
 fn count(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
@@ -128,54 +165,67 @@ fn count(index: u32) {
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    // Fail open: whatever goes wrong, the connection proceeds to where the app asked.
-    let _ = try_connect4(&ctx);
-    SOCK_ADDR_ALLOW
+    // Fail open: whatever goes wrong, the connection proceeds to where the app asked (unless
+    // the pod chose fail-closed and no agent serves it).
+    match try_connect4(&ctx) {
+        Ok(Steer::Refuse) => SOCK_ADDR_REFUSE,
+        _ => SOCK_ADDR_ALLOW,
+    }
 }
 
-fn try_connect4(ctx: &SockAddrContext) -> Result<(), ()> {
+fn try_connect4(ctx: &SockAddrContext) -> Result<Steer<()>, ()> {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the duration of the call.
     let sa = unsafe { &mut *ctx.sock_addr };
     let dst = SockAddrV4::new(sa.user_ip4, sa.user_port as u16);
-    let proxy = capture(ctx, dst)?;
+    let Steer::Proxy(proxy) = capture(ctx, dst)? else {
+        return Ok(Steer::Refuse);
+    };
     sa.user_ip4 = proxy.ip;
     sa.user_port = proxy.port as u32;
-    Ok(())
+    Ok(Steer::Proxy(()))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     // Fail open, as connect4.
-    let _ = try_connect6(&ctx);
-    SOCK_ADDR_ALLOW
+    match try_connect6(&ctx) {
+        Ok(Steer::Refuse) => SOCK_ADDR_REFUSE,
+        _ => SOCK_ADDR_ALLOW,
+    }
 }
 
 /// IPv6 sockets dialling an IPv4-mapped address (`::ffff:a.b.c.d`, Java's default for IPv4)
 /// are IPv4 connections underneath: captured like connect4, sent to the proxy's mapped address.
 /// Native IPv6 destinations go to the proxy's IPv6 listener.
-fn try_connect6(ctx: &SockAddrContext) -> Result<(), ()> {
+fn try_connect6(ctx: &SockAddrContext) -> Result<Steer<()>, ()> {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the duration of the call.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip = sa.user_ip6;
     if ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED {
         let dst = SockAddrV4::new(ip[3], sa.user_port as u16);
-        let proxy = capture(ctx, dst)?;
+        let Steer::Proxy(proxy) = capture(ctx, dst)? else {
+            return Ok(Steer::Refuse);
+        };
         sa.user_ip6[3] = proxy.ip;
         sa.user_port = proxy.port as u32;
-        return Ok(());
+        return Ok(Steer::Proxy(()));
     }
-    let netns_cookie = capturable(ctx)?;
-    let proxy = PROXY.get(0).ok_or(())?.outbound6;
-    if proxy.port == 0 {
-        // The node has no IPv6 listener: native IPv6 proceeds as dialled.
-        return Err(());
-    }
+    let (netns_cookie, flags) = capturable(ctx)?;
+    let config = PROXY.get(0).ok_or(())?;
+    let proxy = config.outbound6;
     let dst = SockAddrV6::new(ip, sa.user_port as u16);
     if EXCLUDED_NETS6.get(&Key::new(128, bytes6(&ip))).is_some() {
         return Err(());
     }
     // SAFETY: read-only lookup.
     if unsafe { EXCLUDED_PORTS.get(&dst.port) }.is_some() {
+        return Err(());
+    }
+    if config.outbound.ip == 0 || !agent_alive() {
+        return unserved(flags);
+    }
+    if proxy.port == 0 {
+        // The node has no IPv6 listener: native IPv6 proceeds as dialled.
         return Err(());
     }
     // SAFETY: helper valid for cgroup sock_addr programs.
@@ -189,7 +239,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), ()> {
     count(counters::REDIRECTED);
     set_user_ip6(sa, proxy.ip);
     sa.user_port = proxy.port as u32;
-    Ok(())
+    Ok(Steer::Proxy(()))
 }
 
 /// Writes `user_ip6` one word at a time at fixed offsets from the context: the verifier
@@ -221,8 +271,8 @@ fn bytes6(ip: &[u32; 4]) -> [u8; 16] {
 }
 
 /// Whether the socket connecting is one to capture at all: TCP, not the agent's own, from an
-/// enrolled pod's namespace. Returns that namespace's cookie.
-fn capturable(ctx: &SockAddrContext) -> Result<u64, ()> {
+/// enrolled pod's namespace. Returns that namespace's cookie and the pod's [`pod_flags`].
+fn capturable(ctx: &SockAddrContext) -> Result<(u64, u32), ()> {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the duration of the call.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
@@ -237,25 +287,23 @@ fn capturable(ctx: &SockAddrContext) -> Result<u64, ()> {
     // SAFETY: helper valid for cgroup sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) };
     // SAFETY: read-only lookup of a plain-old-data value.
-    if unsafe { ENROLLED.get(&netns_cookie) }.is_none() {
-        return Err(());
-    }
-    Ok(netns_cookie)
+    let pod = unsafe { ENROLLED.get(&netns_cookie) }.ok_or(())?;
+    Ok((netns_cookie, pod.flags))
 }
 
 /// Whether a `connect()` to IPv4 `dst` is captured. If so, remembers where it was going and
 /// who made it (keyed by socket cookie) and returns the proxy's address to dial instead.
-fn capture(ctx: &SockAddrContext, dst: SockAddrV4) -> Result<SockAddrV4, ()> {
-    let netns_cookie = capturable(ctx)?;
-    let proxy = PROXY.get(0).ok_or(())?.outbound;
-    if proxy.ip == 0 {
-        return Err(());
-    }
+fn capture(ctx: &SockAddrContext, dst: SockAddrV4) -> Result<Steer<SockAddrV4>, ()> {
+    let (netns_cookie, flags) = capturable(ctx)?;
     // SAFETY: read-only lookups.
     if unsafe { EXCLUDED_PORTS.get(&dst.port) }.is_some()
         || EXCLUDED_NETS.get(&Key::new(32, dst.ip)).is_some()
     {
         return Err(());
+    }
+    let proxy = PROXY.get(0).ok_or(())?.outbound;
+    if proxy.ip == 0 || !agent_alive() {
+        return unserved(flags);
     }
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
@@ -267,7 +315,7 @@ fn capture(ctx: &SockAddrContext, dst: SockAddrV4) -> Result<SockAddrV4, ()> {
     // If we cannot remember where it was going, do not redirect it.
     REDIRECTS.insert(&cookie, &redirect, 0).map_err(|_| ())?;
     count(counters::REDIRECTED);
-    Ok(proxy)
+    Ok(Steer::Proxy(proxy))
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -530,6 +578,19 @@ fn try_inbound_policy(ctx: &TcContext) -> Result<i32, ()> {
         }
         None => 0,
     };
+    if !agent_alive() {
+        // No agent vouches for the pod's inbound policy: plaintext flows as without the mesh,
+        // unless the pod is fail-closed (then only the node, for probes, and excluded networks
+        // still reach it).
+        // SAFETY: read-only lookup.
+        let fail_closed = unsafe { SPOOF_GUARD.get(&ifindex) }
+            .is_some_and(|pod| pod.flags & pod_flags::FAIL_CLOSED != 0);
+        if !fail_closed || from_node(ctx, v6)? || is_kubelet(ctx) {
+            return Ok(TC_ACT_OK);
+        }
+        count(counters::FAIL_CLOSED_REFUSED);
+        return Ok(TC_ACT_SHOT);
+    }
     // SAFETY: read-only lookups.
     let Some(rules) = (unsafe { POLICY_PODS.get(&ifindex) }) else {
         return Ok(TC_ACT_OK);
@@ -622,6 +683,18 @@ fn by_source4(rules: &PodRules, slot: usize, ip: u32) -> bool {
         }
     }
     false
+}
+
+/// Whether the packet comes from an address the mesh never handles: one of the node's own (the
+/// kubelet's probes), or a network the operator excluded (`--exclude-cidr`).
+fn from_node(ctx: &TcContext, v6: bool) -> Result<bool, ()> {
+    Ok(if v6 {
+        let ip = read::<[u8; 16]>(ctx, ETH_HLEN + 8)?;
+        EXCLUDED_NETS6.get(&Key::new(128, ip)).is_some()
+    } else {
+        let ip = read::<u32>(ctx, ETH_HLEN + 12)?;
+        EXCLUDED_NETS.get(&Key::new(32, ip)).is_some()
+    })
 }
 
 /// Whether the packet's socket belongs to the kubelet (by its cgroup, as configured).

@@ -82,6 +82,10 @@ pub struct Config {
     pub detect_timeout: Duration,
     /// How long a SIGTERM waits for the connections in flight (see [`crate::drain`]).
     pub drain_timeout: Duration,
+    /// Where the eBPF links are pinned to outlive the agent (see [`crate::pinning`]).
+    pub pin_dir: Option<PathBuf>,
+    /// How soon pinned programs give up on an agent whose heartbeat stopped.
+    pub liveness_timeout: Duration,
     /// An HTTP client's request head must arrive within this.
     pub http_head_timeout: Duration,
     pub metrics_dialect: crate::metrics::http::Dialect,
@@ -289,6 +293,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         ports: config.exclude_ports.clone(),
         nets: config.exclude_cidrs.clone(),
     };
+    let pins = match &config.pin_dir {
+        Some(dir) => Some(crate::pinning::PinDir::open(dir).map_err(datapath::Error::from)?),
+        None => None,
+    };
     let (datapath, orig_dst, mut capture) = Datapath::start(
         &config.cgroup,
         outbound_addr,
@@ -296,6 +304,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         &node_addrs4,
         &node_addrs6,
         &exclusions,
+        pins,
+        config.liveness_timeout,
     )?;
     let orig_dst = Arc::new(orig_dst);
     info!(
@@ -553,9 +563,18 @@ pub async fn run(config: Config) -> Result<(), Error> {
         _ = sigterm.recv() => info!("second SIGTERM: closing what is left"),
         _ = sigint.recv() => info!("second SIGINT: closing what is left"),
     }
-    // Dropping the tasks drops the reconciler and with it the datapath: every link detaches.
+    // Pinned programs stop counting on this agent; dropping the tasks drops the reconciler
+    // and with it the datapath: every link that is not pinned detaches.
+    capture.leave();
     tasks.shutdown().await;
-    info!("eBPF programs detached; bye");
+    match &config.pin_dir {
+        Some(dir) => info!(
+            dir = %dir.display(),
+            "eBPF programs stay pinned for the next agent (pods connect directly meanwhile, \
+             fail-closed ones are refused); bye"
+        ),
+        None => info!("eBPF programs detached; bye"),
+    }
     Ok(())
 }
 

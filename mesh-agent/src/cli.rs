@@ -208,6 +208,16 @@ pub struct RunArgs {
     /// it at once): e.g. 20s, 500ms.
     #[arg(long, default_value = "20s", value_parser = parse_timeout)]
     pub drain_timeout: std::time::Duration,
+    /// Pin the eBPF links in this directory of a BPF file system (e.g. /sys/fs/bpf/mesh-agent)
+    /// so they outlive the agent: pods annotated `mesh-agent.io/fail-closed: "true"` are then
+    /// refused, not sent out in plaintext, while no agent runs. Without it, the programs
+    /// detach when the agent exits and every pod connects directly.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// With --pin-dir: how long after the agent stops (crashed, killed, hung) its pinned
+    /// programs stop steering pods into it.
+    #[arg(long, default_value = "600ms", value_parser = parse_timeout)]
+    pub liveness_timeout: std::time::Duration,
     /// Whose names the HTTP metrics use: Linkerd's (`request_total`, `response_total`,
     /// `response_latency_ms`), Istio's (`istio_requests_total`, ...), or both.
     #[arg(long, value_enum, default_value_t = crate::metrics::http::Dialect::Both)]

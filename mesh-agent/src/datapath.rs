@@ -7,31 +7,41 @@
 //! process, so the kernel detaches everything when the agent exits, cleanly or not. A killed
 //! agent therefore leaves no program redirecting into a dead listener; pods fall back to
 //! direct connections (fail open).
+//!
+//! With `--pin-dir` the links are pinned instead (see [`crate::pinning`]) and outlive the
+//! agent: then a heartbeat in `LIVENESS` tells the programs whether an agent still serves the
+//! node. When it lapses, pods connect directly again, except fail-closed ones, which are
+//! refused.
 
 use std::{
     collections::HashMap as StdHashMap,
     fs::File,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
 };
 
 use aya::{
     maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
-        tc::SchedClassifierLinkId, CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps,
-        TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLinkId,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
 use mesh_agent_common::{
-    counters, maps, programs, verdict, EnrolledPod, Net4, OrigDst, OrigDst6, PodAddrs, PodRules,
-    PolicyConfig, PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig, SockAddrV4 as RawAddr,
+    counters, maps, pod_flags, programs, verdict, EnrolledPod, Net4, OrigDst, OrigDst6, PodAddrs,
+    PodRules, PolicyConfig, PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig, SockAddrV4 as RawAddr,
     SockAddrV6 as RawAddr6, RULE_NETS, RULE_PORTS,
 };
 
-use crate::policy::kernel::{Plaintext, PortVerdict};
+use crate::{
+    pinning::{self, attach, PinDir},
+    policy::kernel::{Plaintext, PortVerdict},
+};
 
 use crate::metrics::DatapathStats;
 
@@ -68,6 +78,15 @@ pub enum Error {
     },
     #[error("no cgroup v2 mount in /proc/self/mountinfo; mesh-agent needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup)")]
     NoCgroup2,
+    #[error(transparent)]
+    PinDir(#[from] pinning::Error),
+    #[error("pinning {what} at {path}: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn prog(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> Error {
@@ -151,18 +170,73 @@ pub struct Captured {
 }
 
 /// Whether pods' new connections are captured at all: the programs redirect nothing while the
-/// proxy's address in `PROXY` is zero.
+/// proxy's address in `PROXY` is zero, or while the agent's heartbeat (pinned programs only)
+/// has lapsed.
 pub struct Capture {
     proxy: Array<MapData, ProxyConfig>,
+    heartbeat: Option<Heartbeat>,
+}
+
+/// The thread that keeps renewing the agent's deadline in `LIVENESS`. A thread of its own, not
+/// a task: a busy proxy must not look like a dead one.
+struct Heartbeat {
+    /// Dropped to stop it: it then marks the agent gone and returns.
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    fn start(mut liveness: Array<MapData, u64>, timeout: Duration) -> Result<Self, Error> {
+        let renew = move |liveness: &mut Array<MapData, u64>| {
+            let deadline = pinning::monotonic_ns()
+                .saturating_add(u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX));
+            liveness.set(0, deadline, 0)
+        };
+        renew(&mut liveness).map_err(map_err(maps::LIVENESS))?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let beat = pinning::beat(timeout);
+        let thread = std::thread::Builder::new()
+            .name("mesh-heartbeat".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(beat) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if let Err(e) = renew(&mut liveness) {
+                            tracing::warn!("renewing the agent's heartbeat: {e}");
+                        }
+                    }
+                    // A deadline in the past (0 would mean "no heartbeat needed").
+                    _ => {
+                        let _ = liveness.set(0, 1, 0);
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| Error::Pin {
+                what: "the heartbeat thread",
+                path: PathBuf::new(),
+                source,
+            })?;
+        Ok(Self { stop, thread })
+    }
 }
 
 impl Capture {
     /// Stops capturing new connections (a drain): they go where the pod dialled, as when no
-    /// agent runs. Connections already redirected are not touched.
+    /// agent runs (fail-closed pods' are refused). Connections already redirected are not
+    /// touched.
     pub fn stop(&mut self) -> Result<(), Error> {
         self.proxy
             .set(0, ProxyConfig::default(), 0)
             .map_err(map_err(maps::PROXY))
+    }
+
+    /// The agent is leaving: pinned programs stop counting on it at once (pods connect
+    /// directly, fail-closed ones are refused) instead of when its heartbeat would lapse.
+    pub fn leave(self) {
+        if let Some(Heartbeat { stop, thread }) = self.heartbeat {
+            drop(stop);
+            let _ = thread.join();
+        }
     }
 }
 
@@ -269,6 +343,8 @@ pub struct Enrollment {
     /// Whether the TC anti-spoofing check guards the pod's interface (only on a veth of its
     /// own; see `podnet::is_veth`).
     pub anti_spoof: bool,
+    /// Whether the pod's connections are refused while no agent serves it.
+    pub fail_closed: bool,
 }
 
 /// The loaded programs and the maps the reconciler writes.
@@ -276,10 +352,22 @@ pub struct Datapath {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     spoof_guard: HashMap<MapData, u32, PodAddrs>,
-    tc_links: StdHashMap<u32, SchedClassifierLinkId>,
+    tc_links: StdHashMap<u32, TcLink>,
     policy: PolicyMaps,
     /// The inbound policy programs on pods' veths (egress), by ifindex.
-    policy_links: StdHashMap<u32, SchedClassifierLinkId>,
+    policy_links: StdHashMap<u32, TcLink>,
+    /// Where links are pinned (`--pin-dir`), if they are.
+    pins: Option<PinDir>,
+    /// The pinned cgroup links (closing them does not detach them: their pins hold them).
+    _cgroup_links: Vec<OwnedFd>,
+}
+
+/// A TC program on a pod's veth.
+enum TcLink {
+    /// Owned by the program's loader: detached with it.
+    Owned(SchedClassifierLinkId),
+    /// Pinned: attached until unpinned.
+    Pinned(PinnedLink),
 }
 
 /// The inbound policy maps, and what each pod has in them.
@@ -306,6 +394,9 @@ struct Installed {
 
 impl Datapath {
     /// Loads and attaches everything. Returns the datapath and the read side for the proxy.
+    /// With `pins`, the links are pinned there (replacing what a previous agent pinned) and the
+    /// agent's heartbeat must reach the programs every `liveness_timeout`.
+    #[expect(clippy::too_many_arguments, reason = "start-up wiring, called once")]
     pub fn start(
         cgroup: &Path,
         outbound: SocketAddrV4,
@@ -313,9 +404,21 @@ impl Datapath {
         node_addrs: &[Ipv4Addr],
         node_addrs6: &[Ipv6Addr],
         exclusions: &Exclusions,
+        pins: Option<PinDir>,
+        liveness_timeout: Duration,
     ) -> Result<(Self, OrigDstTable, Capture), Error> {
         if OBJECT.is_empty() {
             return Err(Error::Stub);
+        }
+        if let Some(pins) = &pins {
+            // A previous agent's programs would run beside ours: they go first.
+            let removed = pins.clear()?;
+            if removed > 0 {
+                tracing::info!(
+                    removed, dir = %pins.root().display(),
+                    "unpinned what a previous agent left"
+                );
+            }
         }
         // Our programs read only UAPI context structs (fixed layouts), so no CO-RE relocation
         // needs the kernel's BTF; not parsing vmlinux BTF saves ~13 MB of peak memory.
@@ -323,6 +426,8 @@ impl Datapath {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap(name));
         let mut proxy: Array<MapData, ProxyConfig> =
             Array::try_from(take(maps::PROXY)?).map_err(map_err(maps::PROXY))?;
+        let liveness: Array<MapData, u64> =
+            Array::try_from(take(maps::LIVENESS)?).map_err(map_err(maps::LIVENESS))?;
         let mut ports: HashMap<MapData, u16, u8> = HashMap::try_from(take(maps::EXCLUDED_PORTS)?)
             .map_err(map_err(maps::EXCLUDED_PORTS))?;
         let mut nets: LpmTrie<MapData, u32, u8> =
@@ -404,15 +509,39 @@ impl Datapath {
             )
             .map_err(map_err(maps::PROXY))?;
 
+        // Pinned programs outlive the agent: from before they attach, they wait for its
+        // heartbeat.
+        let heartbeat = match &pins {
+            Some(_) => Some(Heartbeat::start(liveness, liveness_timeout)?),
+            None => None,
+        };
+
         let cgroup_file = File::open(cgroup).map_err(|source| Error::Cgroup {
             path: cgroup.to_owned(),
             source,
         })?;
-        for name in [
-            programs::CONNECT4,
-            programs::CONNECT6,
-            programs::GETPEERNAME4,
-            programs::GETPEERNAME6,
+        let mut cgroup_links = Vec::new();
+        let mut pin_link = |name: &'static str, fd: std::os::fd::BorrowedFd<'_>, kind: u32| {
+            let Some(pins) = &pins else {
+                return Ok(false);
+            };
+            let path = pins.link(name);
+            let link =
+                pinning::attach_pinned(fd, cgroup_file.as_fd(), kind, &path).map_err(|source| {
+                    Error::Pin {
+                        what: name,
+                        path,
+                        source,
+                    }
+                })?;
+            cgroup_links.push(link);
+            Ok::<_, Error>(true)
+        };
+        for (name, kind) in [
+            (programs::CONNECT4, attach::CGROUP_INET4_CONNECT),
+            (programs::CONNECT6, attach::CGROUP_INET6_CONNECT),
+            (programs::GETPEERNAME4, attach::CGROUP_INET4_GETPEERNAME),
+            (programs::GETPEERNAME6, attach::CGROUP_INET6_GETPEERNAME),
         ] {
             let p: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -420,7 +549,9 @@ impl Datapath {
                 .try_into()
                 .map_err(prog(name))?;
             p.load().map_err(prog(name))?;
-            p.attach(&cgroup_file, LINK_MODE).map_err(prog(name))?;
+            if !pin_link(name, p.fd().map_err(prog(name))?.as_fd(), kind)? {
+                p.attach(&cgroup_file, LINK_MODE).map_err(prog(name))?;
+            }
         }
         let sockops: &mut SockOps = ebpf
             .program_mut(programs::SOCKOPS)
@@ -428,9 +559,12 @@ impl Datapath {
             .try_into()
             .map_err(prog(programs::SOCKOPS))?;
         sockops.load().map_err(prog(programs::SOCKOPS))?;
-        sockops
-            .attach(&cgroup_file, LINK_MODE)
-            .map_err(prog(programs::SOCKOPS))?;
+        let fd = sockops.fd().map_err(prog(programs::SOCKOPS))?.as_fd();
+        if !pin_link(programs::SOCKOPS, fd, attach::CGROUP_SOCK_OPS)? {
+            sockops
+                .attach(&cgroup_file, LINK_MODE)
+                .map_err(prog(programs::SOCKOPS))?;
+        }
         let tc: &mut SchedClassifier = ebpf
             .program_mut(programs::ANTI_SPOOF)
             .ok_or(Error::MissingProgram(programs::ANTI_SPOOF))?
@@ -452,9 +586,11 @@ impl Datapath {
                 tc_links: StdHashMap::new(),
                 policy,
                 policy_links: StdHashMap::new(),
+                pins,
+                _cgroup_links: cgroup_links,
             },
             table,
-            Capture { proxy },
+            Capture { proxy, heartbeat },
         ))
     }
 
@@ -602,22 +738,6 @@ impl Datapath {
         }
     }
 
-    fn policy_classifier(&mut self) -> Result<&mut SchedClassifier, Error> {
-        self.ebpf
-            .program_mut(programs::INBOUND_POLICY)
-            .ok_or(Error::MissingProgram(programs::INBOUND_POLICY))?
-            .try_into()
-            .map_err(prog(programs::INBOUND_POLICY))
-    }
-
-    fn classifier(&mut self) -> Result<&mut SchedClassifier, Error> {
-        self.ebpf
-            .program_mut(programs::ANTI_SPOOF)
-            .ok_or(Error::MissingProgram(programs::ANTI_SPOOF))?
-            .try_into()
-            .map_err(prog(programs::ANTI_SPOOF))
-    }
-
     /// Starts capturing a pod: anti-spoofing on its veth first, then redirection. On failure
     /// nothing of the pod stays behind.
     pub fn enroll(&mut self, pod: &Enrollment) -> Result<(), Error> {
@@ -629,46 +749,31 @@ impl Datapath {
     }
 
     fn try_enroll(&mut self, pod: &Enrollment) -> Result<(), Error> {
+        let flags = if pod.fail_closed {
+            pod_flags::FAIL_CLOSED
+        } else {
+            0
+        };
         if pod.anti_spoof {
             self.spoof_guard
                 .insert(
                     pod.host_ifindex,
                     PodAddrs {
                         ip4: raw_ip(pod.ip),
-                        _pad: 0,
+                        flags,
                         ip6: pod.ip6.map(|ip| ip.octets()).unwrap_or_default(),
                     },
                     0,
                 )
                 .map_err(map_err(maps::SPOOF_GUARD))?;
             if !self.tc_links.contains_key(&pod.host_ifindex) {
-                let ifname = pod.host_ifname.clone();
-                let tc = self.classifier()?;
-                let link = match tc.attach(&ifname, TcAttachType::Ingress) {
-                    Ok(link) => link,
-                    // Before Linux 6.6 (no TCX) aya attaches through netlink, which needs a
-                    // clsact qdisc on the interface.
-                    Err(_) => {
-                        let _ = aya::programs::tc::qdisc_add_clsact(&ifname);
-                        tc.attach(&ifname, TcAttachType::Ingress)
-                            .map_err(prog(programs::ANTI_SPOOF))?
-                    }
-                };
+                let link = self.attach_tc(pod, programs::ANTI_SPOOF, TcAttachType::Ingress)?;
                 self.tc_links.insert(pod.host_ifindex, link);
             }
             // Inbound policy for plaintext, on the way into the pod (nothing is restricted
             // until the reconciler writes the pod's entries).
             if !self.policy_links.contains_key(&pod.host_ifindex) {
-                let ifname = pod.host_ifname.clone();
-                let tc = self.policy_classifier()?;
-                let link = match tc.attach(&ifname, TcAttachType::Egress) {
-                    Ok(link) => link,
-                    Err(_) => {
-                        let _ = aya::programs::tc::qdisc_add_clsact(&ifname);
-                        tc.attach(&ifname, TcAttachType::Egress)
-                            .map_err(prog(programs::INBOUND_POLICY))?
-                    }
-                };
+                let link = self.attach_tc(pod, programs::INBOUND_POLICY, TcAttachType::Egress)?;
                 self.policy_links.insert(pod.host_ifindex, link);
             }
         }
@@ -677,11 +782,75 @@ impl Datapath {
                 pod.netns_cookie,
                 EnrolledPod {
                     ip: raw_ip(pod.ip),
-                    _pad: 0,
+                    flags,
                 },
                 0,
             )
             .map_err(map_err(maps::ENROLLED))
+    }
+
+    /// Attaches TC program `name` to the pod's veth, pinned if the agent pins.
+    fn attach_tc(
+        &mut self,
+        pod: &Enrollment,
+        name: &'static str,
+        side: TcAttachType,
+    ) -> Result<TcLink, Error> {
+        let ifname = pod.host_ifname.clone();
+        let pin = self
+            .pins
+            .as_ref()
+            .map(|p| p.tc_link(pod.host_ifindex, side == TcAttachType::Ingress));
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(prog(name))?;
+        let id = match tc.attach(&ifname, side) {
+            Ok(link) => link,
+            // Before Linux 6.6 (no TCX) aya attaches through netlink, which needs a clsact
+            // qdisc on the interface.
+            Err(_) => {
+                let _ = aya::programs::tc::qdisc_add_clsact(&ifname);
+                tc.attach(&ifname, side).map_err(prog(name))?
+            }
+        };
+        let Some(path) = pin else {
+            return Ok(TcLink::Owned(id));
+        };
+        let link = tc.take_link(id).map_err(prog(name))?;
+        // Only TCX links are BPF links; a netlink filter (before 6.6) cannot be pinned and
+        // goes with the agent.
+        let fd = FdLink::try_from(link).map_err(|e| Error::Pin {
+            what: name,
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let pinned = fd.pin(&path).map_err(|e| Error::Pin {
+            what: name,
+            path,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(TcLink::Pinned(pinned))
+    }
+
+    /// Detaches a TC link of `name`'s (an interface that is gone took it with it already).
+    fn detach_tc(&mut self, name: &'static str, link: TcLink) -> Result<(), Error> {
+        match link {
+            TcLink::Owned(id) => {
+                let tc: &mut SchedClassifier = self
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or(Error::MissingProgram(name))?
+                    .try_into()
+                    .map_err(prog(name))?;
+                let _ = tc.detach(id);
+            }
+            // Unpinned, the link is detached when its last descriptor (ours) closes.
+            TcLink::Pinned(pinned) => drop(pinned.unpin()),
+        }
+        Ok(())
     }
 
     /// Stops capturing a pod. Missing entries are not an error (the pod may be half gone).
@@ -693,10 +862,10 @@ impl Datapath {
         let _ = self.spoof_guard.remove(&pod.host_ifindex);
         if let Some(link) = self.tc_links.remove(&pod.host_ifindex) {
             // The veth may already be gone, which detached the program with it.
-            let _ = self.classifier()?.detach(link);
+            self.detach_tc(programs::ANTI_SPOOF, link)?;
         }
         if let Some(link) = self.policy_links.remove(&pod.host_ifindex) {
-            let _ = self.policy_classifier()?.detach(link);
+            self.detach_tc(programs::INBOUND_POLICY, link)?;
         }
         self.forget_policy(pod.host_ifindex);
         Ok(())

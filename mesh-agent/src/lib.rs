@@ -11,6 +11,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
+pub mod pinning;
 pub mod podnet;
 pub mod policy;
 pub mod proxy;

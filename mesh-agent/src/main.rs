@@ -67,6 +67,8 @@ fn main() -> anyhow::Result<()> {
                 head_timeout: args.head_timeout,
                 detect_timeout: args.detect_timeout,
                 drain_timeout: args.drain_timeout,
+                pin_dir: args.pin_dir,
+                liveness_timeout: args.liveness_timeout,
                 http_head_timeout: args.http_head_timeout,
                 metrics_dialect: args.metrics_dialect,
                 max_manifest_bytes: args.max_manifest_bytes,

@@ -240,6 +240,9 @@ impl Reconciler {
                 Some(w) if !w.same_pod(&h.pod.workload) => "another pod now has this address",
                 // The guard on its interface must learn the new address.
                 Some(w) if w.ip6 != h.enrollment.ip6 => "its IPv6 address changed",
+                Some(w) if w.fail_closed != h.enrollment.fail_closed => {
+                    "its fail-closed setting changed"
+                }
                 Some(_) if !Self::still_in_place(h) => {
                     "sandbox replaced (new network namespace or interface)"
                 }
@@ -377,6 +380,7 @@ impl Reconciler {
             host_ifname,
             host_ifindex,
             anti_spoof,
+            fail_closed: workload.fail_closed,
         };
         let pod = Arc::new(EnrolledPod {
             workload: workload.clone(),

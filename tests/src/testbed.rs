@@ -219,8 +219,35 @@ pub fn scratch_dir() -> PathBuf {
     std::env::temp_dir().join("mesh-testbed")
 }
 
+/// Where [`Testbed::bpffs`] mounts the testbed's own BPF file system.
+fn bpffs_dir() -> PathBuf {
+    scratch_dir().join("bpffs")
+}
+
+/// Unmounts the testbed's BPF file system if it is mounted: whatever agents pinned there
+/// (links on the cgroup root, on pods' veths) is detached with it.
+fn unmount_bpffs() -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = bpffs_dir();
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(&*dir.to_string_lossy()));
+    if mounted {
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: plain syscall on a valid C string.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    match std::fs::remove_dir(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Removes everything a testbed (even a crashed one) may have left: processes in its
-/// namespaces and cgroups, the namespaces, the cgroups. Safe to call at any time.
+/// namespaces and cgroups, the namespaces, the cgroups, its BPF file system. Safe to call at
+/// any time.
 pub fn clean() -> io::Result<()> {
     let mut names: Vec<String> = std::fs::read_dir("/run/netns")
         .into_iter()
@@ -250,6 +277,7 @@ pub fn clean() -> io::Result<()> {
             }
         }
     }
+    unmount_bpffs()?;
     for name in &names {
         // Killed processes may take a moment to release the namespace; deletion only unmounts.
         ip(&["netns", "del", name])?;
@@ -921,6 +949,29 @@ impl Testbed {
     }
 
     /// Tears everything down. Called by `Drop` too.
+    /// A BPF file system of the testbed's own (a fresh instance, mounted in the scratch
+    /// directory) for agents that pin (`--pin-dir`); unmounted at teardown. Returns its path.
+    pub fn bpffs(&self) -> io::Result<PathBuf> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = bpffs_dir();
+        std::fs::create_dir_all(&dir)?;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: plain syscall on valid C strings.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(dir)
+    }
+
     pub fn down(&mut self) -> io::Result<()> {
         if self.torn_down {
             return Ok(());

@@ -1,5 +1,5 @@
-//! The agent's lifecycle: graceful drain on SIGTERM. Real agents, real pods, real signals. Run
-//! as root, serially (`cargo xtask test`).
+//! The agent's lifecycle: graceful drain on SIGTERM, pinned programs across a kill. Real
+//! agents, real pods, real signals. Run as root, serially (`cargo xtask test`).
 
 #![allow(
     clippy::expect_used,
@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_agent_tests::{harness::*, serial, PodSpec};
+use mesh_agent_tests::{harness::*, serial, Agent, PodSpec};
 
 /// HTTP requests the destination agent received (Linkerd's `request_total`, inbound).
 fn inbound_requests(agent: &mesh_agent_tests::Agent) -> f64 {
@@ -118,4 +118,99 @@ fn the_drain_timeout_bounds_how_long_a_connection_keeps_the_agent() {
         "n1 exited {took:?} after SIGTERM with --drain-timeout 1s"
     );
     assert!(n1.log_text().contains("drain timeout"), "{}", n1.log_text());
+}
+
+/// `meshtest syn ADDR MS` from `pod`: `connected`, `refused`, `timeout` or `denied` (EPERM).
+fn syn_from(bed: &mesh_agent_tests::Testbed, pod: &str, addr: &str, ms: u64) -> String {
+    let mut cmd = bed.pod_command(pod, meshtest()).unwrap();
+    cmd.args(["syn", addr, &ms.to_string()]);
+    must_succeed(cmd, &format!("syn {addr} from {pod}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_killed_agent_with_pinned_programs_fails_open_within_a_second_and_fail_closed_pods_stay_shut() {
+    let _serial = serial();
+    let bed = bed_with(vec![
+        PodSpec::new("locked", 0, "locked").annotate("mesh-agent.io/fail-closed", "true")
+    ]);
+    let mut server = bed.pod_command("locked", meshtest()).unwrap();
+    server.args(["serve", "8080", "locked"]);
+    bed.spawn(server).unwrap();
+    let pins = bed.bpffs().unwrap().join("n1");
+    let pin_dir = pins.to_str().unwrap();
+    let mut n1 = Agent::start(&bed, "n1", &["--pin-dir", pin_dir]).unwrap();
+    let mut n2 = Agent::start(&bed, "n2", &[]).unwrap();
+    n1.wait_ready(READY).unwrap();
+    n2.wait_ready(READY).unwrap();
+    let locked = format!("{}:8080", bed.pod("locked").ip);
+
+    // Both pods go through the mesh while n1 runs; a plaintext client reaches the locked pod.
+    for pod in ["client", "locked"] {
+        let before = arrived_as(&n2, pod);
+        assert_eq!(fetch_from_pod(&bed, pod, WEB_POD).status, 200);
+        assert_eq!(arrived_as(&n2, pod), before + 1.0, "{pod} through the mesh");
+    }
+    assert_eq!(syn_from(&bed, "outsider", &locked, 2000), "connected");
+
+    // kill -9: the programs stay (pinned); the heartbeat stops.
+    n1.kill9().unwrap();
+    let killed = Instant::now();
+    // A fail-open pod connects directly once the heartbeat lapses (until then the programs
+    // still steer it to the dead listener, which refuses).
+    let mut refused = 0;
+    let fail_open_after = loop {
+        match syn_from(&bed, "client", WEB_POD, 500).as_str() {
+            "connected" => break killed.elapsed(),
+            "refused" => refused += 1,
+            other => panic!("client's connection after kill -9: {other}"),
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "client never got through directly ({refused} refused)"
+        );
+    };
+    eprintln!(
+        "fail-open pod connected directly {fail_open_after:?} after kill -9 ({refused} refused \
+         before)"
+    );
+    assert!(
+        fail_open_after < Duration::from_secs(1),
+        "fail-open took {fail_open_after:?} (liveness timeout 600 ms)"
+    );
+    let before = arrived_as(&n2, "client");
+    let direct = fetch_from_pod(&bed, "client", WEB_POD);
+    assert_eq!(direct.status, 200);
+    assert!(direct.body.starts_with("hello from web"), "{}", direct.body);
+    assert_eq!(arrived_as(&n2, "client"), before, "no agent carried it");
+
+    // The fail-closed pod: connect() itself is refused, every time, so not one byte leaves
+    // in plaintext; plaintext towards it is dropped, except from the node (kubelet probes).
+    for _ in 0..3 {
+        assert_eq!(syn_from(&bed, "locked", WEB_POD, 2000), "denied");
+    }
+    assert_eq!(syn_from(&bed, "outsider", &locked, 500), "timeout");
+    let mut probe = bed.node_command("n1", meshtest()).unwrap();
+    probe.args(["syn", &locked, "2000"]);
+    assert_eq!(
+        must_succeed(probe, "probe from the node").trim(),
+        "connected"
+    );
+
+    // The next agent takes the pinned programs' place: both pods are meshed again.
+    let mut n1 = Agent::start(&bed, "n1", &["--pin-dir", pin_dir]).unwrap();
+    n1.wait_ready(READY).unwrap();
+    assert!(
+        n1.log_text()
+            .contains("unpinned what a previous agent left"),
+        "{}",
+        n1.log_text()
+    );
+    for pod in ["client", "locked"] {
+        let before = arrived_as(&n2, pod);
+        assert_eq!(fetch_from_pod(&bed, pod, WEB_POD).status, 200);
+        assert_eq!(arrived_as(&n2, pod), before + 1.0, "{pod} meshed again");
+    }
+    assert_eq!(syn_from(&bed, "outsider", &locked, 2000), "connected");
 }

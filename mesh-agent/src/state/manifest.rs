@@ -1648,6 +1648,17 @@ fn validate(object: Object) -> Result<Object, Problem> {
             )
         })?;
     }
+    if let Some(value) = meta.annotations.get(super::FAIL_CLOSED_ANNOTATION) {
+        value.parse::<bool>().map_err(|_| {
+            field(
+                &format!(
+                    "metadata.annotations[\"{}\"]",
+                    super::FAIL_CLOSED_ANNOTATION
+                ),
+                format!("{value:?} is neither \"true\" nor \"false\""),
+            )
+        })?;
+    }
     if let Some(value) = meta
         .annotations
         .get(crate::policy::DEFAULT_POLICY_ANNOTATION)

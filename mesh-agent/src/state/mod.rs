@@ -27,6 +27,10 @@ use crate::balance::EndpointLoad;
 
 /// Annotation (on a Pod or its Namespace) that takes pods in or out of the mesh.
 pub const INJECT_ANNOTATION: &str = "mesh-agent.io/inject";
+/// Annotation (on a Pod or its Namespace, `"true"` or `"false"`): while no agent serves the
+/// node, the pod's connections are refused in the kernel instead of going directly, in
+/// plaintext (needs the agent's `--pin-dir`, which keeps the programs in place without it).
+pub const FAIL_CLOSED_ANNOTATION: &str = "mesh-agent.io/fail-closed";
 /// Linkerd's equivalent, honoured so existing manifests keep their meaning.
 pub const LINKERD_INJECT_ANNOTATION: &str = "linkerd.io/inject";
 /// Istio ambient's label (on a Namespace or Pod): `ambient` opts in, `none` out.
@@ -56,6 +60,9 @@ pub struct Workload {
     pub node_ip: Option<Ipv4Addr>,
     /// Whether the pod's traffic is captured (see [`INJECT_ANNOTATION`]).
     pub enrolled: bool,
+    /// Whether its connections are refused while no agent serves it (see
+    /// [`FAIL_CLOSED_ANNOTATION`]).
+    pub fail_closed: bool,
     /// The pod's UID (from the API server): its sandbox is found by the cgroup the kubelet
     /// names after it.
     pub uid: Option<String>,
@@ -586,6 +593,31 @@ spec:
         assert_eq!(
             snapshot(&bad).unwrap_err().to_string(),
             "t.yaml: Namespace shop: field metadata.annotations[\"config.linkerd.io/opaque-ports\"]: \"99999\" is not a port (1-65535) or a range lo-hi"
+        );
+    }
+
+    #[test]
+    fn fail_closed_comes_from_the_pod_else_its_namespace() {
+        let pod = |name: &str, ip: &str, annotation: &str| {
+            format!("---\nkind: Pod\nmetadata: {{name: {name}, namespace: locked{annotation}}}\nspec: {{nodeName: n1}}\nstatus: {{podIP: {ip}}}\n")
+        };
+        let yaml = format!(
+            "---\nkind: Namespace\nmetadata: {{name: locked, annotations: {{mesh-agent.io/fail-closed: \"true\"}}}}\n{}{}",
+            pod("a", "10.1.1.7", ""),
+            pod("b", "10.1.1.8", ", annotations: {mesh-agent.io/fail-closed: \"false\"}"),
+        );
+        let s = snapshot(&yaml).unwrap();
+        let fail_closed = |ip: &str| s.pod_by_ip(ip.parse().unwrap()).unwrap().fail_closed;
+        assert!(fail_closed("10.1.1.7"), "from its namespace");
+        assert!(!fail_closed("10.1.1.8"), "its own annotation wins");
+        let base = snapshot(BASE).unwrap();
+        let web = base.pod_by_ip("10.1.2.2".parse().unwrap()).unwrap();
+        assert!(!web.fail_closed, "fail open by default");
+
+        let bad = "---\nkind: Namespace\nmetadata: {name: shop, annotations: {mesh-agent.io/fail-closed: \"yes\"}}\n";
+        assert_eq!(
+            snapshot(bad).unwrap_err().to_string(),
+            "t.yaml: Namespace shop: field metadata.annotations[\"mesh-agent.io/fail-closed\"]: \"yes\" is neither \"true\" nor \"false\""
         );
     }
 

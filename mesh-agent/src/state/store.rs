@@ -102,6 +102,7 @@ enum Facts {
 #[derive(Debug, Clone, Default)]
 struct NamespaceFacts {
     inject: Option<bool>,
+    fail_closed: Option<bool>,
     opaque: Option<Arc<PortSet>>,
     default_policy: Option<crate::policy::DefaultPolicy>,
 }
@@ -120,6 +121,7 @@ struct PodFacts {
     host_network: bool,
     /// The pod's own settings, which win over its namespace's.
     inject: Option<bool>,
+    fail_closed: Option<bool>,
     opaque: Option<Arc<PortSet>>,
 }
 
@@ -159,6 +161,7 @@ impl Facts {
         match object {
             Object::Namespace(ns) => Facts::Namespace(NamespaceFacts {
                 inject: inject_setting(&ns.metadata),
+                fail_closed: fail_closed(&ns.metadata.annotations),
                 opaque: opaque_ports(&ns.metadata.annotations),
                 default_policy: ns
                     .metadata
@@ -190,6 +193,7 @@ impl Facts {
                     terminal: pod.status.is_terminal(),
                     host_network: pod.spec.host_network,
                     inject: inject_setting(&pod.metadata),
+                    fail_closed: fail_closed(&pod.metadata.annotations),
                     opaque: opaque_ports(&pod.metadata.annotations),
                 };
                 // What its namespace decides is filled in when the store rebuilds it.
@@ -720,11 +724,16 @@ impl Store {
         // What the namespace decides may have changed since the pod was read.
         let enrolled = pod.enrolled(&namespace, by_default);
         let opaque_ports = pod.opaque_ports(&namespace);
-        let fresh = match base.enrolled == enrolled && base.opaque_ports == opaque_ports {
+        let fail_closed = pod.fail_closed(&namespace);
+        let same = base.enrolled == enrolled
+            && base.opaque_ports == opaque_ports
+            && base.fail_closed == fail_closed;
+        let fresh = match same {
             true => base.clone(),
             false => Arc::new(Workload {
                 enrolled,
                 opaque_ports,
+                fail_closed,
                 ..(**base).clone()
             }),
         };
@@ -1342,6 +1351,10 @@ impl PodFacts {
         !self.host_network && self.inject.or(namespace.inject).unwrap_or(by_default)
     }
 
+    fn fail_closed(&self, namespace: &NamespaceFacts) -> bool {
+        self.fail_closed.or(namespace.fail_closed).unwrap_or(false)
+    }
+
     fn opaque_ports(&self, namespace: &NamespaceFacts) -> Arc<PortSet> {
         self.opaque
             .clone()
@@ -1379,6 +1392,7 @@ fn workload(pod: &manifest::Pod, facts: &PodFacts, namespace: &NamespaceFacts) -
             _ => None,
         },
         enrolled: facts.enrolled(namespace, true),
+        fail_closed: facts.fail_closed(namespace),
         uid: meta.uid.clone(),
         inbound: facts.inbound.clone(),
     }
@@ -1432,6 +1446,13 @@ fn inject_setting(meta: &manifest::ObjectMeta) -> Option<bool> {
             .or_else(|| annotations.get("sidecar.istio.io/inject"));
         setting(sidecar, &["true"], &["false"])
     })
+}
+
+/// The fail-closed annotation of an object (validated when the object was parsed).
+fn fail_closed(annotations: &manifest::Labels) -> Option<bool> {
+    annotations
+        .get(super::FAIL_CLOSED_ANNOTATION)
+        .and_then(|v| v.parse().ok())
 }
 
 /// The opaque-ports annotation of an object (validated when the object was parsed).

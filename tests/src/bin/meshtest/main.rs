@@ -324,6 +324,8 @@ fn syn(addr: &str, ms: &str) -> Result<(), String> {
         Ok(_) => "connected",
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused",
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "timeout",
+        // EPERM: a program in the kernel refused the connect() itself.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => "denied",
         Err(e) => return Err(format!("connect {addr}: {e}")),
     };
     println!("{outcome}");
