@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hyper::StatusCode;
@@ -22,6 +22,7 @@ use crate::{
     datapath::{self, Datapath, Exclusions},
     drain::Drain,
     enrolled::EnrolledPods,
+    handover,
     identity::{
         ca::{self, CertificateAuthority, DevCa},
         manager::IdentityManager,
@@ -86,6 +87,12 @@ pub struct Config {
     pub pin_dir: Option<PathBuf>,
     /// How soon pinned programs give up on an agent whose heartbeat stopped.
     pub liveness_timeout: Duration,
+    /// Where a running agent hands its listening sockets to its successor (see
+    /// [`crate::handover`]).
+    pub handover_socket: Option<PathBuf>,
+    /// Which build this agent says it is (tests of version skew); the eBPF object's own tag
+    /// if `None`.
+    pub object_tag: Option<String>,
     /// An HTTP client's request head must arrive within this.
     pub http_head_timeout: Duration,
     pub metrics_dialect: crate::metrics::http::Dialect,
@@ -160,6 +167,8 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("keeping the listening sockets for a successor: {0}")]
+    Handover(#[source] std::io::Error),
     #[error("identity: {0}")]
     Ca(#[from] ca::Error),
     #[error("TLS: {0}")]
@@ -230,11 +239,51 @@ async fn identity(
     Ok((ca, anchors, None))
 }
 
-async fn bind(what: &'static str, addr: impl Into<SocketAddr>) -> Result<TcpListener, Error> {
-    let addr = addr.into();
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { what, addr, source })
+/// How long a successor waits for its own enrollment before it serves on sockets it was
+/// handed (the previous agent serves meanwhile).
+const HANDOVER_READY: Duration = Duration::from_secs(30);
+
+/// Where the listening sockets come from: handed over by the running agent, else bound.
+#[derive(Default)]
+struct Sockets {
+    given: Vec<(String, std::net::TcpListener)>,
+    /// How long to keep trying a bind that finds the port taken (a draining predecessor).
+    patience: Duration,
+}
+
+impl Sockets {
+    async fn take(
+        &mut self,
+        name: &str,
+        what: &'static str,
+        addr: impl Into<SocketAddr>,
+    ) -> Result<TcpListener, Error> {
+        let addr = addr.into();
+        if let Some(i) = self.given.iter().position(|(n, _)| n == name) {
+            let (_, listener) = self.given.swap_remove(i);
+            let wrong = |source| Error::Bind { what, addr, source };
+            let at = listener.local_addr().map_err(wrong)?;
+            if at != addr {
+                return Err(wrong(std::io::Error::other(format!(
+                    "the running agent handed over a socket on {at}"
+                ))));
+            }
+            listener.set_nonblocking(true).map_err(wrong)?;
+            return TcpListener::from_std(listener).map_err(wrong);
+        }
+        let since = Instant::now();
+        loop {
+            match TcpListener::bind(addr).await {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && since.elapsed() < self.patience =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other.map_err(|source| Error::Bind { what, addr, source }),
+            }
+        }
+    }
 }
 
 /// Runs the agent until a termination signal.
@@ -269,23 +318,94 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mesh_tls = Arc::new(MeshTls::new(bundle.clone(), config.trust_domain.clone()));
     let server_config = mesh_tls.server_config(identities.clone())?;
 
+    // A running agent of the same build hands its listening sockets over (hitless restart);
+    // one of another build drains, and its ports are ours once it is gone.
+    let tag = config
+        .object_tag
+        .clone()
+        .unwrap_or_else(datapath::object_tag);
+    let mut sockets = Sockets::default();
+    let mut successor = None;
+    if let Some(path) = config.handover_socket.clone() {
+        let asked = {
+            let tag = tag.clone();
+            tokio::task::spawn_blocking(move || handover::ask(&path, &tag)).await
+        };
+        match asked {
+            Ok(Ok(handover::Answer::Nobody)) => {}
+            Ok(Ok(handover::Answer::Given(given, s))) => {
+                info!(
+                    listeners = given.len(),
+                    "took over the running agent's listening sockets"
+                );
+                sockets.given = given;
+                successor = Some(s);
+            }
+            Ok(Ok(handover::Answer::Refused(theirs))) => {
+                info!(
+                    theirs, ours = %tag,
+                    "the running agent is another build: it drains; waiting for its ports"
+                );
+                sockets.patience = config.drain_timeout + Duration::from_secs(10);
+            }
+            Ok(Err(e)) => warn!("asking the running agent for its listeners: {e}"),
+            Err(e) => warn!("asking the running agent for its listeners: {e}"),
+        }
+    }
     let addr = |port| SocketAddrV4::new(config.node_address, port);
     let outbound_addr = addr(config.outbound_port);
-    let outbound_listener = bind("the outbound listener", outbound_addr).await?;
-    let inbound_listener = bind("the HBONE inbound listener", addr(config.inbound_port)).await?;
+    let outbound_listener = sockets
+        .take("outbound", "the outbound listener", outbound_addr)
+        .await?;
+    let inbound_listener = sockets
+        .take(
+            "inbound",
+            "the HBONE inbound listener",
+            addr(config.inbound_port),
+        )
+        .await?;
     let admin_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, config.admin_port);
-    let admin_listener = bind("the admin listener", admin_addr).await?;
-    let metrics_listener = bind("the metrics listener", addr(config.metrics_port)).await?;
-    let health_listener = bind("the health listener", addr(config.health_port)).await?;
+    let admin_listener = sockets
+        .take("admin", "the admin listener", admin_addr)
+        .await?;
+    let metrics_listener = sockets
+        .take("metrics", "the metrics listener", addr(config.metrics_port))
+        .await?;
+    let health_listener = sockets
+        .take("health", "the health listener", addr(config.health_port))
+        .await?;
 
     // Native IPv6 is captured where the node has an IPv6 address to listen on.
     let outbound6_addr = config
         .node_address6
         .map(|ip| SocketAddrV6::new(ip, config.outbound_port, 0, 0));
     let outbound6_listener = match outbound6_addr {
-        Some(a) => Some(bind("the IPv6 outbound listener", a).await?),
+        Some(a) => Some(
+            sockets
+                .take("outbound6", "the IPv6 outbound listener", a)
+                .await?,
+        ),
         None => None,
     };
+    // Copies for a successor (closed when this agent drains).
+    let mut handed: Vec<(&'static str, std::os::fd::OwnedFd)> = Vec::new();
+    {
+        use std::os::fd::AsFd as _;
+        let mut keep = |name: &'static str, l: &TcpListener| {
+            l.as_fd()
+                .try_clone_to_owned()
+                .map(|fd| handed.push((name, fd)))
+                .map_err(Error::Handover)
+        };
+        keep("outbound", &outbound_listener)?;
+        keep("inbound", &inbound_listener)?;
+        keep("admin", &admin_listener)?;
+        keep("metrics", &metrics_listener)?;
+        keep("health", &health_listener)?;
+        if let Some(l) = &outbound6_listener {
+            keep("outbound6", l)?;
+        }
+    }
 
     let node_addrs = local_addresses();
     let (node_addrs4, node_addrs6) = by_family(&node_addrs);
@@ -294,7 +414,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         nets: config.exclude_cidrs.clone(),
     };
     let pins = match &config.pin_dir {
-        Some(dir) => Some(crate::pinning::PinDir::open(dir).map_err(datapath::Error::from)?),
+        Some(dir) => Some(crate::pinning::PinDir::open(dir, &tag).map_err(datapath::Error::from)?),
         None => None,
     };
     let (datapath, orig_dst, mut capture) = Datapath::start(
@@ -392,7 +512,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             )));
         }
     }
-    tasks.spawn(reconciler.run(state_rx.clone()));
+    let reconciler = tasks.spawn(reconciler.run(state_rx.clone()));
     tasks.spawn(identities.clone().run_renewal());
     {
         let bundle = bundle.clone();
@@ -403,6 +523,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 bundle.refresh();
             }
         });
+    }
+    if successor.is_some() {
+        // The running agent keeps accepting until we know every pod we will be asked about.
+        let since = Instant::now();
+        while !ready.load(Ordering::Acquire) && since.elapsed() < HANDOVER_READY {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     tasks.spawn(inbound::serve(
         inbound_listener,
@@ -445,7 +572,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         max_streams: config.max_streams_per_connection,
         pool,
         policy: config.policy.clone(),
-        drain: drain_watch,
+        drain: drain_watch.clone(),
     });
     tasks.spawn(outbound::serve(outbound_listener, outbound_inputs.clone()));
     if let Some(listener) = outbound6_listener {
@@ -504,7 +631,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             .endpoint_head_timeouts
             .with_label_values(&[listener]),
     };
-    tasks.spawn(admin::serve(admin_listener, admin, limits("admin")));
+    let mut endpoints = vec![tasks.spawn(admin::serve(admin_listener, admin, limits("admin")))];
     let scrape = {
         let metrics = metrics.clone();
         let buffers = buffers.clone();
@@ -518,7 +645,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             _ => (StatusCode::NOT_FOUND, "try /metrics\n".to_owned()),
         })
     };
-    tasks.spawn(admin::serve(metrics_listener, scrape, limits("metrics")));
+    endpoints.push(tasks.spawn(admin::serve(metrics_listener, scrape, limits("metrics"))));
     let health = Arc::new(move |path: &str| match path {
         "/live" => (StatusCode::OK, "live\n".to_owned()),
         "/ready" if health_draining.is_draining() => (
@@ -532,36 +659,85 @@ pub async fn run(config: Config) -> Result<(), Error> {
         ),
         _ => (StatusCode::NOT_FOUND, "try /ready or /live\n".to_owned()),
     });
-    tasks.spawn(admin::serve(health_listener, health, limits("health")));
+    endpoints.push(tasks.spawn(admin::serve(health_listener, health, limits("health"))));
     info!(
         inbound = %addr(config.inbound_port), metrics = %addr(config.metrics_port),
         health = %addr(config.health_port), admin = %admin_addr,
         "agent running"
     );
 
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: draining"),
-        _ = sigint.recv() => info!("SIGINT: draining"),
+    if let Some(successor) = successor {
+        match tokio::task::spawn_blocking(move || successor.serving()).await {
+            Ok(Ok(())) => info!("serving; the previous agent drains what it carries"),
+            Ok(Err(e)) => warn!("telling the previous agent we serve: {e}"),
+            Err(e) => warn!("telling the previous agent we serve: {e}"),
+        }
     }
-    // Pods' new connections go directly (fail open, as when no agent runs); then the drain
-    // starts (not ready from then on, listeners closed), and what the proxy carries gets
-    // until the drain timeout to end.
-    if let Err(e) = capture.stop() {
+    // A successor's request ends this agent's run like a signal (nothing else does).
+    let handover = {
+        let path = config.handover_socket.clone();
+        let watch = drain_watch.clone();
+        async move {
+            let Some(path) = path else {
+                drop(handed);
+                return std::future::pending().await;
+            };
+            match handover::serve(path, tag, handed, watch).await {
+                Some(event) => event,
+                None => std::future::pending().await,
+            }
+        }
+    };
+    let handed_over = tokio::select! {
+        _ = sigterm.recv() => { info!("SIGTERM: draining"); false }
+        _ = sigint.recv() => { info!("SIGINT: draining"); false }
+        event = handover => event == handover::Event::HandedOver,
+    };
+    if handed_over {
+        // The successor accepts on the same sockets and runs the same programs: we stop
+        // accepting, stop writing the maps, and finish what we carry.
+        reconciler.abort();
+        for task in &endpoints {
+            task.abort();
+        }
+    } else if let Err(e) = capture.stop() {
+        // Pods' new connections go directly (fail open, as when no agent runs).
         warn!("could not stop capturing new connections: {e}");
     }
+    // The drain starts (not ready from then on, listeners closed), and what the proxy carries
+    // gets until the drain timeout to end.
     drain.start();
     info!(
         in_flight = drain.in_flight(),
         timeout = ?config.drain_timeout,
-        "stopped capturing and accepting; waiting for the connections in flight"
+        handed_over,
+        "stopped accepting; waiting for the connections in flight"
     );
-    tokio::select! {
-        _ = drain.finished() => info!("drained"),
-        _ = tokio::time::sleep(config.drain_timeout) => {
-            info!(in_flight = drain.in_flight(), "drain timeout: closing what is left");
+    // After a handover, the first signal (the orchestrator deleting our pod) changes nothing.
+    let mut signals = u8::from(!handed_over);
+    let timeout = tokio::time::sleep(config.drain_timeout);
+    tokio::pin!(timeout);
+    loop {
+        tokio::select! {
+            _ = drain.finished() => { info!("drained"); break }
+            _ = &mut timeout => {
+                info!(in_flight = drain.in_flight(), "drain timeout: closing what is left");
+                break;
+            }
+            _ = sigterm.recv() => signals += 1,
+            _ = sigint.recv() => signals += 1,
         }
-        _ = sigterm.recv() => info!("second SIGTERM: closing what is left"),
-        _ = sigint.recv() => info!("second SIGINT: closing what is left"),
+        if signals >= 2 {
+            info!("second signal: closing what is left");
+            break;
+        }
+    }
+    if handed_over {
+        // The successor's heartbeat vouches for the node now.
+        capture.hand_over();
+        tasks.shutdown().await;
+        info!("handed over to the next agent; bye");
+        return Ok(());
     }
     // Pinned programs stop counting on this agent; dropping the tasks drops the reconciler
     // and with it the datapath: every link that is not pinned detaches.

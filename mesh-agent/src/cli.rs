@@ -218,6 +218,17 @@ pub struct RunArgs {
     /// programs stop steering pods into it.
     #[arg(long, default_value = "600ms", value_parser = parse_timeout)]
     pub liveness_timeout: std::time::Duration,
+    /// With --pin-dir: a Unix socket where the running agent hands its listening sockets to
+    /// the next one (a restart or an upgrade started while it runs): no connection is refused
+    /// or reset, and the pinned programs never stop. A successor of another build (other map
+    /// layouts) is refused: the running agent then drains and the successor starts once it
+    /// is gone.
+    #[arg(long, requires = "pin_dir")]
+    pub handover_socket: Option<PathBuf>,
+    /// Tests only: the build this agent claims to be (version skew), instead of its eBPF
+    /// object's hash.
+    #[arg(long, hide = true)]
+    pub object_tag: Option<String>,
     /// Whose names the HTTP metrics use: Linkerd's (`request_total`, `response_total`,
     /// `response_latency_ms`), Istio's (`istio_requests_total`, ...), or both.
     #[arg(long, value_enum, default_value_t = crate::metrics::http::Dialect::Both)]

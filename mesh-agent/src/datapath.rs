@@ -14,7 +14,7 @@
 //! refused.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{HashMap as StdHashMap, HashSet},
     fs::File,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
@@ -24,7 +24,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLinkId,
@@ -204,8 +204,10 @@ impl Heartbeat {
                             tracing::warn!("renewing the agent's heartbeat: {e}");
                         }
                     }
-                    // A deadline in the past (0 would mean "no heartbeat needed").
-                    _ => {
+                    // Handed over: the successor renews it now.
+                    Ok(()) => return,
+                    // Leaving: a deadline in the past (0 would mean "no heartbeat needed").
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                         let _ = liveness.set(0, 1, 0);
                         return;
                     }
@@ -228,6 +230,14 @@ impl Capture {
         self.proxy
             .set(0, ProxyConfig::default(), 0)
             .map_err(map_err(maps::PROXY))
+    }
+
+    /// A successor serves the node: the heartbeat stops without marking the agent gone.
+    pub fn hand_over(self) {
+        if let Some(Heartbeat { stop, thread }) = self.heartbeat {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
     }
 
     /// The agent is leaving: pinned programs stop counting on it at once (pods connect
@@ -309,15 +319,17 @@ impl OrigDstTable {
         Some(captured)
     }
 
+    fn sum(&self, counter: u32) -> u64 {
+        self.counters
+            .get(&counter, 0)
+            .map(|v| v.iter().sum::<u64>())
+            .unwrap_or(0)
+    }
+
     /// The datapath's counters. Costs one read per counter, whatever the maps hold: entry
     /// counts are kept as entries come and go, never by walking a map.
     pub fn stats(&self) -> DatapathStats {
-        let sum = |i: u32| {
-            self.counters
-                .get(&i, 0)
-                .map(|v| v.iter().sum::<u64>())
-                .unwrap_or(0)
-        };
+        let sum = |i: u32| self.sum(i);
         let redirected = sum(counters::REDIRECTED);
         DatapathStats {
             redirected,
@@ -349,7 +361,13 @@ pub struct Enrollment {
 
 /// The loaded programs and the maps the reconciler writes.
 pub struct Datapath {
-    ebpf: Ebpf,
+    /// The loaded object, unless the datapath was adopted from a previous agent's pins.
+    ebpf: Option<Ebpf>,
+    /// The TC programs of an adopted datapath.
+    classifiers: Option<Classifiers>,
+    /// Whether the maps came from a previous agent (entries of pods gone since may linger
+    /// until [`Datapath::sweep`]).
+    adopted: bool,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     spoof_guard: HashMap<MapData, u32, PodAddrs>,
     tc_links: StdHashMap<u32, TcLink>,
@@ -394,8 +412,12 @@ struct Installed {
 
 impl Datapath {
     /// Loads and attaches everything. Returns the datapath and the read side for the proxy.
-    /// With `pins`, the links are pinned there (replacing what a previous agent pinned) and the
-    /// agent's heartbeat must reach the programs every `liveness_timeout`.
+    ///
+    /// With `pins`, the links, maps and TC programs are pinned there and the agent's heartbeat
+    /// must reach the programs every `liveness_timeout`. If a previous agent of the same build
+    /// (the same eBPF object) left its datapath pinned, it is adopted as it is: its programs
+    /// never stop running, and the connections they redirected meanwhile are found in its
+    /// maps. Another build's pins are removed first (its programs would run beside ours).
     #[expect(clippy::too_many_arguments, reason = "start-up wiring, called once")]
     pub fn start(
         cgroup: &Path,
@@ -410,20 +432,48 @@ impl Datapath {
         if OBJECT.is_empty() {
             return Err(Error::Stub);
         }
+        let adopt = pins.as_ref().is_some_and(|p| p.complete(USER_MAPS));
+        let mut ebpf = None;
         if let Some(pins) = &pins {
-            // A previous agent's programs would run beside ours: they go first.
-            let removed = pins.clear()?;
-            if removed > 0 {
-                tracing::info!(
-                    removed, dir = %pins.root().display(),
-                    "unpinned what a previous agent left"
-                );
+            if adopt {
+                tracing::info!(dir = %pins.root().display(), "adopting the pinned datapath");
+            } else {
+                let removed = pins.clear()?;
+                if removed > 0 {
+                    tracing::info!(
+                        removed, dir = %pins.root().display(),
+                        "unpinned what a previous agent left"
+                    );
+                }
             }
         }
-        // Our programs read only UAPI context structs (fixed layouts), so no CO-RE relocation
-        // needs the kernel's BTF; not parsing vmlinux BTF saves ~13 MB of peak memory.
-        let mut ebpf = EbpfLoader::new().btf(None).load(OBJECT)?;
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap(name));
+        if !adopt {
+            // Our programs read only UAPI context structs (fixed layouts), so no CO-RE
+            // relocation needs the kernel's BTF; not parsing vmlinux BTF saves ~13 MB of peak
+            // memory.
+            ebpf = Some(EbpfLoader::new().btf(None).load(OBJECT)?);
+        }
+        let mut take = |name: &'static str| -> Result<Map, Error> {
+            match (&mut ebpf, &pins) {
+                (Some(ebpf), pins) => {
+                    let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+                    if let Some(pins) = pins {
+                        let path = pins.map(name);
+                        map.pin(&path).map_err(|e| Error::Pin {
+                            what: name,
+                            path,
+                            source: std::io::Error::other(e.to_string()),
+                        })?;
+                    }
+                    Ok(map)
+                }
+                (None, Some(pins)) => {
+                    let data = MapData::from_pin(pins.map(name)).map_err(map_err(name))?;
+                    as_map(data).map_err(map_err(name))
+                }
+                (None, None) => Err(Error::MissingMap(name)),
+            }
+        };
         let mut proxy: Array<MapData, ProxyConfig> =
             Array::try_from(take(maps::PROXY)?).map_err(map_err(maps::PROXY))?;
         let liveness: Array<MapData, u64> =
@@ -432,6 +482,9 @@ impl Datapath {
             .map_err(map_err(maps::EXCLUDED_PORTS))?;
         let mut nets: LpmTrie<MapData, u32, u8> =
             LpmTrie::try_from(take(maps::EXCLUDED_NETS)?).map_err(map_err(maps::EXCLUDED_NETS))?;
+        let mut nets6: LpmTrie<MapData, [u8; 16], u8> =
+            LpmTrie::try_from(take(maps::EXCLUDED_NETS6)?)
+                .map_err(map_err(maps::EXCLUDED_NETS6))?;
         let table = OrigDstTable {
             orig_dst: HashMap::try_from(take(maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?,
             orig_dst6: HashMap::try_from(take(maps::ORIG_DST6)?)
@@ -440,6 +493,12 @@ impl Datapath {
                 .map_err(map_err(maps::COUNTERS))?,
             consumed: AtomicU64::new(0),
         };
+        if adopt {
+            // The counters go on from the previous agent's; what it consumed is counted as
+            // consumed (the few entries in flight at the handover are not worth a map walk).
+            let published = table.sum(counters::ORIG_DST_PUBLISHED);
+            table.consumed.store(published, Ordering::Relaxed);
+        }
         let enrolled = HashMap::try_from(take(maps::ENROLLED)?).map_err(map_err(maps::ENROLLED))?;
         let spoof_guard =
             HashMap::try_from(take(maps::SPOOF_GUARD)?).map_err(map_err(maps::SPOOF_GUARD))?;
@@ -481,9 +540,6 @@ impl Datapath {
             nets.insert(&key, 1, 0)
                 .map_err(map_err(maps::EXCLUDED_NETS))?;
         }
-        let mut nets6: LpmTrie<MapData, [u8; 16], u8> =
-            LpmTrie::try_from(take(maps::EXCLUDED_NETS6)?)
-                .map_err(map_err(maps::EXCLUDED_NETS6))?;
         let always6 = [
             (Ipv6Addr::UNSPECIFIED, 128u8),
             (Ipv6Addr::LOCALHOST, 128),
@@ -508,7 +564,6 @@ impl Datapath {
                 0,
             )
             .map_err(map_err(maps::PROXY))?;
-
         // Pinned programs outlive the agent: from before they attach, they wait for its
         // heartbeat.
         let heartbeat = match &pins {
@@ -516,71 +571,30 @@ impl Datapath {
             None => None,
         };
 
-        let cgroup_file = File::open(cgroup).map_err(|source| Error::Cgroup {
-            path: cgroup.to_owned(),
-            source,
-        })?;
         let mut cgroup_links = Vec::new();
-        let mut pin_link = |name: &'static str, fd: std::os::fd::BorrowedFd<'_>, kind: u32| {
-            let Some(pins) = &pins else {
-                return Ok(false);
-            };
-            let path = pins.link(name);
-            let link =
-                pinning::attach_pinned(fd, cgroup_file.as_fd(), kind, &path).map_err(|source| {
-                    Error::Pin {
-                        what: name,
-                        path,
-                        source,
-                    }
-                })?;
-            cgroup_links.push(link);
-            Ok::<_, Error>(true)
-        };
-        for (name, kind) in [
-            (programs::CONNECT4, attach::CGROUP_INET4_CONNECT),
-            (programs::CONNECT6, attach::CGROUP_INET6_CONNECT),
-            (programs::GETPEERNAME4, attach::CGROUP_INET4_GETPEERNAME),
-            (programs::GETPEERNAME6, attach::CGROUP_INET6_GETPEERNAME),
-        ] {
-            let p: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(Error::MissingProgram(name))?
-                .try_into()
-                .map_err(prog(name))?;
-            p.load().map_err(prog(name))?;
-            if !pin_link(name, p.fd().map_err(prog(name))?.as_fd(), kind)? {
-                p.attach(&cgroup_file, LINK_MODE).map_err(prog(name))?;
+        let mut classifiers = None;
+        match &mut ebpf {
+            Some(ebpf) => attach_all(ebpf, cgroup, pins.as_ref(), &mut cgroup_links)?,
+            None => {
+                // The previous agent's programs stay attached; only the TC programs are needed,
+                // for the pods enrolled from now on.
+                let pins = pins
+                    .as_ref()
+                    .ok_or(Error::MissingProgram(programs::ANTI_SPOOF))?;
+                let open = |name: &'static str| {
+                    SchedClassifier::from_pin(pins.program(name)).map_err(prog(name))
+                };
+                classifiers = Some(Classifiers {
+                    anti_spoof: open(programs::ANTI_SPOOF)?,
+                    inbound_policy: open(programs::INBOUND_POLICY)?,
+                });
             }
         }
-        let sockops: &mut SockOps = ebpf
-            .program_mut(programs::SOCKOPS)
-            .ok_or(Error::MissingProgram(programs::SOCKOPS))?
-            .try_into()
-            .map_err(prog(programs::SOCKOPS))?;
-        sockops.load().map_err(prog(programs::SOCKOPS))?;
-        let fd = sockops.fd().map_err(prog(programs::SOCKOPS))?.as_fd();
-        if !pin_link(programs::SOCKOPS, fd, attach::CGROUP_SOCK_OPS)? {
-            sockops
-                .attach(&cgroup_file, LINK_MODE)
-                .map_err(prog(programs::SOCKOPS))?;
-        }
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(programs::ANTI_SPOOF)
-            .ok_or(Error::MissingProgram(programs::ANTI_SPOOF))?
-            .try_into()
-            .map_err(prog(programs::ANTI_SPOOF))?;
-        tc.load().map_err(prog(programs::ANTI_SPOOF))?;
-        let policy_tc: &mut SchedClassifier = ebpf
-            .program_mut(programs::INBOUND_POLICY)
-            .ok_or(Error::MissingProgram(programs::INBOUND_POLICY))?
-            .try_into()
-            .map_err(prog(programs::INBOUND_POLICY))?;
-        policy_tc.load().map_err(prog(programs::INBOUND_POLICY))?;
 
         Ok((
             Self {
                 ebpf,
+                classifiers,
                 enrolled,
                 spoof_guard,
                 tc_links: StdHashMap::new(),
@@ -588,6 +602,7 @@ impl Datapath {
                 policy_links: StdHashMap::new(),
                 pins,
                 _cgroup_links: cgroup_links,
+                adopted: adopt,
             },
             table,
             Capture { proxy, heartbeat },
@@ -801,12 +816,13 @@ impl Datapath {
             .pins
             .as_ref()
             .map(|p| p.tc_link(pod.host_ifindex, side == TcAttachType::Ingress));
-        let tc: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram(name))?
-            .try_into()
-            .map_err(prog(name))?;
+        if let Some(path) = &pin {
+            // A previous agent's link on this interface: it stays.
+            if let Ok(link) = PinnedLink::from_pin(path) {
+                return Ok(TcLink::Pinned(link));
+            }
+        }
+        let tc = self.classifier(name)?;
         let id = match tc.attach(&ifname, side) {
             Ok(link) => link,
             // Before Linux 6.6 (no TCX) aya attaches through netlink, which needs a clsact
@@ -835,22 +851,110 @@ impl Datapath {
         Ok(TcLink::Pinned(pinned))
     }
 
+    /// TC program `name`: the loaded object's, or the adopted one.
+    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, Error> {
+        if let Some(c) = &mut self.classifiers {
+            return match name {
+                programs::ANTI_SPOOF => Ok(&mut c.anti_spoof),
+                _ => Ok(&mut c.inbound_policy),
+            };
+        }
+        self.ebpf
+            .as_mut()
+            .and_then(|e| e.program_mut(name))
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(prog(name))
+    }
+
     /// Detaches a TC link of `name`'s (an interface that is gone took it with it already).
     fn detach_tc(&mut self, name: &'static str, link: TcLink) -> Result<(), Error> {
         match link {
             TcLink::Owned(id) => {
-                let tc: &mut SchedClassifier = self
-                    .ebpf
-                    .program_mut(name)
-                    .ok_or(Error::MissingProgram(name))?
-                    .try_into()
-                    .map_err(prog(name))?;
-                let _ = tc.detach(id);
+                let _ = self.classifier(name)?.detach(id);
             }
             // Unpinned, the link is detached when its last descriptor (ours) closes.
             TcLink::Pinned(pinned) => drop(pinned.unpin()),
         }
         Ok(())
+    }
+
+    /// Once an adopted datapath holds this agent's pods: removes what the previous agent left
+    /// that this one did not write (pods gone while no agent ran, policy entries of a policy
+    /// since changed). `cookies` and `ifindexes` are the enrolled pods'. Returns how many
+    /// entries and pins went; a datapath this agent loaded itself has nothing to sweep.
+    pub fn sweep(&mut self, cookies: &HashSet<u64>, ifindexes: &HashSet<u32>) -> usize {
+        if !std::mem::take(&mut self.adopted) {
+            return 0;
+        }
+        let mut removed = 0;
+        let stale: Vec<u64> = self
+            .enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|c| !cookies.contains(c))
+            .collect();
+        for cookie in stale {
+            removed += usize::from(self.enrolled.remove(&cookie).is_ok());
+        }
+        let stale: Vec<u32> = self
+            .spoof_guard
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| !ifindexes.contains(i))
+            .collect();
+        for ifindex in stale {
+            removed += usize::from(self.spoof_guard.remove(&ifindex).is_ok());
+        }
+        let m = &mut self.policy;
+        let stale: Vec<u32> = m
+            .pods
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| m.installed.get(i).is_none_or(|i| i.pod.is_none()))
+            .collect();
+        for ifindex in stale {
+            removed += usize::from(m.pods.remove(&ifindex).is_ok());
+        }
+        let ours = |key: &PolicyKey| {
+            m.installed
+                .get(&key.ifindex)
+                .is_some_and(|i| i.ports.iter().any(|(k, _)| k == key))
+        };
+        let stale: Vec<PolicyKey> = m
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !ours(k))
+            .collect();
+        for key in stale {
+            removed += usize::from(m.ports.remove(&key).is_ok());
+        }
+        removed += sweep_trie(&mut m.nets, |len, d| {
+            m.installed
+                .get(&d.key.ifindex)
+                .is_some_and(|i| i.nets.iter().any(|(l, o, _)| *l == len && o == d))
+        });
+        removed += sweep_trie(&mut m.nets6, |len, d| {
+            m.installed
+                .get(&d.key.ifindex)
+                .is_some_and(|i| i.nets6.iter().any(|(l, o, _)| *l == len && o == d))
+        });
+        let stale: Vec<PolicyKey> = m
+            .drops
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !ifindexes.contains(&k.ifindex))
+            .collect();
+        for key in stale {
+            removed += usize::from(m.drops.remove(&key).is_ok());
+        }
+        if let Some(pins) = &self.pins {
+            for path in pins.stale_tc_links(&|i| ifindexes.contains(&i)) {
+                removed += usize::from(std::fs::remove_file(path).is_ok());
+            }
+        }
+        removed
     }
 
     /// Stops capturing a pod. Missing entries are not an error (the pod may be half gone).
@@ -870,6 +974,144 @@ impl Datapath {
         self.forget_policy(pod.host_ifindex);
         Ok(())
     }
+}
+
+/// The maps the agent reads or writes (pinned, so a successor can adopt them).
+const USER_MAPS: &[&str] = &[
+    maps::PROXY,
+    maps::LIVENESS,
+    maps::EXCLUDED_PORTS,
+    maps::EXCLUDED_NETS,
+    maps::EXCLUDED_NETS6,
+    maps::ORIG_DST,
+    maps::ORIG_DST6,
+    maps::COUNTERS,
+    maps::ENROLLED,
+    maps::SPOOF_GUARD,
+    maps::POLICY_PODS,
+    maps::POLICY_PORTS,
+    maps::POLICY_NETS,
+    maps::POLICY_NETS6,
+    maps::POLICY_DROPS,
+    maps::POLICY_CONFIG,
+];
+
+/// Which build of the eBPF object this is (FNV-1a of its bytes): a successor adopts pinned
+/// programs and maps only from the same build, whose map layouts are its own.
+pub fn object_tag() -> String {
+    let hash = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// A pinned map, typed as the kernel says it is.
+fn as_map(data: MapData) -> Result<Map, aya::maps::MapError> {
+    use aya::maps::MapType;
+    Ok(match data.info()?.map_type()? {
+        MapType::Array => Map::Array(data),
+        MapType::Hash => Map::HashMap(data),
+        MapType::LruHash => Map::LruHashMap(data),
+        MapType::LpmTrie => Map::LpmTrie(data),
+        MapType::PerCpuArray => Map::PerCpuArray(data),
+        MapType::PerCpuHash => Map::PerCpuHashMap(data),
+        MapType::LruPerCpuHash => Map::PerCpuLruHashMap(data),
+        _ => Map::Unsupported(data),
+    })
+}
+
+/// Loads the freshly loaded object's programs and attaches the cgroup ones (pinned, with
+/// `pins`); with `pins`, the TC programs are pinned too, for a successor to attach.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: &Path,
+    pins: Option<&PinDir>,
+    cgroup_links: &mut Vec<OwnedFd>,
+) -> Result<(), Error> {
+    let cgroup_file = File::open(cgroup).map_err(|source| Error::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    let mut pin_link = |name: &'static str, fd: std::os::fd::BorrowedFd<'_>, kind: u32| {
+        let Some(pins) = pins else {
+            return Ok(false);
+        };
+        let path = pins.link(name);
+        let link =
+            pinning::attach_pinned(fd, cgroup_file.as_fd(), kind, &path).map_err(|source| {
+                Error::Pin {
+                    what: name,
+                    path,
+                    source,
+                }
+            })?;
+        cgroup_links.push(link);
+        Ok::<_, Error>(true)
+    };
+    for (name, kind) in [
+        (programs::CONNECT4, attach::CGROUP_INET4_CONNECT),
+        (programs::CONNECT6, attach::CGROUP_INET6_CONNECT),
+        (programs::GETPEERNAME4, attach::CGROUP_INET4_GETPEERNAME),
+        (programs::GETPEERNAME6, attach::CGROUP_INET6_GETPEERNAME),
+    ] {
+        let p: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(prog(name))?;
+        p.load().map_err(prog(name))?;
+        if !pin_link(name, p.fd().map_err(prog(name))?.as_fd(), kind)? {
+            p.attach(&cgroup_file, LINK_MODE).map_err(prog(name))?;
+        }
+    }
+    let sockops: &mut SockOps = ebpf
+        .program_mut(programs::SOCKOPS)
+        .ok_or(Error::MissingProgram(programs::SOCKOPS))?
+        .try_into()
+        .map_err(prog(programs::SOCKOPS))?;
+    sockops.load().map_err(prog(programs::SOCKOPS))?;
+    let fd = sockops.fd().map_err(prog(programs::SOCKOPS))?.as_fd();
+    if !pin_link(programs::SOCKOPS, fd, attach::CGROUP_SOCK_OPS)? {
+        sockops
+            .attach(&cgroup_file, LINK_MODE)
+            .map_err(prog(programs::SOCKOPS))?;
+    }
+    for name in [programs::ANTI_SPOOF, programs::INBOUND_POLICY] {
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(prog(name))?;
+        tc.load().map_err(prog(name))?;
+        if let Some(pins) = pins {
+            let path = pins.program(name);
+            tc.pin(&path).map_err(|e| Error::Pin {
+                what: name,
+                path,
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The TC programs of an adopted datapath (opened from their pins).
+struct Classifiers {
+    anti_spoof: SchedClassifier,
+    inbound_policy: SchedClassifier,
+}
+
+/// Removes the entries of `trie` that `ours` (prefix length, data) does not claim.
+fn sweep_trie<K: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, u8>,
+    ours: impl Fn(u32, &K) -> bool,
+) -> usize {
+    let stale: Vec<_> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !ours(k.prefix_len(), &k.data()))
+        .collect();
+    stale.iter().filter(|k| trie.remove(k).is_ok()).count()
 }
 
 /// `plaintext` as one [`PodRules`] entry, if it fits (at most [`RULE_PORTS`] ports of their

@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod drain;
 pub mod enrolled;
 pub mod fuzzing;
+pub mod handover;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

@@ -69,6 +69,8 @@ fn main() -> anyhow::Result<()> {
                 drain_timeout: args.drain_timeout,
                 pin_dir: args.pin_dir,
                 liveness_timeout: args.liveness_timeout,
+                handover_socket: args.handover_socket,
+                object_tag: args.object_tag,
                 http_head_timeout: args.http_head_timeout,
                 metrics_dialect: args.metrics_dialect,
                 max_manifest_bytes: args.max_manifest_bytes,

@@ -5,7 +5,10 @@
 //!
 //! What aya 0.13 cannot pin (cgroup links) is made here with the `bpf(2)` commands directly.
 //!
-//! Layout under the pin directory:
+//! Layout under the pin directory, in a subdirectory per build of the eBPF object
+//! (`obj-<hash>`: a successor adopts only its own build's maps, whose layouts it knows):
+//! - `maps/<MAP>`: the maps the agent reads and writes;
+//! - `progs/<program>`: the TC programs, for attaching to pods enrolled later;
 //! - `links/<program>`: the cgroup links (connect4, connect6, getpeername4/6, sockops);
 //! - `tc/<ifindex>-ingress`, `tc/<ifindex>-egress`: each enrolled pod's TC links.
 
@@ -38,6 +41,9 @@ pub mod attach {
 /// Where the agent pins what must outlive it.
 #[derive(Debug, Clone)]
 pub struct PinDir {
+    /// `--pin-dir`.
+    base: PathBuf,
+    /// This build's subdirectory.
     root: PathBuf,
 }
 
@@ -64,22 +70,61 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 }
 
 impl PinDir {
-    /// Checks that `root` can hold pins (creating it on the BPF file system if needed).
-    pub fn open(root: &Path) -> Result<Self, Error> {
-        let parent_is_bpffs = root.parent().is_some_and(is_bpffs);
-        if !root.exists() && parent_is_bpffs {
-            std::fs::create_dir_all(root).map_err(io_err(root))?;
+    /// Checks that `base` can hold pins (creating it on the BPF file system if needed); the
+    /// pins of the build tagged `tag` go in a subdirectory.
+    pub fn open(base: &Path, tag: &str) -> Result<Self, Error> {
+        let parent_is_bpffs = base.parent().is_some_and(is_bpffs);
+        if !base.exists() && parent_is_bpffs {
+            std::fs::create_dir_all(base).map_err(io_err(base))?;
         }
-        if !is_bpffs(root) {
-            return Err(Error::NotBpffs(root.to_owned()));
+        if !is_bpffs(base) {
+            return Err(Error::NotBpffs(base.to_owned()));
         }
         let dir = Self {
-            root: root.to_owned(),
+            base: base.to_owned(),
+            root: base.join(format!("obj-{tag}")),
         };
-        for sub in [dir.links(), dir.tc()] {
+        for sub in [dir.maps(), dir.programs(), dir.links(), dir.tc()] {
             std::fs::create_dir_all(&sub).map_err(io_err(&sub))?;
         }
         Ok(dir)
+    }
+
+    fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    fn programs(&self) -> PathBuf {
+        self.root.join("progs")
+    }
+
+    /// Where map `name` is pinned.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    /// Where program `name` is pinned.
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.programs().join(name)
+    }
+
+    /// Whether a previous agent of this build left a whole datapath here: `maps`, the TC
+    /// programs and every cgroup link (pinned last).
+    pub fn complete(&self, maps: &[&str]) -> bool {
+        use mesh_agent_common::programs as p;
+        maps.iter().all(|m| self.map(m).exists())
+            && [p::ANTI_SPOOF, p::INBOUND_POLICY]
+                .iter()
+                .all(|n| self.program(n).exists())
+            && [
+                p::CONNECT4,
+                p::CONNECT6,
+                p::GETPEERNAME4,
+                p::GETPEERNAME6,
+                p::SOCKOPS,
+            ]
+            .iter()
+            .all(|n| self.link(n).exists())
     }
 
     pub fn root(&self) -> &Path {
@@ -105,11 +150,23 @@ impl PinDir {
         self.tc().join(format!("{ifindex}-{side}"))
     }
 
-    /// Unpins everything a previous agent left (which detaches its programs), keeping the
+    /// Unpins everything previous agents left (which detaches their programs): another
+    /// build's whole subdirectory, and what of ours is there (an incomplete set). Keeps our
     /// directories. Returns how many pins went.
     pub fn clear(&self) -> Result<usize, Error> {
         let mut removed = 0;
-        for sub in [self.links(), self.tc()] {
+        for entry in std::fs::read_dir(&self.base).map_err(io_err(&self.base))? {
+            let path = entry.map_err(io_err(&self.base))?.path();
+            let ours = path == self.root;
+            let build = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("obj-"));
+            if build && !ours && path.is_dir() {
+                removed += count_files(&path);
+                std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+            }
+        }
+        for sub in [self.maps(), self.programs(), self.links(), self.tc()] {
             for entry in std::fs::read_dir(&sub).map_err(io_err(&sub))? {
                 let path = entry.map_err(io_err(&sub))?.path();
                 std::fs::remove_file(&path).map_err(io_err(&path))?;
@@ -118,6 +175,40 @@ impl PinDir {
         }
         Ok(removed)
     }
+
+    /// The pinned TC links of interfaces other than `keep` (pods gone while no agent ran).
+    pub fn stale_tc_links(&self, keep: &dyn Fn(u32) -> bool) -> Vec<PathBuf> {
+        std::fs::read_dir(self.tc())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                let ifindex = name
+                    .as_deref()
+                    .and_then(|n| n.split_once('-'))
+                    .and_then(|(i, _)| i.parse::<u32>().ok());
+                ifindex.is_some_and(|i| !keep(i))
+            })
+            .collect()
+    }
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                count_files(&p)
+            } else {
+                1
+            }
+        })
+        .sum()
 }
 
 /// Whether `path` is on a BPF file system.

@@ -134,6 +134,20 @@ impl Reconciler {
             }
             let complete = self.reconcile(&snapshot).await;
             self.enforce_policy(&snapshot);
+            if complete && snapshot.version > 0 {
+                // A datapath adopted from a previous agent: what it left for pods gone since.
+                let cookies = self.enrolled.values().map(|h| h.enrollment.netns_cookie);
+                let ifindexes = self.enrolled.values().map(|h| h.enrollment.host_ifindex);
+                let removed = self
+                    .datapath
+                    .sweep(&cookies.collect(), &ifindexes.collect());
+                if removed > 0 {
+                    info!(
+                        removed,
+                        "removed what the previous agent left for pods gone since"
+                    );
+                }
+            }
             // Version 0 is the empty state before a source published anything.
             self.ready
                 .store(complete && snapshot.version > 0, Ordering::Release);

@@ -55,11 +55,30 @@ impl Agent {
         extra_args: &[&str],
         cpu: Option<usize>,
     ) -> io::Result<Agent> {
+        Self::spawn(bed, node, extra_args, cpu, &workspace_binary("mesh-agent")?)
+    }
+
+    /// Like [`Agent::start`], running the agent binary at `binary` (an upgrade).
+    pub fn start_binary(
+        bed: &Testbed,
+        node: &str,
+        extra_args: &[&str],
+        binary: &std::path::Path,
+    ) -> io::Result<Agent> {
+        Self::spawn(bed, node, extra_args, None, binary)
+    }
+
+    fn spawn(
+        bed: &Testbed,
+        node: &str,
+        extra_args: &[&str],
+        cpu: Option<usize>,
+        agent: &std::path::Path,
+    ) -> io::Result<Agent> {
         let n = bed.node(node);
         let log = bed.dir.join(format!("agent-{node}.log"));
         let log_file = OpenOptions::new().create(true).append(true).open(&log)?;
-        let agent = workspace_binary("mesh-agent")?;
-        let mut cmd = Command::new(&agent);
+        let mut cmd = Command::new(agent);
         if !extra_args.contains(&"--log-level") {
             cmd.args(["--log-level", "info,mesh_agent=debug"]);
         }
@@ -77,7 +96,7 @@ impl Agent {
             .iter()
             .any(|a| ["--dev-ca", "--trust-anchors", "--identity-namespace"].contains(a))
         {
-            let ca = Self::ensure_ca(bed, &agent)?;
+            let ca = Self::ensure_ca(bed, agent)?;
             cmd.arg("--trust-anchors")
                 .arg(ca.join("ca.crt"))
                 .arg("--issuer-cert")

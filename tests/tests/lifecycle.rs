@@ -198,12 +198,19 @@ fn a_killed_agent_with_pinned_programs_fails_open_within_a_second_and_fail_close
         "connected"
     );
 
-    // The next agent takes the pinned programs' place: both pods are meshed again.
+    // While no agent runs, the client's sandbox is replaced (new namespace, new veth).
+    bed.recreate_pod("client").unwrap();
+
+    // The next agent adopts the pinned programs and maps: both pods are meshed again, and
+    // what the maps and pins held for the client's old sandbox is swept.
     let mut n1 = Agent::start(&bed, "n1", &["--pin-dir", pin_dir]).unwrap();
     n1.wait_ready(READY).unwrap();
-    assert!(
+    eventually("the old sandbox's entries to be swept", || {
         n1.log_text()
-            .contains("unpinned what a previous agent left"),
+            .contains("removed what the previous agent left for pods gone since")
+    });
+    assert!(
+        n1.log_text().contains("adopting the pinned datapath"),
         "{}",
         n1.log_text()
     );
@@ -213,4 +220,178 @@ fn a_killed_agent_with_pinned_programs_fails_open_within_a_second_and_fail_close
         assert_eq!(arrived_as(&n2, pod), before + 1.0, "{pod} meshed again");
     }
     assert_eq!(syn_from(&bed, "outsider", &locked, 2000), "connected");
+}
+
+/// n1's arguments for a pinned agent that hands over to its successor.
+fn pinned_args(bed: &mesh_agent_tests::Testbed) -> Vec<String> {
+    let pins = bed.bpffs().unwrap().join("n1");
+    let socket = bed.dir.join("n1-handover.sock");
+    vec![
+        "--pin-dir".into(),
+        pins.to_string_lossy().into_owned(),
+        "--handover-socket".into(),
+        socket.to_string_lossy().into_owned(),
+    ]
+}
+
+fn spawn_output(bed: &mesh_agent_tests::Testbed, pod: &str, args: &[&str]) -> std::process::Child {
+    let mut cmd = bed.pod_command(pod, meshtest()).unwrap();
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+fn finished(child: std::process::Child, what: &str) -> String {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn restarts_and_upgrades_under_load_refuse_nothing_reset_nothing_and_never_bypass_the_mesh() {
+    let _serial = serial();
+    let bed = bed();
+    let args = pinned_args(&bed);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut n1 = Agent::start(&bed, "n1", &args).unwrap();
+    let mut n2 = Agent::start(&bed, "n2", &[]).unwrap();
+    n1.wait_ready(READY).unwrap();
+    n2.wait_ready(READY).unwrap();
+    // The upgrade: the agent binary at another path (an image with a new build of the agent
+    // whose eBPF object is the same).
+    let upgraded = bed.dir.join("mesh-agent-upgraded");
+    std::fs::copy(
+        mesh_agent_tests::agent::workspace_binary("mesh-agent").unwrap(),
+        &upgraded,
+    )
+    .unwrap();
+    let before = arrived_as(&n2, "client");
+
+    // 500 req/s for 14 s: 250 over 4 keep-alive connections, 250 on a new connection each;
+    // and 10 echo streams (a line every 100 ms, each echo checked) for 14 s.
+    const SECS: usize = 14;
+    let keepalive = spawn_output(&bed, "client", &["load", WEB_POD, "250", "4", "14"]);
+    let churn_count = (250 * SECS).to_string();
+    let churn = spawn_output(&bed, "client", &["churn", WEB_POD, &churn_count, "3"]);
+    let echo = format!("{}:9090", bed.pod("web").ip);
+    let streams: Vec<_> = (0..10)
+        .map(|_| spawn_output(&bed, "client", &["stream", &echo, "14"]))
+        .collect();
+
+    // Five restarts, 2 s apart: three of the same binary, then two upgrades.
+    let mut previous = Vec::new();
+    for i in 1..=5 {
+        std::thread::sleep(Duration::from_secs(2));
+        let next = if i <= 3 {
+            Agent::start(&bed, "n1", &args).unwrap()
+        } else {
+            Agent::start_binary(&bed, "n1", &args, &upgraded).unwrap()
+        };
+        eventually_for(
+            &format!("restart {i}: the next agent to serve"),
+            Duration::from_secs(20),
+            || {
+                n1.log_text()
+                    .matches("serving; the previous agent drains what it carries")
+                    .count()
+                    == i
+            },
+        );
+        previous.push(std::mem::replace(&mut n1, next));
+    }
+
+    let load = key_values(&finished(keepalive, "keep-alive load").replace(' ', "\n"));
+    let churned = finished(churn, "new-connection load");
+    let mut echoed = 0;
+    for stream in streams {
+        let out = finished(stream, "a stream");
+        echoed += key_values(&out)["echoed"].parse::<u64>().unwrap();
+    }
+    eprintln!("keep-alive: {load:?}; new connections: {churned}; streams echoed {echoed} lines");
+    assert_eq!(load["errors"], "0", "{load:?}");
+    assert_eq!(load["count"], (250 * SECS).to_string(), "{load:?}");
+    assert_eq!(churned.trim(), format!("ok={churn_count}"));
+    assert!(
+        echoed > 10 * 10 * (SECS as u64 - 2),
+        "{echoed} lines echoed"
+    );
+
+    // Capture never lapsed: every request and stream arrived at n2 through the mesh, as the
+    // client (a connection that bypassed the agents would not be counted there).
+    let total = 250.0 * SECS as f64 * 2.0 + 10.0;
+    assert_eq!(
+        arrived_as(&n2, "client") - before,
+        total,
+        "requests and streams that reached web as the client's mTLS identity"
+    );
+    // Each previous agent finished what it carried and left the datapath in place.
+    for mut old in previous {
+        let status = old
+            .wait_exit(Duration::from_secs(25))
+            .unwrap()
+            .expect("a previous agent to exit once drained");
+        assert!(status.success(), "{status}");
+    }
+    let log = n1.log_text();
+    assert_eq!(
+        log.matches("handed over to the next agent; bye").count(),
+        5,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("adopting the pinned datapath").count(),
+        5,
+        "{log}"
+    );
+    let after = arrived_as(&n2, "client");
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_POD).status, 200);
+    assert_eq!(arrived_as(&n2, "client"), after + 1.0);
+}
+
+#[test]
+fn a_successor_of_another_build_is_refused_and_takes_over_after_the_drain() {
+    let _serial = serial();
+    let bed = bed();
+    let args = pinned_args(&bed);
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["--drain-timeout", "2s"]);
+    let mut old = Agent::start(&bed, "n1", &args).unwrap();
+    let mut n2 = Agent::start(&bed, "n2", &[]).unwrap();
+    old.wait_ready(READY).unwrap();
+    n2.wait_ready(READY).unwrap();
+    let before = arrived_as(&n2, "client");
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_POD).status, 200);
+    assert_eq!(arrived_as(&n2, "client"), before + 1.0);
+
+    // Another build (other map layouts): no handover; the running agent drains and exits,
+    // and the newcomer replaces its pinned datapath with its own.
+    args.extend(["--object-tag", "0123456789abcdef"]);
+    let mut new = Agent::start(&bed, "n1", &args).unwrap();
+    let status = old
+        .wait_exit(Duration::from_secs(10))
+        .unwrap()
+        .expect("the running agent to drain and exit");
+    assert!(status.success(), "{status}");
+    eventually("the newcomer to serve", || {
+        new.get(15021, "/ready").is_ok_and(|r| r.status == 200)
+    });
+    let log = new.log_text();
+    assert!(log.contains("refused, draining"), "{log}");
+    assert!(log.contains("the running agent is another build"), "{log}");
+    assert!(log.contains("unpinned what a previous agent left"), "{log}");
+    let before = arrived_as(&n2, "client");
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_POD).status, 200);
+    assert_eq!(
+        arrived_as(&n2, "client"),
+        before + 1.0,
+        "meshed by the newcomer"
+    );
+    assert!(new.wait_exit(Duration::from_millis(10)).unwrap().is_none());
 }

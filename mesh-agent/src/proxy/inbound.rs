@@ -201,7 +201,10 @@ pub async fn serve(listener: TcpListener, inputs: Arc<InboundInputs>) {
             // Draining: GOAWAY, and the tunnels open carry on until they end.
             let conn = std::pin::pin!(conn);
             let served =
-                crate::proxy::http::until_drained(conn, &drain, |c| c.graceful_shutdown()).await;
+                crate::proxy::http::until_drained(conn, &drain, std::time::Duration::ZERO, |c| {
+                    c.graceful_shutdown()
+                })
+                .await;
             if let Err(e) = served {
                 debug!(client = %addr, "inbound HBONE connection ended: {e}");
             }

@@ -17,7 +17,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod pool;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::{
     body::{Bytes, Incoming},
@@ -315,9 +315,23 @@ where
     F: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
     let service = std::sync::Arc::new(service);
+    let drain = limits.drain.clone();
+    let http1 = protocol != Protocol::Http2;
     let service = service_fn(move |req| {
         let service = service.clone();
-        async move { Ok::<_, std::convert::Infallible>(service(req).await) }
+        let drain = drain.clone();
+        async move {
+            let mut resp = service(req).await;
+            if http1 && drain.is_draining() {
+                // The client learns with this response not to send another on the connection
+                // (hyper closes it after): no request races the close.
+                resp.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let io = TokioIo::new(io);
     match protocol {
@@ -333,7 +347,10 @@ where
                 builder.max_frame_size(frame);
             }
             let conn = std::pin::pin!(builder.serve_connection(io, service));
-            until_drained(conn, &limits.drain, |c| c.graceful_shutdown()).await
+            until_drained(conn, &limits.drain, Duration::ZERO, |c| {
+                c.graceful_shutdown()
+            })
+            .await
         }
         _ => {
             let conn = http1::Builder::new()
@@ -342,19 +359,28 @@ where
                 .max_buf_size(MAX_HEAD_BYTES)
                 .serve_connection(io, service)
                 .with_upgrades();
-            until_drained(std::pin::pin!(conn), &limits.drain, |c| {
-                c.graceful_shutdown()
-            })
+            until_drained(
+                std::pin::pin!(conn),
+                &limits.drain,
+                HTTP1_DRAIN_GRACE,
+                |c| c.graceful_shutdown(),
+            )
             .await
         }
     }
 }
 
-/// Drives `conn` to its end; once the agent drains, `shutdown` asks it to finish what it is
-/// on first.
+/// How long a draining agent keeps an HTTP/1 keep-alive connection open for its client's next
+/// request (answered with `Connection: close`) before closing it idle: closing a connection a
+/// client may be sending on races its request, so busy clients are told instead.
+const HTTP1_DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Drives `conn` to its end; once the agent drains (and `grace` later, if the connection has
+/// not ended by then), `shutdown` asks it to finish what it is on first.
 pub async fn until_drained<C, T>(
     mut conn: std::pin::Pin<&mut C>,
     drain: &crate::drain::Watch,
+    grace: Duration,
     shutdown: impl FnOnce(std::pin::Pin<&mut C>),
 ) -> T
 where
@@ -362,8 +388,15 @@ where
 {
     tokio::select! {
         done = conn.as_mut() => return done,
-        () = drain.draining() => shutdown(conn.as_mut()),
+        () = drain.draining() => {}
     }
+    if !grace.is_zero() {
+        tokio::select! {
+            done = conn.as_mut() => return done,
+            () = tokio::time::sleep(grace) => {}
+        }
+    }
+    shutdown(conn.as_mut());
     conn.await
 }
 

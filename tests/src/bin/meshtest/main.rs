@@ -13,13 +13,15 @@
 //! meshtest get ADDR [PATH [NAME:VALUE]...]  one GET (with those headers); prints status,
 //!                                   getpeername(), `header.NAME=VALUE` per response header
 //!                                   and, after a blank line, the body
-//! meshtest churn ADDR COUNT         COUNT sequential short connections, each a full GET
+//! meshtest churn ADDR COUNT [MS]    COUNT sequential short connections, each a full GET (MS
+//!                                   apart)
 //! meshtest loop ADDR INTERVAL_MS    GET forever (demo clients); prints one line per request
 //! meshtest load ADDR RATE CONNS SECS open-loop HTTP/1.1 keep-alive load at RATE req/s over
 //!                                   CONNS connections; latency measured from each request's
-//!                                   scheduled time (no coordinated omission); prints one line
-//!                                   `count= errors= p50_us= p90_us= p99_us= p999_us= max_us=
-//!                                   rate=`
+//!                                   scheduled time (no coordinated omission); a connection
+//!                                   the server closes (`Connection: close`) is replaced; prints
+//!                                   one line `count= errors= closed= p50_us= p90_us= p99_us=
+//!                                   p999_us= max_us= rate=`
 //! meshtest hold ADDR N SECS         opens N idle connections and holds them for SECS
 //! meshtest udp-listen PORT WAIT_MS  counts datagrams received until WAIT_MS of silence
 //! meshtest udp-send FROM TO COUNT   sends COUNT datagrams from address FROM to TO
@@ -110,7 +112,8 @@ fn main() -> ExitCode {
         ["stream", addr, secs] => stream(addr, secs),
         ["get", addr] => get(addr, "/", &[]),
         ["get", addr, path, headers @ ..] => get(addr, path, headers),
-        ["churn", addr, count] => churn(addr, count),
+        ["churn", addr, count] => churn(addr, count, "0"),
+        ["churn", addr, count, interval] => churn(addr, count, interval),
         ["loop", addr, interval] => run_loop(addr, interval),
         ["load", addr, rate, conns, secs] => load(addr, rate, conns, secs),
         ["hold", addr, n, secs] => hold(addr, n, secs),
@@ -363,10 +366,12 @@ fn matrix(addr: &str, requests: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-fn churn(addr: &str, count: &str) -> Result<(), String> {
+fn churn(addr: &str, count: &str, interval: &str) -> Result<(), String> {
     let addr: SocketAddr = parse("address", addr)?;
     let count: usize = parse("count", count)?;
+    let interval = Duration::from_millis(parse("interval", interval)?);
     for i in 0..count {
+        std::thread::sleep(interval);
         let r = http::get(addr, "/churn").map_err(|e| format!("connection {i}: {e}"))?;
         if r.status != 200 {
             return Err(format!("connection {i}: status {}", r.status));
@@ -421,9 +426,12 @@ fn udp_send(from: &str, to: &str, count: &str) -> Result<(), String> {
 }
 
 /// One keep-alive request/response on `conn`; reads exactly the response (Content-Length).
-fn keepalive_get(conn: &mut BufReader<TcpStream>, request: &[u8]) -> std::io::Result<()> {
+/// One GET on a keep-alive connection. Whether the server asked to close it
+/// (`Connection: close`): a client then opens a new one for its next request, as HTTP says.
+fn keepalive_get(conn: &mut BufReader<TcpStream>, request: &[u8]) -> std::io::Result<bool> {
     conn.get_mut().write_all(request)?;
     let mut length = None;
+    let mut close = false;
     loop {
         let mut line = String::new();
         if conn.read_line(&mut line)? == 0 {
@@ -436,10 +444,14 @@ fn keepalive_get(conn: &mut BufReader<TcpStream>, request: &[u8]) -> std::io::Re
             if k.eq_ignore_ascii_case("content-length") {
                 length = v.trim().parse::<usize>().ok();
             }
+            if k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close") {
+                close = true;
+            }
         }
     }
     let mut body = vec![0u8; length.ok_or(std::io::ErrorKind::InvalidData)?];
-    std::io::Read::read_exact(conn, &mut body)
+    std::io::Read::read_exact(conn, &mut body)?;
+    Ok(close)
 }
 
 fn load(addr: &str, rate: &str, conns: &str, secs: &str) -> Result<(), String> {
@@ -455,13 +467,14 @@ fn load(addr: &str, rate: &str, conns: &str, secs: &str) -> Result<(), String> {
     for c in 0..conns {
         let request = request.clone();
         threads.push(std::thread::spawn(
-            move || -> Result<(Vec<u32>, u64), String> {
+            move || -> Result<(Vec<u32>, u64, u64), String> {
                 let stream =
                     TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
                 let _ = stream.set_nodelay(true);
                 let mut conn = BufReader::new(stream);
                 let mut latencies = Vec::new();
                 let mut errors = 0;
+                let mut closed = 0;
                 // This connection's share of the schedule: requests c, c+conns, c+2*conns, ...
                 let offset = Duration::from_secs_f64(c as f64 / rate);
                 let mut k = 0u64;
@@ -472,8 +485,15 @@ fn load(addr: &str, rate: &str, conns: &str, secs: &str) -> Result<(), String> {
                         std::thread::sleep(due - now);
                     }
                     match keepalive_get(&mut conn, &request) {
-                        Ok(()) => {
-                            latencies.push(due.elapsed().as_micros().min(u32::MAX as u128) as u32)
+                        Ok(close) => {
+                            latencies.push(due.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            if close {
+                                closed += 1;
+                                let stream = TcpStream::connect(addr)
+                                    .map_err(|e| format!("reconnect: {e}"))?;
+                                let _ = stream.set_nodelay(true);
+                                conn = BufReader::new(stream);
+                            }
                         }
                         Err(_) => {
                             errors += 1;
@@ -485,16 +505,18 @@ fn load(addr: &str, rate: &str, conns: &str, secs: &str) -> Result<(), String> {
                     }
                     k += 1;
                 }
-                Ok((latencies, errors))
+                Ok((latencies, errors, closed))
             },
         ));
     }
     let mut all = Vec::new();
     let mut errors = 0;
+    let mut closed = 0;
     for t in threads {
-        let (l, e) = t.join().map_err(|_| "load thread panicked".to_owned())??;
+        let (l, e, c) = t.join().map_err(|_| "load thread panicked".to_owned())??;
         all.extend(l);
         errors += e;
+        closed += c;
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_unstable();
@@ -506,7 +528,7 @@ fn load(addr: &str, rate: &str, conns: &str, secs: &str) -> Result<(), String> {
         all[i]
     };
     println!(
-        "count={} errors={errors} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} rate={:.1}",
+        "count={} errors={errors} closed={closed} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} rate={:.1}",
         all.len(),
         pct(0.50),
         pct(0.90),
