@@ -53,6 +53,11 @@ enum Cmd {
         /// from the API server double): time to the first snapshot and memory.
         #[arg(long, conflicts_with_all = ["quick", "profile", "scale"])]
         kube_scale: bool,
+        /// Instead: SECS seconds at ~1000 req/s (keep-alive, new connections, streams) with
+        /// each agent's RSS, descriptors, threads and map entries sampled every 10 s;
+        /// writes target/bench/soak.json and soak.svg.
+        #[arg(long, value_name = "SECS", conflicts_with_all = ["quick", "profile", "scale", "kube_scale"])]
+        soak: Option<u64>,
     },
     /// Run each fuzz target (fuzz/fuzz_targets) under libFuzzer; a crash is kept under
     /// fuzz/regressions, which the unit tests replay.
@@ -106,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             profile,
             scale,
             kube_scale,
+            soak,
         } => {
             setup::run()?;
             setup::bench_tools()?;
@@ -132,6 +138,9 @@ fn main() -> anyhow::Result<()> {
             }
             if kube_scale {
                 return bench::kube_scale::run(&workspace_root());
+            }
+            if let Some(secs) = soak {
+                return bench::soak::run(&workspace_root(), secs);
             }
             bench::run(quick, profile, &workspace_root())
         }

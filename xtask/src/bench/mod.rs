@@ -8,6 +8,7 @@
 pub mod kube_scale;
 mod report;
 pub mod scale;
+pub mod soak;
 
 use std::{
     io::{BufRead, BufReader},
