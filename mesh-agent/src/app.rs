@@ -90,6 +90,9 @@ pub struct Config {
     /// Where a running agent hands its listening sockets to its successor (see
     /// [`crate::handover`]).
     pub handover_socket: Option<PathBuf>,
+    /// After a handover, wait for a signal instead of exiting (a container that exits is
+    /// restarted).
+    pub linger_after_handover: bool,
     /// Which build this agent says it is (tests of version skew); the eBPF object's own tag
     /// if `None`.
     pub object_tag: Option<String>,
@@ -272,12 +275,16 @@ impl Sockets {
             return TcpListener::from_std(listener).map_err(wrong);
         }
         let since = Instant::now();
+        let mut waited = false;
         loop {
             match TcpListener::bind(addr).await {
                 Err(e)
                     if e.kind() == std::io::ErrorKind::AddrInUse
                         && since.elapsed() < self.patience =>
                 {
+                    if !std::mem::replace(&mut waited, true) {
+                        info!(%addr, "{what}: the port is taken, waiting for it (a draining agent?)");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 other => return other.map_err(|source| Error::Bind { what, addr, source }),
@@ -327,6 +334,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut sockets = Sockets::default();
     let mut successor = None;
     if let Some(path) = config.handover_socket.clone() {
+        // A predecessor that is draining already (it got its signal before we asked) holds
+        // the ports until it is done.
+        sockets.patience = config.drain_timeout + Duration::from_secs(10);
         let asked = {
             let tag = tag.clone();
             tokio::task::spawn_blocking(move || handover::ask(&path, &tag)).await
@@ -346,7 +356,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
                     theirs, ours = %tag,
                     "the running agent is another build: it drains; waiting for its ports"
                 );
-                sockets.patience = config.drain_timeout + Duration::from_secs(10);
             }
             Ok(Err(e)) => warn!("asking the running agent for its listeners: {e}"),
             Err(e) => warn!("asking the running agent for its listeners: {e}"),
@@ -674,25 +683,39 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
     }
     // A successor's request ends this agent's run like a signal (nothing else does).
+    let handing = Arc::new(AtomicBool::new(false));
     let handover = {
         let path = config.handover_socket.clone();
         let watch = drain_watch.clone();
+        let handing = handing.clone();
         async move {
             let Some(path) = path else {
                 drop(handed);
                 return std::future::pending().await;
             };
-            match handover::serve(path, tag, handed, watch).await {
+            match handover::serve(path, tag, handed, watch, handing).await {
                 Some(event) => event,
                 None => std::future::pending().await,
             }
         }
     };
-    let handed_over = tokio::select! {
+    let mut handover = Box::pin(handover);
+    let mut handed_over = tokio::select! {
         _ = sigterm.recv() => { info!("SIGTERM: draining"); false }
         _ = sigint.recv() => { info!("SIGINT: draining"); false }
-        event = handover => event == handover::Event::HandedOver,
+        event = &mut handover => event == handover::Event::HandedOver,
     };
+    if !handed_over && handing.load(Ordering::Acquire) {
+        // A successor holds our sockets and shares our datapath: stopping the capture now
+        // would stop its too. It says within its enrollment time whether it serves.
+        info!("a successor is taking over: waiting for it before draining");
+        handed_over = tokio::time::timeout(HANDOVER_READY + Duration::from_secs(5), &mut handover)
+            .await
+            .is_ok_and(|event| event == handover::Event::HandedOver);
+    }
+    // Our copies of the listening sockets go now: a successor has its own, and nobody must
+    // find a socket no one accepts on.
+    drop(handover);
     if handed_over {
         // The successor accepts on the same sockets and runs the same programs: we stop
         // accepting, stop writing the maps, and finish what we carry.
@@ -736,6 +759,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
         // The successor's heartbeat vouches for the node now.
         capture.hand_over();
         tasks.shutdown().await;
+        if config.linger_after_handover && signals == 0 {
+            info!("handed over to the next agent; waiting for the signal to stop");
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = sigint.recv() => {}
+            }
+        }
         info!("handed over to the next agent; bye");
         return Ok(());
     }

@@ -225,6 +225,11 @@ pub struct RunArgs {
     /// is gone.
     #[arg(long, requires = "pin_dir")]
     pub handover_socket: Option<PathBuf>,
+    /// After handing over and draining, wait for a termination signal instead of exiting:
+    /// under Kubernetes an exited container is restarted, and the DaemonSet controller stops
+    /// the old pod itself once the new one is available.
+    #[arg(long, requires = "handover_socket")]
+    pub linger_after_handover: bool,
     /// Tests only: the build this agent claims to be (version skew), instead of its eBPF
     /// object's hash.
     #[arg(long, hide = true)]

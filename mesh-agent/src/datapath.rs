@@ -8,8 +8,9 @@
 //! agent therefore leaves no program redirecting into a dead listener; pods fall back to
 //! direct connections (fail open).
 //!
-//! With `--pin-dir` the links are pinned instead (see [`crate::pinning`]) and outlive the
-//! agent: then a heartbeat in `LIVENESS` tells the programs whether an agent still serves the
+//! With `--pin-dir` the links, the maps the agent uses and the TC programs are pinned instead
+//! (see [`crate::pinning`]) and outlive the agent, and the next agent of the same build adopts
+//! them: then a heartbeat in `LIVENESS` tells the programs whether an agent still serves the
 //! node. When it lapses, pods connect directly again, except fail-closed ones, which are
 //! refused.
 
@@ -336,6 +337,7 @@ impl OrigDstTable {
             spoofed_dropped: sum(counters::SPOOFED_DROPPED),
             foreign_dropped: sum(counters::FOREIGN_DROPPED),
             orig_dst_publish_failed: sum(counters::ORIG_DST_PUBLISH_FAILED),
+            fail_closed_refused: sum(counters::FAIL_CLOSED_REFUSED),
             redirects_tracked: redirected.saturating_sub(sum(counters::REDIRECT_CLOSED)),
             orig_dst_tracked: sum(counters::ORIG_DST_PUBLISHED)
                 .saturating_sub(self.consumed.load(Ordering::Relaxed)),

@@ -23,12 +23,14 @@ use std::{
     time::Duration,
 };
 
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{info, warn};
 
 const HELLO: &str = "mesh-agent-handover/1";
 /// More sockets than an agent has listeners: the rest of a message is refused.
 const MAX_FDS: usize = 8;
+/// The longest line either side reads (a tag, or the names of a few listeners).
+const LINE_MAX: u64 = 512;
 /// How long either side waits for the other's next line.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -118,12 +120,15 @@ pub enum Event {
 
 /// The running agent's side: answers successors on `path` until one takes over, or until
 /// `stop` (the agent drains on its own). `listeners` are duplicates of the listening sockets,
-/// by name, dropped when this returns.
+/// by name, dropped when this returns. `handing` is true while a successor holds our sockets
+/// and has not said yet whether it serves: a signal then waits for it instead of draining
+/// (which would stop the capture the successor shares).
 pub async fn serve(
     path: PathBuf,
     tag: String,
     listeners: Vec<(&'static str, OwnedFd)>,
     stop: crate::drain::Watch,
+    handing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Option<Event> {
     // The previous agent's socket file, if any: its agent is gone or leaving.
     let _ = std::fs::remove_file(&path);
@@ -140,7 +145,10 @@ pub async fn serve(
             conn = server.accept() => conn,
         };
         let Ok((conn, _)) = conn else { continue };
-        match tokio::time::timeout(STEP_TIMEOUT, answer(conn, &tag, &listeners)).await {
+        let answered =
+            tokio::time::timeout(STEP_TIMEOUT, answer(conn, &tag, &listeners, &handing)).await;
+        handing.store(false, std::sync::atomic::Ordering::Release);
+        match answered {
             Ok(Ok(Some(event))) => return Some(event),
             Ok(Ok(None)) => {}
             Ok(Err(e)) => warn!("handover: {e}"),
@@ -154,10 +162,11 @@ async fn answer(
     conn: tokio::net::UnixStream,
     tag: &str,
     listeners: &[(&'static str, OwnedFd)],
+    handing: &std::sync::atomic::AtomicBool,
 ) -> io::Result<Option<Event>> {
     let mut conn = tokio::io::BufReader::new(conn);
     let mut line = String::new();
-    conn.read_line(&mut line).await?;
+    (&mut conn).take(LINE_MAX).read_line(&mut line).await?;
     let Some(theirs) = line.trim_end().strip_prefix(HELLO).map(str::trim) else {
         return Err(io::Error::other(format!("unexpected request {line:?}")));
     };
@@ -176,8 +185,9 @@ async fn answer(
     let fds: Vec<RawFd> = listeners.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
     conn.get_mut().writable().await?;
     send_fds(conn.get_ref().as_raw_fd(), head.as_bytes(), &fds)?;
+    handing.store(true, std::sync::atomic::Ordering::Release);
     line.clear();
-    if conn.read_line(&mut line).await? == 0 {
+    if (&mut conn).take(LINE_MAX).read_line(&mut line).await? == 0 {
         info!("the successor went away before serving; carrying on");
         return Ok(None);
     }

@@ -14,6 +14,13 @@ pub struct Gauge(Arc<AtomicUsize>);
 #[derive(Debug)]
 pub struct Slot(Arc<AtomicUsize>);
 
+impl Slot {
+    /// Whether this is a slot of `gauge`.
+    pub fn of(&self, gauge: &Gauge) -> bool {
+        Arc::ptr_eq(&self.0, &gauge.0)
+    }
+}
+
 impl Gauge {
     /// Takes a slot, unless `limit` are already held.
     pub fn try_take(&self, limit: usize) -> Option<Slot> {

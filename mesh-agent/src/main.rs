@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
                 pin_dir: args.pin_dir,
                 liveness_timeout: args.liveness_timeout,
                 handover_socket: args.handover_socket,
+                linger_after_handover: args.linger_after_handover,
                 object_tag: args.object_tag,
                 http_head_timeout: args.http_head_timeout,
                 metrics_dialect: args.metrics_dialect,

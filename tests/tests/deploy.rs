@@ -408,8 +408,9 @@ fn check_daemonset(ds: &Value) -> Result<(), String> {
     );
     want(
         ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
-            && ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1,
-        "RollingUpdate, maxUnavailable 1",
+            && ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] == 1
+            && ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 0,
+        "RollingUpdate, maxSurge 1, maxUnavailable 0 (the new agent takes over from the old)",
     );
     want(
         pod["securityContext"]["privileged"] != true,
@@ -477,16 +478,17 @@ fn check_daemonset(ds: &Value) -> Result<(), String> {
             &format!("env {var} from {field}"),
         );
     }
-    let ports: BTreeSet<u64> = agent["ports"]
-        .as_sequence()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["containerPort"].as_u64())
-        .collect();
     want(
-        ports == BTreeSet::from([15001, 15008, 15020, 15021]),
-        "ports 15001, 15008, 15020, 15021 (not the loopback admin port)",
+        agent["ports"].as_sequence().is_none_or(|p| p.is_empty()),
+        "no declared ports (with hostNetwork they are host ports: the surge pod would not fit)",
     );
+    for arg in [
+        "--pin-dir=/sys/fs/bpf/mesh-agent",
+        "--handover-socket=/run/mesh-agent/handover.sock",
+        "--linger-after-handover",
+    ] {
+        want(args.contains(&arg), &format!("argument {arg}"));
+    }
     want(
         !agent["resources"]["requests"]["memory"].is_null()
             && !agent["resources"]["limits"]["memory"].is_null(),
@@ -601,13 +603,6 @@ fn prometheus_files_target_the_metrics_port() {
     let docs = documents(&render());
     let ds = the(&docs, "DaemonSet");
     let template = &ds["spec"]["template"];
-    let agent = &template["spec"]["containers"][0];
-    let metrics_port = agent["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|p| p["containerPort"] == 15020)
-        .expect("a declared 15020 port");
     assert_eq!(
         template["metadata"]["annotations"]["prometheus.io/port"],
         "15020"
@@ -636,9 +631,19 @@ fn prometheus_files_target_the_metrics_port() {
         )),
         "keeps only the agent's pods: {keeps:?}"
     );
+    // The pod declares no ports: its address is given the metrics port.
+    let to_metrics_port = |rules: &Value, from: &str, to: &str| {
+        rules.as_sequence().is_some_and(|rules| {
+            rules.iter().any(|r| {
+                strings(&r[from]) == ["__meta_kubernetes_pod_ip"]
+                    && r[to] == "__address__"
+                    && r["replacement"] == "${1}:15020"
+            })
+        })
+    };
     assert!(
-        keeps.contains(&(vec!["__meta_kubernetes_pod_container_port_number"], "15020")),
-        "keeps only port 15020: {keeps:?}"
+        to_metrics_port(&job["relabel_configs"], "source_labels", "target_label"),
+        "scrapes the pod's address on port 15020"
     );
 
     let monitor: Value =
@@ -664,6 +669,9 @@ fn prometheus_files_target_the_metrics_port() {
         .as_sequence()
         .unwrap();
     assert_eq!(endpoints.len(), 1);
-    assert_eq!(endpoints[0]["port"], metrics_port["name"]);
     assert_eq!(endpoints[0]["path"], "/metrics");
+    assert!(
+        to_metrics_port(&endpoints[0]["relabelings"], "sourceLabels", "targetLabel"),
+        "the PodMonitor scrapes the pod's address on port 15020"
+    );
 }

@@ -220,12 +220,15 @@ fn a_killed_agent_with_pinned_programs_fails_open_within_a_second_and_fail_close
         assert_eq!(arrived_as(&n2, pod), before + 1.0, "{pod} meshed again");
     }
     assert_eq!(syn_from(&bed, "outsider", &locked, 2000), "connected");
+    // The kernel counted what it refused while no agent ran (three connects, one SYN), and
+    // the adopting agent reports it.
+    assert_eq!(metric(&n1, "mesh_ebpf_fail_closed_refused_total", &[]), 4.0);
 }
 
-/// n1's arguments for a pinned agent that hands over to its successor.
-fn pinned_args(bed: &mesh_agent_tests::Testbed) -> Vec<String> {
-    let pins = bed.bpffs().unwrap().join("n1");
-    let socket = bed.dir.join("n1-handover.sock");
+/// `node`'s arguments for a pinned agent that hands over to its successor.
+fn pinned_args(bed: &mesh_agent_tests::Testbed, node: &str) -> Vec<String> {
+    let pins = bed.bpffs().unwrap().join(node);
+    let socket = bed.dir.join(format!("{node}-handover.sock"));
     vec![
         "--pin-dir".into(),
         pins.to_string_lossy().into_owned(),
@@ -258,7 +261,7 @@ fn finished(child: std::process::Child, what: &str) -> String {
 fn restarts_and_upgrades_under_load_refuse_nothing_reset_nothing_and_never_bypass_the_mesh() {
     let _serial = serial();
     let bed = bed();
-    let args = pinned_args(&bed);
+    let args = pinned_args(&bed, "n1");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut n1 = Agent::start(&bed, "n1", &args).unwrap();
     let mut n2 = Agent::start(&bed, "n2", &[]).unwrap();
@@ -359,7 +362,7 @@ fn restarts_and_upgrades_under_load_refuse_nothing_reset_nothing_and_never_bypas
 fn a_successor_of_another_build_is_refused_and_takes_over_after_the_drain() {
     let _serial = serial();
     let bed = bed();
-    let args = pinned_args(&bed);
+    let args = pinned_args(&bed, "n1");
     let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
     args.extend(["--drain-timeout", "2s"]);
     let mut old = Agent::start(&bed, "n1", &args).unwrap();
@@ -394,4 +397,94 @@ fn a_successor_of_another_build_is_refused_and_takes_over_after_the_drain() {
         "meshed by the newcomer"
     );
     assert!(new.wait_exit(Duration::from_millis(10)).unwrap().is_none());
+}
+
+#[test]
+fn restarting_the_destination_agent_under_load_fails_no_request() {
+    let _serial = serial();
+    let bed = bed();
+    let mut n1 = Agent::start(&bed, "n1", &[]).unwrap();
+    let args = pinned_args(&bed, "n2");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut n2 = Agent::start(&bed, "n2", &args).unwrap();
+    n1.wait_ready(READY).unwrap();
+    n2.wait_ready(READY).unwrap();
+    // Warm n1's HBONE connections to n2, which the restarts then close (GOAWAY).
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_POD).status, 200);
+
+    let keepalive = spawn_output(&bed, "client", &["load", WEB_POD, "250", "4", "8"]);
+    let churn = spawn_output(&bed, "client", &["churn", WEB_POD, "2000", "3"]);
+    let echo = format!("{}:9090", bed.pod("web").ip);
+    let streams: Vec<_> = (0..5)
+        .map(|_| spawn_output(&bed, "client", &["stream", &echo, "8"]))
+        .collect();
+    let mut previous = Vec::new();
+    for i in 1..=2 {
+        std::thread::sleep(Duration::from_secs(2));
+        let next = Agent::start(&bed, "n2", &args).unwrap();
+        eventually_for(
+            &format!("restart {i}: the next agent to serve"),
+            Duration::from_secs(20),
+            || {
+                n2.log_text()
+                    .matches("serving; the previous agent drains what it carries")
+                    .count()
+                    == i
+            },
+        );
+        previous.push(std::mem::replace(&mut n2, next));
+    }
+    let load = key_values(&finished(keepalive, "keep-alive load").replace(' ', "\n"));
+    let churned = finished(churn, "new-connection load");
+    for stream in streams {
+        finished(stream, "a stream");
+    }
+    assert_eq!(load["errors"], "0", "{load:?}");
+    assert_eq!(load["count"], "2000", "{load:?}");
+    assert_eq!(churned.trim(), "ok=2000");
+    let before = arrived_as(&n2, "client");
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_POD).status, 200);
+    assert_eq!(arrived_as(&n2, "client"), before + 1.0, "through the mesh");
+    for mut old in previous {
+        let status = old.wait_exit(Duration::from_secs(25)).unwrap();
+        assert!(status.expect("the previous agent to exit").success());
+    }
+}
+
+#[test]
+fn a_signal_during_a_handover_waits_for_the_successor_instead_of_stopping_its_capture() {
+    let _serial = serial();
+    let bed = bed();
+    let args = pinned_args(&bed, "n1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut old = Agent::start(&bed, "n1", &args).unwrap();
+    let mut n2 = Agent::start(&bed, "n2", &[]).unwrap();
+    old.wait_ready(READY).unwrap();
+    n2.wait_ready(READY).unwrap();
+    // The orchestrator stops the old agent as soon as the new one is started: the signal
+    // lands while the successor holds the sockets but still enrolls the pods.
+    let new = Agent::start(&bed, "n1", &args).unwrap();
+    eventually_for(
+        "the successor to hold the sockets",
+        Duration::from_secs(10),
+        || {
+            old.log_text()
+                .contains("took over the running agent's listening sockets")
+        },
+    );
+    old.terminate();
+    let status = old
+        .wait_exit(Duration::from_secs(30))
+        .unwrap()
+        .expect("the old agent to exit");
+    assert!(status.success(), "{status}");
+    // The capture the two shared is the successor's now, and it still captures.
+    let before = arrived_as(&n2, "client");
+    assert_eq!(fetch_from_pod(&bed, "client", WEB_POD).status, 200);
+    assert_eq!(
+        arrived_as(&n2, "client"),
+        before + 1.0,
+        "through the mesh: {}",
+        new.log_text()
+    );
 }

@@ -84,6 +84,7 @@ pub struct DatapathStats {
     pub spoofed_dropped: u64,
     pub foreign_dropped: u64,
     pub orig_dst_publish_failed: u64,
+    pub fail_closed_refused: u64,
     pub redirects_tracked: u64,
     pub orig_dst_tracked: u64,
 }
@@ -114,6 +115,7 @@ pub struct Metrics {
     pub policy_dropped: IntCounterVec,
     redirected: IntCounter,
     spoofed_dropped: IntCounter,
+    fail_closed_refused: IntCounter,
     foreign_dropped: IntCounter,
     publish_failed: IntCounter,
     map_entries: IntGaugeVec,
@@ -249,6 +251,12 @@ impl Metrics {
             "mesh_ebpf_orig_dst_publish_failures_total",
             "Redirected connections whose original destination could not be published.",
         )?;
+        let fail_closed_refused = counter(
+            "mesh_ebpf_fail_closed_refused_total",
+            "Connections of fail-closed pods refused while no agent served the node: connect() \
+             failed with EPERM, or a plaintext SYN towards the pod was dropped (with --pin-dir, \
+             counted across agents).",
+        )?;
         let map_entries = IntGaugeVec::new(
             Opts::new(
                 "mesh_ebpf_map_entries",
@@ -299,6 +307,7 @@ impl Metrics {
             policy_dropped,
             redirected,
             spoofed_dropped,
+            fail_closed_refused,
             foreign_dropped,
             publish_failed,
             map_entries,
@@ -379,6 +388,7 @@ impl Metrics {
         let catch_up = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
         catch_up(&self.redirected, stats.redirected);
         catch_up(&self.spoofed_dropped, stats.spoofed_dropped);
+        catch_up(&self.fail_closed_refused, stats.fail_closed_refused);
         catch_up(&self.foreign_dropped, stats.foreign_dropped);
         catch_up(&self.publish_failed, stats.orig_dst_publish_failed);
         let set = |map: &str, v: u64| {

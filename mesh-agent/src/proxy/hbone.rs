@@ -80,6 +80,13 @@ pub enum Error {
         #[source]
         source: hyper::Error,
     },
+    /// The connection would take no new stream (the peer is closing it); nothing was sent.
+    #[error("HTTP/2 with {peer}, closing: {source}")]
+    Unsent {
+        peer: SocketAddrV4,
+        #[source]
+        source: hyper::Error,
+    },
     #[error("{peer} refused CONNECT {target} with {status}")]
     Refused {
         peer: SocketAddrV4,
@@ -110,6 +117,9 @@ struct Pooled {
     sender: http2::SendRequest<Body>,
     streams: Gauge,
 }
+
+/// How many connections a request the peer never saw is tried on.
+const UNSENT_RETRIES: usize = 3;
 
 /// The pod (`ip:port`) an HTTP request sent over HBONE is for (a CONNECT names it in its
 /// authority instead).
@@ -254,17 +264,29 @@ impl HboneConnector {
         target: SocketAddr,
         request: &TunnelRequest,
     ) -> Result<Tunnel, Error> {
-        let (mut sender, slot, peer) = self.stream(source, destination, node).await?;
-        let io = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            Self::open_stream(&mut sender, peer, target, request),
-        )
-        .await
-        .map_err(|_| Error::Stalled {
-            peer,
-            what: "CONNECT",
-        })??;
-        Ok(Tunnel { io, _slot: slot })
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (mut sender, slot, peer) = self.stream(source, destination, node).await?;
+            let opened = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                Self::open_stream(&mut sender, peer, target, request),
+            )
+            .await
+            .map_err(|_| Error::Stalled {
+                peer,
+                what: "CONNECT",
+            })?;
+            match opened {
+                Ok(io) => return Ok(Tunnel { io, _slot: slot }),
+                // The connection is closing (GOAWAY): the CONNECT goes on another.
+                Err(Error::Unsent { source, .. }) if attempt < UNSENT_RETRIES => {
+                    self.forget(&slot);
+                    debug!(%peer, "CONNECT not sent on a closing HBONE connection: {source}; on another");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// A pooled connection to `node` as `source` for `destination`, with room for one more
@@ -330,16 +352,45 @@ impl HboneConnector {
         node: Ipv4Addr,
         req: Request<Body>,
     ) -> Result<(Response<Incoming>, Slot), Error> {
-        let (mut sender, slot, peer) = self.stream(source, destination, node).await?;
-        sender
-            .ready()
-            .await
-            .map_err(|source| Error::Http2 { peer, source })?;
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|source| Error::Http2 { peer, source })?;
-        Ok((response, slot))
+        let mut req = req;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (mut sender, slot, peer) = self.stream(source, destination, node).await?;
+            // A connection the peer is closing (GOAWAY: its agent drains, or restarts) takes
+            // no new stream; a request it never saw goes on another connection.
+            let unsent = match sender.ready().await {
+                Err(source) => Err((source, req)),
+                Ok(()) => match sender.try_send_request(req).await {
+                    Ok(response) => return Ok((response, slot)),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => Err((e.into_error(), unsent)),
+                        None => Ok(e.into_error()),
+                    },
+                },
+            };
+            match unsent {
+                Ok(source) => return Err(Error::Http2 { peer, source }),
+                Err((source, unsent)) => {
+                    self.forget(&slot);
+                    if attempt >= UNSENT_RETRIES {
+                        return Err(Error::Unsent { peer, source });
+                    }
+                    debug!(%peer, "request not sent on a closing HBONE connection: {source}; on another");
+                    req = unsent;
+                }
+            }
+        }
+    }
+
+    /// Takes the connection `slot` belongs to out of the pool (its streams carry on).
+    fn forget(&self, slot: &Slot) {
+        if let Ok(mut pool) = self.pool.lock() {
+            for conns in pool.values_mut() {
+                conns.retain(|c| !slot.of(&c.streams));
+            }
+            pool.retain(|_, conns| !conns.is_empty());
+        }
     }
 
     async fn open_stream(
@@ -362,11 +413,18 @@ impl HboneConnector {
         sender
             .ready()
             .await
-            .map_err(|source| Error::Http2 { peer, source })?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|source| Error::Http2 { peer, source })?;
+            .map_err(|source| Error::Unsent { peer, source })?;
+        let response = match sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut e) => {
+                let unsent = e.take_message().is_some();
+                let source = e.into_error();
+                return Err(match unsent {
+                    true => Error::Unsent { peer, source },
+                    false => Error::Http2 { peer, source },
+                });
+            }
+        };
         if response.status() != StatusCode::OK {
             return Err(Error::Refused {
                 peer,
