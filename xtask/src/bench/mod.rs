@@ -376,6 +376,25 @@ fn finish_profile(mut child: std::process::Child, data: &Path, text: &Path) -> a
     Ok(())
 }
 
+/// The testbed of `--scale` and `--soak`, run with the release binaries: pod client on n1,
+/// pod web on n2 behind Service web. Returns it and the `meshtest` binary.
+fn client_web_testbed(root: &Path) -> anyhow::Result<(Testbed, PathBuf)> {
+    let release = root.join("target/release");
+    // SAFETY (edition 2021: safe): set before any thread of ours starts.
+    std::env::set_var("MESH_AGENT_BIN", release.join("mesh-agent"));
+    let spec = TestbedSpec {
+        nodes: 2,
+        pods: vec![
+            PodSpec::new("client", 0, "client"),
+            PodSpec::new("web", 1, "web"),
+        ],
+        services: vec![mesh_agent_tests::ServiceSpec::web()],
+        dual_stack: false,
+    };
+    let bed = Testbed::up(&spec).context("bringing the testbed up")?;
+    Ok((bed, release.join("meshtest")))
+}
+
 fn output_text(mut cmd: Command) -> anyhow::Result<String> {
     let out = cmd
         .stdin(Stdio::null())

@@ -8,13 +8,13 @@
 
 use std::{
     fmt::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::Stdio,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, Context as _};
-use mesh_agent_tests::{Agent, PodSpec, ServiceSpec, Testbed, TestbedSpec};
+use mesh_agent_tests::{Agent, Testbed};
 use serde_json::{json, Value};
 
 use super::{cpu_us, field, rss_kib};
@@ -138,20 +138,7 @@ fn settled_rss_mib(pid: u32) -> f64 {
 }
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
-    let release = root.join("target/release");
-    // SAFETY (edition 2021: safe): set before any thread of ours starts.
-    std::env::set_var("MESH_AGENT_BIN", release.join("mesh-agent"));
-    let meshtest: PathBuf = release.join("meshtest");
-    let spec = TestbedSpec {
-        nodes: 2,
-        pods: vec![
-            PodSpec::new("client", 0, "client"),
-            PodSpec::new("web", 1, "web"),
-        ],
-        services: vec![ServiceSpec::web()],
-        dual_stack: false,
-    };
-    let bed = Testbed::up(&spec).context("bringing the testbed up")?;
+    let (bed, meshtest) = super::client_web_testbed(root)?;
     let mut web = bed.pod_command("web", &meshtest)?;
     web.args(["http", "8080", "web"]).stdout(Stdio::null());
     bed.spawn(web)?;

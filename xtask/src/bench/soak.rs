@@ -9,13 +9,13 @@
 
 use std::{
     fmt::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _};
-use mesh_agent_tests::{Agent, PodSpec, ServiceSpec, Testbed, TestbedSpec};
+use anyhow::bail;
+use mesh_agent_tests::Agent;
 use serde_json::{json, Value};
 
 use super::{field, rss_kib};
@@ -71,20 +71,7 @@ pub fn run(root: &Path, secs: u64) -> anyhow::Result<()> {
     if secs < 60 {
         bail!("--soak needs at least 60 seconds to say anything about growth");
     }
-    let release = root.join("target/release");
-    // SAFETY (edition 2021: safe): set before any thread of ours starts.
-    std::env::set_var("MESH_AGENT_BIN", release.join("mesh-agent"));
-    let meshtest: PathBuf = release.join("meshtest");
-    let spec = TestbedSpec {
-        nodes: 2,
-        pods: vec![
-            PodSpec::new("client", 0, "client"),
-            PodSpec::new("web", 1, "web"),
-        ],
-        services: vec![ServiceSpec::web()],
-        dual_stack: false,
-    };
-    let bed = Testbed::up(&spec).context("bringing the testbed up")?;
+    let (bed, meshtest) = super::client_web_testbed(root)?;
     for args in [&["http", "8080", "web"][..], &["echo", "9090"]] {
         let mut server = bed.pod_command("web", &meshtest)?;
         server.args(args).stdout(Stdio::null());
