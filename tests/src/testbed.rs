@@ -229,10 +229,12 @@ fn bpffs_dir() -> PathBuf {
 fn unmount_bpffs() -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
     let dir = bpffs_dir();
-    let mounted = std::fs::read_to_string("/proc/self/mountinfo")?
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?
         .lines()
-        .any(|l| l.split_whitespace().nth(4) == Some(&*dir.to_string_lossy()));
-    if mounted {
+        .filter(|l| l.split_whitespace().nth(4) == Some(&*dir.to_string_lossy()))
+        .count();
+    // One unmount per instance mounted there (a test may have mounted more than one).
+    for _ in 0..mounts {
         let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
         // SAFETY: plain syscall on a valid C string.
         if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
