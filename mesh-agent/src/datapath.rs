@@ -881,6 +881,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether the maps came from a previous agent and have not been swept yet.
+    pub fn needs_sweep(&self) -> bool {
+        self.adopted
+    }
+
     /// Once an adopted datapath holds this agent's pods: removes what the previous agent left
     /// that this one did not write (pods gone while no agent ran, policy entries of a policy
     /// since changed). `cookies` and `ifindexes` are the enrolled pods'. Returns how many
@@ -889,49 +894,17 @@ impl Datapath {
         if !std::mem::take(&mut self.adopted) {
             return 0;
         }
-        let mut removed = 0;
-        let stale: Vec<u64> = self
-            .enrolled
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|c| !cookies.contains(c))
-            .collect();
-        for cookie in stale {
-            removed += usize::from(self.enrolled.remove(&cookie).is_ok());
-        }
-        let stale: Vec<u32> = self
-            .spoof_guard
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|i| !ifindexes.contains(i))
-            .collect();
-        for ifindex in stale {
-            removed += usize::from(self.spoof_guard.remove(&ifindex).is_ok());
-        }
+        let mut removed = sweep_hash(&mut self.enrolled, |c| cookies.contains(c));
+        removed += sweep_hash(&mut self.spoof_guard, |i| ifindexes.contains(i));
         let m = &mut self.policy;
-        let stale: Vec<u32> = m
-            .pods
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|i| m.installed.get(i).is_none_or(|i| i.pod.is_none()))
-            .collect();
-        for ifindex in stale {
-            removed += usize::from(m.pods.remove(&ifindex).is_ok());
-        }
-        let ours = |key: &PolicyKey| {
+        removed += sweep_hash(&mut m.pods, |i| {
+            m.installed.get(i).is_some_and(|i| i.pod.is_some())
+        });
+        removed += sweep_hash(&mut m.ports, |key| {
             m.installed
                 .get(&key.ifindex)
                 .is_some_and(|i| i.ports.iter().any(|(k, _)| k == key))
-        };
-        let stale: Vec<PolicyKey> = m
-            .ports
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !ours(k))
-            .collect();
-        for key in stale {
-            removed += usize::from(m.ports.remove(&key).is_ok());
-        }
+        });
         removed += sweep_trie(&mut m.nets, |len, d| {
             m.installed
                 .get(&d.key.ifindex)
@@ -1101,6 +1074,19 @@ fn attach_all(
 struct Classifiers {
     anti_spoof: SchedClassifier,
     inbound_policy: SchedClassifier,
+}
+
+/// Removes the entries of `map` whose key `ours` does not claim; how many went.
+fn sweep_hash<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    ours: impl Fn(&K) -> bool,
+) -> usize {
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !ours(k))
+        .collect();
+    stale.iter().filter(|k| map.remove(k).is_ok()).count()
 }
 
 /// Removes the entries of `trie` that `ours` (prefix length, data) does not claim.

@@ -134,7 +134,7 @@ impl Reconciler {
             }
             let complete = self.reconcile(&snapshot).await;
             self.enforce_policy(&snapshot);
-            if complete && snapshot.version > 0 {
+            if complete && snapshot.version > 0 && self.datapath.needs_sweep() {
                 // A datapath adopted from a previous agent: what it left for pods gone since.
                 let cookies = self.enrolled.values().map(|h| h.enrollment.netns_cookie);
                 let ifindexes = self.enrolled.values().map(|h| h.enrollment.host_ifindex);
