@@ -27,6 +27,11 @@ pub mod maps {
     pub const POLICY_DROPS: &str = "POLICY_DROPS";
     pub const POLICY_CONFIG: &str = "POLICY_CONFIG";
     pub const LIVENESS: &str = "LIVENESS";
+    pub const POD_SOCKS: &str = "POD_SOCKS";
+    pub const AGENT_SOCKS: &str = "AGENT_SOCKS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const DELIVERIES: &str = "DELIVERIES";
+    pub const CONSUMED: &str = "CONSUMED";
 }
 
 /// Program names, as they appear in the object file.
@@ -38,6 +43,7 @@ pub mod programs {
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const ANTI_SPOOF: &str = "mesh_anti_spoof";
     pub const INBOUND_POLICY: &str = "mesh_inbound_policy";
+    pub const SK_MSG: &str = "mesh_sk_msg";
 }
 
 /// Socket marks the agent puts on the sockets it opens inside a pod's network namespace. The
@@ -128,6 +134,75 @@ pub struct ProxyConfig {
     /// The IPv6 outbound listener; all-zero when the node has no IPv6 address (native IPv6 is
     /// then not captured).
     pub outbound6: SockAddrV6,
+    /// [`proxy_flags`].
+    pub flags: u32,
+    /// The network namespace cookie of the node (where the proxy's sockets live): only sockets
+    /// of this namespace may be taken for the agent's in the socket maps.
+    pub node_netns: u64,
+}
+
+/// What the proxy asks of the programs (`ProxyConfig::flags`).
+pub mod proxy_flags {
+    /// Pods' sends to the agent skip TCP: the pod's socket and the agent's end of each captured
+    /// (or delivered) connection go into the socket maps, and what the pod sends is queued
+    /// straight onto the agent's socket (see [`crate::sockmap`]). Off: plain TCP, as before.
+    pub const SOCKMAP: u32 = 1;
+}
+
+/// The socket-map shortcut between pods and the agent.
+///
+/// Only the direction whose reader is the agent is redirected (pod → agent): the agent reports
+/// how much it has read (`CONSUMED`), so the bytes queued on its socket stay under [`WINDOW`].
+/// A redirect into a socket bypasses that socket's receive buffer and the sender never blocks;
+/// without the report nothing would bound the queue of a reader that stopped reading. Past the
+/// window, or when the agent's end is not in `AGENT_SOCKS`, the direction goes back to TCP for
+/// the rest of the connection: the kernel hands the reader the redirected bytes before any it
+/// receives by TCP, so switching that way keeps the order (the other way round could not).
+/// The agent → pod direction always stays TCP: nothing tells the agent what a pod has read.
+pub mod sockmap {
+    /// Bytes a pod may have redirected and the agent not yet read, per connection.
+    pub const WINDOW: u64 = 1 << 20;
+    /// The agent updates `CONSUMED` each time it has read this much more.
+    pub const REPORT_EVERY: u64 = 128 << 10;
+    /// [`super::Flow::state`]: sends are redirected.
+    pub const REDIRECT: u32 = 0;
+    /// [`super::Flow::state`]: back on TCP for good.
+    pub const TCP: u32 = 1;
+}
+
+/// A TCP connection as one of its sockets sees it: its own address, then its peer's (keys of
+/// the socket maps and of `FLOWS`/`CONSUMED`). The two sockets of a connection have reversed
+/// keys.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local_ip: u32,
+    pub remote_ip: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SockKey {
+    /// The key of the other end of the connection.
+    pub const fn reversed(self) -> Self {
+        Self {
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// A pod socket whose sends may be redirected (value of `FLOWS`, keyed by its [`SockKey`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Bytes redirected so far.
+    pub redirected: u64,
+    /// [`sockmap::REDIRECT`] or [`sockmap::TCP`].
+    pub state: u32,
+    pub _pad: u32,
 }
 
 /// A redirected connection (value of `REDIRECTS`, keyed by socket cookie).
@@ -205,7 +280,17 @@ pub mod counters {
     /// Connections of fail-closed pods refused while no agent served them: `connect()`s
     /// failed with `EPERM`, plaintext SYNs towards them dropped.
     pub const FAIL_CLOSED_REFUSED: u32 = 7;
-    pub const LEN: u32 = 8;
+    /// Pod connections set up for the socket-map shortcut (pod socket in `POD_SOCKS`).
+    pub const SOCKMAP_FLOWS: u32 = 8;
+    /// Bytes pods sent straight onto the agent's sockets.
+    pub const SOCKMAP_BYTES: u32 = 9;
+    /// Flows that went back to TCP because the agent fell a window behind.
+    pub const SOCKMAP_WINDOW_FALLBACKS: u32 = 10;
+    /// Flows that went back to TCP because the agent's end was not in `AGENT_SOCKS`.
+    pub const SOCKMAP_PEERLESS_FALLBACKS: u32 = 11;
+    /// Those pod sockets that closed (entries removed from `FLOWS`).
+    pub const SOCKMAP_FLOWS_CLOSED: u32 = 12;
+    pub const LEN: u32 = 13;
 }
 
 /// Entries of the inbound policy maps (pods × ports with a decision of their own).
@@ -310,4 +395,6 @@ mod user {
     unsafe impl aya::Pod for PolicyNet6 {}
     unsafe impl aya::Pod for PolicyConfig {}
     unsafe impl aya::Pod for PodRules {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for Flow {}
 }

@@ -10,26 +10,31 @@
 //! - a TC classifier on each pod's host-side veth drops packets with a forged source address;
 //! - another, on the same veth's egress (towards the pod), applies the pod's inbound policy to
 //!   new plaintext TCP connections (SYN): allow, deny, or by source address, per port; what
-//!   the agent delivers itself carries a socket mark and passes.
+//!   the agent delivers itself carries a socket mark and passes;
+//! - with the socket-map shortcut on, `sockops` also puts both ends of each captured connection
+//!   into socket maps, and `sk_msg` queues what the pod sends straight onto the proxy's socket,
+//!   within a window the proxy's reads open (see `mesh_agent_common::sockmap`).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, TC_ACT_OK,
-        TC_ACT_SHOT,
+        sk_action::SK_PASS, BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::{cgroup_sock_addr, classifier, map, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, map, sk_msg, sock_ops},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockHash,
+    },
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use mesh_agent_common::{
-    counters, marks, pod_flags, verdict, EnrolledPod, OrigDst, OrigDst6, PodAddrs, PodRules,
-    PolicyConfig, PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig, Redirect, Redirect6, SockAddrV4,
-    SockAddrV6, MAX_CONNECTIONS, MAX_EXCLUSIONS, MAX_PODS, MAX_POLICY_ENTRIES, RULE_NETS,
-    RULE_PORTS,
+    counters, marks, pod_flags, proxy_flags, sockmap, verdict, EnrolledPod, Flow, OrigDst,
+    OrigDst6, PodAddrs, PodRules, PolicyConfig, PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig,
+    Redirect, Redirect6, SockAddrV4, SockAddrV6, SockKey, MAX_CONNECTIONS, MAX_EXCLUSIONS,
+    MAX_PODS, MAX_POLICY_ENTRIES, RULE_NETS, RULE_PORTS,
 };
 
 /// `connect()` and `getpeername()` programs must return 1 to let the call proceed.
@@ -127,6 +132,25 @@ static POLICY_CONFIG: Array<PolicyConfig> = Array::with_max_entries(1, 0);
 #[map]
 static LIVENESS: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Pods' ends of connections whose sends `mesh_sk_msg` may redirect (it is attached to this
+/// map), by their own [`SockKey`].
+#[map]
+static POD_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// The agent's ends of those connections (sockets of the node's namespace), by their own key:
+/// where the pods' sends are queued.
+#[map]
+static AGENT_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// How far each pod socket of `POD_SOCKS` has gone, by its key. Removed when it closes.
+#[map]
+static FLOWS: LruHashMap<SockKey, Flow> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// Bytes the agent has read from each of its sockets of `AGENT_SOCKS` (written by the agent
+/// every `sockmap::REPORT_EVERY`, removed when it is done with the connection).
+#[map]
+static CONSUMED: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
 /// Whether an agent serves the node now: pinned programs outlive their agent, and then pods
 /// must not be steered into a listener nobody serves.
 fn agent_alive() -> bool {
@@ -157,9 +181,13 @@ fn unserved<A>(flags: u32) -> Result<Steer<A>, ()> {
 }
 
 fn count(index: u32) {
+    add(index, 1);
+}
+
+fn add(index: u32, n: u64) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
-        unsafe { *c += 1 };
+        unsafe { *c += n };
     }
 }
 
@@ -358,6 +386,9 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     let op = ctx.op();
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return agent_end(ctx);
+    }
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB
         && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
@@ -382,11 +413,15 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
                     }
                 };
                 count_published(ORIG_DST.insert(&client, &published, 0).is_ok());
+                pod_end(ctx);
             }
             // The ORIG_DST entry stays: the proxy may not have accepted this connection yet
             // (a client that sends and closes at once), and deletes it when it reads it.
             _ if ctx.arg(1) == BPF_TCP_CLOSE && REDIRECTS.remove(&cookie).is_ok() => {
                 count(counters::REDIRECT_CLOSED);
+                if FLOWS.remove(&sock_key(ctx)).is_ok() {
+                    count(counters::SOCKMAP_FLOWS_CLOSED);
+                }
             }
             _ => {}
         }
@@ -413,6 +448,116 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         }
     }
     Ok(())
+}
+
+/// The socket-map shortcut, if the agent asked for it and serves the node.
+fn sockmap_config() -> Option<&'static ProxyConfig> {
+    let config = PROXY.get(0)?;
+    (config.flags & proxy_flags::SOCKMAP != 0 && config.outbound.ip != 0 && agent_alive())
+        .then_some(config)
+}
+
+/// A port as `bpf_sock_ops`/`sk_msg_md` give the remote one (network byte order, in the upper
+/// half of the word on the kernels that shift it there), as stored in keys.
+fn remote_port(raw: u32) -> u16 {
+    if raw & 0xffff == 0 {
+        (raw >> 16) as u16
+    } else {
+        raw as u16
+    }
+}
+
+/// The connection as this socket sees it. (For an IPv6 socket on an IPv4-mapped connection the
+/// IPv4 fields hold the addresses.)
+fn sock_key(ctx: &SockOpsContext) -> SockKey {
+    SockKey {
+        local_ip: ctx.local_ip4(),
+        remote_ip: ctx.remote_ip4(),
+        local_port: (ctx.local_port() as u16).to_be(),
+        remote_port: remote_port(ctx.remote_port()),
+    }
+}
+
+/// A captured pod socket just connected to the proxy: its sends may skip TCP. Not when the
+/// proxy's end is missing at the first send (see `mesh_sk_msg`).
+fn pod_end(ctx: &SockOpsContext) {
+    if sockmap_config().is_none() {
+        return;
+    }
+    let mut key = sock_key(ctx);
+    if FLOWS.insert(&key, &Flow::default(), 0).is_err() {
+        return;
+    }
+    // SAFETY: the context is valid for the call.
+    if POD_SOCKS
+        .update(&mut key, unsafe { &mut *ctx.ops }, 0)
+        .is_ok()
+    {
+        count(counters::SOCKMAP_FLOWS);
+    } else {
+        let _ = FLOWS.remove(&key);
+    }
+}
+
+/// An accepted socket: if it is the proxy's end of a captured connection (the outbound
+/// listener's address, in the node's namespace, so no pod can forge one), it is where that
+/// pod's sends are queued.
+fn agent_end(ctx: &SockOpsContext) -> Result<(), ()> {
+    let config = sockmap_config().ok_or(())?;
+    let mut key = sock_key(ctx);
+    if key.local_ip != config.outbound.ip || key.local_port != config.outbound.port {
+        return Ok(());
+    }
+    // SAFETY: helper valid for sock_ops programs (Linux 5.15+).
+    if unsafe { bpf_get_netns_cookie(ctx.ops as *mut _) } != config.node_netns {
+        return Ok(());
+    }
+    // SAFETY: the context is valid for the call.
+    AGENT_SOCKS
+        .update(&mut key, unsafe { &mut *ctx.ops }, 0)
+        .map_err(|_| ())
+}
+
+/// Runs on every send of a socket in `POD_SOCKS`: while the proxy keeps up (less than
+/// `sockmap::WINDOW` redirected and not read) the bytes go straight onto the proxy's socket;
+/// otherwise, or when the proxy's end is not in `AGENT_SOCKS`, they go by TCP, and so does the
+/// rest of the connection (the only switch that keeps the byte order).
+#[sk_msg]
+pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the context is valid for the call.
+    let md = unsafe { &*ctx.msg };
+    let key = SockKey {
+        local_ip: md.local_ip4,
+        remote_ip: md.remote_ip4,
+        local_port: (md.local_port as u16).to_be(),
+        remote_port: remote_port(md.remote_port),
+    };
+    let Some(flow) = FLOWS.get_ptr_mut(&key) else {
+        return SK_PASS;
+    };
+    // SAFETY: pointer from a successful lookup; only this socket's sends (serialised by the
+    // socket lock) write its entry.
+    let flow = unsafe { &mut *flow };
+    if flow.state != sockmap::REDIRECT {
+        return SK_PASS;
+    }
+    let mut peer = key.reversed();
+    let size = u64::from(ctx.size());
+    // SAFETY: read-only lookup of a plain value.
+    let consumed = unsafe { CONSUMED.get(&peer) }.copied().unwrap_or(0);
+    if flow.redirected.saturating_sub(consumed) + size > sockmap::WINDOW {
+        flow.state = sockmap::TCP;
+        count(counters::SOCKMAP_WINDOW_FALLBACKS);
+        return SK_PASS;
+    }
+    if AGENT_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {
+        flow.state = sockmap::TCP;
+        count(counters::SOCKMAP_PEERLESS_FALLBACKS);
+        return SK_PASS;
+    }
+    flow.redirected += size;
+    add(counters::SOCKMAP_BYTES, size);
+    SK_PASS
 }
 
 /// The socket's IPv6 address, read one word at a time at fixed offsets from the context (the

@@ -87,6 +87,8 @@ pub struct Config {
     pub pin_dir: Option<PathBuf>,
     /// How soon pinned programs give up on an agent whose heartbeat stopped.
     pub liveness_timeout: Duration,
+    /// Whether pods' sends to the proxy skip TCP (`--sockmap`).
+    pub sockmap: bool,
     /// Where a running agent hands its listening sockets to its successor (see
     /// [`crate::handover`]).
     pub handover_socket: Option<PathBuf>,
@@ -435,6 +437,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         &exclusions,
         pins,
         config.liveness_timeout,
+        config.sockmap,
     )?;
     let orig_dst = Arc::new(orig_dst);
     info!(

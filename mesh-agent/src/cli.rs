@@ -230,6 +230,15 @@ pub struct RunArgs {
     /// the old pod itself once the new one is available.
     #[arg(long, requires = "handover_socket")]
     pub linger_after_handover: bool,
+    /// Experimental: pods' sends to the node proxy skip TCP. The kernel queues them straight
+    /// onto the proxy's socket (sockmap and sk_msg) within a window the proxy's reads open, and
+    /// a connection whose proxy falls behind goes back to TCP for good. Off by default: a pod
+    /// socket in a socket map takes the kernel's sockmap receive path, where a *blocking* read
+    /// can fail with EAGAIN while the same socket is being written (event-driven servers and
+    /// clients, which wait for readiness, are unaffected); and it did not raise request rates
+    /// in `cargo xtask bench` (see the README).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub sockmap: bool,
     /// Tests only: the build this agent claims to be (version skew), instead of its eBPF
     /// object's hash.
     #[arg(long, hide = true)]

@@ -25,18 +25,21 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap,
+        SockHash,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLinkId,
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
 use mesh_agent_common::{
-    counters, maps, pod_flags, programs, verdict, EnrolledPod, Net4, OrigDst, OrigDst6, PodAddrs,
-    PodRules, PolicyConfig, PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig, SockAddrV4 as RawAddr,
-    SockAddrV6 as RawAddr6, RULE_NETS, RULE_PORTS,
+    counters, maps, pod_flags, programs, proxy_flags, verdict, EnrolledPod, Net4, OrigDst,
+    OrigDst6, PodAddrs, PodRules, PolicyConfig, PolicyKey, PolicyNet4, PolicyNet6, ProxyConfig,
+    SockAddrV4 as RawAddr, SockAddrV6 as RawAddr6, SockKey, RULE_NETS, RULE_PORTS,
 };
 
 use crate::{
@@ -81,6 +84,12 @@ pub enum Error {
     NoCgroup2,
     #[error(transparent)]
     PinDir(#[from] pinning::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("pinning {what} at {path}: {source}")]
     Pin {
         what: &'static str,
@@ -258,8 +267,14 @@ pub struct OrigDstTable {
     counters: PerCpuArray<MapData, u64>,
     /// Entries the proxy has read and deleted.
     consumed: AtomicU64,
+    /// `CONSUMED`: what the proxy has read from its sockets of the socket-map shortcut.
+    agent_reads: MapData,
+    /// Whether the shortcut is on (`--sockmap`).
+    sockmap: bool,
 }
 
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 /// The `bpf_attr` of the element commands.
@@ -295,7 +310,61 @@ fn lookup_and_delete<K: aya::Pod, V: aya::Pod + Default>(map: &MapData, key: &K)
     (rc == 0).then_some(value)
 }
 
+/// One element command (`BPF_MAP_UPDATE_ELEM` or `BPF_MAP_DELETE_ELEM`) on a map shared by
+/// many tasks: aya 0.13 wants `&mut` for these, the kernel does not.
+fn elem_command<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    command: libc::c_long,
+    key: &K,
+    value: Option<&V>,
+) -> bool {
+    let attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: (key as *const K) as u64,
+        value: value.map_or(0, |v| (v as *const V) as u64),
+        flags: 0,
+    };
+    // SAFETY: as in `lookup_and_delete`; the kernel only reads key and value here.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    rc == 0
+}
+
+/// The proxy's end of a connection in the socket-map shortcut, as the kernel keys it.
+pub fn sock_key(local: SocketAddrV4, remote: SocketAddrV4) -> SockKey {
+    SockKey {
+        local_ip: raw_ip(*local.ip()),
+        remote_ip: raw_ip(*remote.ip()),
+        local_port: local.port().to_be(),
+        remote_port: remote.port().to_be(),
+    }
+}
+
 impl OrigDstTable {
+    /// Whether pods' sends may be queued straight onto the proxy's sockets (`--sockmap`): then
+    /// the proxy reports what it reads from them ([`OrigDstTable::report_read`]).
+    pub fn sockmap(&self) -> bool {
+        self.sockmap
+    }
+
+    /// Tells the kernel the proxy has read `total` bytes from its socket `key`: the pod may
+    /// have that much more in flight before its connection goes back to TCP.
+    pub fn report_read(&self, key: &SockKey, total: u64) {
+        elem_command(&self.agent_reads, BPF_MAP_UPDATE_ELEM, key, Some(&total));
+    }
+
+    /// The proxy is done with its socket `key`.
+    pub fn forget_reads(&self, key: &SockKey) {
+        elem_command::<_, u64>(&self.agent_reads, BPF_MAP_DELETE_ELEM, key, None);
+    }
+
     /// What was recorded for the connection from `client`, removed from the map as it is read:
     /// the entry outlives the client socket, so a client that sent and closed before we
     /// accepted is still served.
@@ -338,6 +407,12 @@ impl OrigDstTable {
             foreign_dropped: sum(counters::FOREIGN_DROPPED),
             orig_dst_publish_failed: sum(counters::ORIG_DST_PUBLISH_FAILED),
             fail_closed_refused: sum(counters::FAIL_CLOSED_REFUSED),
+            sockmap_connections: sum(counters::SOCKMAP_FLOWS),
+            sockmap_bytes: sum(counters::SOCKMAP_BYTES),
+            sockmap_window_fallbacks: sum(counters::SOCKMAP_WINDOW_FALLBACKS),
+            sockmap_peerless_fallbacks: sum(counters::SOCKMAP_PEERLESS_FALLBACKS),
+            sockmap_flows_tracked: sum(counters::SOCKMAP_FLOWS)
+                .saturating_sub(sum(counters::SOCKMAP_FLOWS_CLOSED)),
             redirects_tracked: redirected.saturating_sub(sum(counters::REDIRECT_CLOSED)),
             orig_dst_tracked: sum(counters::ORIG_DST_PUBLISHED)
                 .saturating_sub(self.consumed.load(Ordering::Relaxed)),
@@ -420,6 +495,8 @@ impl Datapath {
     /// (the same eBPF object) left its datapath pinned, it is adopted as it is: its programs
     /// never stop running, and the connections they redirected meanwhile are found in its
     /// maps. Another build's pins are removed first (its programs would run beside ours).
+    ///
+    /// With `sockmap`, pods' sends to the proxy skip TCP (see `mesh_agent_common::sockmap`).
     #[expect(clippy::too_many_arguments, reason = "start-up wiring, called once")]
     pub fn start(
         cgroup: &Path,
@@ -430,6 +507,7 @@ impl Datapath {
         exclusions: &Exclusions,
         pins: Option<PinDir>,
         liveness_timeout: Duration,
+        sockmap: bool,
     ) -> Result<(Self, OrigDstTable, Capture), Error> {
         if OBJECT.is_empty() {
             return Err(Error::Stub);
@@ -494,6 +572,11 @@ impl Datapath {
             counters: PerCpuArray::try_from(take(maps::COUNTERS)?)
                 .map_err(map_err(maps::COUNTERS))?,
             consumed: AtomicU64::new(0),
+            agent_reads: match take(maps::CONSUMED)? {
+                Map::LruHashMap(data) => data,
+                _ => return Err(Error::MissingMap(maps::CONSUMED)),
+            },
+            sockmap,
         };
         if adopt {
             // The counters go on from the previous agent's; what it consumed is counted as
@@ -555,6 +638,10 @@ impl Datapath {
                 .insert(&key, 1, 0)
                 .map_err(map_err(maps::EXCLUDED_NETS6))?;
         }
+        let node_netns = crate::podnet::own_netns_cookie().map_err(|source| Error::Io {
+            what: "reading the node's network namespace cookie",
+            source,
+        })?;
         // Written last: until PROXY is set, connect4/6 redirect nothing.
         proxy
             .set(
@@ -562,6 +649,8 @@ impl Datapath {
                 ProxyConfig {
                     outbound: raw_addr(outbound),
                     outbound6: outbound6.map(raw_addr6).unwrap_or_default(),
+                    flags: if sockmap { proxy_flags::SOCKMAP } else { 0 },
+                    node_netns,
                 },
                 0,
             )
@@ -969,6 +1058,7 @@ const USER_MAPS: &[&str] = &[
     maps::POLICY_NETS6,
     maps::POLICY_DROPS,
     maps::POLICY_CONFIG,
+    maps::CONSUMED,
 ];
 
 /// Which build of the eBPF object this is (FNV-1a of its bytes): a successor adopts pinned
@@ -1050,6 +1140,31 @@ fn attach_all(
         sockops
             .attach(&cgroup_file, LINK_MODE)
             .map_err(prog(programs::SOCKOPS))?;
+    }
+    // The shortcut's verdict program belongs to the pods' socket map, whatever `--sockmap` says
+    // (off, no socket enters the map). Pinned, it stays attached for a successor: the
+    // attachment lives as long as the map, which the pinned sockops program holds.
+    let pod_socks = {
+        let map = ebpf
+            .map(maps::POD_SOCKS)
+            .ok_or(Error::MissingMap(maps::POD_SOCKS))?;
+        let socks: SockHash<&MapData, SockKey> =
+            SockHash::try_from(map).map_err(map_err(maps::POD_SOCKS))?;
+        socks.fd().try_clone().map_err(|source| Error::Io {
+            what: "duplicating the POD_SOCKS map's descriptor",
+            source,
+        })?
+    };
+    let sk_msg: &mut SkMsg = ebpf
+        .program_mut(programs::SK_MSG)
+        .ok_or(Error::MissingProgram(programs::SK_MSG))?
+        .try_into()
+        .map_err(prog(programs::SK_MSG))?;
+    sk_msg.load().map_err(prog(programs::SK_MSG))?;
+    let link = sk_msg.attach(&pod_socks).map_err(prog(programs::SK_MSG))?;
+    if pins.is_some() {
+        let link = sk_msg.take_link(link).map_err(prog(programs::SK_MSG))?;
+        std::mem::forget(link);
     }
     for name in [programs::ANTI_SPOOF, programs::INBOUND_POLICY] {
         let tc: &mut SchedClassifier = ebpf

@@ -69,6 +69,7 @@ fn main() -> anyhow::Result<()> {
                 drain_timeout: args.drain_timeout,
                 pin_dir: args.pin_dir,
                 liveness_timeout: args.liveness_timeout,
+                sockmap: args.sockmap,
                 handover_socket: args.handover_socket,
                 linger_after_handover: args.linger_after_handover,
                 object_tag: args.object_tag,

@@ -7,6 +7,7 @@ use std::{
 };
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_MAP_GET_NEXT_ID: libc::c_long = 12;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -106,6 +107,31 @@ pub fn maps_named(name: &str) -> io::Result<Vec<Map>> {
 }
 
 impl Map {
+    /// How many entries the map holds now (walked key by key).
+    pub fn count(&self) -> io::Result<u64> {
+        let mut key = vec![0u8; self.key_size];
+        let mut next = vec![0u8; self.key_size];
+        let mut n = 0u64;
+        let mut first = true;
+        loop {
+            let mut attr = ElemAttr {
+                fd: self.fd.as_raw_fd() as u32,
+                _pad: 0,
+                key: if first { 0 } else { key.as_ptr() as u64 },
+                value: next.as_mut_ptr() as u64,
+                flags: 0,
+            };
+            match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+                Err(e) => return Err(e),
+            }
+            first = false;
+            n += 1;
+            std::mem::swap(&mut key, &mut next);
+        }
+    }
+
     /// Inserts `count` entries whose keys are `i` (little-endian, zero-padded to the key size)
     /// and whose values are zero.
     pub fn fill(&self, count: u64) -> io::Result<()> {

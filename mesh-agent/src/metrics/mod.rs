@@ -85,6 +85,11 @@ pub struct DatapathStats {
     pub foreign_dropped: u64,
     pub orig_dst_publish_failed: u64,
     pub fail_closed_refused: u64,
+    pub sockmap_connections: u64,
+    pub sockmap_bytes: u64,
+    pub sockmap_window_fallbacks: u64,
+    pub sockmap_peerless_fallbacks: u64,
+    pub sockmap_flows_tracked: u64,
     pub redirects_tracked: u64,
     pub orig_dst_tracked: u64,
 }
@@ -116,6 +121,9 @@ pub struct Metrics {
     redirected: IntCounter,
     spoofed_dropped: IntCounter,
     fail_closed_refused: IntCounter,
+    sockmap_connections: IntCounter,
+    sockmap_bytes: IntCounter,
+    sockmap_fallbacks: IntCounterVec,
     foreign_dropped: IntCounter,
     publish_failed: IntCounter,
     map_entries: IntGaugeVec,
@@ -257,6 +265,25 @@ impl Metrics {
              failed with EPERM, or a plaintext SYN towards the pod was dropped (with --pin-dir, \
              counted across agents).",
         )?;
+        let sockmap_connections = counter(
+            "mesh_ebpf_sockmap_connections_total",
+            "Pod connections whose sends to the agent were set up to skip TCP (--sockmap).",
+        )?;
+        let sockmap_bytes = counter(
+            "mesh_ebpf_sockmap_bytes_total",
+            "Bytes pods sent that the kernel queued straight onto the agent's sockets instead \
+             of carrying them over TCP.",
+        )?;
+        let sockmap_fallbacks = IntCounterVec::new(
+            Opts::new(
+                "mesh_ebpf_sockmap_fallbacks_total",
+                "Pod connections that went back to TCP for the rest of their life: the agent \
+                 fell a window behind reading (window), or its end was not in the socket map \
+                 at the pod's first send (peerless).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(sockmap_fallbacks.clone()))?;
         let map_entries = IntGaugeVec::new(
             Opts::new(
                 "mesh_ebpf_map_entries",
@@ -308,6 +335,9 @@ impl Metrics {
             redirected,
             spoofed_dropped,
             fail_closed_refused,
+            sockmap_connections,
+            sockmap_bytes,
+            sockmap_fallbacks,
             foreign_dropped,
             publish_failed,
             map_entries,
@@ -389,6 +419,14 @@ impl Metrics {
         catch_up(&self.redirected, stats.redirected);
         catch_up(&self.spoofed_dropped, stats.spoofed_dropped);
         catch_up(&self.fail_closed_refused, stats.fail_closed_refused);
+        catch_up(&self.sockmap_connections, stats.sockmap_connections);
+        catch_up(&self.sockmap_bytes, stats.sockmap_bytes);
+        for (reason, v) in [
+            ("window", stats.sockmap_window_fallbacks),
+            ("peerless", stats.sockmap_peerless_fallbacks),
+        ] {
+            catch_up(&self.sockmap_fallbacks.with_label_values(&[reason]), v);
+        }
         catch_up(&self.foreign_dropped, stats.foreign_dropped);
         catch_up(&self.publish_failed, stats.orig_dst_publish_failed);
         let set = |map: &str, v: u64| {
@@ -398,6 +436,7 @@ impl Metrics {
         };
         set("redirects", stats.redirects_tracked);
         set("orig_dst", stats.orig_dst_tracked);
+        set("sockmap_flows", stats.sockmap_flows_tracked);
     }
 
     /// Brings the buffer budget's series up to date (called before each scrape).

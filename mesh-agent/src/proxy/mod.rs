@@ -7,6 +7,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod policy;
 pub mod relay;
+pub mod sockmap;
 
 use std::{
     fmt,

@@ -21,8 +21,13 @@ use super::{
     http::pool::Pool,
     inbound::Baggage,
     relay::relay_recorded,
+    sockmap::Reporting,
     ClientAddr, OrigDstAddr,
 };
+
+/// A captured client connection, as the proxy serves it: the bytes detection read first, then
+/// the socket's (whose reads the socket-map shortcut is told of).
+pub type ClientIo = Prefixed<Reporting<TcpStream>>;
 use crate::{
     datapath::OrigDstTable,
     enrolled::{EnrolledPod, EnrolledPods},
@@ -214,7 +219,7 @@ pub async fn serve(listener: TcpListener, inputs: Arc<ProxyInputs>) {
 
 async fn proxy_connection(
     inputs: &Arc<ProxyInputs>,
-    mut client_stream: TcpStream,
+    client_stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), Error> {
     let client = ClientAddr(peer);
@@ -247,6 +252,10 @@ async fn proxy_connection(
     let snapshot = inputs.state.borrow().clone();
     let destination = snapshot.resolve(orig.0);
     let _ = client_stream.set_nodelay(true);
+    let mut client_stream = match client_stream.local_addr() {
+        Ok(local) => Reporting::new(client_stream, &inputs.orig_dst, local, peer),
+        Err(_) => return Ok(()),
+    };
     // Declared opaque: relayed at once, no detection delay. Otherwise the client's first
     // bytes tell (a server-speaks-first protocol waits out the detection timeout).
     // A port declared HTTP is served as HTTP whatever comes (garbage gets 400, a slow head
@@ -346,7 +355,7 @@ pub fn hop_to(
 async fn relay_opaque(
     conn: &Connection,
     destination: &Destination,
-    client_stream: Prefixed<TcpStream>,
+    client_stream: ClientIo,
 ) -> Result<(), Error> {
     let (inputs, source, client, orig) = (&*conn.inputs, &conn.source, conn.client, conn.orig);
     let src = &source.workload;

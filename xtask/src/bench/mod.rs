@@ -747,8 +747,11 @@ impl Bench {
         self.set_policy(scenario == Scenario::MeshCrossPolicy)?;
         if scenario.mesh() {
             for (i, node) in ["n1", "n2"].into_iter().enumerate() {
-                let mut agent =
-                    Agent::start_on(&self.bed, node, &["--log-level", "warn"], Some(NODE_CPU[i]))?;
+                // `MESH_AGENT_ARGS` (space-separated) adds agent flags: an A/B of one flag.
+                let extra = std::env::var("MESH_AGENT_ARGS").unwrap_or_default();
+                let mut args = vec!["--log-level", "warn"];
+                args.extend(extra.split_whitespace());
+                let mut agent = Agent::start_on(&self.bed, node, &args, Some(NODE_CPU[i]))?;
                 agent.wait_ready(Duration::from_secs(30))?;
                 agents.push(agent);
             }

@@ -15,7 +15,6 @@ use hyper::{
     header::{HeaderName, HeaderValue},
     Request, Response, Version,
 };
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
@@ -35,10 +34,10 @@ use crate::{
         ConnectionLabels, Metrics,
     },
     proxy::{
-        detect::{Prefixed, Protocol},
+        detect::Protocol,
         hbone::{HboneConnector, TunnelRequest},
         inbound::Baggage,
-        outbound::{connect_from_pod, hop_to, is_host_scoped, Connection, Hop},
+        outbound::{connect_from_pod, hop_to, is_host_scoped, ClientIo, Connection, Hop},
         relay::Metered,
     },
     route::{Abort, Head, PathMatch, Rewrite, Rule},
@@ -195,12 +194,7 @@ impl Client {
 }
 
 /// Serves `io` (a captured connection that speaks `protocol`) until the client closes it.
-pub async fn serve(
-    conn: Connection,
-    destination: Destination,
-    io: Prefixed<TcpStream>,
-    protocol: Protocol,
-) {
+pub async fn serve(conn: Connection, destination: Destination, io: ClientIo, protocol: Protocol) {
     let inputs = conn.inputs.clone();
     let labels = client_labels(&conn, &destination);
     let tcp = connection_labels(&conn, &labels, &destination);

@@ -38,6 +38,8 @@
 //!                                   `closed_after_ms=` (or `none`), `sent=`
 //! ```
 //!
+//! `digest-server`, `digest` and `reset`: bulk transfers checked by SHA-256 (see `digest.rs`).
+//!
 //! HTTP/1.1 and HTTP/2 (hyper on a 2-thread tokio runtime; ADDR is `IP:PORT`). The counting
 //! clients print `ok=` (2xx), `errors=` (other statuses and transport errors), `connects=`,
 //! `from.NAME=` (bodies starting `hello from NAME`), `status.CODE=` (non-200 only, every code for
@@ -99,6 +101,7 @@ use std::{
 
 use mesh_agent_tests::http;
 
+mod digest;
 mod echo;
 
 fn main() -> ExitCode {
@@ -133,6 +136,11 @@ fn main() -> ExitCode {
         ["matrix", addr, requests @ ..] => matrix(addr, requests),
         ["syn", addr, ms] => syn(addr, ms),
         ["echo-server", name] => echo::server(name),
+        ["digest-server", port] => digest::server(port),
+        ["digest", addr, up, down] => digest::client(addr, up, down, "1", "poll"),
+        ["digest", addr, up, down, conns] => digest::client(addr, up, down, conns, "poll"),
+        ["digest", addr, up, down, conns, reads] => digest::client(addr, up, down, conns, reads),
+        ["reset", addr, bytes] => digest::reset(addr, bytes),
         ["apiserver", listen, node, pods, services, endpoints] => {
             apiserver(listen, node, pods, services, endpoints)
         }
