@@ -117,9 +117,9 @@ fn a_proxy_that_falls_behind_sends_the_rest_by_tcp_in_order() {
     let bed = digest_bed();
     let (n1, _n2) = agents_with(&bed, SOCKMAP);
 
-    // 64 KiB writes, a few hundred of them: the sends outrun the proxy's forwarding of them to
-    // the pod on the other node at least once (its window is 1 MiB, its upstream's far larger),
-    // and from then on the connection is TCP. The bytes queued before the switch are read first.
+    // Four connections of 3,200 writes of 64 KiB each: at least once the sends outrun the
+    // proxy's forwarding of them to the pod on the other node by the 1 MiB window, and from
+    // then on that connection is TCP. The bytes queued before the switch are read first.
     let mut windows = 0.0;
     for attempt in 0..5 {
         transfer(&bed, "web", 200 * MIB, 0, 4, "poll");
