@@ -290,42 +290,24 @@ struct ElemAttr {
 /// Reads and deletes one entry in one syscall (aya 0.13 has no lookup-and-delete of its own).
 fn lookup_and_delete<K: aya::Pod, V: aya::Pod + Default>(map: &MapData, key: &K) -> Option<V> {
     let mut value = V::default();
-    let attr = ElemAttr {
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: (key as *const K) as u64,
-        value: (&mut value as *mut V) as u64,
-        flags: 0,
-    };
-    // SAFETY: the attr points at a key and a value of the map's sizes (the map was created with
-    // these types), both alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &attr as *const ElemAttr,
-            std::mem::size_of::<ElemAttr>(),
-        )
-    };
-    (rc == 0).then_some(value)
+    let value_ptr = (&mut value as *mut V) as u64;
+    elem_command(map, BPF_MAP_LOOKUP_AND_DELETE_ELEM, key, value_ptr).then_some(value)
 }
 
-/// One element command (`BPF_MAP_UPDATE_ELEM` or `BPF_MAP_DELETE_ELEM`) on a map shared by
-/// many tasks: aya 0.13 wants `&mut` for these, the kernel does not.
-fn elem_command<K: aya::Pod, V: aya::Pod>(
-    map: &MapData,
-    command: libc::c_long,
-    key: &K,
-    value: Option<&V>,
-) -> bool {
+/// One element command on a map shared by many tasks (aya 0.13 wants `&mut` for updates and
+/// deletes, the kernel does not). `value`: the address of a value of the map's value type
+/// (read or written by the command), or 0 for commands that take none.
+fn elem_command<K: aya::Pod>(map: &MapData, command: libc::c_long, key: &K, value: u64) -> bool {
     let attr = ElemAttr {
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
         _pad: 0,
         key: (key as *const K) as u64,
-        value: value.map_or(0, |v| (v as *const V) as u64),
+        value,
         flags: 0,
     };
-    // SAFETY: as in `lookup_and_delete`; the kernel only reads key and value here.
+    // SAFETY: the attr points at a key of the map's key size and, where the command takes one,
+    // a value of its value size (the callers pass the types the map was created with), both
+    // alive for the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -357,12 +339,13 @@ impl OrigDstTable {
     /// Tells the kernel the proxy has read `total` bytes from its socket `key`: the pod may
     /// have that much more in flight before its connection goes back to TCP.
     pub fn report_read(&self, key: &SockKey, total: u64) {
-        elem_command(&self.agent_reads, BPF_MAP_UPDATE_ELEM, key, Some(&total));
+        let value = (&total as *const u64) as u64;
+        elem_command(&self.agent_reads, BPF_MAP_UPDATE_ELEM, key, value);
     }
 
     /// The proxy is done with its socket `key`.
     pub fn forget_reads(&self, key: &SockKey) {
-        elem_command::<_, u64>(&self.agent_reads, BPF_MAP_DELETE_ELEM, key, None);
+        elem_command(&self.agent_reads, BPF_MAP_DELETE_ELEM, key, 0);
     }
 
     /// What was recorded for the connection from `client`, removed from the map as it is read:

@@ -252,10 +252,7 @@ async fn proxy_connection(
     let snapshot = inputs.state.borrow().clone();
     let destination = snapshot.resolve(orig.0);
     let _ = client_stream.set_nodelay(true);
-    let mut client_stream = match client_stream.local_addr() {
-        Ok(local) => Reporting::new(client_stream, &inputs.orig_dst, local, peer),
-        Err(_) => return Ok(()),
-    };
+    let mut client_stream = Reporting::new(client_stream, &inputs.orig_dst, peer);
     // Declared opaque: relayed at once, no detection delay. Otherwise the client's first
     // bytes tell (a server-speaks-first protocol waits out the detection timeout).
     // A port declared HTTP is served as HTTP whatever comes (garbage gets 400, a slow head

@@ -13,7 +13,10 @@ use std::{
 };
 
 use mesh_agent_common::{sockmap, SockKey};
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::{
+    io::{AsyncRead, ReadBuf},
+    net::TcpStream,
+};
 
 use crate::datapath::{sock_key, OrigDstTable};
 
@@ -31,12 +34,13 @@ struct Report {
     reported: u64,
 }
 
-impl<S> Reporting<S> {
-    /// Reports the reads of the proxy's socket `local` ← `peer`, if the shortcut is on (IPv4
-    /// only: the programs take no IPv6 connection into the socket maps).
-    pub fn new(io: S, table: &Arc<OrigDstTable>, local: SocketAddr, peer: SocketAddr) -> Self {
-        let report = match (local, peer) {
-            (SocketAddr::V4(local), SocketAddr::V4(peer)) if table.sockmap() => Some(Report {
+impl Reporting<TcpStream> {
+    /// Reports the reads of the proxy's socket `io`, accepted from `peer`, if the shortcut is
+    /// on (IPv4 only: the programs take no IPv6 connection into the socket maps). Off, this
+    /// costs nothing, not even a `getsockname`.
+    pub fn new(io: TcpStream, table: &Arc<OrigDstTable>, peer: SocketAddr) -> Self {
+        let report = match (table.sockmap().then(|| io.local_addr()), peer) {
+            (Some(Ok(SocketAddr::V4(local))), SocketAddr::V4(peer)) => Some(Report {
                 table: table.clone(),
                 key: sock_key(local, peer),
                 read: 0,
