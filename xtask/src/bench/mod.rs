@@ -431,6 +431,66 @@ fn cpu_us(pid: u32) -> u64 {
     ticks * 1_000_000 / hz
 }
 
+/// Context switches of all a process's threads so far: (voluntary, involuntary).
+fn switches(pid: u32) -> (u64, u64) {
+    let mut total = (0, 0);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return total;
+    };
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let get = |k: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        total.0 += get("voluntary_ctxt_switches:");
+        total.1 += get("nonvoluntary_ctxt_switches:");
+    }
+    total
+}
+
+/// What one context switch costs on this machine, in ns: two threads pinned to CPU 0 hand a
+/// byte back and forth over pipes, each hand-over one switch (as `perf bench sched pipe`).
+pub fn context_switch_ns() -> Option<f64> {
+    use std::io::{Read as _, Write as _};
+    const ROUNDS: u32 = 50_000;
+    fn pin_to_cpu0() {
+        // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+    let (mut there_r, mut there_w) = std::io::pipe().ok()?;
+    let (mut back_r, mut back_w) = std::io::pipe().ok()?;
+    let peer = std::thread::spawn(move || -> std::io::Result<()> {
+        pin_to_cpu0();
+        let mut b = [0u8];
+        for _ in 0..ROUNDS {
+            there_r.read_exact(&mut b)?;
+            back_w.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let timer = std::thread::spawn(move || -> std::io::Result<Duration> {
+        pin_to_cpu0();
+        let mut b = [0u8];
+        let start = Instant::now();
+        for _ in 0..ROUNDS {
+            there_w.write_all(&b)?;
+            back_r.read_exact(&mut b)?;
+        }
+        Ok(start.elapsed())
+    });
+    let took = timer.join().ok()?.ok()?;
+    peer.join().ok()?.ok()?;
+    Some(took.as_nanos() as f64 / f64::from(2 * ROUNDS))
+}
+
 /// (VmRSS, VmHWM) in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -817,21 +877,20 @@ impl Bench {
         result["latency"] = Value::Object(latency);
 
         // Throughput, with the agents' CPU per request.
-        let profiling = match (&self.profile, scenario) {
-            (Some(dir), Scenario::MeshCross | Scenario::MeshCrossL4) if first_rep => {
-                self.start_profiles(dir, scenario, &agents)?
-            }
-            _ => Vec::new(),
+        let wrk = || -> anyhow::Result<String> {
+            let mut wrk = self.pod_cmd("a", "wrk")?;
+            wrk.args([
+                "-t2",
+                "-c16",
+                &format!("-d{}s", self.plan.wrk_secs),
+                &format!("http://{http}/"),
+            ]);
+            output_text(wrk)
         };
         let cpu_before: Vec<u64> = agents.iter().filter_map(Agent::pid).map(cpu_us).collect();
-        let mut wrk = self.pod_cmd("a", "wrk")?;
-        wrk.args([
-            "-t2",
-            "-c16",
-            &format!("-d{}s", self.plan.wrk_secs),
-            &format!("http://{http}/"),
-        ]);
-        let out = output_text(wrk)?;
+        let switches_before: Vec<(u64, u64)> =
+            agents.iter().filter_map(Agent::pid).map(switches).collect();
+        let out = wrk()?;
         expected_redirects += 16;
         let rps = out
             .lines()
@@ -844,9 +903,6 @@ impl Bench {
             .and_then(|(n, _)| n.trim().parse::<f64>().ok())
             .unwrap_or(0.0);
         result["rps"] = json!(rps);
-        for (child, data, text) in profiling {
-            finish_profile(child, &data, &text)?;
-        }
         let cpu_after: Vec<u64> = agents.iter().filter_map(Agent::pid).map(cpu_us).collect();
         if !agents.is_empty() && requests > 0.0 {
             let per_req: Vec<f64> = cpu_before
@@ -856,6 +912,34 @@ impl Bench {
                 .collect();
             result["agent_cpu_us_per_request"] =
                 json!({"n1": per_req.first(), "n2": per_req.get(1)});
+            // What the CPU figure is made of: each switch costs what `machine.context_switch_ns`
+            // says.
+            let switched: Vec<Value> = switches_before
+                .iter()
+                .zip(agents.iter().filter_map(Agent::pid).map(switches))
+                .map(|(b, a)| {
+                    let (vol, invol) = ((a.0 - b.0) as f64, (a.1 - b.1) as f64);
+                    json!({
+                        "total": (vol + invol) / requests,
+                        "voluntary": vol / requests,
+                        "involuntary": invol / requests,
+                    })
+                })
+                .collect();
+            result["agent_switches_per_request"] =
+                json!({"n1": switched.first(), "n2": switched.get(1)});
+        }
+        // The profile comes from a second, unrecorded run: perf's DWARF stack copies cost the
+        // sampled agent enough to halve the throughput of the run it watches.
+        if let (Some(dir), Scenario::MeshCross | Scenario::MeshCrossL4, true) =
+            (&self.profile, scenario, first_rep)
+        {
+            let profiling = self.start_profiles(dir, scenario, &agents)?;
+            wrk()?;
+            expected_redirects += 16;
+            for (child, data, text) in profiling {
+                finish_profile(child, &data, &text)?;
+            }
         }
 
         if let Some(ip) = iperf {

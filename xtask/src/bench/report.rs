@@ -64,6 +64,14 @@ fn figures(plan: &Value) -> Vec<(String, String)> {
         ("new connections/s", "/connections_per_sec"),
         ("agent CPU µs/request, n1", "/agent_cpu_us_per_request/n1"),
         ("agent CPU µs/request, n2", "/agent_cpu_us_per_request/n2"),
+        (
+            "agent context switches/request, n1",
+            "/agent_switches_per_request/n1/total",
+        ),
+        (
+            "agent context switches/request, n2",
+            "/agent_switches_per_request/n2/total",
+        ),
         ("agent RSS idle KiB, n1", "/agent_memory/n1/idle_kib"),
         (
             "agent RSS start-up peak KiB, n1",
@@ -153,6 +161,7 @@ pub fn build(
         "cpu": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned()),
+        "context_switch_ns": super::context_switch_ns(),
     });
     let mut report = json!({
         "machine": machine,
@@ -371,10 +380,11 @@ pub fn markdown(r: &Value) -> String {
     let m = &r["machine"];
     let _ = writeln!(
         s,
-        "Machine: {} ({} cores), kernel {}; {} repetition(s), scenarios alternating; took {} s.\n",
+        "Machine: {} ({} cores), kernel {}, one context switch {} ns (two threads on one CPU, pipe ping-pong); {} repetition(s), scenarios alternating; took {} s.\n",
         m["cpu"].as_str().unwrap_or("?"),
         m["cores"],
         m["kernel"].as_str().unwrap_or("?"),
+        m["context_switch_ns"].as_f64().map_or("?".to_owned(), |v| format!("{v:.0}")),
         r["plan"]["repetitions"],
         r["took_secs"]
     );
