@@ -491,17 +491,22 @@ pub fn context_switch_ns() -> Option<f64> {
     Some(took.as_nanos() as f64 / f64::from(2 * ROUNDS))
 }
 
-/// (VmRSS, VmHWM) in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
+/// A `/proc/<pid>/status` figure in KiB, for each of `keys`.
+fn status_kib<const N: usize>(pid: u32, keys: [&str; N]) -> [u64; N] {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let get = |k: &str| {
+    keys.map(|k| {
         status
             .lines()
             .find_map(|l| l.strip_prefix(k))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
-    };
-    (get("VmRSS:"), get("VmHWM:"))
+    })
+}
+
+/// (VmRSS, VmHWM) in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let [rss, hwm] = status_kib(pid, ["VmRSS:", "VmHWM:"]);
+    (rss, hwm)
 }
 
 /// Sums the per-scenario eBPF figures of all mesh runs.
@@ -833,10 +838,12 @@ impl Bench {
             .filter_map(Agent::pid)
             .map(|p| rss_kib(p).1)
             .collect();
-        let idle_rss: Vec<u64> = agents
+        // What the idle RSS is made of: anonymous memory, and pages of the binary (and other
+        // files) mapped in.
+        let idle_rss: Vec<[u64; 3]> = agents
             .iter()
             .filter_map(Agent::pid)
-            .map(|p| rss_kib(p).0)
+            .map(|p| status_kib(p, ["VmRSS:", "RssAnon:", "RssFile:"]))
             .collect();
         // From here VmHWM is the peak under load, not the start-up transient (aya parses the
         // kernel's BTF while loading): writing 5 to clear_refs resets it.
@@ -977,9 +984,12 @@ impl Bench {
                 .iter()
                 .filter_map(Agent::pid)
                 .zip(idle_rss.iter().zip(&startup_peak))
-                .map(|(p, (idle, startup))| {
+                .map(|(p, ([idle, anon, file], startup))| {
                     let (rss, hwm) = rss_kib(p);
-                    json!({"idle_kib": idle, "startup_peak_kib": startup, "rss_kib": rss, "peak_kib": hwm})
+                    json!({
+                        "idle_kib": idle, "idle_anon_kib": anon, "idle_file_kib": file,
+                        "startup_peak_kib": startup, "rss_kib": rss, "peak_kib": hwm,
+                    })
                 })
                 .collect();
             result["agent_memory"] = json!({"n1": rss.first(), "n2": rss.get(1)});

@@ -74,6 +74,14 @@ fn figures(plan: &Value) -> Vec<(String, String)> {
         ),
         ("agent RSS idle KiB, n1", "/agent_memory/n1/idle_kib"),
         (
+            "agent RSS idle, anonymous KiB, n1",
+            "/agent_memory/n1/idle_anon_kib",
+        ),
+        (
+            "agent RSS idle, file-backed KiB, n1",
+            "/agent_memory/n1/idle_file_kib",
+        ),
+        (
             "agent RSS start-up peak KiB, n1",
             "/agent_memory/n1/startup_peak_kib",
         ),
