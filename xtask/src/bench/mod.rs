@@ -925,7 +925,9 @@ impl Bench {
                 .iter()
                 .zip(agents.iter().filter_map(Agent::pid).map(switches))
                 .map(|(b, a)| {
-                    let (vol, invol) = ((a.0 - b.0) as f64, (a.1 - b.1) as f64);
+                    // A thread that ended during the run takes its count with it.
+                    let vol = a.0.saturating_sub(b.0) as f64;
+                    let invol = a.1.saturating_sub(b.1) as f64;
                     json!({
                         "total": (vol + invol) / requests,
                         "voluntary": vol / requests,
