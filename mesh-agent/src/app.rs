@@ -313,7 +313,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let (initial, dir) = match &config.source {
         Source::Manifests(path) => {
             let opt_in = config.enrollment == Some(Enrollment::OptIn);
-            let mut dir = ManifestDir::new(path, config.max_manifest_bytes, opt_in);
+            let mut dir =
+                ManifestDir::new(path, config.max_manifest_bytes, opt_in).for_node(&config.node);
             (dir.initial(&metrics)?, Some(dir))
         }
         Source::Kube { .. } => (Arc::new(crate::state::Snapshot::default()), None),

@@ -115,18 +115,16 @@ impl Reconciler {
                 // series of clients whose service account no pod has any more.
                 self.metrics
                     .forget_workloads(|ns, workload| snapshot.has_workload(ns, workload));
+                // (Both are lookups in the snapshot's own counts: this runs on the proxy's
+                // workers, and a scan of a large cluster's pods here stalled requests.)
                 if self.metrics.authz.has_clients() {
-                    let accounts: HashSet<(&str, &str)> = snapshot
-                        .pods()
-                        .map(|p| (p.namespace.as_str(), p.service_account.as_str()))
-                        .collect();
                     self.metrics.authz.forget_clients(|id| {
                         Identity::from_linkerd(id).is_ok_and(|id| match &id {
                             Identity::Spiffe {
                                 namespace,
                                 service_account,
                                 ..
-                            } => accounts.contains(&(namespace.as_str(), service_account.as_str())),
+                            } => snapshot.has_service_account(namespace, service_account),
                         })
                     });
                 }

@@ -126,6 +126,13 @@ impl ManifestDir {
         }
     }
 
+    /// Files the pods of `node` (the agent's) for [`Snapshot::local_pods`], and no other
+    /// node's.
+    pub fn for_node(mut self, node: &str) -> Self {
+        self.store = std::mem::take(&mut self.store).for_node(node);
+        self
+    }
+
     fn listed(&self) -> Result<Vec<PathBuf>, ManifestError> {
         let read_err = |e| ManifestError {
             file: self.path.display().to_string(),

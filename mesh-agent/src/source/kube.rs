@@ -515,6 +515,7 @@ impl KubeSource {
         metrics: Arc<Metrics>,
     ) {
         self.started = Instant::now();
+        self.store = std::mem::take(&mut self.store).for_node(&node);
         let defs = streams(&client, &node);
         self.streams = defs
             .iter()

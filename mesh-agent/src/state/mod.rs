@@ -295,6 +295,12 @@ pub struct Snapshot {
     services_by_name: SharedMap<String, Arc<ServiceTarget>>,
     /// Pods per (namespace, workload).
     workloads: SharedMap<(String, String), usize>,
+    /// Pods per (namespace, service account).
+    service_accounts: SharedMap<(String, String), usize>,
+    /// The pods scheduled on each node (on `indexed_node` only, if set), so that a node's
+    /// agent finds its own without a scan of the cluster's.
+    pods_by_node: SharedMap<String, Arc<std::collections::BTreeMap<store::Name, Arc<Workload>>>>,
+    indexed_node: Option<Arc<str>>,
     /// Endpoints over every Service port.
     endpoints: usize,
     /// Every policy object, by namespace.
@@ -366,7 +372,23 @@ impl Snapshot {
 
     /// Enrolled pods with an address, scheduled on `node`.
     pub fn local_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
-        self.pods.values().filter(move |p| p.is_enrolled_on(node))
+        let indexed = self.indexed_node.as_deref().is_none_or(|n| n == node);
+        let (filed, all) = match indexed {
+            true => (self.pods_by_node.get(node), None),
+            false => (None, Some(self.pods.values())),
+        };
+        filed
+            .into_iter()
+            .flat_map(|pods| pods.values())
+            .chain(all.into_iter().flatten())
+            .filter(move |p| p.is_enrolled_on(node))
+    }
+
+    /// Whether any pod runs as `service_account` of `namespace`.
+    pub fn has_service_account(&self, namespace: &str, service_account: &str) -> bool {
+        self.service_accounts
+            .get(&(namespace.to_owned(), service_account.to_owned()))
+            .is_some()
     }
 
     /// Service ports with HTTPRoutes attached, by `name.namespace.svc.cluster.local:port`.

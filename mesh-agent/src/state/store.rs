@@ -17,6 +17,7 @@ use std::{
 use super::{
     manifest::{self, Kind, ManifestError, Object, ObjectKey, Problem},
     ports::{self, Declared, PortSet, OPAQUE_PORTS_ANNOTATION},
+    shared::SharedMap,
     ServiceTarget, Snapshot, Workload,
 };
 
@@ -329,6 +330,8 @@ pub struct Store {
     /// Pods are enrolled only when they or their namespace opt in (Kubernetes mode), rather
     /// than unless they opt out (a manifest directory: everything in it is the mesh's).
     opt_in: bool,
+    /// The node whose pods the snapshots file by node (every node's when `None`).
+    local_node: Option<Arc<str>>,
     snapshot: Snapshot,
 }
 
@@ -341,6 +344,15 @@ struct Dirty {
 }
 
 impl Store {
+    /// A store whose snapshots file the pods of `node` only (what its agent asks for), rather
+    /// than every node's: the index costs memory per pod.
+    pub fn for_node(mut self, node: &str) -> Store {
+        let node: Arc<str> = node.into();
+        self.local_node = Some(node.clone());
+        self.snapshot.indexed_node = Some(node);
+        self
+    }
+
     /// A store that enrolls only the pods that opt in, themselves or by their namespace.
     pub fn opt_in() -> Store {
         Store {
@@ -699,7 +711,7 @@ impl Store {
     fn rebuild_pod(&mut self, name: &Name) {
         let old = self.snapshot.pods.remove(name);
         if let Some(old) = &old {
-            self.count_workload(old, false);
+            self.count_pod(name, old, false);
             for ip in ips_of(old) {
                 if self
                     .snapshot
@@ -743,27 +755,51 @@ impl Store {
             _ => fresh,
         };
         pod.workload = Some(workload.clone());
-        self.count_workload(&workload, true);
+        self.count_pod(name, &workload, true);
         for ip in ips_of(&workload) {
             self.snapshot.pods_by_ip.insert(ip, workload.clone());
         }
         self.snapshot.pods.insert(name.clone(), workload);
     }
 
-    /// Counts a pod in (or out of) its workload.
-    fn count_workload(&mut self, pod: &Workload, add: bool) {
-        let key = (pod.namespace.clone(), pod.workload.clone());
-        let pods = self.snapshot.workloads.get(&key).copied().unwrap_or(0);
-        match (add, pods) {
-            (true, n) => {
-                self.snapshot.workloads.insert(key, n + 1);
+    /// Counts a pod in (or out of) its workload and its service account, and files it under
+    /// (or removes it from) its node.
+    fn count_pod(&mut self, name: &Name, pod: &Arc<Workload>, add: bool) {
+        let snapshot = &mut self.snapshot;
+        count(
+            &mut snapshot.workloads,
+            (pod.namespace.clone(), pod.workload.clone()),
+            add,
+        );
+        count(
+            &mut snapshot.service_accounts,
+            (pod.namespace.clone(), pod.service_account.clone()),
+            add,
+        );
+        let Some(node) = pod.node.as_deref() else {
+            return;
+        };
+        if self
+            .local_node
+            .as_deref()
+            .is_some_and(|local| local != node)
+        {
+            return;
+        }
+        // Taken out of the map while changed, so that only a set an older snapshot still
+        // shares is copied (once per apply).
+        let mut pods = snapshot.pods_by_node.remove(node).unwrap_or_default();
+        let set = Arc::make_mut(&mut pods);
+        match add {
+            true => {
+                set.insert(name.clone(), pod.clone());
             }
-            (false, 0 | 1) => {
-                self.snapshot.workloads.remove(&key);
+            false => {
+                set.remove(name);
             }
-            (false, n) => {
-                self.snapshot.workloads.insert(key, n - 1);
-            }
+        }
+        if !set.is_empty() {
+            snapshot.pods_by_node.insert(node.to_owned(), pods);
         }
     }
 
@@ -1272,6 +1308,22 @@ fn remove_from<K: std::hash::Hash + Eq>(
     }
 }
 
+/// Counts one more (or one less) under `key`; a count of nothing is no entry.
+fn count(counts: &mut SharedMap<(String, String), usize>, key: (String, String), add: bool) {
+    let n = counts.get(&key).copied().unwrap_or(0);
+    match (add, n) {
+        (true, n) => {
+            counts.insert(key, n + 1);
+        }
+        (false, 0 | 1) => {
+            counts.remove(&key);
+        }
+        (false, n) => {
+            counts.insert(key, n - 1);
+        }
+    }
+}
+
 fn ips_of(workload: &Workload) -> impl Iterator<Item = IpAddr> {
     let v4 = workload.ip.map(IpAddr::V4);
     let v6 = workload.ip6.map(IpAddr::V6);
@@ -1582,6 +1634,56 @@ mod tests {
             endpoints(&store, "10.96.0.10:80"),
             ["10.1.1.2:8080", "10.1.1.3:8080"]
         );
+    }
+
+    #[test]
+    fn a_node_finds_its_pods_and_accounts_are_counted_as_pods_move_and_go() {
+        let local = |store: &Store, node: &str| -> Vec<String> {
+            let s = store.snapshot();
+            let mut names: Vec<String> = s.local_pods(node).map(|p| p.name.clone()).collect();
+            names.sort();
+            // The index (or, for a node not filed, the scan) says what a scan would.
+            let mut scanned: Vec<String> = s
+                .pods()
+                .filter(|p| p.is_enrolled_on(node))
+                .map(|p| p.name.clone())
+                .collect();
+            scanned.sort();
+            assert_eq!(names, scanned);
+            names
+        };
+        // Every node filed (a store of no particular node), and only n1's (an agent's).
+        for mut store in [Store::default(), Store::default().for_node("n1")] {
+            store.apply(puts("pods.yaml", PODS)).unwrap();
+            let before = store.snapshot();
+            assert_eq!(local(&store, "n1"), ["a", "b"]);
+            assert!(before.has_service_account("shop", "default"));
+
+            // b moves to n2: it leaves n1's pods; the older snapshot still sees it on n1.
+            let moved = PODS.replacen(
+                "nodeName: n1}\nstatus: {podIP: 10.1.1.3",
+                "nodeName: n2}\nstatus: {podIP: 10.1.1.3",
+                1,
+            );
+            assert_ne!(moved, PODS);
+            store.apply(puts("pods.yaml", &moved)).unwrap();
+            assert_eq!(local(&store, "n1"), ["a"]);
+            assert_eq!(local(&store, "n2"), ["b"]);
+            assert_eq!(before.local_pods("n1").count(), 2);
+
+            // Both gone: no pods on either node, and nobody runs as the account any more.
+            let pod = |name: &str| {
+                Change::Remove(ObjectKey {
+                    kind: Kind::Pod,
+                    namespace: "shop".into(),
+                    name: name.into(),
+                })
+            };
+            store.apply(vec![pod("a"), pod("b")]).unwrap();
+            assert!(local(&store, "n1").is_empty() && local(&store, "n2").is_empty());
+            assert!(!store.snapshot().has_service_account("shop", "default"));
+            assert!(before.has_service_account("shop", "default"));
+        }
     }
 
     #[test]
