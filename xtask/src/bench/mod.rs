@@ -439,17 +439,19 @@ fn switches(pid: u32) -> (u64, u64) {
     };
     for task in tasks.flatten() {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        let get = |k: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        total.0 += get("voluntary_ctxt_switches:");
-        total.1 += get("nonvoluntary_ctxt_switches:");
+        total.0 += status_field(&status, "voluntary_ctxt_switches:");
+        total.1 += status_field(&status, "nonvoluntary_ctxt_switches:");
     }
     total
+}
+
+/// The number after `key` in a `/proc/.../status` text (a size's unit ignored), 0 if absent.
+fn status_field(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// What one context switch costs on this machine, in ns: two threads pinned to CPU 0 hand a
@@ -494,13 +496,7 @@ pub fn context_switch_ns() -> Option<f64> {
 /// A `/proc/<pid>/status` figure in KiB, for each of `keys`.
 fn status_kib<const N: usize>(pid: u32, keys: [&str; N]) -> [u64; N] {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    keys.map(|k| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    })
+    keys.map(|k| status_field(&status, k))
 }
 
 /// (VmRSS, VmHWM) in KiB.
