@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod background;
 pub mod balance;
 pub mod cli;
 pub mod datapath;

@@ -20,7 +20,9 @@
 //! - Dotfiles and files not ending in `.yaml`/`.yml` are ignored; a change to `..data` (how a
 //!   ConfigMap volume swaps its files) re-checks every file.
 //!
-//! All of this runs on a thread of its own: the proxy's runtime never waits for it.
+//! All of this runs on a thread of its own, a background one ([`background`]): the proxy's
+//! runtime never waits for it, and it never keeps a woken proxy worker or pod off the CPU for
+//! more than [`background::SLICE`].
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -36,6 +38,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
+    background,
     metrics::Metrics,
     state::{
         manifest::{self, ManifestError, ObjectKey, Problem},
@@ -52,8 +55,6 @@ pub const MAX_DELAY: Duration = Duration::from_millis(200);
 pub const RESYNC: Duration = Duration::from_secs(60);
 /// How often, while inotify is unavailable (the directory is missing, or out of watches).
 const UNWATCHED_RESYNC: Duration = Duration::from_secs(1);
-/// The nice value of the desired-state thread.
-const BACKGROUND_NICE: libc::c_int = 10;
 /// Freed memory is handed back to the system once no change came for this long.
 const TRIM_WHEN_QUIET: Duration = Duration::from_millis(500);
 /// A file modified and not closed for this long is read anyway.
@@ -329,6 +330,7 @@ impl ManifestDir {
             })
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let background = background::is_background();
         if paths.len() < 64 || threads < 2 {
             return paths.iter().map(|p| one(p)).collect();
         }
@@ -339,6 +341,9 @@ impl ManifestDir {
                 .map(|t| {
                     let one = &one;
                     scope.spawn(move || {
+                        if background {
+                            background::enter();
+                        }
                         let mine = paths.iter().enumerate().skip(t).step_by(threads);
                         mine.map(|(i, p)| (i, one(p))).collect::<Vec<_>>()
                     })
@@ -371,7 +376,7 @@ impl ManifestDir {
     pub fn initial(&mut self, metrics: &Metrics) -> Result<Arc<Snapshot>, ManifestError> {
         self.resync()?;
         let snapshot = self.apply(&HashSet::new(), metrics);
-        release_freed_memory();
+        background::release_freed_memory();
         let snapshot = snapshot?;
         // An empty directory is a valid (empty) state.
         let snapshot = snapshot.unwrap_or_else(|| {
@@ -387,7 +392,7 @@ impl ManifestDir {
     /// Follows the directory and publishes each new valid snapshot until `tx` has no
     /// receivers.
     fn watch(mut self, tx: watch::Sender<Arc<Snapshot>>, metrics: Arc<Metrics>) {
-        lower_priority();
+        background::enter();
         let mut notifier = Notifier::new(&self.path);
         // Files modified but not closed yet, since when.
         let mut writing: HashMap<PathBuf, Instant> = HashMap::new();
@@ -449,7 +454,7 @@ impl ManifestDir {
             // Trimming walks the heap under the allocator's lock, which the proxy's workers
             // share: done once things are quiet, not after each apply of a storm.
             if batch.is_none() && trim_due.is_some_and(|due| now >= due) {
-                release_freed_memory();
+                background::release_freed_memory();
                 trim_due = None;
             }
             let Some((first, last)) = batch else { continue };
@@ -500,26 +505,6 @@ impl ManifestDir {
     ) -> Result<Option<Snapshot>, ManifestError> {
         self.dirty.insert(path.to_owned());
         self.apply(&HashSet::new(), metrics)
-    }
-}
-
-/// On a busy node, the proxy comes first: the calling thread (and the threads it starts,
-/// which inherit it) yields the CPU to the proxy's workers.
-pub(super) fn lower_priority() {
-    // SAFETY: plain syscalls on this thread.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
-    }
-}
-
-/// Hands the memory a large apply freed (parse buffers, replaced objects) back to the system:
-/// without it the allocator keeps this thread's peak for good.
-pub(super) fn release_freed_memory() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -121,7 +121,7 @@ impl KubeRuntime {
         std::thread::Builder::new()
             .name("desired-state".to_owned())
             .spawn(move || {
-                super::files::lower_priority();
+                crate::background::enter();
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -274,6 +274,7 @@ impl<'de, W: Watched> Deserialize<'de> for Wire<W> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // One object's tree at a time: a field of the wrong type then refuses this object
         // alone, not the page of the list it came in.
+        crate::background::checkpoint();
         let value = serde_json::Value::deserialize(d)?;
         let meta = value.get("metadata");
         let text = |key: &str| {
@@ -736,7 +737,7 @@ impl KubeSource {
             );
             self.published = true;
             // The initial lists were the peak; hand what they freed back.
-            super::files::release_freed_memory();
+            crate::background::release_freed_memory();
         } else {
             info!(version = snapshot.version, changes = ?snapshot.last_apply, "cluster state changed; new state in force");
         }

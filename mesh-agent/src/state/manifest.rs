@@ -1258,6 +1258,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError>
     let file = path.display().to_string();
     let mut out = Vec::new();
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        crate::background::checkpoint();
         if let Some(object) = parse_document(doc, &file, index, Problem::Yaml)? {
             out.push(object);
         }

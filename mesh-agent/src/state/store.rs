@@ -403,6 +403,7 @@ impl Store {
             .into_iter()
             .partition(|c| matches!(c, Change::Remove(_)));
         for change in removes.into_iter().chain(puts) {
+            crate::background::checkpoint();
             match change {
                 Change::Remove(key) => {
                     if let Some(old) = self.objects.remove(&key) {
@@ -454,9 +455,11 @@ impl Store {
             services_rebuilt: dirty.services.len(),
         };
         for pod in &dirty.pods {
+            crate::background::checkpoint();
             self.rebuild_pod(pod);
         }
         for svc in &dirty.services {
+            crate::background::checkpoint();
             self.rebuild_service(svc);
         }
         if dirty.policy {
