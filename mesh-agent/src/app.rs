@@ -495,7 +495,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     )));
 
     let buffers = Arc::new(ByteBudget::new(config.max_buffered_bytes));
-    let pool = Arc::new(Pool::default());
+    let pool = Arc::new(Pool::new(config.http_head_timeout));
     let mut tasks = tokio::task::JoinSet::new();
     // Reading and building the desired state runs on a thread of its own, never on the
     // proxy's workers.

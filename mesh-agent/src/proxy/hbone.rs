@@ -187,8 +187,8 @@ impl AsyncWrite for Tunnel {
 pub const FORWARDED: &str = "forwarded";
 
 /// Tells the destination agent what a tunnel carries, so it neither has to detect it (which
-/// would delay a server-speaks-first protocol) nor guess: `h2c` (HTTP requests, Linkerd-style
-/// `l5d-orig-proto` for those that were HTTP/1), `http/1.1` (an upgrade), `opaque`. A tunnel
+/// would delay a server-speaks-first protocol) nor guess: `h2c` (HTTP/2 requests),
+/// `http/1.1` (HTTP/1.x requests on a pooled tunnel, or an upgrade), `opaque`. A tunnel
 /// without it is opaque.
 pub const PROTOCOL: &str = "mesh-protocol";
 

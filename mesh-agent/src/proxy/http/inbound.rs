@@ -110,7 +110,11 @@ pub async fn serve(
     };
     let result = serve_connection(io, protocol, deliver_one, limits).await;
     if let Err(e) = result {
-        super::outbound::protocol_error(&tunnel.metrics, &tunnel.labels, &e);
+        // A tunnel that brought no request head for the head timeout is a pooled tunnel the
+        // source agent stopped using (it times its own clients' heads): closed, not counted.
+        if !e.is_timeout() {
+            super::outbound::protocol_error(&tunnel.metrics, &tunnel.labels, &e);
+        }
         debug!(target = %tunnel.target, "HTTP tunnel ended: {e}");
     }
 }

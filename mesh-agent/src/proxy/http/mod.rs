@@ -1,11 +1,14 @@
 //! The HTTP side of the node proxy: each request of a client connection is forwarded on its
 //! own (per-request balancing, per-request metrics), over pooled upstream connections.
 //!
-//! Between agents a request travels as its own HTTP/2 stream on the pooled HBONE connection
-//! (`mesh-target` names the pod); an HTTP/1.x request is marked `l5d-orig-proto` (as Linkerd
-//! does) and spoken as HTTP/1.1 again to the destination pod, so the pod sees the protocol its
-//! client spoke. Upgrades (WebSocket) and `CONNECT` keep HTTP/1.1 end to end in a tunnel of
-//! their own.
+//! Between agents, an HTTP/2 request travels as its own stream on the pooled HBONE connection
+//! (`mesh-target` names the pod). An HTTP/1.x request travels as HTTP/1.1 on a pooled HBONE
+//! tunnel (a CONNECT stream) to its endpoint, opened for the client pod and kept for its next
+//! requests: no HTTP/2 stream, header compression or dispatch task per request, which made
+//! HTTP/1 cost about a third more of the agents' CPU than this (`cargo xtask bench`). Either
+//! way the pod sees the protocol its client spoke. Upgrades (WebSocket) and `CONNECT` take a
+//! tunnel of their own for good. Requests marked `l5d-orig-proto` (HTTP/1 carried as HTTP/2,
+//! as Linkerd does, and as agents before this one sent them) are still accepted.
 //!
 //! The request path is shaped so that a route decision and a policy decision can each be one
 //! pure function call on the request head: [`outbound`] asks the snapshot where a request goes
@@ -211,7 +214,8 @@ pub fn authority<B>(req: &Request<B>) -> Option<String> {
 }
 
 /// Prepares an HTTP/1.x request to travel as HTTP/2: absolute URI from its `Host`, marked
-/// with [`ORIG_PROTO`].
+/// with [`ORIG_PROTO`]. (How agents before the pooled HTTP/1.1 tunnels sent it; kept so the
+/// fuzzing and unit tests can make what [`downgrade_from_h2`] still accepts.)
 pub fn upgrade_to_h2(req: &mut Request<Body>, fallback_authority: &str) {
     let authority = authority(req).unwrap_or_else(|| fallback_authority.to_owned());
     let path = req

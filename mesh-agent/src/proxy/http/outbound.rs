@@ -24,8 +24,8 @@ use super::{
     inbound::refused_by_policy,
     is_grpc, is_upgrade,
     pool::{BoxIo, Checkin, Key, Route, SendError},
-    record, relay_response, respond, serve_connection, strip_hop_by_hop, upgrade_to_h2, Body,
-    Failure, ServeLimits, Upgrade, DST_CANONICAL, ORIG_PROTO,
+    record, relay_response, respond, serve_connection, strip_hop_by_hop, Body, Failure,
+    ServeLimits, Upgrade, DST_CANONICAL, ORIG_PROTO,
 };
 use crate::{
     balance::InFlight,
@@ -512,11 +512,8 @@ async fn attempt(
                 source,
                 destination,
                 node_ip,
-            } if !upgrade => {
+            } if client_h2 && !upgrade => {
                 // A stream of its own on the pooled HBONE connection, HTTP/2 end to end.
-                if !client_h2 {
-                    upgrade_to_h2(&mut req, &conn.orig.to_string());
-                }
                 for (name, value) in dest.hbone_headers.iter() {
                     req.headers_mut().insert(name, value.clone());
                 }
@@ -543,7 +540,7 @@ async fn attempt(
                 destination,
                 node_ip,
             } => {
-                // An upgrade: HTTP/1.1 in a tunnel of its own.
+                // HTTP/1.1 in pooled tunnels to the endpoint (an upgrade takes one for good).
                 let forwarded_for = conn.source.address_for(endpoint);
                 let key = Key {
                     route: Route::Hbone {

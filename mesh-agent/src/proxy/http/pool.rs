@@ -38,6 +38,11 @@ pub type BoxIo = Box<dyn Io>;
 const H2_MAX_AGE: Duration = Duration::from_secs(300);
 /// An idle HTTP/1.1 connection is not reused after this long.
 const H1_IDLE: Duration = Duration::from_secs(30);
+/// ...nor an idle HBONE tunnel after this share of the head timeout: the destination agent
+/// closes a tunnel that brings no request head for `--http-head-timeout` (the agents of a
+/// cluster share their flags), and a request sent just as it does would fail. Well inside
+/// that, a tunnel is either reused or left to close.
+const TUNNEL_IDLE_SHARE: u32 = 2;
 /// Idle HTTP/1.1 connections kept per key, and in all.
 const H1_IDLE_PER_KEY: usize = 64;
 const H1_IDLE_TOTAL: usize = 16_384;
@@ -48,8 +53,9 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Route {
     /// An HBONE tunnel to `endpoint` on the node at `node`, as `source`, for the client pod at
-    /// `client` (sent as `forwarded`): what an upgraded request (WebSocket, `CONNECT`) takes
-    /// for itself. (Other requests travel as streams of the HBONE connection itself.)
+    /// `client` (sent as `forwarded`), carrying HTTP/1.1: pooled for HTTP/1.x requests, taken
+    /// for good by an upgraded one (WebSocket, `CONNECT`). (HTTP/2 requests travel as streams
+    /// of the HBONE connection itself.)
     Hbone {
         source: Identity,
         destination: Identity,
@@ -115,9 +121,19 @@ pub struct Pool {
     h1: Mutex<HashMap<Key, Vec<IdleH1>>>,
     h1_idle: AtomicUsize,
     h2: Mutex<HashMap<Key, H2Slot>>,
+    /// How long an idle HBONE tunnel may be reused (`None`: as long as other connections).
+    tunnel_idle: Option<Duration>,
 }
 
 impl Pool {
+    /// A pool whose peers close idle tunnels after `head_timeout`.
+    pub fn new(head_timeout: Duration) -> Self {
+        Self {
+            tunnel_idle: Some(head_timeout / TUNNEL_IDLE_SHARE),
+            ..Self::default()
+        }
+    }
+
     /// Sends `req` on a pooled connection for `key`, dialling with `dial` when there is none.
     /// An HTTP/1.1 connection comes back to the pool when the returned [`Checkin`] is dropped,
     /// which the caller does once the response has been read to its end.
@@ -213,11 +229,15 @@ impl Pool {
     fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut map = self.h1.lock().ok()?;
         let idle = map.get_mut(key)?;
-        let found = idle.iter().rposition(|c| c.sender.is_ready());
         let now = Instant::now();
+        let limit = match key.route {
+            Route::Hbone { .. } => self.tunnel_idle.unwrap_or(H1_IDLE).min(H1_IDLE),
+            Route::InPod { .. } | Route::FromPod { .. } => H1_IDLE,
+        };
         let before = idle.len();
+        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < limit);
+        let found = idle.iter().rposition(|c| c.sender.is_ready());
         let taken = found.map(|i| idle.swap_remove(i).sender);
-        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < H1_IDLE);
         self.h1_idle
             .fetch_sub(before - idle.len(), Ordering::Relaxed);
         if idle.is_empty() {
