@@ -4,9 +4,9 @@
 //! Between agents, an HTTP/2 request travels as its own stream on the pooled HBONE connection
 //! (`mesh-target` names the pod). An HTTP/1.x request travels as HTTP/1.1 on a pooled HBONE
 //! tunnel (a CONNECT stream) to its endpoint, opened for the client pod and kept for its next
-//! requests: no HTTP/2 stream, header compression or dispatch task per request, which made
-//! HTTP/1 cost about a third more of the agents' CPU than this (`cargo xtask bench`). Either
-//! way the pod sees the protocol its client spoke. Upgrades (WebSocket) and `CONNECT` take a
+//! requests: no HTTP/2 stream, header compression or dispatch task per request (a third more
+//! requests per second than one HTTP/2 stream each, `cargo xtask bench`). Either way the pod
+//! sees the protocol its client spoke. Upgrades (WebSocket) and `CONNECT` take a
 //! tunnel of their own for good. Requests marked `l5d-orig-proto` (HTTP/1 carried as HTTP/2,
 //! as Linkerd does, and as agents before this one sent them) are still accepted.
 //!
