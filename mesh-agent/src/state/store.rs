@@ -330,8 +330,6 @@ pub struct Store {
     /// Pods are enrolled only when they or their namespace opt in (Kubernetes mode), rather
     /// than unless they opt out (a manifest directory: everything in it is the mesh's).
     opt_in: bool,
-    /// The node whose pods the snapshots file by node (every node's when `None`).
-    local_node: Option<Arc<str>>,
     snapshot: Snapshot,
 }
 
@@ -347,9 +345,7 @@ impl Store {
     /// A store whose snapshots file the pods of `node` only (what its agent asks for), rather
     /// than every node's: the index costs memory per pod.
     pub fn for_node(mut self, node: &str) -> Store {
-        let node: Arc<str> = node.into();
-        self.local_node = Some(node.clone());
-        self.snapshot.indexed_node = Some(node);
+        self.snapshot.indexed_node = Some(node.into());
         self
     }
 
@@ -782,8 +778,8 @@ impl Store {
         let Some(node) = pod.node.as_deref() else {
             return;
         };
-        if self
-            .local_node
+        if snapshot
+            .indexed_node
             .as_deref()
             .is_some_and(|local| local != node)
         {

@@ -116,21 +116,22 @@ struct SharedH2 {
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<SharedH2>>>;
 
-#[derive(Default)]
 pub struct Pool {
     h1: Mutex<HashMap<Key, Vec<IdleH1>>>,
     h1_idle: AtomicUsize,
     h2: Mutex<HashMap<Key, H2Slot>>,
-    /// How long an idle HBONE tunnel may be reused (`None`: as long as other connections).
-    tunnel_idle: Option<Duration>,
+    /// How long an idle HBONE tunnel may be reused.
+    tunnel_idle: Duration,
 }
 
 impl Pool {
     /// A pool whose peers close idle tunnels after `head_timeout`.
     pub fn new(head_timeout: Duration) -> Self {
         Self {
-            tunnel_idle: Some(head_timeout / TUNNEL_IDLE_SHARE),
-            ..Self::default()
+            h1: Mutex::default(),
+            h1_idle: AtomicUsize::default(),
+            h2: Mutex::default(),
+            tunnel_idle: (head_timeout / TUNNEL_IDLE_SHARE).min(H1_IDLE),
         }
     }
 
@@ -231,7 +232,7 @@ impl Pool {
         let idle = map.get_mut(key)?;
         let now = Instant::now();
         let limit = match key.route {
-            Route::Hbone { .. } => self.tunnel_idle.unwrap_or(H1_IDLE).min(H1_IDLE),
+            Route::Hbone { .. } => self.tunnel_idle,
             Route::InPod { .. } | Route::FromPod { .. } => H1_IDLE,
         };
         let before = idle.len();
