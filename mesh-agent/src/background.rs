@@ -61,8 +61,9 @@ pub fn yields() -> u64 {
     YIELDS.get()
 }
 
-/// Hands the memory a large apply freed (parse buffers, replaced objects) back to the system:
-/// without it the allocator keeps a background thread's peak for good.
+/// Hands the memory a large apply or the agent's start-up freed (parse buffers, replaced
+/// objects, the eBPF object's loading) back to the system: without it the allocator keeps that
+/// peak in its free lists for good.
 pub fn release_freed_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     #[cfg(target_env = "gnu")]

@@ -147,8 +147,14 @@ impl Reconciler {
                 }
             }
             // Version 0 is the empty state before a source published anything.
-            self.ready
-                .store(complete && snapshot.version > 0, Ordering::Release);
+            let ready = complete && snapshot.version > 0;
+            if ready && !self.ready.load(Ordering::Acquire) {
+                // Start-up is over (the eBPF object loaded, the first pods enrolled): what it
+                // freed goes back to the system instead of staying in the allocator's free
+                // lists for good (about 1.5 MB of the idle agent's 3.8 MB anonymous memory).
+                crate::background::release_freed_memory();
+            }
+            self.ready.store(ready, Ordering::Release);
             tokio::select! {
                 changed = state.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(CHECK) => {}
