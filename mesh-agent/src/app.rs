@@ -32,7 +32,7 @@ use crate::{
     podnet,
     proxy::{
         hbone::HboneConnector,
-        http::pool::Pool,
+        http::pool::{Pool, SWEEP_EVERY},
         inbound::{self, InboundInputs},
         outbound::{self, ProxyInputs},
     },
@@ -497,6 +497,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let buffers = Arc::new(ByteBudget::new(config.max_buffered_bytes));
     let pool = Arc::new(Pool::new(config.http_head_timeout));
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(pool.clone().sweep_every(SWEEP_EVERY));
     // Reading and building the desired state runs on a thread of its own, never on the
     // proxy's workers.
     if let Some(dir) = dir {

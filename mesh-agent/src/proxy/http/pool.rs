@@ -48,6 +48,8 @@ const H1_IDLE_PER_KEY: usize = 64;
 const H1_IDLE_TOTAL: usize = 16_384;
 /// HTTP/2 PINGs find dead upstream connections.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+/// How often [`Pool::sweep`] runs in the agent.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Where a pooled connection goes and for whom.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -107,6 +109,13 @@ impl SendError {
 struct IdleH1 {
     sender: http1::SendRequest<Body>,
     since: Instant,
+}
+
+impl IdleH1 {
+    /// Open, and idle for less than `limit` at `now`.
+    fn reusable(&self, now: Instant, limit: Duration) -> bool {
+        !self.sender.is_closed() && now.duration_since(self.since) < limit
+    }
 }
 
 struct SharedH2 {
@@ -171,12 +180,7 @@ impl Pool {
                 .map_err(|_| SendError::new(Failure::Unavailable, "pool lock poisoned"))?;
             // Keys whose connection is gone and that nobody is using are forgotten.
             if map.len() > 64 {
-                map.retain(|_, s| {
-                    Arc::strong_count(s) > 1
-                        || s.try_lock()
-                            .map(|g| g.as_ref().is_some_and(|c| !c.sender.is_closed()))
-                            .unwrap_or(true)
-                });
+                map.retain(|_, s| h2_live(s));
             }
             map.entry(key.clone()).or_default().clone()
         };
@@ -225,18 +229,61 @@ impl Pool {
             .map_err(|e| SendError::request(&e))
     }
 
+    /// How long an idle HTTP/1.1 connection of `route` may be reused.
+    fn idle_limit(&self, route: &Route) -> Duration {
+        match route {
+            Route::Hbone { .. } => self.tunnel_idle,
+            Route::InPod { .. } | Route::FromPod { .. } => H1_IDLE,
+        }
+    }
+
+    /// Lets go of the idle HTTP/1.1 connections that have closed or may not be reused any
+    /// more, and of the HTTP/2 connections that have closed and that no request is using.
+    /// Without it such a connection stays until its key is next checked out (a client pod
+    /// that left never is), counted toward the pool's total.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        if let Ok(mut map) = self.h1.lock() {
+            let mut dropped = 0;
+            map.retain(|key, idle| {
+                let limit = self.idle_limit(&key.route);
+                let before = idle.len();
+                idle.retain(|c| c.reusable(now, limit));
+                dropped += before - idle.len();
+                !idle.is_empty()
+            });
+            self.h1_idle.fetch_sub(dropped, Ordering::Relaxed);
+        }
+        if let Ok(mut map) = self.h2.lock() {
+            map.retain(|_, s| h2_live(s));
+        }
+    }
+
+    /// Runs [`Pool::sweep`] every `period`, for good.
+    pub async fn sweep_every(self: Arc<Self>, period: Duration) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.sweep();
+        }
+    }
+
+    /// Idle HTTP/1.1 connections kept, and the keys they are kept under.
+    pub fn idle_h1(&self) -> (usize, usize) {
+        let keys = self.h1.lock().map_or(0, |m| m.len());
+        (self.h1_idle.load(Ordering::Relaxed), keys)
+    }
+
     /// An idle connection for `key` that can take a request now. Connections that are open
     /// but not ready yet (their last response has only just been read) stay for later.
     fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut map = self.h1.lock().ok()?;
         let idle = map.get_mut(key)?;
         let now = Instant::now();
-        let limit = match key.route {
-            Route::Hbone { .. } => self.tunnel_idle,
-            Route::InPod { .. } | Route::FromPod { .. } => H1_IDLE,
-        };
+        let limit = self.idle_limit(&key.route);
         let before = idle.len();
-        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < limit);
+        idle.retain(|c| c.reusable(now, limit));
         let found = idle.iter().rposition(|c| c.sender.is_ready());
         let taken = found.map(|i| idle.swap_remove(i).sender);
         self.h1_idle
@@ -326,6 +373,16 @@ impl Pool {
     }
 }
 
+/// Whether a key's HTTP/2 slot is worth keeping: a request holds it, or its connection is
+/// open (or being dialled).
+fn h2_live(slot: &H2Slot) -> bool {
+    Arc::strong_count(slot) > 1
+        || slot
+            .try_lock()
+            .map(|g| g.as_ref().is_some_and(|c| !c.sender.is_closed()))
+            .unwrap_or(true)
+}
+
 /// An HTTP/1.1 connection lent for one request: back to the pool when dropped (after the
 /// response has been read; a connection whose response was abandoned closes itself and is
 /// not kept).
@@ -336,5 +393,116 @@ impl Drop for Checkin {
         if let Some((pool, key, sender)) = self.0.take() {
             pool.checkin_h1(key, sender);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::body::Bytes;
+    use tokio::{net::TcpListener, task::JoinSet};
+
+    use super::*;
+
+    /// An HTTP/1.1 server on loopback answering every request `ok`; its connections end when
+    /// the returned task is aborted.
+    async fn server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, accept)
+    }
+
+    /// Sends one request for `key` to `addr` and reads its answer; the connection goes back
+    /// to the pool.
+    async fn one_request(pool: &Arc<Pool>, key: &Key, addr: SocketAddr) {
+        let dial = || async move {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map(|s| Box::new(s) as BoxIo)
+                .map_err(|e| SendError::new(Failure::Unavailable, e.to_string()))
+        };
+        let (resp, checkin) = pool
+            .send(key, dial, Request::new(Body::empty()))
+            .await
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        drop(checkin);
+    }
+
+    fn tunnel_key(endpoint: SocketAddr) -> Key {
+        Key {
+            route: Route::Hbone {
+                source: Identity::new("cluster.local", "shop", "client"),
+                destination: Identity::new("cluster.local", "shop", "web"),
+                node: Ipv4Addr::new(10, 0, 0, 2),
+                endpoint,
+                client: Some(Ipv4Addr::new(10, 1, 1, 2).into()),
+            },
+            h2: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sweep_lets_go_of_expired_tunnels_and_keeps_live_connections() {
+        let (addr, _server) = server().await;
+        // Tunnels may idle for half the head timeout: 25 ms.
+        let pool = Arc::new(Pool::new(Duration::from_millis(50)));
+        let in_pod = Key {
+            route: Route::InPod {
+                endpoint: addr,
+                client: None,
+            },
+            h2: false,
+        };
+        one_request(&pool, &tunnel_key(addr), addr).await;
+        one_request(&pool, &in_pod, addr).await;
+        assert_eq!(pool.idle_h1(), (2, 2));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        pool.sweep();
+        // The tunnel is past its reuse limit; the pod connection (30 s) is not.
+        assert_eq!(pool.idle_h1(), (1, 1));
+        one_request(&pool, &in_pod, addr).await;
+        assert_eq!(pool.idle_h1(), (1, 1), "the kept connection was reused");
+    }
+
+    #[tokio::test]
+    async fn a_sweep_lets_go_of_connections_the_server_closed() {
+        let (addr, server) = server().await;
+        let pool = Arc::new(Pool::new(Duration::from_secs(60)));
+        let key = Key {
+            route: Route::FromPod {
+                netns: 1,
+                endpoint: addr,
+            },
+            h2: false,
+        };
+        one_request(&pool, &key, addr).await;
+        assert_eq!(pool.idle_h1(), (1, 1));
+        // The server goes away with its connections.
+        server.abort();
+        let _ = server.await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.idle_h1() != (0, 0) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            pool.sweep();
+        }
+        assert_eq!(pool.idle_h1(), (0, 0));
     }
 }
