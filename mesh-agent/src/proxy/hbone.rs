@@ -311,12 +311,17 @@ impl HboneConnector {
         let (sender, slot) = match self.pooled(&key) {
             Some((sender, slot, false)) => (sender, slot),
             // None yet, or every one busy while there may be more: dial (one at a time).
-            _ => tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial_once(&key, &credential))
-                .await
-                .map_err(|_| Error::Stalled {
-                    peer,
-                    what: "mTLS and HTTP/2 set-up",
-                })??,
+            // Boxed: the dial's future (mTLS and HTTP/2 set-up) is large and rarely run; kept
+            // inline, every request's future would carry, and copy, its size.
+            _ => tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                Box::pin(self.dial_once(&key, &credential)),
+            )
+            .await
+            .map_err(|_| Error::Stalled {
+                peer,
+                what: "mTLS and HTTP/2 set-up",
+            })??,
         };
         Ok((sender, slot, peer))
     }

@@ -5,7 +5,6 @@
 //! the port, the method, path and headers): server-side metrics now, authorization next.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{atomic::AtomicU64, Arc, Mutex},
     time::{Duration, Instant},
@@ -45,12 +44,14 @@ pub struct Tunnel {
     pub snapshot: Arc<Snapshot>,
     pub metrics: Arc<Metrics>,
     pub pool: Arc<Pool>,
-    /// The series of the Services (as the source named them) requests came for.
-    pub series: Mutex<HashMap<ServiceKey, Arc<Series>>>,
+    /// The series of requests by the Service the source named (`l5d-dst-canonical`) and
+    /// whether they are gRPC: a few per tunnel, searched in order (no allocation or hashing
+    /// per request).
+    pub series: Mutex<Vec<ServiceSeries>>,
 }
 
-/// The Service a request was sent to (`name.ns.svc.cluster.local:port`, if known), gRPC or not.
-type ServiceKey = (Option<String>, bool);
+/// The Service the source named (if it did), gRPC or not, and the series of such requests.
+type ServiceSeries = (Option<String>, bool, Arc<Series>);
 
 /// Services one tunnel keeps resolved series for.
 const MAX_SERIES_PER_TUNNEL: usize = 64;
@@ -60,11 +61,15 @@ impl Tunnel {
     /// `name.ns.svc.cluster.local:port`: a label, taken only if the snapshot knows such a
     /// Service).
     fn series_for(&self, canonical: Option<&str>, grpc: bool) -> Arc<Series> {
-        let svc = canonical.and_then(|name| self.snapshot.service_named(name));
-        let key = (svc.map(|_| canonical.unwrap_or_default().to_owned()), grpc);
-        if let Some(hit) = self.series.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        let cached = self.series.lock().ok().and_then(|m| {
+            m.iter()
+                .find(|(c, g, _)| *g == grpc && c.as_deref() == canonical)
+                .map(|(_, _, s)| s.clone())
+        });
+        if let Some(hit) = cached {
             return hit;
         }
+        let svc = canonical.and_then(|name| self.snapshot.service_named(name));
         let mut labels = self.labels.clone();
         if grpc {
             labels.protocol = "grpc";
@@ -81,7 +86,7 @@ impl Tunnel {
         let series = self.metrics.http.series(labels);
         if let Ok(mut m) = self.series.lock() {
             if m.len() < MAX_SERIES_PER_TUNNEL {
-                m.insert(key, series.clone());
+                m.push((canonical.map(str::to_owned), grpc, series.clone()));
             }
         }
         series

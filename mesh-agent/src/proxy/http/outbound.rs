@@ -542,6 +542,7 @@ async fn attempt(
             } => {
                 // HTTP/1.1 in pooled tunnels to the endpoint (an upgrade takes one for good).
                 let forwarded_for = conn.source.address_for(endpoint);
+                let (source, destination) = (Arc::new(source), Arc::new(destination));
                 let key = Key {
                     route: Route::Hbone {
                         source: source.clone(),
@@ -552,16 +553,17 @@ async fn attempt(
                     },
                     h2: false,
                 };
-                let tunnel = TunnelRequest {
-                    baggage: client.baggage.clone(),
-                    forwarded_for,
-                    protocol: Protocol::Http1,
-                };
-                let (hbone, tunnel, source, destination) =
-                    (&inputs.hbone, &tunnel, &source, &destination);
+                let (hbone, baggage, source, destination) =
+                    (&inputs.hbone, &client.baggage, &*source, &*destination);
+                // Run only when no idle tunnel can take the request.
                 let dial = move || async move {
+                    let tunnel = TunnelRequest {
+                        baggage: baggage.clone(),
+                        forwarded_for,
+                        protocol: Protocol::Http1,
+                    };
                     hbone
-                        .connect(source, destination, node_ip, endpoint, tunnel)
+                        .connect(source, destination, node_ip, endpoint, &tunnel)
                         .await
                         .map(|t| Box::new(t) as BoxIo)
                         .map_err(|e| SendError::new(Failure::Unavailable, e.to_string()))

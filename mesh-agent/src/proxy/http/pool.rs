@@ -59,8 +59,8 @@ pub enum Route {
     /// for good by an upgraded one (WebSocket, `CONNECT`). (HTTP/2 requests travel as streams
     /// of the HBONE connection itself.)
     Hbone {
-        source: Identity,
-        destination: Identity,
+        source: Arc<Identity>,
+        destination: Arc<Identity>,
         node: Ipv4Addr,
         endpoint: SocketAddr,
         client: Option<IpAddr>,
@@ -192,25 +192,9 @@ impl Pool {
                     c.sender.clone()
                 }
                 _ => {
-                    let io = dial().await?;
-                    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .keep_alive_interval(KEEPALIVE)
-                        .keep_alive_timeout(Duration::from_secs(10))
-                        .initial_stream_window_size(crate::proxy::hbone::STREAM_WINDOW)
-                        .initial_connection_window_size(crate::proxy::hbone::CONNECTION_WINDOW)
-                        .max_frame_size(crate::proxy::hbone::MAX_FRAME)
-                        .handshake(TokioIo::new(io))
-                        .await
-                        .map_err(|e| {
-                            SendError::new(Failure::Unavailable, format!("HTTP/2 handshake: {e}"))
-                        })?;
-                    let route = key.route.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            debug!(?route, "upstream HTTP/2 connection ended: {e}");
-                        }
-                    });
+                    // Boxed: the dial's future is large and rarely run; kept inline, every
+                    // request's future would carry (and copy) its size.
+                    let sender = Box::pin(Self::dial_h2(&dial, &key.route)).await?;
                     *shared = Some(SharedH2 {
                         sender: sender.clone(),
                         born: Instant::now(),
@@ -270,7 +254,8 @@ impl Pool {
     }
 
     /// Idle HTTP/1.1 connections kept, and the keys they are kept under.
-    pub fn idle_h1(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn idle_h1(&self) -> (usize, usize) {
         let keys = self.h1.lock().map_or(0, |m| m.len());
         (self.h1_idle.load(Ordering::Relaxed), keys)
     }
@@ -288,9 +273,8 @@ impl Pool {
         let taken = found.map(|i| idle.swap_remove(i).sender);
         self.h1_idle
             .fetch_sub(before - idle.len(), Ordering::Relaxed);
-        if idle.is_empty() {
-            map.remove(key);
-        }
+        // A key left empty stays for the connection's return (no removal and insertion, and
+        // their allocations, per request); the sweep forgets keys that stay empty.
         taken
     }
 
@@ -307,6 +291,31 @@ impl Pool {
             });
             self.h1_idle.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    async fn dial_h2<D, F>(dial: &D, route: &Route) -> Result<http2::SendRequest<Body>, SendError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = Result<BoxIo, SendError>>,
+    {
+        let io = dial().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(crate::proxy::hbone::STREAM_WINDOW)
+            .initial_connection_window_size(crate::proxy::hbone::CONNECTION_WINDOW)
+            .max_frame_size(crate::proxy::hbone::MAX_FRAME)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| SendError::new(Failure::Unavailable, format!("HTTP/2 handshake: {e}")))?;
+        let route = route.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(?route, "upstream HTTP/2 connection ended: {e}");
+            }
+        });
+        Ok(sender)
     }
 
     async fn dial_h1<D, F>(dial: &D, upgrades: bool) -> Result<http1::SendRequest<Body>, SendError>
@@ -345,7 +354,7 @@ impl Pool {
     {
         // An upgrade takes its connection for good: never pooled.
         if super::is_upgrade(&req) {
-            let mut sender = Self::dial_h1(&dial, true).await?;
+            let mut sender = Box::pin(Self::dial_h1(&dial, true)).await?;
             let resp = sender
                 .send_request(req)
                 .await
@@ -364,7 +373,7 @@ impl Pool {
                 },
             }
         }
-        let mut sender = Self::dial_h1(&dial, false).await?;
+        let mut sender = Box::pin(Self::dial_h1(&dial, false)).await?;
         let resp = sender
             .send_request(req)
             .await
@@ -449,8 +458,8 @@ mod tests {
     fn tunnel_key(endpoint: SocketAddr) -> Key {
         Key {
             route: Route::Hbone {
-                source: Identity::new("cluster.local", "shop", "client"),
-                destination: Identity::new("cluster.local", "shop", "web"),
+                source: Arc::new(Identity::new("cluster.local", "shop", "client")),
+                destination: Arc::new(Identity::new("cluster.local", "shop", "web")),
                 node: Ipv4Addr::new(10, 0, 0, 2),
                 endpoint,
                 client: Some(Ipv4Addr::new(10, 1, 1, 2).into()),
