@@ -41,8 +41,9 @@ enum Cmd {
         /// A short run (one repetition, one rate) for local iteration: under two minutes.
         #[arg(long)]
         quick: bool,
-        /// Also sample both agents with `perf` during the cross-node throughput run (HTTP and
-        /// opaque) and write flat profiles to target/bench/profile-*.txt.
+        /// Also sample both agents with `perf` during a second cross-node throughput run (HTTP
+        /// and opaque): profiles with call stacks (target/bench/profile-*.txt), flat ones at a
+        /// higher rate (profile-flat-*.txt), and each agent's system calls per request.
         #[arg(long)]
         profile: bool,
         /// Instead: the desired state of a large cluster (10k Services / 50k endpoints / 20k

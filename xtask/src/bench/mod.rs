@@ -350,6 +350,64 @@ fn route_selection(root: &Path) -> anyhow::Result<Value> {
     serde_json::from_str(out.trim()).context("route_select output")
 }
 
+/// What `--profile` runs on one agent during one throughput run.
+struct Profiling {
+    node: &'static str,
+    graph: std::process::Child,
+    flat: std::process::Child,
+    syscalls: std::process::Child,
+    data: PathBuf,
+    text: PathBuf,
+    flat_data: PathBuf,
+    flat_text: PathBuf,
+    stat: PathBuf,
+}
+
+impl Profiling {
+    /// Waits for the recordings and writes them as text; returns the node and its system
+    /// calls per request (`requests` sent meanwhile).
+    fn finish(mut self, requests: f64) -> anyhow::Result<(&'static str, f64)> {
+        self.syscalls.wait()?;
+        self.flat.wait()?;
+        finish_profile(self.graph, &self.data, &self.text)?;
+        let mut flat = String::new();
+        for sort in ["dso", "dso,symbol"] {
+            let mut report = Command::new("perf");
+            report
+                .args(["report", "--stdio", "--no-children", "--sort", sort])
+                .args(["--percent-limit", "0.2", "-i"])
+                .arg(&self.flat_data);
+            flat.push_str(&output_text(report)?);
+        }
+        std::fs::write(&self.flat_text, flat)?;
+        println!("    profile: {}", self.flat_text.display());
+        // `perf stat -x,`: the count is the first field of the event's line.
+        let stat = std::fs::read_to_string(&self.stat)?;
+        let count = stat
+            .lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .with_context(|| format!("no system call count in {}", self.stat.display()))?;
+        Ok((
+            self.node,
+            if requests > 0.0 {
+                count / requests
+            } else {
+                0.0
+            },
+        ))
+    }
+}
+
+/// The requests a `wrk` run reports having sent.
+fn wrk_requests(out: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.trim().split_once(" requests in"))
+        .and_then(|(n, _)| n.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
 /// Waits for `perf record` and writes, as text, where the time goes including callees (by
 /// symbol), then the flat profile (self time).
 fn finish_profile(mut child: std::process::Child, data: &Path, text: &Path) -> anyhow::Result<()> {
@@ -900,11 +958,7 @@ impl Bench {
             .find_map(|l| l.strip_prefix("Requests/sec:"))
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0);
-        let requests = out
-            .lines()
-            .find_map(|l| l.trim().split_once(" requests in"))
-            .and_then(|(n, _)| n.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let requests = wrk_requests(&out);
         result["rps"] = json!(rps);
         let cpu_after: Vec<u64> = agents.iter().filter_map(Agent::pid).map(cpu_us).collect();
         if !agents.is_empty() && requests > 0.0 {
@@ -940,11 +994,16 @@ impl Bench {
             (&self.profile, scenario, first_rep)
         {
             let profiling = self.start_profiles(dir, scenario, &agents)?;
-            wrk()?;
+            let out = wrk()?;
             expected_redirects += 16;
-            for (child, data, text) in profiling {
-                finish_profile(child, &data, &text)?;
+            let requests = wrk_requests(&out);
+            let mut syscalls = serde_json::Map::new();
+            for p in profiling {
+                let (node, per_request) = p.finish(requests)?;
+                println!("    {node}: {per_request:.2} system calls per request (profiled run)");
+                syscalls.insert(node.to_owned(), json!(per_request));
             }
+            result["profiled_syscalls_per_request"] = Value::Object(syscalls);
         }
 
         if let Some(ip) = iperf {
@@ -1016,30 +1075,58 @@ impl Bench {
     }
 
     /// Starts `perf record` on each agent for the length of the throughput run.
+    /// Starts, on each agent, for the length of one throughput run: a profile with call
+    /// stacks, a flat one at a higher rate (DWARF stack copies limit the first to a few hundred
+    /// samples), and a count of its system calls.
     fn start_profiles(
         &self,
         dir: &Path,
         scenario: Scenario,
         agents: &[Agent],
-    ) -> anyhow::Result<Vec<(std::process::Child, PathBuf, PathBuf)>> {
+    ) -> anyhow::Result<Vec<Profiling>> {
         std::fs::create_dir_all(dir)?;
-        let mut out = Vec::new();
-        for (agent, node) in agents.iter().zip(["n1", "n2"]) {
-            let Some(pid) = agent.pid() else { continue };
-            let data = dir.join(format!("perf-{}-{node}.data", scenario.key()));
-            let text = dir.join(format!("profile-{}-{node}.txt", scenario.key()));
-            let child = Command::new("perf")
-                // DWARF unwinding: release binaries keep .eh_frame but no frame pointers.
-                .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-p"])
-                .arg(pid.to_string())
-                .arg("-o")
-                .arg(&data)
-                .args(["--", "sleep", &self.plan.wrk_secs.to_string()])
+        let secs = self.plan.wrk_secs.to_string();
+        let perf = |args: &[&str], pid: u32, out: &Path| {
+            Command::new("perf")
+                .args(args)
+                .args(["-p", &pid.to_string(), "-o"])
+                .arg(out)
+                .args(["--", "sleep", &secs])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .context("starting perf record")?;
-            out.push((child, data, text));
+                .context("starting perf")
+        };
+        let mut out = Vec::new();
+        for (agent, node) in agents.iter().zip(["n1", "n2"]) {
+            let Some(pid) = agent.pid() else { continue };
+            let name =
+                |what: &str, ext: &str| dir.join(format!("{what}-{}-{node}.{ext}", scenario.key()));
+            let (data, flat_data, stat) = (
+                name("perf", "data"),
+                name("perf-flat", "data"),
+                name("syscalls", "txt"),
+            );
+            out.push(Profiling {
+                node,
+                // DWARF unwinding: release binaries keep .eh_frame but no frame pointers.
+                graph: perf(
+                    &["record", "-F", "499", "--call-graph", "dwarf,16384"],
+                    pid,
+                    &data,
+                )?,
+                flat: perf(&["record", "-F", "2999"], pid, &flat_data)?,
+                syscalls: perf(
+                    &["stat", "-x", ",", "-e", "raw_syscalls:sys_enter"],
+                    pid,
+                    &stat,
+                )?,
+                text: name("profile", "txt"),
+                flat_text: name("profile-flat", "txt"),
+                data,
+                flat_data,
+                stat,
+            });
         }
         Ok(out)
     }
