@@ -1074,7 +1074,6 @@ impl Bench {
         Ok(result)
     }
 
-    /// Starts `perf record` on each agent for the length of the throughput run.
     /// Starts, on each agent, for the length of one throughput run: a profile with call
     /// stacks, a flat one at a higher rate (DWARF stack copies limit the first to a few hundred
     /// samples), and a count of its system calls.
