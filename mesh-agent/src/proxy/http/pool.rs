@@ -111,13 +111,6 @@ struct IdleH1 {
     since: Instant,
 }
 
-impl IdleH1 {
-    /// Open, and idle for less than `limit` at `now`.
-    fn reusable(&self, now: Instant, limit: Duration) -> bool {
-        !self.sender.is_closed() && now.duration_since(self.since) < limit
-    }
-}
-
 struct SharedH2 {
     sender: http2::SendRequest<Body>,
     born: Instant,
@@ -213,12 +206,16 @@ impl Pool {
             .map_err(|e| SendError::request(&e))
     }
 
-    /// How long an idle HTTP/1.1 connection of `route` may be reused.
-    fn idle_limit(&self, route: &Route) -> Duration {
-        match route {
+    /// Drops the idle HTTP/1.1 connections of `route` that have closed or have been idle too
+    /// long at `now` to be reused; returns how many.
+    fn prune(&self, route: &Route, idle: &mut Vec<IdleH1>, now: Instant) -> usize {
+        let limit = match route {
             Route::Hbone { .. } => self.tunnel_idle,
             Route::InPod { .. } | Route::FromPod { .. } => H1_IDLE,
-        }
+        };
+        let before = idle.len();
+        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < limit);
+        before - idle.len()
     }
 
     /// Lets go of the idle HTTP/1.1 connections that have closed or may not be reused any
@@ -230,10 +227,7 @@ impl Pool {
         if let Ok(mut map) = self.h1.lock() {
             let mut dropped = 0;
             map.retain(|key, idle| {
-                let limit = self.idle_limit(&key.route);
-                let before = idle.len();
-                idle.retain(|c| c.reusable(now, limit));
-                dropped += before - idle.len();
+                dropped += self.prune(&key.route, idle, now);
                 !idle.is_empty()
             });
             self.h1_idle.fetch_sub(dropped, Ordering::Relaxed);
@@ -265,14 +259,11 @@ impl Pool {
     fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut map = self.h1.lock().ok()?;
         let idle = map.get_mut(key)?;
-        let now = Instant::now();
-        let limit = self.idle_limit(&key.route);
-        let before = idle.len();
-        idle.retain(|c| c.reusable(now, limit));
+        let pruned = self.prune(&key.route, idle, Instant::now());
         let found = idle.iter().rposition(|c| c.sender.is_ready());
         let taken = found.map(|i| idle.swap_remove(i).sender);
         self.h1_idle
-            .fetch_sub(before - idle.len(), Ordering::Relaxed);
+            .fetch_sub(pruned + usize::from(taken.is_some()), Ordering::Relaxed);
         // A key left empty stays for the connection's return (no removal and insertion, and
         // their allocations, per request); the sweep forgets keys that stay empty.
         taken
