@@ -370,17 +370,15 @@ impl Profiling {
         self.syscalls.wait()?;
         self.flat.wait()?;
         finish_profile(self.graph, &self.data, &self.text)?;
-        let mut flat = String::new();
-        for sort in ["dso", "dso,symbol"] {
-            let mut report = Command::new("perf");
-            report
-                .args(["report", "--stdio", "--no-children", "--sort", sort])
-                .args(["--percent-limit", "0.2", "-i"])
-                .arg(&self.flat_data);
-            flat.push_str(&output_text(report)?);
-        }
-        std::fs::write(&self.flat_text, flat)?;
-        println!("    profile: {}", self.flat_text.display());
+        // Self time by shared object, then by symbol.
+        write_reports(
+            &self.flat_data,
+            &self.flat_text,
+            &[
+                "--no-children --sort dso --percent-limit 0.2",
+                "--no-children --sort dso,symbol --percent-limit 0.2",
+            ],
+        )?;
         // `perf stat -x,`: the count is the first field of the event's line.
         let stat = std::fs::read_to_string(&self.stat)?;
         let count = stat
@@ -412,20 +410,26 @@ fn wrk_requests(out: &str) -> f64 {
 /// symbol), then the flat profile (self time).
 fn finish_profile(mut child: std::process::Child, data: &Path, text: &Path) -> anyhow::Result<()> {
     child.wait()?;
+    write_reports(
+        data,
+        text,
+        &[
+            "--children --sort dso,symbol -g none --percent-limit 0.5",
+            "--no-children --sort dso,symbol -g none --percent-limit 0.5",
+        ],
+    )
+}
+
+/// Writes to `text` one `perf report --stdio` of `data` per line of arguments (separated by
+/// spaces), one after another.
+fn write_reports(data: &Path, text: &Path, reports: &[&str]) -> anyhow::Result<()> {
     let mut out = String::new();
-    for mode in ["--children", "--no-children"] {
+    for args in reports {
         let mut report = Command::new("perf");
         report
-            .args([
-                "report",
-                "--stdio",
-                mode,
-                "--sort",
-                "dso,symbol",
-                "-g",
-                "none",
-            ])
-            .args(["--percent-limit", "0.5", "-i"])
+            .args(["report", "--stdio"])
+            .args(args.split_whitespace())
+            .arg("-i")
             .arg(data);
         out.push_str(&output_text(report)?);
     }
