@@ -31,7 +31,6 @@ pub type ClientIo = Prefixed<Reporting<TcpStream>>;
 use crate::{
     datapath::OrigDstTable,
     enrolled::{EnrolledPod, EnrolledPods},
-    identity::Identity,
     limits::ByteBudget,
     metrics::{ConnectionLabels, Metrics},
     podnet::PodNetns,
@@ -325,8 +324,7 @@ pub fn hop_to(
     let remote = dst.node.as_deref() != Some(inputs.node.as_str());
     match dst.node_ip {
         Some(node_ip) if remote => Hop::Hbone {
-            source: source.workload.identity(&inputs.trust_domain),
-            destination: dst.identity(&inputs.trust_domain),
+            destination: dst.clone(),
             node_ip,
         },
         None if remote => {
@@ -414,10 +412,14 @@ async fn relay_opaque(
     };
     let upstream = match hop {
         Hop::Hbone {
-            source: source_id,
             destination,
             node_ip,
         } => {
+            let trust_domain = &inputs.trust_domain;
+            let (source_id, destination) = (
+                source.workload.identity(trust_domain),
+                destination.identity(trust_domain),
+            );
             let tunnel = TunnelRequest {
                 baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
                 forwarded_for: source.address_for(endpoint),
@@ -534,10 +536,10 @@ pub async fn timed_connect(
 
 /// How a captured connection (or request) leaves the node.
 pub enum Hop {
-    /// mTLS tunnel to the destination node's agent.
+    /// mTLS tunnel to the destination node's agent, as the source pod's identity to the
+    /// `destination` pod's (the caller makes both: per connection, or cached per client).
     Hbone {
-        source: Identity,
-        destination: Identity,
+        destination: Arc<Workload>,
         node_ip: std::net::Ipv4Addr,
     },
     /// Plain TCP inside a pod of this node, from the client's address (identities known

@@ -132,6 +132,22 @@ impl Workload {
     pub fn identity(&self, trust_domain: &str) -> crate::identity::Identity {
         crate::identity::Identity::new(trust_domain, &self.namespace, &self.service_account)
     }
+
+    /// Whether `id` is this pod's identity in `trust_domain` (what [`Workload::identity`]
+    /// makes, without making it).
+    pub fn has_identity(&self, id: &crate::identity::Identity, trust_domain: &str) -> bool {
+        match id {
+            crate::identity::Identity::Spiffe {
+                trust_domain: domain,
+                namespace,
+                service_account,
+            } => {
+                domain == trust_domain
+                    && *namespace == self.namespace
+                    && *service_account == self.service_account
+            }
+        }
+    }
 }
 
 impl ServiceTarget {
@@ -539,6 +555,20 @@ spec:
         );
         let local: Vec<_> = s.local_pods("n1").map(|p| p.name.as_str()).collect();
         assert_eq!(local, ["web-2"]);
+    }
+
+    #[test]
+    fn a_pod_knows_its_identity_without_making_it() {
+        let s = snapshot(BASE).unwrap();
+        let web1 = s.pod_by_ip("10.1.2.2".parse().unwrap()).unwrap();
+        let web2 = s.pod_by_ip("10.1.1.3".parse().unwrap()).unwrap();
+        let own = web1.identity("cluster.local");
+        assert!(web1.has_identity(&own, "cluster.local"));
+        // Another trust domain, service account (web-2 runs as `default`) or namespace.
+        assert!(!web1.has_identity(&own, "other.local"));
+        assert!(!web2.has_identity(&own, "cluster.local"));
+        let elsewhere = crate::identity::Identity::new("cluster.local", "shop2", "web");
+        assert!(!web1.has_identity(&elsewhere, "cluster.local"));
     }
 
     #[test]

@@ -142,17 +142,30 @@ pub fn failure_response(failure: Failure, detail: &str) -> Response<Body> {
     resp
 }
 
+/// The hop-by-hop headers [`strip_hop_by_hop`] removes whether `Connection` names them or not
+/// (`upgrade` unless the request is being upgraded, when it stays whatever `Connection` says).
+const ALWAYS_HOP_BY_HOP: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
+
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1: `Connection` and every header it
 /// names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` (unless the
 /// request is being upgraded), and `TE` except `trailers` (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // The headers `Connection` names, but for those removed below anyway (or kept for an
+    // upgrade): most often it names only `keep-alive`, and nothing is made or collected.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == UPGRADE))
+        .map(str::trim)
+        .filter(|n| !ALWAYS_HOP_BY_HOP.iter().any(|h| n.eq_ignore_ascii_case(h)))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);

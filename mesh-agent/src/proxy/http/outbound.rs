@@ -29,6 +29,7 @@ use super::{
 };
 use crate::{
     balance::InFlight,
+    identity::Identity,
     metrics::{
         http::{Outcome, RequestLabels, RetryResult, RouteLabels, RouteSeries, Series},
         ConnectionLabels, Metrics,
@@ -63,6 +64,10 @@ struct Client {
     /// The route metrics of each rule its requests took (the rule kept, so that its address
     /// names it).
     routes: Mutex<Vec<(Arc<Rule>, Arc<RouteSeries>)>>,
+    /// The client pod's identity, for its requests over HBONE.
+    source_id: Arc<Identity>,
+    /// The identities of the pods its requests went to over HBONE, made once.
+    peer_ids: Mutex<Vec<Arc<Identity>>>,
 }
 
 /// One destination of a client connection, resolved once.
@@ -82,6 +87,8 @@ type SeriesKey = (std::net::SocketAddr, &'static str, bool);
 const MAX_SERIES_PER_CONNECTION: usize = 256;
 /// Route rules one connection keeps resolved route metrics for.
 const MAX_ROUTES_PER_CONNECTION: usize = 32;
+/// Destination identities one connection keeps made.
+const MAX_PEER_IDS_PER_CONNECTION: usize = 16;
 
 impl Client {
     /// The series of a request the proxy answers itself before a destination is known
@@ -131,6 +138,30 @@ impl Client {
             }
         }
         series
+    }
+
+    /// The identities a request to the pod `dst` travels between over HBONE: the client
+    /// pod's and `dst`'s. `dst`'s is made once per connection and reused for every pod of the
+    /// same trust domain, namespace and service account, compared whole each time (a pod's
+    /// address may pass to another pod while the connection lasts).
+    fn hbone_identities(&self, dst: &Workload) -> (Arc<Identity>, Arc<Identity>) {
+        let trust_domain = &self.conn.inputs.trust_domain;
+        let mut known = self.peer_ids.lock().ok();
+        let found = known
+            .as_ref()
+            .and_then(|ids| ids.iter().find(|id| dst.has_identity(id, trust_domain)))
+            .cloned();
+        let destination = found.unwrap_or_else(|| {
+            let id = Arc::new(dst.identity(trust_domain));
+            if let Some(ids) = known
+                .as_mut()
+                .filter(|ids| ids.len() < MAX_PEER_IDS_PER_CONNECTION)
+            {
+                ids.push(id.clone());
+            }
+            id
+        });
+        (self.source_id.clone(), destination)
     }
 
     /// What requests to `endpoint` (the pod `dst`, if known) over a hop of `security` are
@@ -206,6 +237,7 @@ pub async fn serve(conn: Connection, destination: Destination, io: ClientIo, pro
         }
         _ => None,
     };
+    let source_id = Arc::new(conn.source.workload.identity(&inputs.trust_domain));
     let client = Arc::new(Client {
         canonical,
         baggage: Baggage::header(&labels.source_workload, &labels.source_namespace),
@@ -216,6 +248,8 @@ pub async fn serve(conn: Connection, destination: Destination, io: ClientIo, pro
         read_at_last_response: Default::default(),
         destinations: Mutex::default(),
         routes: Mutex::default(),
+        source_id,
+        peer_ids: Mutex::default(),
     });
     let served = client.clone();
     let limits = ServeLimits {
@@ -509,11 +543,11 @@ async fn attempt(
     let send = async {
         match hop {
             Hop::Hbone {
-                source,
                 destination,
                 node_ip,
             } if client_h2 && !upgrade => {
                 // A stream of its own on the pooled HBONE connection, HTTP/2 end to end.
+                let (source, destination) = client.hbone_identities(&destination);
                 for (name, value) in dest.hbone_headers.iter() {
                     req.headers_mut().insert(name, value.clone());
                 }
@@ -536,13 +570,12 @@ async fn attempt(
                     })
             }
             Hop::Hbone {
-                source,
                 destination,
                 node_ip,
             } => {
                 // HTTP/1.1 in pooled tunnels to the endpoint (an upgrade takes one for good).
                 let forwarded_for = conn.source.address_for(endpoint);
-                let (source, destination) = (Arc::new(source), Arc::new(destination));
+                let (source, destination) = client.hbone_identities(&destination);
                 let key = Key {
                     route: Route::Hbone {
                         source: source.clone(),
