@@ -398,7 +398,111 @@ impl Profiling {
     }
 }
 
-/// The requests a `wrk` run reports having sent.
+/// The C allocator's entry points `--profile` counts calls of (Rust's global allocator is
+/// libc's), as uprobes named `probe_libc:<function>`.
+const ALLOCATOR: [&str; 4] = ["malloc", "calloc", "realloc", "posix_memalign"];
+
+/// Calls of the allocator counted on each agent (`perf stat` of the uprobes) for the length of
+/// one throughput run. Each call traps into the kernel, so the run is one of its own.
+struct AllocCount {
+    counts: Vec<(&'static str, std::process::Child, PathBuf)>,
+}
+
+impl AllocCount {
+    /// Puts uprobes on the allocator of the agents' libc (replacing any a crashed run left)
+    /// and starts counting; the stat files go to `dir`.
+    fn start(agents: &[Agent], dir: &Path, scenario: Scenario, secs: u32) -> anyhow::Result<Self> {
+        let pids: Vec<u32> = agents.iter().filter_map(Agent::pid).collect();
+        let libc = pids
+            .first()
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/maps")).ok())
+            .and_then(|maps| {
+                maps.lines()
+                    .filter_map(|l| l.split_whitespace().nth(5))
+                    .find(|p| p.ends_with("/libc.so.6"))
+                    .map(str::to_owned)
+            })
+            .context("no libc.so.6 mapped in the agent")?;
+        remove_allocator_probes();
+        for function in ALLOCATOR {
+            let mut add = Command::new("perf");
+            add.args(["probe", "-q", "-x", &libc, "--add", function]);
+            output_text(add).with_context(|| format!("adding a uprobe on {libc}:{function}"))?;
+        }
+        let events = ALLOCATOR.map(|f| format!("probe_libc:{f}")).join(",");
+        let mut counts = Vec::new();
+        for (pid, node) in pids.into_iter().zip(["n1", "n2"]) {
+            let out = dir.join(format!("allocations-{}-{node}.txt", scenario.key()));
+            let child = Command::new("perf")
+                .args([
+                    "stat",
+                    "-x",
+                    ",",
+                    "-e",
+                    &events,
+                    "-p",
+                    &pid.to_string(),
+                    "-o",
+                ])
+                .arg(&out)
+                .args(["--", "sleep", &secs.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting perf stat")?;
+            counts.push((node, child, out));
+        }
+        Ok(Self { counts })
+    }
+
+    /// Waits for the counts and removes the uprobes; returns each node's allocations per
+    /// request (`requests` sent meanwhile).
+    fn finish(self, requests: f64) -> anyhow::Result<Vec<(&'static str, f64)>> {
+        let mut per_request = Vec::new();
+        let mut failed = None;
+        for (node, mut child, out) in self.counts {
+            let counted = child.wait().map_err(anyhow::Error::from).and_then(|_| {
+                let stat = std::fs::read_to_string(&out)?;
+                // `perf stat -x,`: the count is the first field of each event's line.
+                let counts: Vec<f64> = stat
+                    .lines()
+                    .filter(|l| l.contains("probe_libc:"))
+                    .filter_map(|l| l.split(',').next()?.trim().parse().ok())
+                    .collect();
+                anyhow::ensure!(
+                    counts.len() == ALLOCATOR.len(),
+                    "{} counts of {} in {}",
+                    counts.len(),
+                    ALLOCATOR.len(),
+                    out.display()
+                );
+                Ok(counts.iter().sum::<f64>())
+            });
+            match counted {
+                Ok(n) if requests > 0.0 => per_request.push((node, n / requests)),
+                Ok(_) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        remove_allocator_probes();
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(per_request),
+        }
+    }
+}
+
+/// Removes the uprobes [`AllocCount`] adds (none there is not an error).
+fn remove_allocator_probes() {
+    for function in ALLOCATOR {
+        let _ = Command::new("perf")
+            .args(["probe", "-q", "-d", &format!("probe_libc:{function}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 fn wrk_requests(out: &str) -> f64 {
     out.lines()
         .find_map(|l| l.trim().split_once(" requests in"))
@@ -1008,6 +1112,20 @@ impl Bench {
                 syscalls.insert(node.to_owned(), json!(per_request));
             }
             result["profiled_syscalls_per_request"] = Value::Object(syscalls);
+            // Allocations per request, in a run of their own: every counted call traps.
+            match AllocCount::start(&agents, dir, scenario, self.plan.wrk_secs) {
+                Ok(counting) => {
+                    let out = wrk()?;
+                    expected_redirects += 16;
+                    let mut counted = serde_json::Map::new();
+                    for (node, n) in counting.finish(wrk_requests(&out))? {
+                        println!("    {node}: {n:.1} allocations per request (counted run)");
+                        counted.insert(node.to_owned(), json!(n));
+                    }
+                    result["profiled_allocations_per_request"] = Value::Object(counted);
+                }
+                Err(e) => println!("    allocations not counted: {e:#}"),
+            }
         }
 
         if let Some(ip) = iperf {

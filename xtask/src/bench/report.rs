@@ -80,6 +80,14 @@ fn figures(plan: &Value) -> Vec<(String, String)> {
             "agent system calls/request, n2 (--profile)",
             "/profiled_syscalls_per_request/n2",
         ),
+        (
+            "agent allocations/request, n1 (--profile)",
+            "/profiled_allocations_per_request/n1",
+        ),
+        (
+            "agent allocations/request, n2 (--profile)",
+            "/profiled_allocations_per_request/n2",
+        ),
         ("agent RSS idle KiB, n1", "/agent_memory/n1/idle_kib"),
         (
             "agent RSS idle, anonymous KiB, n1",
