@@ -59,6 +59,12 @@ enum Cmd {
         /// writes target/bench/soak.json and soak.svg.
         #[arg(long, value_name = "SECS", conflicts_with_all = ["quick", "profile", "scale", "kube_scale"])]
         soak: Option<u64>,
+        /// Instead: the instructions each agent runs per request (valgrind's callgrind),
+        /// cross-node, HTTP and opaque: a figure the machine's load hardly moves, for A/B
+        /// runs of small changes; writes target/bench/instructions.json and the profiles
+        /// (callgrind-*.out, for callgrind_annotate).
+        #[arg(long, conflicts_with_all = ["quick", "profile", "scale", "kube_scale", "soak"])]
+        instructions: bool,
     },
     /// Run each fuzz target (fuzz/fuzz_targets) under libFuzzer; a crash is kept under
     /// fuzz/regressions, which the unit tests replay.
@@ -113,11 +119,15 @@ fn main() -> anyhow::Result<()> {
             scale,
             kube_scale,
             soak,
+            instructions,
         } => {
             setup::run()?;
             setup::bench_tools()?;
             if profile {
                 setup::profile_tools()?;
+            }
+            if instructions {
+                setup::valgrind()?;
             }
             let mut cmd = cargo();
             cmd.args([
@@ -142,6 +152,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(secs) = soak {
                 return bench::soak::run(&workspace_root(), secs);
+            }
+            if instructions {
+                return bench::instructions::run(&workspace_root());
             }
             bench::run(quick, profile, &workspace_root())
         }

@@ -54,6 +54,11 @@ pub fn profile_tools() -> anyhow::Result<()> {
     packages(&["linux-perf"])
 }
 
+/// What `cargo xtask bench --instructions` counts with (callgrind and callgrind_control).
+pub fn valgrind() -> anyhow::Result<()> {
+    packages(&["valgrind"])
+}
+
 fn packages(wanted: &[&str]) -> anyhow::Result<()> {
     // SAFETY: plain syscall.
     let root = unsafe { libc::geteuid() } == 0;

@@ -5,6 +5,7 @@
 //! runs on CPU0, everything of n2 on CPU1. Servers: nginx (1 worker, 1 KiB body, keep-alive)
 //! and iperf3. Scenarios alternate within each repetition.
 
+pub mod instructions;
 pub mod kube_scale;
 mod report;
 pub mod scale;
@@ -179,35 +180,7 @@ fn check_tools() -> anyhow::Result<()> {
 }
 
 pub fn run(quick: bool, profile: bool, root: &Path) -> anyhow::Result<()> {
-    check_tools()?;
-    let release = root.join("target/release");
-    // `MESH_AGENT_BIN` benches another build of the agent (an A/B of two commits or profiles).
-    let agent_bin = std::env::var_os("MESH_AGENT_BIN")
-        .map_or_else(|| release.join("mesh-agent"), PathBuf::from);
-    // SAFETY (edition 2021: safe): set before any thread of ours starts.
-    std::env::set_var("MESH_AGENT_BIN", &agent_bin);
-    let plan = Plan::new(quick);
-    let spec = TestbedSpec {
-        nodes: 2,
-        pods: vec![
-            PodSpec::new("a", 0, "loadgen"),
-            PodSpec::new("c", 0, "local-server"),
-            PodSpec::new("b", 1, "server"),
-        ],
-        services: Vec::new(),
-        dual_stack: false,
-    };
-    let bed = Testbed::up(&spec).context("bringing the testbed up")?;
-    let b = bed.pod("b").ip.to_string();
-    let c = bed.pod("c").ip.to_string();
-    let mut bench = Bench {
-        profile: profile.then(|| root.join("target/bench")),
-        bed,
-        plan,
-        meshtest: release.join("meshtest"),
-        b,
-        c,
-    };
+    let (mut bench, agent_bin) = Bench::up(quick, profile, root)?;
     let started = Instant::now();
     let _stats = BpfStats::enable();
     bench.start_servers(&agent_bin)?;
@@ -724,6 +697,41 @@ fn ebpf_run_times() -> Value {
 }
 
 impl Bench {
+    /// The testbed of the benchmark (load generator and local server on n1, server on n2);
+    /// returns it with the agent binary benched.
+    fn up(quick: bool, profile: bool, root: &Path) -> anyhow::Result<(Self, PathBuf)> {
+        check_tools()?;
+        let release = root.join("target/release");
+        // `MESH_AGENT_BIN` benches another build of the agent (an A/B of two commits or
+        // profiles).
+        let agent_bin = std::env::var_os("MESH_AGENT_BIN")
+            .map_or_else(|| release.join("mesh-agent"), PathBuf::from);
+        // SAFETY (edition 2021: safe): set before any thread of ours starts.
+        std::env::set_var("MESH_AGENT_BIN", &agent_bin);
+        let spec = TestbedSpec {
+            nodes: 2,
+            pods: vec![
+                PodSpec::new("a", 0, "loadgen"),
+                PodSpec::new("c", 0, "local-server"),
+                PodSpec::new("b", 1, "server"),
+            ],
+            services: Vec::new(),
+            dual_stack: false,
+        };
+        let bed = Testbed::up(&spec).context("bringing the testbed up")?;
+        let b = bed.pod("b").ip.to_string();
+        let c = bed.pod("c").ip.to_string();
+        let bench = Bench {
+            profile: profile.then(|| root.join("target/bench")),
+            bed,
+            plan: Plan::new(quick),
+            meshtest: release.join("meshtest"),
+            b,
+            c,
+        };
+        Ok((bench, agent_bin))
+    }
+
     fn plan_json(&self) -> Value {
         let p = &self.plan;
         json!({
