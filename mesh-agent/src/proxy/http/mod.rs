@@ -156,6 +156,12 @@ const ALWAYS_HOP_BY_HOP: [&str; 5] = [
 /// names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` (unless the
 /// request is being upgraded), and `TE` except `trailers` (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over their few names instead of a lookup of
+    // each hop-by-hop header.
+    let hop_by_hop = |name: &HeaderName| name == TE || ALWAYS_HOP_BY_HOP.contains(&name.as_str());
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     // The headers `Connection` names, but for those removed below anyway (or kept for an
     // upgrade): most often it names only `keep-alive`, and nothing is made or collected.
     let named: Vec<HeaderName> = headers

@@ -51,8 +51,9 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 /// How often [`Pool::sweep`] runs in the agent.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-/// Where a pooled connection goes and for whom.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Where a pooled connection goes and for whom. Equal routes are equal in every field; the
+/// hash leaves the identities out (see the `Hash` impl).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// An HBONE tunnel to `endpoint` on the node at `node`, as `source`, for the client pod at
     /// `client` (sent as `forwarded`), carrying HTTP/1.1: pooled for HTTP/1.x requests, taken
@@ -74,6 +75,26 @@ pub enum Route {
     /// A connection made from inside the client pod's own network namespace (a destination
     /// outside the mesh).
     FromPod { netns: u64, endpoint: SocketAddr },
+}
+
+/// Hashes a route by where it goes and from which client: the HBONE identities (six strings,
+/// hashed twice per request, at checkout and checkin) are left to the equality check. Routes
+/// that differ only in identity share a bucket, which only a peer's pods of several service
+/// accounts at one address would do.
+impl std::hash::Hash for Route {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        match self {
+            Route::Hbone {
+                node,
+                endpoint,
+                client,
+                ..
+            } => (node, endpoint, client).hash(state),
+            Route::InPod { endpoint, client } => (endpoint, client).hash(state),
+            Route::FromPod { netns, endpoint } => (netns, endpoint).hash(state),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
