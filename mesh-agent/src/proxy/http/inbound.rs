@@ -17,7 +17,7 @@ use super::{
     connected, downgrade_from_h2, finish_failed, is_grpc, is_upgrade,
     pool::{Io, Key, Pool, Route},
     record, relay_response, respond, serve_connection, strip_hop_by_hop, to_http1, Body,
-    ServeLimits, Upgrade, DST_CANONICAL,
+    ServeLimits, Upgrade, DST_CANONICAL_NAME,
 };
 use crate::{
     enrolled::EnrolledPod,
@@ -129,7 +129,7 @@ pub async fn deliver(tunnel: &Tunnel, req: Request<Incoming>) -> Response<Body> 
     let started = Instant::now();
     let mut req = req.map(Body::incoming);
     let grpc = is_grpc(&req);
-    let canonical = req.headers_mut().remove(DST_CANONICAL);
+    let canonical = req.headers_mut().remove(&DST_CANONICAL_NAME);
     let series = tunnel.series_for(canonical.as_ref().and_then(|v| v.to_str().ok()), grpc);
     tunnel.metrics.http.request(&series);
     let verdict = tunnel

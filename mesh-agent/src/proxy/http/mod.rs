@@ -52,6 +52,9 @@ pub const ORIG_PROTO: &str = "l5d-orig-proto";
 /// destination agent labels its metrics as the source did. A label only, checked against the
 /// snapshot, never an authority.
 pub const DST_CANONICAL: &str = "l5d-dst-canonical";
+/// The names above, made once (a lookup by a string parses it first).
+const ORIG_PROTO_NAME: HeaderName = HeaderName::from_static(ORIG_PROTO);
+pub const DST_CANONICAL_NAME: HeaderName = HeaderName::from_static(DST_CANONICAL);
 /// Set on responses the proxy made itself, saying why (as Linkerd's).
 pub const PROXY_ERROR: &str = "l5d-proxy-error";
 /// The largest request head the proxy accepts; larger gets 431.
@@ -196,6 +199,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Removes from a pod's request what only agents may send each other: [`DST_CANONICAL`],
+/// [`ORIG_PROTO`] and [`super::hbone::AGENT_HEADERS`].
+pub fn strip_agent_headers(headers: &mut HeaderMap) {
+    let agent_only = |name: &&HeaderName| {
+        let name = name.as_str();
+        name == DST_CANONICAL || name == ORIG_PROTO || super::hbone::AGENT_HEADERS.contains(&name)
+    };
+    // A pod seldom sends any: one pass over the names, and a lookup only for those found.
+    let found: Vec<HeaderName> = headers.keys().filter(agent_only).cloned().collect();
+    for name in found {
+        headers.remove(&name);
+    }
+}
+
 /// The client side of a request that asks to leave HTTP (see [`is_upgrade`]).
 pub struct Upgrade {
     on: OnUpgrade,
@@ -265,7 +282,7 @@ pub fn upgrade_to_h2(req: &mut Request<Body>, fallback_authority: &str) {
 /// Undoes [`upgrade_to_h2`] at the destination: the pod gets HTTP/1.1 with its `Host` and an
 /// origin-form target. Returns whether the request had been upgraded.
 pub fn downgrade_from_h2(req: &mut Request<Body>) -> bool {
-    if req.headers_mut().remove(ORIG_PROTO).is_none() {
+    if req.headers_mut().remove(&ORIG_PROTO_NAME).is_none() {
         return false;
     }
     to_http1(req);
@@ -297,8 +314,10 @@ pub fn to_http1(req: &mut Request<Body>) {
 
 /// The gRPC status in a header map (trailers, or the headers of a trailers-only response).
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    // A name made once: looked up by a string, it would be parsed for every response.
+    const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
 }
@@ -538,6 +557,28 @@ pub fn record(
 mod tests {
     #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn what_only_agents_send_each_other_is_dropped_from_a_pods_request() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("l5d-dst-canonical", "a.b.svc.cluster.local:80"),
+            ("l5d-dst-canonical", "twice"),
+            ("l5d-orig-proto", "HTTP/1.1"),
+            ("mesh-target", "10.1.2.3:80"),
+            ("mesh-baggage", "k8s.namespace.name=x"),
+            ("mesh-forwarded", "for=10.0.0.1"),
+            ("x-kept", "yes"),
+            ("host", "web"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_agent_headers(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "x-kept"]);
+        assert_eq!(h.len(), 2);
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

@@ -24,8 +24,8 @@ use super::{
     inbound::refused_by_policy,
     is_grpc, is_upgrade,
     pool::{BoxIo, Checkin, Key, Route, SendError},
-    record, relay_response, respond, serve_connection, strip_hop_by_hop, Body, Failure,
-    ServeLimits, Upgrade, DST_CANONICAL, ORIG_PROTO,
+    record, relay_response, respond, serve_connection, strip_agent_headers, strip_hop_by_hop, Body,
+    Failure, ServeLimits, Upgrade, DST_CANONICAL_NAME,
 };
 use crate::{
     balance::InFlight,
@@ -835,14 +835,9 @@ async fn forward(client: &Client, req: Request<Incoming>) -> Response<Body> {
     let client_upgrade = Upgrade::take(&mut req);
     strip_hop_by_hop(req.headers_mut(), upgrade);
     // Headers only agents may set between themselves: a pod's own are dropped.
-    req.headers_mut().remove(DST_CANONICAL);
-    req.headers_mut().remove(ORIG_PROTO);
-    for name in crate::proxy::hbone::AGENT_HEADERS {
-        req.headers_mut().remove(name);
-    }
+    strip_agent_headers(req.headers_mut());
     if let Some(v) = &client.canonical {
-        req.headers_mut()
-            .insert(HeaderName::from_static(DST_CANONICAL), v.clone());
+        req.headers_mut().insert(DST_CANONICAL_NAME, v.clone());
     }
     // Route timeouts bound the wait for the response head (the body is not cut).
     let rule = routed.as_ref().map(|(rule, _)| rule.clone());

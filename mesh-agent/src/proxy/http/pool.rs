@@ -51,8 +51,7 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 /// How often [`Pool::sweep`] runs in the agent.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-/// Where a pooled connection goes and for whom. Equal routes are equal in every field; the
-/// hash leaves the identities out (see the `Hash` impl).
+/// Where a pooled connection goes and for whom.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// An HBONE tunnel to `endpoint` on the node at `node`, as `source`, for the client pod at
@@ -77,30 +76,68 @@ pub enum Route {
     FromPod { netns: u64, endpoint: SocketAddr },
 }
 
-/// Hashes a route by where it goes and from which client: the HBONE identities (six strings,
-/// hashed twice per request, at checkout and checkin) are left to the equality check. Routes
-/// that differ only in identity share a bucket, which only a peer's pods of several service
-/// accounts at one address would do.
-impl std::hash::Hash for Route {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub route: Route,
+    pub h2: bool,
+}
+
+/// A key is hashed by where its connections go and from which client, in one write (SipHash
+/// costs about as much per write as per byte): the HBONE identities (six strings, hashed
+/// twice per request, at checkout and checkin) are left to the equality check. Keys that
+/// differ only in identity share a bucket, which only a peer's pods of several service
+/// accounts at one address would make.
+impl std::hash::Hash for Key {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        std::mem::discriminant(self).hash(state);
-        match self {
+        fn put_ip(put: &mut impl FnMut(&[u8]), ip: Option<IpAddr>) {
+            match ip {
+                None => put(&[0]),
+                Some(IpAddr::V4(v4)) => {
+                    put(&[4]);
+                    put(&v4.octets());
+                }
+                Some(IpAddr::V6(v6)) => {
+                    put(&[6]);
+                    put(&v6.octets());
+                }
+            }
+        }
+        // At most 42 bytes: h2, the route's kind, two addresses and a port.
+        let mut buf = [0u8; 48];
+        let mut len = 0;
+        let mut put = |bytes: &[u8]| {
+            buf[len..len + bytes.len()].copy_from_slice(bytes);
+            len += bytes.len();
+        };
+        put(&[u8::from(self.h2)]);
+        match &self.route {
             Route::Hbone {
                 node,
                 endpoint,
                 client,
                 ..
-            } => (node, endpoint, client).hash(state),
-            Route::InPod { endpoint, client } => (endpoint, client).hash(state),
-            Route::FromPod { netns, endpoint } => (netns, endpoint).hash(state),
+            } => {
+                put(&[1]);
+                put(&node.octets());
+                put_ip(&mut put, Some(endpoint.ip()));
+                put(&endpoint.port().to_be_bytes());
+                put_ip(&mut put, *client);
+            }
+            Route::InPod { endpoint, client } => {
+                put(&[2]);
+                put_ip(&mut put, Some(endpoint.ip()));
+                put(&endpoint.port().to_be_bytes());
+                put_ip(&mut put, *client);
+            }
+            Route::FromPod { netns, endpoint } => {
+                put(&[3]);
+                put(&netns.to_le_bytes());
+                put_ip(&mut put, Some(endpoint.ip()));
+                put(&endpoint.port().to_be_bytes());
+            }
         }
+        state.write(&buf[..len]);
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Key {
-    pub route: Route,
-    pub h2: bool,
 }
 
 /// Why a request could not be sent: the proxy answers with [`super::failure_response`].
@@ -465,6 +502,38 @@ mod tests {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
         drop(checkin);
+    }
+
+    #[test]
+    fn a_key_hashes_where_it_goes_and_compares_whom_for() {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = |k: &Key| BuildHasherDefault::<DefaultHasher>::default().hash_one(k);
+        let endpoint: SocketAddr = ([10, 1, 2, 3], 8080).into();
+        let key = tunnel_key(endpoint);
+        assert_eq!(hash(&key), hash(&key.clone()));
+        // Another client pod's identity: another key in the same bucket.
+        let mut other_source = key.clone();
+        if let Route::Hbone { source, .. } = &mut other_source.route {
+            *source = Arc::new(Identity::new("cluster.local", "shop", "other"));
+        }
+        assert_ne!(other_source, key);
+        assert_eq!(hash(&other_source), hash(&key));
+        // Anywhere else, or HTTP/2: another hash.
+        let elsewhere = tunnel_key(([10, 1, 2, 4], 8080).into());
+        let h2 = Key {
+            h2: true,
+            ..key.clone()
+        };
+        let in_pod = Key {
+            route: Route::InPod {
+                endpoint,
+                client: Some(Ipv4Addr::new(10, 1, 1, 2).into()),
+            },
+            h2: false,
+        };
+        for other in [&elsewhere, &h2, &in_pod] {
+            assert_ne!(hash(other), hash(&key));
+        }
     }
 
     fn tunnel_key(endpoint: SocketAddr) -> Key {
