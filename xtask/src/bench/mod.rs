@@ -476,6 +476,7 @@ fn remove_allocator_probes() {
     }
 }
 
+/// The requests a `wrk` run reports having sent.
 fn wrk_requests(out: &str) -> f64 {
     out.lines()
         .find_map(|l| l.trim().split_once(" requests in"))
