@@ -558,10 +558,25 @@ mod tests {
     #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
+    /// A header map of `pairs`, in order (a name may repeat).
+    fn header_map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    /// The names left in `h`, sorted.
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        left.sort();
+        left
+    }
+
     #[test]
     fn what_only_agents_send_each_other_is_dropped_from_a_pods_request() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
+        let mut h = header_map(&[
             ("l5d-dst-canonical", "a.b.svc.cluster.local:80"),
             ("l5d-dst-canonical", "twice"),
             ("l5d-orig-proto", "HTTP/1.1"),
@@ -570,20 +585,15 @@ mod tests {
             ("mesh-forwarded", "for=10.0.0.1"),
             ("x-kept", "yes"),
             ("host", "web"),
-        ] {
-            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
+        ]);
         strip_agent_headers(&mut h);
-        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
-        left.sort();
-        assert_eq!(left, ["host", "x-kept"]);
+        assert_eq!(names(&h), ["host", "x-kept"]);
         assert_eq!(h.len(), 2);
     }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
+        let mut h = header_map(&[
             ("connection", "keep-alive, x-secret"),
             ("keep-alive", "timeout=5"),
             ("x-secret", "1"),
@@ -593,13 +603,9 @@ mod tests {
             ("upgrade", "websocket"),
             ("x-kept", "yes"),
             ("host", "web"),
-        ] {
-            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
+        ]);
         strip_hop_by_hop(&mut h, false);
-        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
-        left.sort();
-        assert_eq!(left, ["host", "te", "x-kept"]);
+        assert_eq!(names(&h), ["host", "te", "x-kept"]);
         assert_eq!(h.get(TE).unwrap(), "trailers");
 
         let mut h = HeaderMap::new();
