@@ -272,7 +272,9 @@ impl Pool {
             Route::InPod { .. } | Route::FromPod { .. } => H1_IDLE,
         };
         let before = idle.len();
-        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < limit);
+        // Idle since after the cutoff: one comparison per connection, no subtraction.
+        let cutoff = now.checked_sub(limit);
+        idle.retain(|c| !c.sender.is_closed() && cutoff.is_none_or(|cutoff| c.since > cutoff));
         before - idle.len()
     }
 
